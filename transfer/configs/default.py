@@ -1,0 +1,58 @@
+"""Every config key with its default. Other configs start from this one and change a few fields.
+
+Not meant to be run as is (it trains VGG16 from ImageNet weights on synthetic data); see
+`quickstart.py` for the offline demo and `cats_vs_dogs.py` for the blog recipe.
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  # Model.
+  c.model = "vgg16"
+  c.weights = "keras:vgg16_notop"   # registry id, file path, or "none" (random init)
+  c.head = "flatten_dense"          # imagenet | flatten_dense | gap | none
+  c.head_hidden = 256
+  c.head_dropout = 0.6
+  c.num_classes = -1                # -1: the dataset's class count (2 classes -> 1 sigmoid logit)
+  c.binary_sigmoid = True           # two classes train one sigmoid logit with binary cross-entropy
+  c.init_from = ""                  # another run's workdir: start from its params, fresh optimizer
+  # Data.
+  c.dataset = "synthetic"           # tfds:NAME | folder:PATH | synthetic
+  c.data_dir = ""                   # TFDS data_dir ("" = TFDS default)
+  c.train_split = "train"
+  c.val_split = "validation"
+  c.val_fraction = 0.2              # held out when the dataset has no validation split
+  c.image_size = 224
+  c.augment = "flip"                # none | flip | crop_flip
+  c.eval_crop = 1.0                 # center-crop fraction at eval (1.0 = plain resize)
+  c.cache_images = ""               # "" | memory | disk: keep decoded, resized uint8 images
+  c.strict_data = False             # corrupt files: skip with a warning (False) or fail (True)
+  c.synthetic = ml_collections.ConfigDict(
+      {"num_classes": 2, "train_size": 512, "val_size": 128, "base_size": 64})
+  # Optimisation.
+  c.batch_size = 32                 # global, over all devices and processes
+  c.num_epochs = 10
+  c.num_steps = -1                  # > 0 overrides num_epochs
+  c.optimizer = "adam"              # adam | adamw | sgd | rmsprop
+  c.learning_rate = 1e-4
+  c.momentum = 0.9
+  c.weight_decay = 0.0
+  c.schedule = "constant"           # constant | cosine | warmup_cosine
+  c.warmup_steps = 0
+  c.grad_clip_norm = 0.0
+  c.trainable = ["^head/"]          # regexes over param paths ("block5_conv1/kernel"); rest frozen
+  c.lr_mults = ml_collections.ConfigDict()  # {"pattern": multiplier}, e.g. {"^block5": 0.1}
+  # Execution.
+  c.dtype = "float32"               # compute dtype: float32 | bfloat16 (params stay float32)
+  c.parallel = "shard_map"          # shard_map | pmap
+  c.cache_features = False          # run the frozen backbone once, train the head on its output
+  c.seed = 0
+  c.log_every_steps = 20
+  c.eval_every_steps = -1           # -1: at the end of every epoch
+  c.checkpoint_every_steps = -1     # -1: at the end of every epoch
+  c.keep_checkpoints = 2            # latest K
+  c.keep_best_checkpoints = 1       # best N by validation accuracy
+  c.prefetch = 2
+  return c

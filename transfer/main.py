@@ -1,0 +1,123 @@
+"""The `transfer` command line: parse, then call one library function per subcommand.
+
+    transfer train   [--workdir DIR] [--config FILE|NAME] [--config.KEY=VALUE ...]
+    transfer eval    --workdir DIR [--json]
+    transfer predict (--workdir DIR | --model vgg16 --weights SRC) [--top K] [--json] IMAGE...
+    transfer weights info SRC | download ID | list
+    transfer bench   [--mode train|forward|eval|input] [--json] [--config.KEY=VALUE ...]
+
+Errors the user can fix (bad flag, unknown name, wrong file) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from transfer.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="transfer",
+      description="Fine-tune ImageNet networks (VGG16/VGG19) in JAX. "
+                  "Config keys are overridden with --config.KEY=VALUE.")
+  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+  train = sub.add_parser("train", help="train (or resume) a run in a workdir")
+  train.add_argument("--workdir", help="run directory; resumes if it holds checkpoints "
+                                       "(default: a new ./workdirs/<config>-<time>)")
+  train.add_argument("--config", help="config name (quickstart, cats_vs_dogs, ...) or .py file "
+                                      "(default: quickstart)")
+  _add_distributed_flags(train)
+
+  ev = sub.add_parser("eval", help="evaluate a trained run on its validation split")
+  ev.add_argument("--workdir", required=True)
+  ev.add_argument("--json", action="store_true", help="print metrics as one JSON object")
+
+  pred = sub.add_parser("predict", help="classify images with ImageNet weights or a trained run")
+  pred.add_argument("images", nargs="+", metavar="IMAGE")
+  pred.add_argument("--workdir", help="a trained run (its classes and weights)")
+  pred.add_argument("--model", default="vgg16", help="ImageNet model (without --workdir)")
+  pred.add_argument("--weights", default="keras:vgg16",
+                    help="registry id or file with the ImageNet top (without --workdir)")
+  pred.add_argument("--top", type=int, default=5, help="classes to print per image")
+  pred.add_argument("--json", action="store_true", help="one JSON object per image per line")
+
+  weights = sub.add_parser("weights", help="inspect and download pretrained weights")
+  wsub = weights.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
+  info = wsub.add_parser("info", help="layers, shapes and format of a weight file or id")
+  info.add_argument("source")
+  dl = wsub.add_parser("download", help="download a registry id into the cache")
+  dl.add_argument("id")
+  wsub.add_parser("list", help="registry ids with their URLs and cache state")
+
+  bench = sub.add_parser("bench", help="time the train step, forward pass or input pipeline")
+  bench.add_argument("--mode", default="train", choices=("train", "forward", "eval", "input"))
+  bench.add_argument("--config", help="config name or file (default: the bench config)")
+  bench.add_argument("--steps", type=int, default=20, help="timed steps after warm-up")
+  bench.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+  bench.add_argument("--json", action="store_true", help="print one JSON line")
+  bench.add_argument("--peak_tflops", type=float, default=None,
+                     help="device peak for MFU when the device is not in the table")
+  return parser
+
+
+def _add_distributed_flags(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--coordinator_address", default=None,
+                 help="host:port of process 0 for multi-process runs (env TRANSFER_COORDINATOR)")
+  p.add_argument("--num_processes", type=int, default=None, help="(env TRANSFER_NUM_PROCESSES)")
+  p.add_argument("--process_id", type=int, default=None, help="(env TRANSFER_PROCESS_ID)")
+
+
+def run(argv: list[str]) -> int:
+  """Runs one subcommand; returns the exit status."""
+  from transfer import configs
+
+  args_only, overrides = configs.split_overrides(argv)
+  args = _parser().parse_args(args_only)
+  if overrides and args.command not in ("train", "bench"):
+    raise UserError(f"--config.* overrides apply to train and bench, not {args.command}")
+
+  if args.command == "train":
+    from transfer import train
+    config = configs.apply_overrides(configs.load(args.config), overrides)
+    train.main(config, workdir=args.workdir, config_name=args.config or configs.DEFAULT,
+               distributed=dict(coordinator_address=args.coordinator_address,
+                                num_processes=args.num_processes, process_id=args.process_id))
+  elif args.command == "eval":
+    from transfer import evaluate
+    evaluate.main(args.workdir, as_json=args.json)
+  elif args.command == "predict":
+    from transfer import predict
+    predict.main(args.images, workdir=args.workdir, model=args.model, weights=args.weights,
+                 top=args.top, as_json=args.json)
+  elif args.command == "weights":
+    from transfer import weights
+    weights.cli(args.weights_command, args)
+  elif args.command == "bench":
+    from transfer import bench
+    config = configs.apply_overrides(configs.load(args.config or "bench"), overrides)
+    bench.main(config, mode=args.mode, steps=args.steps, warmup=args.warmup,
+               as_json=args.json, peak_tflops=args.peak_tflops)
+  return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+  """Console-script entry point."""
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    sys.exit(run(argv))
+  except (UserError, FileNotFoundError) as e:
+    if os.environ.get("TRANSFER_DEBUG"):
+      raise
+    print(f"transfer: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    print("transfer: interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
+if __name__ == "__main__":
+  main()

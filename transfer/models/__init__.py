@@ -1,0 +1,158 @@
+"""Model registry: names -> Flax modules.
+
+`get("vgg16", head="flatten_dense", num_classes=1)` returns an unbound `flax.linen.Module`.
+`include_top=True` is the Keras spelling of `head="imagenet", num_classes=1000`.
+
+Each entry is a `ModelSpec`: how to build the module and what a weight porter needs to know about
+its layers (their order, kinds and the reference frameworks' names). New families (ResNet50,
+InceptionV3) add a spec here; the porting code in `transfer.weights` reads only the spec.
+"""
+
+from __future__ import annotations
+
+from transfer.errors import UserError
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from transfer.models import vgg
+from transfer.models.heads import HEADS
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """What the rest of the package needs to know about one architecture.
+
+  Attributes:
+    name: registry name.
+    build: keyword arguments -> module.
+    conv_layers: backbone layer names in forward order (the frozen part).
+    top_layers: ImageNet-top layer names in forward order.
+    torch_names: our layer name -> torchvision state-dict prefix (e.g. `features.0`).
+    top_image_size: the input size the ImageNet top was trained for (its flatten fixes it).
+    min_image_size: smallest input the backbone accepts.
+    feature_stride: input side / feature-map side.
+  """
+
+  name: str
+  build: Callable[..., nn.Module]
+  conv_layers: tuple[str, ...]
+  top_layers: tuple[str, ...]
+  torch_names: dict[str, str]
+  top_image_size: int = 224
+  min_image_size: int = 32
+  feature_stride: int = 32
+
+
+def _vgg_spec(name: str, stage_sizes: tuple[int, ...], widths=(64, 128, 256, 512, 512),
+              top_hidden: int = 4096) -> ModelSpec:
+  conv_layers = tuple(f"block{b}_conv{i}" for b, n in enumerate(stage_sizes, 1)
+                      for i in range(1, n + 1))
+  # torchvision's `features` Sequential holds Conv, ReLU per conv and one MaxPool per block.
+  torch_names, index = {}, 0
+  for b, n in enumerate(stage_sizes, 1):
+    for i in range(1, n + 1):
+      torch_names[f"block{b}_conv{i}"] = f"features.{index}"
+      index += 2
+    index += 1
+  torch_names.update({"fc1": "classifier.0", "fc2": "classifier.3", "predictions": "classifier.6"})
+
+  def build(**kw):
+    return vgg.VGG(stage_sizes=stage_sizes, arch=name, widths=widths, top_hidden=top_hidden, **kw)
+
+  return ModelSpec(name=name, build=build, conv_layers=conv_layers,
+                   top_layers=("fc1", "fc2", "predictions"), torch_names=torch_names)
+
+
+_SPECS = {
+    "vgg16": _vgg_spec("vgg16", (2, 2, 3, 3, 3)),
+    "vgg19": _vgg_spec("vgg19", (2, 2, 4, 4, 4)),
+    # Same layer names and structure as VGG16 with 1/16 of the widths: for tests and demos.
+    "vgg16_tiny": _vgg_spec("vgg16_tiny", (2, 2, 3, 3, 3), widths=(4, 8, 16, 32, 32), top_hidden=64),
+}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def names() -> list[str]:
+  """Registered model names."""
+  return sorted(_SPECS)
+
+
+def spec(name: str) -> ModelSpec:
+  """The `ModelSpec` of `name`, with a one-line error listing valid names."""
+  try:
+    return _SPECS[name]
+  except KeyError:
+    raise UserError(f"unknown model {name!r}; valid models: {', '.join(names())}") from None
+
+
+def as_dtype(dtype: Any):
+  """Accepts 'float32'/'bfloat16'/'float16' strings or numpy/jax dtypes."""
+  if isinstance(dtype, str):
+    if dtype not in _DTYPES:
+      raise UserError(f"unknown dtype {dtype!r}; valid dtypes: {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+  return dtype
+
+
+def get(name: str, *, include_top: bool | None = None, head: str | None = None,
+        num_classes: int | None = None, head_hidden: int | None = None,
+        head_dropout: float | None = None, dtype: Any = "float32",
+        param_dtype: Any = "float32") -> nn.Module:
+  """Builds a registered model.
+
+  Args:
+    name: e.g. `"vgg16"`, `"vgg19"`; see `names()`.
+    include_top: Keras' switch. True = the 1000-class ImageNet top (`head="imagenet"`); False with
+      no `head` = the bare backbone (`head="none"`) returning block5_pool features.
+    head: `"imagenet"`, `"flatten_dense"` (Flatten, Dense 256 relu, Dropout 0.6, Dense),
+      `"gap"` (global average pool, Dense) or `"none"`.
+    num_classes: head outputs; 1 means one sigmoid logit (binary). Defaults to 1000 for the
+      ImageNet top and is required for the other heads.
+    head_hidden, head_dropout: override the head's hidden width / dropout rate.
+    dtype: compute dtype (`"bfloat16"` for mixed precision).
+    param_dtype: parameter dtype.
+
+  Returns:
+    An unbound `flax.linen.Module`; `module.apply({"params": p}, x)` gives float32 logits.
+  """
+  model_spec = spec(name)
+  if head is None:
+    head = "imagenet" if include_top or include_top is None and num_classes is None else "none"
+  elif include_top and head != "imagenet":
+    raise UserError(f"include_top=True conflicts with head={head!r}; pass one of them")
+  if head not in HEADS:
+    raise UserError(f"unknown head {head!r}; valid heads: {', '.join(HEADS)}")
+  if num_classes is None:
+    if head in ("flatten_dense", "gap"):
+      raise UserError(f"head={head!r} needs num_classes")
+    num_classes = 1000
+  if num_classes < 1:
+    raise UserError(f"num_classes must be >= 1, got {num_classes}")
+  return model_spec.build(head=head, num_classes=num_classes, head_hidden=head_hidden,
+                          head_dropout=head_dropout, dtype=as_dtype(dtype),
+                          param_dtype=as_dtype(param_dtype))
+
+
+def init_params(model: nn.Module, image_size: int, rng: jax.Array | int = 0):
+  """Freshly initialised float params for `model` on `image_size` x `image_size` RGB input."""
+  if isinstance(rng, int):
+    rng = jax.random.PRNGKey(rng)
+  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  return jax.jit(lambda r: model.init(r, x)["params"])(rng)
+
+
+def check_image_size(name: str, head: str, image_size: int) -> None:
+  """Raises a one-line error for an input size the model cannot take."""
+  s = spec(name)
+  if head == "imagenet" and image_size != s.top_image_size:
+    raise UserError(f"the ImageNet top of {name} needs {s.top_image_size}x{s.top_image_size} "
+                     f"input, got {image_size}; use another head for other sizes")
+  if image_size < s.min_image_size:
+    raise UserError(f"{name} needs input of at least {s.min_image_size}x{s.min_image_size}, "
+                     f"got {image_size}")

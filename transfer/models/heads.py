@@ -1,0 +1,87 @@
+"""Classifier heads that sit on a convolutional backbone's feature map.
+
+A head is chosen by name (`config.head`) so that a run's head is data, stored in checkpoints and
+reproducible from the name alone. All heads return logits in float32; the loss decides between
+softmax (num_classes > 1) and sigmoid (num_classes == 1).
+"""
+
+from __future__ import annotations
+
+from transfer.errors import UserError
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+HEADS = ("imagenet", "flatten_dense", "gap", "none")
+
+
+def imagenet_top(x, *, num_classes: int = 1000, hidden: int = 4096, dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32):
+  """The original VGG classifier: Flatten -> fc1 4096 relu -> fc2 4096 relu -> predictions.
+
+  A plain function called inside the parent's `nn.compact` scope, so the layers get the Keras names
+  (`fc1`, `fc2`, `predictions`) at the top level of the params tree, as in
+  `keras.applications.VGG16`; the official files then map one to one. Keras' top has no dropout.
+  """
+  x = x.reshape((x.shape[0], -1))
+  dense = lambda n, name: nn.Dense(n, dtype=dtype, param_dtype=param_dtype, name=name)
+  x = nn.relu(dense(hidden, "fc1")(x))
+  x = nn.relu(dense(hidden, "fc2")(x))
+  return dense(num_classes, "predictions")(x)
+
+
+class FlattenDense(nn.Module):
+  """The classic transfer-learning head: Flatten -> Dense(hidden) relu -> Dropout -> Dense.
+
+  With hidden=256, dropout=0.6 and num_classes=1 this is the head of the Keras blog recipe.
+  """
+
+  num_classes: int
+  hidden: int = 256
+  dropout: float = 0.6
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.reshape((x.shape[0], -1))
+    x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="hidden")(x)
+    x = nn.relu(x)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="logits")(x)
+
+
+class GlobalAveragePool(nn.Module):
+  """GlobalAveragePooling -> Dropout -> Dense: the usual head for multi-class fine-tuning."""
+
+  num_classes: int
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
+    if self.dropout:
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="logits")(x)
+
+
+def make_head(name: str, *, num_classes: int, hidden: int | None, dropout: float | None,
+              dtype: Any, param_dtype: Any) -> nn.Module | None:
+  """Builds the head called `name`; `None` for `"none"` (the model returns its feature map).
+
+  The ImageNet top is not built here: its layers live at the top level of the model.
+  """
+  if name == "flatten_dense":
+    return FlattenDense(num_classes=num_classes, hidden=hidden or 256,
+                        dropout=0.6 if dropout is None else dropout,
+                        dtype=dtype, param_dtype=param_dtype, name="head")
+  if name == "gap":
+    return GlobalAveragePool(num_classes=num_classes, dropout=dropout or 0.0,
+                             dtype=dtype, param_dtype=param_dtype, name="head")
+  if name == "none":
+    return None
+  raise UserError(f"unknown head {name!r}; valid heads: {', '.join(HEADS)}")
