@@ -1,0 +1,17 @@
+"""Input pipeline: TFDS datasets, image folders and synthetic data, preprocessed for the weights.
+
+    ds = transfer.data.create(config, preprocess_source="keras:vgg16_notop")
+    for batch in transfer.data.prefetch_to_device(ds.train_batches(start_step), sharding):
+      ...  # batch["image"]: float32 NHWC, batch["label"]: int32, global jax.Arrays
+
+`config.dataset` picks the source: `tfds:NAME`, `folder:PATH` or `synthetic`. Only `tfds:` imports
+TensorFlow (lazily); folders and synthetic data use PIL, numpy and a thread pool. Batches are a pure
+function of (seed, step), so resuming at a step reproduces an uninterrupted run exactly, and each
+process reads only its rows of every global batch.
+"""
+
+from transfer.data.device import input_throughput, prefetch_to_device
+from transfer.data.pipeline import AUGMENTS, CACHES, Dataset, check_batch_size, create
+
+__all__ = ["AUGMENTS", "CACHES", "Dataset", "check_batch_size", "create", "input_throughput",
+           "prefetch_to_device"]

@@ -1,0 +1,332 @@
+"""The `Dataset` the training loop iterates: deterministic, resumable, split over processes.
+
+Every batch is a pure function of (seed, step): the epoch's order is a permutation drawn from
+(seed, epoch) and each example's augmentation from (seed, epoch, example id). So a run resumed at
+step k sees exactly the batches an uninterrupted run would have, and the result does not depend on
+how many processes share the work: every process draws the same global permutation and keeps its
+contiguous rows of each global batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import functools
+import os
+from typing import Iterator
+
+import numpy as np
+
+from transfer.data import images, store
+from transfer.data.sources import Source
+from transfer.errors import UserError
+from transfer.weights.preprocess import mode_for, preprocess
+
+AUGMENTS = ("none", "flip", "crop_flip")
+CACHES = ("", "memory", "disk")
+# Stream tags keep the shuffle and augmentation generators apart: numpy's SeedSequence pads short
+# keys with zeros, so (seed, epoch) and (seed, epoch, 0) would otherwise be the same stream.
+_SHUFFLE, _AUGMENT = 1, 2
+
+
+@functools.lru_cache(maxsize=4)
+def permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The order of the `n` training examples in `epoch`; identical on every process."""
+  return np.random.default_rng((seed, _SHUFFLE, epoch)).permutation(n)
+
+
+class _Split:
+  """The readable examples of one split, and their pixels at any size (cached or decoded)."""
+
+  def __init__(self, source: Source, failed: dict[int, str], cached, cached_size: int,
+               pool: concurrent.futures.Executor):
+    self._source = source
+    self._index = np.asarray([i for i in range(len(source)) if i not in failed], np.int64)
+    self._cached, self._cached_size, self._pool = cached, cached_size, pool
+    self.labels = source.labels[self._index]
+
+  def __len__(self) -> int:
+    return len(self._index)
+
+  def images(self, rows: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (len(rows), size, size, 3) for the split's examples `rows`."""
+    idx = self._index[rows]
+    if self._cached is not None and size == self._cached_size:
+      return np.asarray(self._cached[idx])
+    if not len(idx):
+      return np.zeros((0, size, size, 3), np.uint8)
+    return np.stack(list(self._pool.map(lambda i: self._load(i, size), idx)))
+
+  def _load(self, i: int, size: int) -> np.ndarray:
+    try:
+      return images.resize(self._source.open_image(i, size), size)
+    except Exception as e:  # Only an untrusted-but-unchecked source can get here.
+      raise RuntimeError(f"cannot decode {self._source.names[i]}: {e}") from e
+
+
+class Dataset:
+  """Train and validation splits, batched for this process. Build it with `create`.
+
+  Attributes:
+    class_names: one name per class id.
+    num_classes, num_train, num_val: counts after unreadable files were dropped.
+    skipped: [(name, reason)] of the files that were dropped.
+    batch_size: the global batch size; local_batch_size is this process's share.
+    steps_per_epoch: num_train // batch_size (the train remainder is dropped each epoch).
+    image_size: side of the output images.
+  """
+
+  def __init__(self, train: _Split, val: _Split, class_names: list[str],
+               skipped: list[tuple[str, str]], *, image_size: int, batch_size: int,
+               augment: str, eval_crop: float, train_crop: float, seed: int,
+               preprocess_source: str | None, process_index: int, process_count: int,
+               local_device_count: int, ahead: int):
+    self._splits = {"train": train, "val": val}
+    self.class_names = list(class_names)
+    self.num_classes = len(class_names)
+    self.num_train, self.num_val = len(train), len(val)
+    self.skipped = skipped
+    self.image_size = image_size
+    self.batch_size = batch_size
+    self.process_index, self.process_count = process_index, process_count
+    self._local_devices = local_device_count
+    self.local_batch_size = batch_size // process_count
+    self.steps_per_epoch = self.num_train // batch_size
+    self.augment, self.seed = augment, seed
+    self._preprocess_source = preprocess_source
+    self._train_size = stored_train_size(image_size, augment, train_crop)
+    self._eval_size = images.stored_size(image_size, eval_crop)
+    self._ahead = max(1, ahead)
+
+  def describe(self) -> str:
+    """One line for the start of training: sizes, classes and how many files were skipped."""
+    skipped = f", {len(self.skipped)} unreadable file(s) skipped" if self.skipped else ""
+    return (f"{self.num_train} train / {self.num_val} val examples, {self.num_classes} classes, "
+            f"{self.steps_per_epoch} steps per epoch of {self.batch_size}{skipped}")
+
+  def position(self, step: int) -> dict[str, int]:
+    """Where training step `step` lies: {"epoch": e, "index": batch index within the epoch}."""
+    return {"epoch": step // self.steps_per_epoch, "index": step % self.steps_per_epoch}
+
+  def step_of(self, position: dict[str, int]) -> int:
+    """The inverse of `position`."""
+    return position["epoch"] * self.steps_per_epoch + position["index"]
+
+  def train_batch(self, step: int) -> dict[str, np.ndarray]:
+    """This process's share of the global training batch of `step` (a pure function of it).
+
+    Returns:
+      {"image": float32 (local_batch, S, S, 3) preprocessed, "label": int32 (local_batch,),
+       "id": int32 (local_batch,) the examples' indices in the train split}.
+    """
+    epoch, index = step // self.steps_per_epoch, step % self.steps_per_epoch
+    start = index * self.batch_size + self.process_index * self.local_batch_size
+    ids = permutation(self.seed, epoch, self.num_train)[start:start + self.local_batch_size]
+    train = self._splits["train"]
+    stored = train.images(ids, self._train_size)
+    if self.augment != "none" or self._train_size != self.image_size:
+      stored = np.stack([self._augment_one(img, epoch, i) for img, i in zip(stored, ids)])
+    return {"image": preprocess(stored, self._preprocess_source),
+            "label": train.labels[ids].astype(np.int32), "id": ids.astype(np.int32)}
+
+  def _augment_one(self, image: np.ndarray, epoch: int, example_id: int) -> np.ndarray:
+    rng = np.random.default_rng((self.seed, _AUGMENT, epoch, int(example_id)))
+    return images.random_crop_flip(image, self.image_size, rng, flip=self.augment != "none")
+
+  def train_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Training batches from `start_step` on, forever (epoch after epoch).
+
+    Batches are assembled `ahead` steps in advance on a background thread, so decoding overlaps
+    the device's work.
+
+    Args:
+      start_step: the first step to produce; a resumed run passes its checkpoint's step.
+
+    Yields:
+      `train_batch(step)` for step = start_step, start_step + 1, ...
+    """
+    steps = iter(range(start_step, 2**62))
+    return _ahead(lambda: (functools.partial(self.train_batch, s) for s in steps), self._ahead)
+
+  def eval_batches(self, split: str = "val",
+                   batch_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """One ordered pass over a split without augmentation, for evaluation.
+
+    The last global batch is padded; "mask" is False on padding, so summing masked metrics over
+    all batches and processes counts every example exactly once.
+
+    Args:
+      split: "val" or "train" (the train set, e.g. to compute backbone features once).
+      batch_size: global batch size; defaults to the training batch size.
+
+    Yields:
+      {"image": float32 (local_batch, S, S, 3), "label": int32, "id": int32 (-1 on padding),
+       "mask": bool}, each (local_batch,) except image.
+    """
+    if split not in self._splits:
+      raise UserError(f"unknown split {split!r}; expected one of {sorted(self._splits)}")
+    batch_size = batch_size or self.batch_size
+    check_batch_size(batch_size, self.process_count, self._local_devices)
+    n = len(self._splits[split])
+    num_batches = -(-n // batch_size)
+    make = lambda k: functools.partial(self._eval_batch, split, k, batch_size)
+    return _ahead(lambda: (make(k) for k in range(num_batches)), self._ahead)
+
+  def _eval_batch(self, split: str, k: int, batch_size: int) -> dict[str, np.ndarray]:
+    """Batch `k` of an ordered pass over `split`, this process's rows, padded and masked."""
+    data = self._splits[split]
+    local = batch_size // self.process_count
+    rows = k * batch_size + self.process_index * local + np.arange(local)
+    mask = rows < len(data)
+    real = rows[mask]
+    stored = images.center_crop(data.images(real, self._eval_size), self.image_size)
+    image = np.zeros((local,) + stored.shape[1:], np.uint8)
+    image[:len(real)] = stored
+    label = np.zeros(local, np.int32)
+    label[:len(real)] = data.labels[real]
+    ids = np.where(mask, rows, -1).astype(np.int32)
+    return {"image": preprocess(image, self._preprocess_source), "label": label, "id": ids,
+            "mask": mask}
+
+
+def stored_train_size(image_size: int, augment: str, train_crop: float) -> int:
+  """Side of the stored training images: larger than the output only when crops are random."""
+  return images.stored_size(image_size, train_crop) if augment == "crop_flip" else image_size
+
+
+def _ahead(make_jobs, ahead: int) -> Iterator[dict[str, np.ndarray]]:
+  """Runs zero-argument jobs on one background thread, keeping `ahead` of them in flight."""
+  executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="transfer-batches")
+  try:
+    jobs = make_jobs()
+    pending = collections.deque(executor.submit(job) for job in _take(jobs, ahead))
+    while pending:
+      batch = pending.popleft().result()
+      pending.extend(executor.submit(job) for job in _take(jobs, 1))
+      yield batch
+  finally:
+    executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _take(iterator, n: int) -> list:
+  """Up to `n` items from `iterator`."""
+  out = []
+  for item in iterator:
+    out.append(item)
+    if len(out) == n:
+      break
+  return out
+
+
+def check_batch_size(batch_size: int, process_count: int, local_devices: int) -> None:
+  """Fails unless the global batch splits evenly over processes and each process's devices."""
+  if batch_size < 1 or batch_size % process_count:
+    raise UserError(f"batch_size {batch_size} does not divide evenly over {process_count} "
+                    f"processes; use a multiple of {process_count * local_devices}")
+  if (batch_size // process_count) % local_devices:
+    raise UserError(f"batch_size {batch_size} gives {batch_size // process_count} examples per "
+                    f"process, which does not divide over {local_devices} local devices; use a "
+                    f"multiple of {process_count * local_devices}")
+
+
+def create(config, *, preprocess_source: str | None, process_index: int | None = None,
+           process_count: int | None = None) -> Dataset:
+  """Builds the dataset named by `config.dataset`, checked and ready to iterate.
+
+  Everything that can be wrong with the data (batch size, unknown dataset, empty or single class,
+  unreadable files with `strict_data`) raises a `UserError` here, before any compilation.
+
+  Args:
+    config: the run config (keys: dataset, data_dir, train_split, val_split, val_fraction,
+      image_size, batch_size, augment, eval_crop, cache_images, strict_data, seed, synthetic.*;
+      optional: cache_dir, train_crop, data_workers, prefetch).
+    preprocess_source: the weights' source, which decides the pixel normalisation
+      (`transfer.weights.preprocess.mode_for`); None for random initialisation.
+    process_index, process_count: this process and the number of processes; default to JAX's.
+      Tests pass them to simulate several hosts in one process.
+
+  Returns:
+    A `Dataset`.
+  """
+  import jax  # Deferred so `import transfer.data` stays light; jax never imports TensorFlow.
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  local_devices = jax.local_device_count()
+  check_batch_size(int(config.batch_size), process_count, local_devices)
+  mode_for(preprocess_source)
+  _check_options(config)
+  train, val, class_names = _sources(config)
+
+  cache = config.cache_images
+  cache_dir = config.get("cache_dir", "") or store.default_cache_dir()
+  image_size, augment = int(config.image_size), config.augment
+  train_crop = float(config.get("train_crop", 0.875))
+  train_size = stored_train_size(image_size, augment, train_crop)
+  eval_size = images.stored_size(image_size, float(config.eval_crop))
+  workers = int(config.get("data_workers", 0)) or min(16, os.cpu_count() or 1)
+  pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="transfer-decode")
+  failed_train, cached_train = store.prepare(train, train_size, cache, cache_dir, pool)
+  failed_val, cached_val = store.prepare(val, eval_size, cache, cache_dir, pool)
+  skipped = ([(train.names[i], r) for i, r in sorted(failed_train.items())]
+             + [(val.names[i], r) for i, r in sorted(failed_val.items())])
+  if skipped and config.strict_data:
+    listing = "; ".join(f"{name} ({reason})" for name, reason in skipped)
+    raise UserError(f"{len(skipped)} unreadable image(s) with strict_data=True: {listing}")
+
+  train_split = _Split(train, failed_train, cached_train, train_size, pool)
+  val_split = _Split(val, failed_val, cached_val, eval_size, pool)
+  _check_classes(train_split, class_names)
+  if len(train_split) < int(config.batch_size):
+    raise UserError(f"the train split has {len(train_split)} readable examples, fewer than "
+                    f"batch_size {config.batch_size}")
+  return Dataset(train_split, val_split, class_names, skipped, image_size=image_size,
+                 batch_size=int(config.batch_size), augment=augment,
+                 eval_crop=float(config.eval_crop), train_crop=train_crop, seed=int(config.seed),
+                 preprocess_source=preprocess_source, process_index=process_index,
+                 process_count=process_count, local_device_count=local_devices,
+                 ahead=int(config.get("prefetch", 2)))
+
+
+def _check_options(config) -> None:
+  """Rejects config values this module would otherwise misread."""
+  if config.augment not in AUGMENTS:
+    raise UserError(f"unknown augment {config.augment!r}; expected one of {AUGMENTS}")
+  if config.cache_images not in CACHES:
+    raise UserError(f"unknown cache_images {config.cache_images!r}; expected one of {CACHES}")
+  for key in ("eval_crop", "train_crop"):
+    value = float(config.get(key, 0.875))
+    if not 0.0 < value <= 1.0:
+      raise UserError(f"{key} must be in (0, 1], got {value}")
+  if int(config.image_size) < 1:
+    raise UserError(f"image_size must be positive, got {config.image_size}")
+  if int(config.seed) < 0:
+    raise UserError(f"seed must be non-negative, got {config.seed}")
+
+
+def _sources(config) -> tuple[Source, Source, list[str]]:
+  """(train, val, class_names) for `config.dataset`."""
+  kind, _, arg = str(config.dataset).partition(":")
+  if kind == "synthetic" and not arg:
+    from transfer.data.synthetic import synthetic_sources
+    s = config.synthetic
+    return synthetic_sources(int(s.num_classes), int(s.train_size), int(s.val_size),
+                             int(s.base_size), int(config.seed))
+  if kind == "folder" and arg:
+    from transfer.data.sources import folder_sources
+    return folder_sources(os.path.expanduser(arg), float(config.val_fraction))
+  if kind == "tfds" and arg:
+    from transfer.data.tfds_source import tfds_sources  # The only path that imports TensorFlow.
+    return tfds_sources(arg, data_dir=config.data_dir, train_split=config.train_split,
+                        val_split=config.val_split, val_fraction=float(config.val_fraction))
+  raise UserError(f"unknown dataset {config.dataset!r}; expected tfds:NAME, folder:PATH or "
+                  "synthetic")
+
+
+def _check_classes(train: _Split, class_names: list[str]) -> None:
+  """Every class needs training examples, and there must be at least two classes."""
+  if len(class_names) < 2:
+    raise UserError(f"the dataset has {len(class_names)} class(es); classification needs two")
+  counts = np.bincount(train.labels, minlength=len(class_names))
+  empty = [class_names[c] for c in np.flatnonzero(counts == 0)]
+  if empty:
+    raise UserError(f"no readable training images for class(es) {empty}")
