@@ -1,0 +1,394 @@
+"""Tests for transfer.data: sources, bad files, determinism, resume, sharding and prefetch."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+from PIL import Image
+
+import transfer.data
+from transfer.configs.default import get_config
+from transfer.errors import UserError
+
+RED, BLUE = (220, 30, 40), (30, 40, 220)
+
+
+def make_config(**overrides):
+  """The default config at test size (16 px synthetic), with dotted-key overrides."""
+  c = get_config()
+  c.image_size, c.batch_size, c.augment = 16, 8, "flip"
+  c.synthetic.update({"num_classes": 3, "train_size": 40, "val_size": 13, "base_size": 16})
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+# Synthetic data, determinism and resume.
+
+def test_synthetic_shapes_and_classes():
+  ds = transfer.data.create(make_config(), preprocess_source="keras:vgg16")
+  assert (ds.num_classes, ds.num_train, ds.num_val) == (3, 40, 13)
+  assert ds.class_names == ["class_0", "class_1", "class_2"]
+  assert (ds.steps_per_epoch, ds.local_batch_size, ds.skipped) == (5, 8, [])
+  batch = next(ds.train_batches())
+  assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == np.float32
+  assert batch["label"].dtype == np.int32 and set(batch["label"]) <= {0, 1, 2}
+
+
+def test_synthetic_classes_are_learnable():
+  # A nearest-class-mean classifier on raw pixels must beat chance clearly: not pure noise.
+  ds = transfer.data.create(make_config(augment="none"), preprocess_source="unit")
+  train = list(ds.eval_batches("train", batch_size=8))
+  x = np.concatenate([b["image"][b["mask"]] for b in train]).reshape(ds.num_train, -1)
+  y = np.concatenate([b["label"][b["mask"]] for b in train])
+  means = np.stack([x[y == c].mean(0) for c in range(3)])
+  val = list(ds.eval_batches("val", batch_size=8))
+  xv = np.concatenate([b["image"][b["mask"]] for b in val]).reshape(ds.num_val, -1)
+  yv = np.concatenate([b["label"][b["mask"]] for b in val])
+  pred = np.argmin(((xv[:, None] - means[None]) ** 2).sum(-1), axis=1)
+  assert (pred == yv).mean() > 0.8
+
+
+@pytest.mark.parametrize("augment", ["none", "flip", "crop_flip"])
+def test_same_seed_same_batches_and_exact_resume(augment):
+  config = make_config(augment=augment)
+  a = take(transfer.data.create(config, preprocess_source="unit").train_batches(), 12)
+  ds = transfer.data.create(config, preprocess_source="unit")
+  assert_batches_equal(a, take(ds.train_batches(), 12))
+  # Step 7 is in the second epoch (5 steps per epoch).
+  assert ds.position(7) == {"epoch": 1, "index": 2} and ds.step_of({"epoch": 1, "index": 2}) == 7
+  assert_batches_equal(a[7:], take(ds.train_batches(start_step=7), 5))
+  other = take(transfer.data.create(make_config(augment=augment, seed=1),
+                                    preprocess_source="unit").train_batches(), 1)
+  assert not np.array_equal(a[0]["image"], other[0]["image"])
+
+
+def test_epochs_cover_train_set_in_new_orders():
+  ds = transfer.data.create(make_config(), preprocess_source="unit")
+  batches = take(ds.train_batches(), 2 * ds.steps_per_epoch)
+  epochs = [np.concatenate([b["id"] for b in batches[e * 5:(e + 1) * 5]]) for e in range(2)]
+  for ids in epochs:
+    assert len(set(ids)) == 40  # 40 examples, batch 8: no remainder dropped here.
+  assert not np.array_equal(epochs[0], epochs[1])
+
+
+def test_crop_flip_changes_pixels_but_not_labels():
+  ds = transfer.data.create(make_config(augment="crop_flip"), preprocess_source="unit")
+  plain = transfer.data.create(make_config(augment="none"), preprocess_source="unit")
+  a, b = next(ds.train_batches()), next(plain.train_batches())
+  np.testing.assert_array_equal(a["id"], b["id"])
+  np.testing.assert_array_equal(a["label"], b["label"])
+  assert not np.allclose(a["image"], b["image"])
+
+
+def test_no_tensorflow_for_synthetic_and_folders(tmp_path):
+  write_folder(tmp_path)
+  code = textwrap.dedent(f"""
+      import sys
+      import transfer.data
+      from tests.test_data import make_config
+      for name in ("synthetic", "folder:{tmp_path}"):
+        ds = transfer.data.create(make_config(dataset=name), preprocess_source="keras:vgg16")
+        next(ds.train_batches())
+      assert "tensorflow" not in sys.modules, "tensorflow was imported"
+      """)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+
+
+# Image folders.
+
+GOOD = {  # name -> (class, writer)
+    "rgb.jpg": ("cat", lambda img, p: img.save(p, quality=95)),
+    "rgba.png": ("cat", lambda img, p: img.convert("RGBA").save(p)),
+    "anim.gif": ("cat", lambda img, p: img.save(p, save_all=True, append_images=[
+        Image.new("RGB", img.size, (0, 255, 0))])),
+    "plain.bmp": ("cat", lambda img, p: img.save(p)),
+    "lossless.webp": ("cat", lambda img, p: img.save(p, lossless=True)),
+    "cmyk.jpg": ("dog", lambda img, p: img.convert("CMYK").save(p, quality=95)),
+    "palette.png": ("dog", lambda img, p: img.convert("P").save(p)),
+    "palette_alpha.png": ("dog", lambda img, p: img.convert("P").save(p, transparency=0)),
+    "gray.png": ("dog", lambda img, p: img.convert("L").save(p)),
+    "gray.jpg": ("dog", lambda img, p: img.convert("L").save(p)),
+    "photo.webp": ("dog", lambda img, p: img.save(p, quality=90)),
+    "big.jpg": ("dog", lambda img, p: img.resize((90, 45)).save(p)),
+}
+BAD = {  # name -> (class, bytes)
+    "corrupt.jpg": ("cat", b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4),
+    "notes.txt": ("cat", b"not an image\n"),
+    "empty.png": ("dog", b""),
+}
+
+
+def write_folder(root, layout=None):
+  """A two-class folder of every format, plus corrupt, truncated, empty and text files.
+
+  Cats are red and dogs blue, except the gray images, so colours can be checked after decoding.
+  """
+  layout = layout or {"": None}
+  for sub in layout:
+    for name, (cls, write) in GOOD.items():
+      os.makedirs(root / sub / cls, exist_ok=True)
+      write(Image.new("RGB", (40, 30), RED if cls == "cat" else BLUE), root / sub / cls / name)
+    for name, (cls, data) in BAD.items():
+      (root / sub / cls / name).write_bytes(data)
+    full = (root / sub / "cat" / "rgb.jpg").read_bytes()
+    (root / sub / "cat" / "truncated.jpg").write_bytes(full[:len(full) // 2])
+    noise = np.random.default_rng(0).integers(0, 256, (30, 40, 3), np.uint8)
+    Image.fromarray(noise).save(root / sub / "dog" / "noise.png")
+    png = (root / sub / "dog" / "noise.png").read_bytes()
+    os.remove(root / sub / "dog" / "noise.png")
+    (root / sub / "dog" / "truncated.png").write_bytes(png[:len(png) * 2 // 3])
+  return root
+
+
+def bad_names(ds):
+  return sorted(os.path.basename(path) for path, _ in ds.skipped)
+
+
+def all_examples(ds, split):
+  batches = list(ds.eval_batches(split, batch_size=4))
+  keep = lambda k: np.concatenate([b[k][b["mask"]] for b in batches])
+  return keep("image"), keep("label")
+
+
+def test_folder_reads_every_format_and_skips_bad_files(tmp_path, caplog):
+  write_folder(tmp_path)
+  config = make_config(dataset=f"folder:{tmp_path}", batch_size=4, val_fraction=0.25)
+  ds = transfer.data.create(config, preprocess_source="unit")
+  assert bad_names(ds) == ["corrupt.jpg", "empty.png", "notes.txt", "truncated.jpg",
+                           "truncated.png"]
+  for name in bad_names(ds):
+    assert name in caplog.text
+  assert ds.class_names == ["cat", "dog"]
+  # A quarter of each class's files is held out before checking, so some held-out files are bad.
+  assert ds.num_train + ds.num_val == len(GOOD) and 1 <= ds.num_val <= 4
+  for split in ("train", "val"):
+    images, labels = all_examples(ds, split)
+    pixels = (images.reshape(len(images), -1, 3) + 1.0) * 127.5
+    red, blue = pixels[..., 0].mean(1), pixels[..., 2].mean(1)
+    colour = (red - blue) / 255.0
+    gray = np.abs(colour) < 0.05
+    # Every colour image keeps its class colour (CMYK, palette, alpha and GIF included).
+    assert np.all(colour[(labels == 0) & ~gray] > 0.3), colour
+    assert np.all(colour[(labels == 1) & ~gray] < -0.3), colour
+
+
+def test_folder_strict_data_lists_bad_files(tmp_path):
+  write_folder(tmp_path)
+  with pytest.raises(UserError, match="5 unreadable.*corrupt.jpg"):
+    transfer.data.create(make_config(dataset=f"folder:{tmp_path}", batch_size=4,
+                                     strict_data=True), preprocess_source="unit")
+
+
+def test_folder_train_val_layout(tmp_path):
+  write_folder(tmp_path, layout={"train": None, "val": None})
+  ds = transfer.data.create(make_config(dataset=f"folder:{tmp_path}", batch_size=4),
+                            preprocess_source="unit")
+  assert ds.num_train == ds.num_val == len(GOOD)
+  assert len(ds.skipped) == 10
+
+
+def test_folder_hold_out_is_stable_across_seeds(tmp_path):
+  write_folder(tmp_path)
+  make = lambda seed: transfer.data.create(
+      make_config(dataset=f"folder:{tmp_path}", batch_size=4, seed=seed), preprocess_source="unit")
+  np.testing.assert_array_equal(all_examples(make(0), "val")[0], all_examples(make(3), "val")[0])
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist"),
+    ("empty_class", "is empty"),
+    ("one_class", "at least 2"),
+    ("only_bad", "no readable training images for class.*'dog'"),
+])
+def test_folder_errors(tmp_path, case, message):
+  img = Image.new("RGB", (20, 20), RED)
+  os.makedirs(tmp_path / "cat")
+  for i in range(4):
+    img.save(tmp_path / "cat" / f"{i}.png")
+  if case != "one_class":
+    os.makedirs(tmp_path / "dog")
+  if case == "only_bad":
+    (tmp_path / "dog" / "x.jpg").write_bytes(b"junk")
+  path = tmp_path / "nowhere" if case == "missing" else tmp_path
+  with pytest.raises(UserError, match=message):
+    transfer.data.create(make_config(dataset=f"folder:{path}", batch_size=4, val_fraction=0.0),
+                         preprocess_source="unit")
+
+
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_cache_gives_the_same_batches(tmp_path, cache):
+  write_folder(tmp_path / "data")
+  config = make_config(dataset=f"folder:{tmp_path / 'data'}", batch_size=4, augment="crop_flip",
+                       eval_crop=0.8, cache_dir=str(tmp_path / "cache"))
+  plain = transfer.data.create(config, preprocess_source="unit")
+  config.cache_images = cache
+  for _ in range(2):  # The second disk run reuses the files, bad-file list included.
+    ds = transfer.data.create(config, preprocess_source="unit")
+    assert bad_names(ds) == bad_names(plain)
+    assert_batches_equal(take(plain.train_batches(), 4), take(ds.train_batches(), 4))
+    assert_batches_equal(list(plain.eval_batches()), list(ds.eval_batches()))
+  if cache == "disk":
+    assert len(os.listdir(tmp_path / "cache")) == 4  # train and val: data + metadata each.
+
+
+# Batch sizes, evaluation and processes.
+
+@pytest.mark.parametrize("batch_size, process_count, message", [
+    (6, 1, "4 local devices"), (8, 3, "3 processes"), (4, 2, "4 local devices")])
+def test_batch_size_must_divide(batch_size, process_count, message):
+  with pytest.raises(UserError, match=message):
+    transfer.data.create(make_config(batch_size=batch_size), preprocess_source="unit",
+                         process_index=0, process_count=process_count)
+
+
+@pytest.mark.parametrize("batch_size, process_count", [(4, 1), (8, 1), (12, 1), (16, 1), (8, 2),
+                                                       (24, 2)])
+def test_eval_counts_every_example_once(batch_size, process_count):
+  seen = []
+  for p in range(process_count):
+    ds = transfer.data.create(make_config(), preprocess_source="unit", process_index=p,
+                              process_count=process_count)
+    for batch in ds.eval_batches("val", batch_size=batch_size):
+      assert batch["image"].shape[0] == batch_size // process_count
+      seen += list(batch["id"][batch["mask"]])
+      assert np.all(batch["id"][~batch["mask"]] == -1)
+  assert sorted(seen) == list(range(13))
+
+
+def test_two_processes_split_each_global_batch():
+  config = make_config(augment="crop_flip")
+  whole = take(transfer.data.create(config, preprocess_source="unit").train_batches(3), 4)
+  parts = [take(transfer.data.create(config, preprocess_source="unit", process_index=p,
+                                     process_count=2).train_batches(3), 4) for p in range(2)]
+  for one, a, b in zip(whole, *parts):
+    assert not set(a["id"]) & set(b["id"])
+    for k in one:
+      np.testing.assert_array_equal(one[k], np.concatenate([a[k], b[k]]))
+  evals = [list(transfer.data.create(config, preprocess_source="unit", process_index=p,
+                                     process_count=2).eval_batches()) for p in range(2)]
+  for one, a, b in zip(transfer.data.create(config, preprocess_source="unit").eval_batches(),
+                       *evals):
+    for k in one:
+      np.testing.assert_array_equal(one[k], np.concatenate([a[k], b[k]]))
+
+
+def test_prefetch_to_device_shards_over_the_mesh():
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]), ("data",))
+  sharding = NamedSharding(mesh, P("data"))
+  ds = transfer.data.create(make_config(), preprocess_source="unit")
+  host = take(ds.train_batches(), 3)
+  device = list(transfer.data.prefetch_to_device(iter(host), sharding, size=2))
+  assert len(device) == 3
+  for h, d in zip(host, device):
+    assert d["image"].shape == (8, 16, 16, 3) and d["image"].sharding == sharding
+    assert [s.data.shape[0] for s in d["image"].addressable_shards] == [2, 2, 2, 2]
+    for k in h:
+      np.testing.assert_array_equal(np.asarray(d[k]), h[k])
+  eval_batch = next(transfer.data.prefetch_to_device(ds.eval_batches(), sharding))
+  assert eval_batch["mask"].dtype == np.bool_ and eval_batch["mask"].sharding == sharding
+
+
+def test_input_throughput_is_positive():
+  ds = transfer.data.create(make_config(), preprocess_source="unit")
+  assert transfer.data.input_throughput(ds, 3) > 0
+
+
+def test_unknown_options_are_user_errors():
+  for overrides in ({"dataset": "imagenet"}, {"augment": "mixup"}, {"cache_images": "gpu"},
+                    {"eval_crop": 1.5}, {"synthetic.num_classes": 1}):
+    with pytest.raises(UserError):
+      transfer.data.create(make_config(**overrides), preprocess_source="unit")
+
+
+# TFDS, offline through tfds.testing.mock_data.
+
+def write_tfds_metadata(data_dir, name, splits):
+  """Writes `name`'s dataset_info with the given split sizes, as a prepared dataset would have.
+
+  The pip package of TFDS does not ship the metadata that mock_data looks for, and without it
+  mock_data accepts any split name; with it, a missing validation split is really missing.
+  """
+  import tensorflow_datasets as tfds
+  builder = tfds.builder(name, data_dir=str(data_dir))
+  builder.info.set_splits(tfds.core.SplitDict([
+      tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=0)
+      for split, n in splits.items()]))
+  os.makedirs(builder.data_dir, exist_ok=True)
+  builder.info.write_to_directory(builder.data_dir)
+
+
+@pytest.fixture
+def mock_tfds(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  write_tfds_metadata(tmp_path, "cats_vs_dogs", {"train": 20})
+  write_tfds_metadata(tmp_path, "beans", {"train": 20, "validation": 10, "test": 10})
+  with tfds.testing.mock_data(num_examples=10, data_dir=str(tmp_path),
+                              policy=tfds.testing.MockPolicy.USE_FILES):
+    yield str(tmp_path)
+
+
+def test_tfds_cats_vs_dogs_holds_out_part_of_train(mock_tfds, monkeypatch):
+  calls = []
+  import tensorflow_datasets as tfds
+  real = tfds.core.DatasetBuilder.as_dataset
+  record = lambda self, split, **kw: calls.append(split) or real(self, split=split, **kw)
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "as_dataset", record)
+  config = make_config(dataset="tfds:cats_vs_dogs", data_dir=mock_tfds, augment="crop_flip")
+  ds = transfer.data.create(config, preprocess_source="keras:vgg16")
+  assert calls == ["train[:80%]", "train[80%:]"]
+  assert ds.class_names == ["cat", "dog"]
+  assert ds.num_train == ds.num_val == 10  # mock_data yields num_examples for any split.
+  batches = take(ds.train_batches(), 3)
+  assert batches[0]["image"].shape == (8, 16, 16, 3) and batches[0]["image"].dtype == np.float32
+  assert_batches_equal(batches[1:], take(transfer.data.create(
+      config, preprocess_source="keras:vgg16").train_batches(1), 2))
+  images, _ = all_examples(ds, "val")
+  assert images.shape == (10, 16, 16, 3)
+
+
+def test_tfds_uses_an_existing_validation_split(mock_tfds):
+  config = make_config(dataset="tfds:beans", data_dir=mock_tfds, batch_size=4,
+                       cache_images="memory")
+  ds = transfer.data.create(config, preprocess_source="torchvision:vgg16")
+  assert ds.class_names == ["angular_leaf_spot", "bean_rust", "healthy"]
+  assert len(list(ds.eval_batches())) == 3
+
+
+def test_tfds_errors(mock_tfds, monkeypatch):
+  with pytest.raises(UserError, match="unknown TFDS dataset.*cats_vs_dogs"):
+    transfer.data.create(make_config(dataset="tfds:cats_vs_dogz"), preprocess_source="unit")
+  import tensorflow_datasets as tfds
+
+  def offline(self, *args, **kwargs):
+    raise ConnectionError("no network")
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+  with pytest.raises(UserError, match="could not download.*no network.*data_dir"):
+    transfer.data.create(make_config(dataset="tfds:cats_vs_dogs", data_dir=mock_tfds),
+                         preprocess_source="unit")
