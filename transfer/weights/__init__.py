@@ -1,0 +1,25 @@
+"""Pretrained weights: port Keras and torchvision VGG files into our params, download, inspect.
+
+    params = transfer.weights.load("keras:vgg16_notop", model)     # registry id, cached download
+    params, report = transfer.weights.load("my.h5", model, return_report=True)
+    x = transfer.weights.preprocess(images, "keras:vgg16_notop")   # the weights' own input scaling
+
+Modules: `sources` (the registry: ids, URLs, hashes, cache paths), `download` (verified, all-or-nothing fetch),
+`formats` (reading .h5 / .weights.h5 / .pth / .safetensors), `port` (names, layouts, strict merge),
+`pretrained` (the public calls), `preprocess` (per-source input normalisation), `cli`.
+"""
+
+from transfer.weights.cli import cli
+from transfer.weights.preprocess import mode_for, preprocess
+from transfer.weights.pretrained import LoadReport, download, info, load, resolve
+from transfer.weights.sources import WeightSource, ids
+
+
+def registry() -> list[WeightSource]:
+  """All registered weight files, sorted by id."""
+  from transfer.weights import sources
+  return [sources.get(i) for i in sources.ids()]
+
+
+__all__ = ["LoadReport", "WeightSource", "cli", "download", "ids", "info", "load", "mode_for",
+           "preprocess", "registry", "resolve"]

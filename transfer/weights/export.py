@@ -1,0 +1,83 @@
+"""Writing params in the reference frameworks' layouts: the inverse of `port`.
+
+Uses: converting a file once (`scripts/convert_weights.py`, e.g. a torch `.pth` to `.safetensors`
+so that torch is not needed at load time), sharing fine-tuned weights with Keras or torch users,
+and building small fixture files for tests in exactly the layout of the official files.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from transfer import models
+
+
+def write_keras_h5(path: str | os.PathLike, layers: Mapping[str, Sequence[np.ndarray]], *,
+                   naming: str = "keras1") -> None:
+  """Writes weights in the legacy Keras HDF5 layout of the official application files.
+
+  Args:
+    path: output `.h5` file.
+    layers: layer name -> its arrays (kernel, bias) in Keras layout, in model order; layers
+      without weights (input, pooling, flatten) may be given with an empty list, as the
+      official files list them.
+    naming: dataset names: `"keras1"` (`block1_conv1_W_1:0`, `block1_conv1_b_1:0`, as in the
+      official VGG files) or `"keras2"` (`block1_conv1/kernel:0`).
+  """
+  import h5py  # Deferred: only .h5 export needs it.
+  with h5py.File(path, "w") as f:
+    f.attrs["layer_names"] = np.array([n.encode("utf8") for n in layers], dtype="S")
+    f.attrs["backend"] = b"tensorflow"
+    f.attrs["keras_version"] = b"2.2.4"
+    for layer, arrays in layers.items():
+      group = f.create_group(layer)
+      names = [_keras_weight_name(layer, i, len(arrays), naming) for i in range(len(arrays))]
+      group.attrs["weight_names"] = np.array([n.encode("utf8") for n in names], dtype="S")
+      for name, array in zip(names, arrays):
+        group.create_dataset(name, data=np.asarray(array, np.float32))
+
+
+def _keras_weight_name(layer: str, index: int, count: int, naming: str) -> str:
+  kinds = ("W", "b") if count == 2 else tuple(str(i) for i in range(count))
+  if naming == "keras1":
+    return f"{layer}_{kinds[index]}_1:0"
+  if naming == "keras2":
+    return f"{layer}/{('kernel', 'bias')[index] if count == 2 else index}:0"
+  raise ValueError(f"unknown naming {naming!r}; use 'keras1' or 'keras2'")
+
+
+def keras_layers(params: Mapping, spec: models.ModelSpec) -> dict[str, list[np.ndarray]]:
+  """Our params (conv layers and, if present, the ImageNet top) as Keras layer arrays."""
+  names = [n for n in spec.conv_layers + spec.top_layers if n in params]
+  return {n: [np.asarray(params[n]["kernel"]), np.asarray(params[n]["bias"])] for n in names}
+
+
+def torch_state_dict(params: Mapping, spec: models.ModelSpec) -> dict[str, np.ndarray]:
+  """Our params as a torchvision-keyed state dict of numpy arrays (OIHW, (out, in), C,H,W rows)."""
+  side = spec.top_image_size // spec.feature_stride
+  state = {}
+  for layer in spec.conv_layers + spec.top_layers:
+    if layer not in params:
+      continue
+    kernel = np.asarray(params[layer]["kernel"], np.float32)
+    if kernel.ndim == 4:
+      weight = kernel.transpose(3, 2, 0, 1)
+    elif layer == spec.top_layers[0]:
+      inp, out = kernel.shape
+      channels = inp // (side * side)
+      weight = kernel.T.reshape(out, side, side, channels).transpose(0, 3, 1, 2).reshape(out, inp)
+    else:
+      weight = kernel.T
+    prefix = spec.torch_names[layer]
+    state[f"{prefix}.weight"] = np.ascontiguousarray(weight)
+    state[f"{prefix}.bias"] = np.asarray(params[layer]["bias"], np.float32)
+  return state
+
+
+def write_safetensors(path: str | os.PathLike, state: Mapping[str, np.ndarray]) -> None:
+  """Saves a state dict of numpy arrays as `.safetensors` (no torch needed)."""
+  from safetensors.numpy import save_file
+  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, os.fspath(path))

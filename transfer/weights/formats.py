@@ -1,0 +1,237 @@
+"""Reading weight files as they are stored: layer name -> tensors, with shapes before data.
+
+Every reader yields the same `WeightFile`: the file's own layer names in file order, each with its
+tensors (name, shape, and a `read()` that loads the data only when asked). Shapes are known without
+reading the data, so `info` and the strict shape check are cheap even for a 550 MB file. Nothing
+here knows about our models; `transfer.weights.port` maps these names onto a model.
+
+Formats:
+  * `keras_h5`: the legacy Keras HDF5 layout of the official application files. The root (or a
+    `model_weights` group) has the attribute `layer_names`; each layer group has `weight_names`,
+    the dataset paths inside it. Keras 1 named them `block1_conv1_W_1:0`, Keras 2
+    `block1_conv1/kernel:0`; both are read through the attributes, never guessed.
+  * `keras3_h5`: Keras 3's `.weights.h5`: `layers/<key>/vars/<0,1,...>`, the layer name in the
+    `name` attribute of `vars` (older Keras 3 used the layer name as the key).
+  * `torch_pth`: a torch state dict (`features.0.weight`, ...), read with `weights_only=True`.
+  * `safetensors`: the same keys in a safetensors file, read with numpy (no torch needed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Callable, Iterator
+
+import numpy as np
+
+from transfer.errors import UserError
+
+FORMATS = ("keras_h5", "keras3_h5", "torch_pth", "safetensors")
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+  """One stored array: its name in the file, its shape, and a loader for its data."""
+
+  name: str
+  shape: tuple[int, ...]
+  read: Callable[[], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightFile:
+  """A weight file's contents by layer, valid inside its `open_weights` block.
+
+  Attributes:
+    path: the file.
+    format: one of `FORMATS`.
+    layers: file layer name -> its tensors in stored order (layers without weights are left out).
+  """
+
+  path: str
+  format: str
+  layers: dict[str, list[Tensor]]
+
+
+@contextlib.contextmanager
+def open_weights(path: str | os.PathLike) -> Iterator[WeightFile]:
+  """Opens a weight file of any supported format; arrays can be read until the block ends.
+
+  Args:
+    path: a `.h5`/`.weights.h5`, `.pth`/`.pt` or `.safetensors` file.
+
+  Yields:
+    A `WeightFile`.
+
+  Raises:
+    UserError: no such file, unknown format, truncated or corrupt file, or `.pth` without torch installed.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise UserError(f"no weight file {path}")
+  kind = detect_format(path)
+  opener = {"keras_h5": _open_h5, "keras3_h5": _open_h5, "torch_pth": _open_torch,
+            "safetensors": _open_safetensors}[kind]
+  with opener(path) as wf:
+    yield wf
+
+
+def detect_format(path: str) -> str:
+  """The format of `path`, from its leading bytes (and its HDF5 layout), not only its name."""
+  with open(path, "rb") as f:
+    head = f.read(16)
+  if head.startswith(_HDF5_MAGIC):
+    return _h5_layout(path)
+  if path.lower().endswith(".safetensors") or _looks_like_safetensors(head):
+    return "safetensors"
+  if head.startswith(_ZIP_MAGIC) or path.lower().endswith((".pth", ".pt", ".bin")):
+    return "torch_pth"
+  raise UserError(f"cannot tell the format of {path}: expected a Keras .h5, a torch .pth or a "
+                   f".safetensors file")
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+  # A little-endian u64 header size, then the JSON header itself.
+  return len(head) > 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30
+
+
+def _h5_layout(path: str) -> str:
+  with _h5_file(path) as f:
+    layout = _h5_layout_of(f)
+  if layout is None:
+    raise UserError(f"{path} is an HDF5 file without Keras weights (no 'layer_names' attribute "
+                     f"and no 'layers' group)")
+  return layout
+
+
+def _h5_layout_of(f) -> str | None:
+  root = f["model_weights"] if "model_weights" in f else f
+  if "layer_names" in root.attrs:
+    return "keras_h5"
+  return "keras3_h5" if "layers" in f else None
+
+
+@contextlib.contextmanager
+def _h5_file(path: str):
+  import h5py  # Deferred: only .h5 files need it.
+  try:
+    f = h5py.File(path, "r")
+  except OSError as e:
+    raise UserError(f"cannot read {path}: truncated or corrupt HDF5 file ({_first_line(e)})") \
+        from None
+  with f:
+    yield f
+
+
+@contextlib.contextmanager
+def _open_h5(path: str):
+  with _h5_file(path) as f:
+    fmt = _h5_layout_of(f)
+    try:
+      layers = _keras_legacy_layers(f) if fmt == "keras_h5" else _keras3_layers(f["layers"])
+    except (KeyError, OSError, ValueError) as e:
+      raise UserError(f"cannot read {path}: damaged Keras weight file ({_first_line(e)})") \
+          from None
+    yield WeightFile(path=path, format=fmt, layers=_guard_reads(layers, path))
+
+
+def _keras_legacy_layers(f) -> dict[str, list[Tensor]]:
+  """Layers of the legacy layout, read through `layer_names` and each `weight_names`."""
+  root = f["model_weights"] if "model_weights" in f else f
+  layers = {}
+  for layer in map(_text, root.attrs["layer_names"]):
+    group = root[layer]
+    tensors = [_h5_tensor(group[name], name) for name in map(_text, group.attrs["weight_names"])]
+    if tensors:
+      layers[layer] = tensors
+  return layers
+
+
+def _keras3_layers(group, prefix: str = "") -> dict[str, list[Tensor]]:
+  """Layers of a Keras 3 `.weights.h5`, recursing into nested models."""
+  layers = {}
+  for key in group:
+    sub = group[key]
+    if "vars" in sub and len(sub["vars"]):
+      name = prefix + _text(sub["vars"].attrs.get("name", key))
+      order = sorted(sub["vars"], key=lambda k: int(k) if k.isdigit() else k)
+      layers[name] = [_h5_tensor(sub["vars"][k], k) for k in order]
+    if "layers" in sub:
+      layers.update(_keras3_layers(sub["layers"], prefix))
+  return layers
+
+
+def _h5_tensor(dataset, name: str) -> Tensor:
+  return Tensor(name=name, shape=tuple(dataset.shape), read=lambda: np.asarray(dataset[()]))
+
+
+@contextlib.contextmanager
+def _open_torch(path: str):
+  try:
+    import torch  # Optional dependency: only .pth files need it.
+  except ImportError:
+    raise UserError(f"reading {path} needs torch: pip install torch (or convert it to "
+                     f".safetensors, which needs no torch)") from None
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises RuntimeError, pickle errors, EOFError... for bad files.
+    raise UserError(f"cannot read {path} as a torch state dict: truncated, corrupt or not a "
+                     f"plain state dict ({_first_line(e)})") from None
+  if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+    state = state["state_dict"]
+  if not isinstance(state, dict):
+    raise UserError(f"{path} holds a {type(state).__name__}, not a state dict")
+  tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+  read = lambda t: lambda: t.detach().to(torch.float32).numpy() if t.is_floating_point() \
+      else t.detach().numpy()
+  yield WeightFile(path=path, format="torch_pth", layers=_by_prefix(
+      {k: Tensor(k, tuple(v.shape), read(v)) for k, v in tensors.items()}))
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: str):
+  from safetensors import SafetensorError, safe_open
+  try:
+    handle = safe_open(path, framework="numpy")
+  except (SafetensorError, OSError, ValueError) as e:
+    raise UserError(f"cannot read {path}: truncated or corrupt safetensors file "
+                     f"({_first_line(e)})") from None
+  with handle as f:
+    tensors = {k: Tensor(k, tuple(f.get_slice(k).get_shape()), lambda k=k: f.get_tensor(k))
+               for k in f.keys()}
+    yield WeightFile(path=path, format="safetensors",
+                     layers=_guard_reads(_by_prefix(tensors), path))
+
+
+def _by_prefix(tensors: dict[str, Tensor]) -> dict[str, list[Tensor]]:
+  """Groups state-dict keys `features.0.weight` by module prefix `features.0`, keeping order."""
+  layers: dict[str, list[Tensor]] = {}
+  for key, tensor in tensors.items():
+    layers.setdefault(key.rsplit(".", 1)[0] if "." in key else key, []).append(tensor)
+  return layers
+
+
+def _guard_reads(layers: dict[str, list[Tensor]], path: str) -> dict[str, list[Tensor]]:
+  """Turns a failure while reading data (a file cut after its header) into a UserError."""
+
+  def guarded(t: Tensor) -> Tensor:
+    def read():
+      try:
+        return t.read()
+      except Exception as e:  # h5py and safetensors raise OSError/RuntimeError/their own types.
+        raise UserError(f"cannot read {t.name} from {path}: truncated or corrupt file "
+                         f"({_first_line(e)})") from None
+    return Tensor(t.name, t.shape, read)
+
+  return {layer: [guarded(t) for t in ts] for layer, ts in layers.items()}
+
+
+def _text(value) -> str:
+  return value.decode("utf8") if isinstance(value, bytes) else str(value)
+
+
+def _first_line(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0]

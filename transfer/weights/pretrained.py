@@ -1,0 +1,222 @@
+"""Pretrained weights for a model: resolve a source, port it, merge strictly, report.
+
+`load("keras:vgg16_notop", model)` is the one call the rest of the package makes. A source is a
+registry id (downloaded into the cache on first use), an id with a `?` suffix (use it only if it is
+already cached, otherwise say so and start from random weights: never download, never pretend), or
+a local file in any format `transfer.weights.formats` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from transfer import models
+from transfer.errors import UserError
+from transfer.weights import download as download_lib
+from transfer.weights import formats, port, sources
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadReport:
+  """What `load` did, layer by layer.
+
+  Attributes:
+    source: the source as given (registry id or path).
+    format: file format (`keras_h5`, `keras3_h5`, `torch_pth`, `safetensors`), or `"none"` when
+      an optional id was not cached and nothing was read.
+    loaded: model layers whose params came from the file.
+    fresh: model layers freshly initialised (a new head, or everything when nothing was read).
+    ignored: file layers not used (the ImageNet top under a new head).
+    path: the file read, or None.
+    note: anything else the user should know (e.g. why nothing was loaded).
+  """
+
+  source: str
+  format: str
+  loaded: tuple[str, ...]
+  fresh: tuple[str, ...]
+  ignored: tuple[str, ...] = ()
+  path: str | None = None
+  note: str = ""
+
+  def summary(self) -> str:
+    """One line for logs: counts, fresh and ignored layers."""
+    where = f" ({self.format}, {self.path})" if self.path else f" ({self.format})"
+    text = f"weights {self.source}{where}: loaded {len(self.loaded)} layers"
+    if self.fresh:
+      text += f", fresh: {', '.join(self.fresh)}"
+    if self.ignored:
+      text += f", ignored for the new head: {', '.join(self.ignored)}"
+    return f"{text}; {self.note}" if self.note else text
+
+
+def load(source: str, model, *, image_size: int | None = None, rng: jax.Array | int = 0,
+         fresh_head: bool | None = None, cache_dir: str | os.PathLike | None = None,
+         return_report: bool = False):
+  """Params for `model` from pretrained weights, merged strictly into a fresh tree.
+
+  Args:
+    source: registry id (`keras:vgg16`, `torchvision:vgg19`, ...; see `transfer.weights.ids()`), the same
+      with a `?` suffix (only if cached, else random init and a report saying so), or a path to a
+      `.h5`, `.weights.h5`, `.pth` or `.safetensors` file.
+    model: a module from `transfer.models.get` (its `arch`, `head`, `num_classes` are read).
+    image_size: input side the params are built for (the head's shapes may depend on it);
+      defaults to the size the ImageNet top was trained for (224).
+    rng: PRNG key or seed for the layers that are freshly initialised.
+    fresh_head: None = keep the head fresh exactly when the model's head is not the ImageNet top;
+      True = always start the head fresh (the file's top is ignored); False = the head must come
+      from the file too.
+    cache_dir: where downloads are cached (default `$TRANSFER_HOME/weights`).
+    return_report: also return a `LoadReport`.
+
+  Returns:
+    The params tree (the structure of `transfer.models.init_params(model, image_size)`), or
+    `(params, report)` when `return_report`.
+
+  Raises:
+    UserError: unknown id, unreadable file, a download that failed, or a file that does not fit
+      the model (one message naming every missing, unexpected and mis-shaped name).
+  """
+  spec = models.spec(model.arch)
+  image_size = image_size or spec.top_image_size
+  models.check_image_size(model.arch, model.head, image_size)
+  shapes = port.param_shapes(model, image_size)
+  if fresh_head is None:
+    fresh_head = model.head != "imagenet"
+  fresh = port.head_layers(shapes, spec) if fresh_head else ()
+  ignorable = spec.top_layers if fresh_head or model.head != "imagenet" else ()
+
+  path, entry = resolve(source, cache_dir)
+  if entry is not None and entry.arch != spec.name:
+    raise UserError(f"weights {source} are for {entry.arch}, model is {spec.name}")
+  if path is None:
+    params = models.init_params(model, image_size, rng)
+    report = LoadReport(source=source, format="none", loaded=(), fresh=tuple(shapes),
+                        note=f"not in the cache ({sources.cached_path(entry, cache_dir)}): "
+                             f"random initialisation; run `transfer weights download "
+                             f"{entry.id}` to use the pretrained weights")
+    return (params, report) if return_report else params
+
+  with formats.open_weights(path) as wf:
+    view = port.model_view(wf, spec)
+    plan = port.plan_merge(shapes, view, fresh=fresh, ignorable=ignorable)
+    if plan.problems:
+      cause = port.likely_cause(lambda s: port.model_view(wf, s), plan, spec, model.head)
+      raise port.mismatch_error(plan, source=source, arch=spec.name, cause=cause)
+    arrays = port.read_layers(view, shapes, plan.loaded)
+    fmt = wf.format
+  params = {**fresh_params(model, shapes, image_size, rng, plan.fresh), **arrays}
+  params = {layer: params[layer] for layer in shapes}  # The model's own layer order.
+  report = LoadReport(source=source, format=fmt, loaded=plan.loaded, fresh=plan.fresh,
+                      ignored=plan.ignored, path=path)
+  return (params, report) if return_report else params
+
+
+def fresh_params(model, shapes: dict[str, Any], image_size: int, rng: jax.Array | int,
+                 layers: tuple[str, ...]) -> dict[str, Any]:
+  """Freshly initialised params for the head `layers` only.
+
+  Initialising just the head on a feature-map-shaped input (`stage="head"`) gives the same values
+  as a full `init_params` (Flax derives each layer's key from its name) without compiling the
+  backbone, which costs seconds on CPU. Falls back to the full init for anything else.
+  """
+  if not layers:
+    return {}
+  if isinstance(rng, int):
+    rng = jax.random.PRNGKey(rng)
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  feats = jax.eval_shape(lambda p, x: model.apply({"params": p}, x, stage="features"), shapes, x)
+  head = jax.jit(lambda r: model.init(r, jnp.zeros(feats.shape, feats.dtype), stage="head"))(rng)
+  head = head["params"]
+  if set(head) == set(layers):
+    return dict(head)
+  full = models.init_params(model, image_size, rng)
+  return {layer: full[layer] for layer in layers}
+
+
+def resolve(source: str, cache_dir: str | os.PathLike | None = None,
+            ) -> tuple[str | None, sources.WeightSource | None]:
+  """The file behind `source`, downloading a registry id if needed.
+
+  Args:
+    source: registry id (with optional `?`) or path.
+    cache_dir: the download cache.
+
+  Returns:
+    `(path, entry)`: entry is the registry record (None for a path); path is None only for an
+    optional id that is not cached.
+  """
+  if not sources.is_id(source):
+    if not os.path.isfile(source):
+      raise UserError(f"no weight file {source} (and not a registry id: "
+                       f"{', '.join(sources.ids())})")
+    return source, None
+  entry = sources.get(source)
+  path = sources.cached_path(entry, cache_dir)
+  if os.path.isfile(path):
+    return path, entry
+  if source.endswith(sources.OPTIONAL_SUFFIX):
+    return None, entry
+  return download(entry.id, cache_dir=cache_dir), entry
+
+
+def download(source_id: str, cache_dir: str | os.PathLike | None = None, *,
+             url_base: str | None = None, progress: bool = True) -> str:
+  """Puts the file of a registry id into the cache (verified) unless it is already there.
+
+  Args:
+    source_id: e.g. `keras:vgg16_notop`.
+    cache_dir: cache directory (default `$TRANSFER_HOME/weights`).
+    url_base: replaces the directory part of the official URL (default:
+      `$TRANSFER_WEIGHTS_URL_BASE`, else the official location).
+    progress: show a progress bar on stderr.
+
+  Returns:
+    The cached file's path.
+  """
+  entry = sources.get(source_id)
+  path = sources.cached_path(entry, cache_dir)
+  if os.path.isfile(path):
+    return path
+  return download_lib.fetch(sources.url_for(entry, url_base), path, hash_kind=entry.hash_kind,
+                            expected=entry.hash, progress=progress)
+
+
+def info(source: str, cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+  """What a weight file holds, without reading its arrays.
+
+  Args:
+    source: a path or a registry id (downloaded if not cached).
+    cache_dir: the download cache.
+
+  Returns:
+    `{"source", "path", "format", "preprocess", "arch", "num_params", "layers": [{"name",
+    "model_name", "weights": [{"name", "shape"}]}]}`; `arch` is the registered architecture whose
+    backbone the file matches (None if none), `model_name` our name for the layer under it.
+  """
+  path, entry = resolve(source.rstrip(sources.OPTIONAL_SUFFIX), cache_dir)
+  with formats.open_weights(path) as wf:
+    arch = port.guess_arch(lambda s: port.model_view(wf, s))
+    names = {}
+    if arch and wf.format in ("torch_pth", "safetensors"):
+      names = {prefix: name for name, prefix in models.spec(arch).torch_names.items()}
+    layers = [{"name": layer, "model_name": names.get(layer, layer),
+               "weights": [{"name": t.name, "shape": list(t.shape)} for t in tensors]}
+              for layer, tensors in wf.layers.items()]
+    fmt = wf.format
+  num_params = sum(_size(w["shape"]) for layer in layers for w in layer["weights"])
+  mode = entry.preprocess if entry else ("caffe" if fmt.startswith("keras") else "torch")
+  return {"source": source, "path": path, "format": fmt, "preprocess": mode, "arch": arch,
+          "num_params": num_params, "layers": layers}
+
+
+def _size(shape) -> int:
+  n = 1
+  for d in shape:
+    n *= d
+  return n

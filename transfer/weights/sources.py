@@ -1,0 +1,127 @@
+"""Known pretrained weight files: where they live, how to verify them, what they hold.
+
+One `WeightSource` per published file, in the spirit of a pretrained-config record: the URL, the
+hash that proves a download is the real file, the architecture it fits, whether it carries the
+ImageNet top, and the input preprocessing it was trained with. Everything else in
+`transfer.weights` reads these records instead of special-casing names.
+
+Downloads go to a cache, `$TRANSFER_HOME/weights/<filename>` (default `~/.cache/transfer`). Setting
+`TRANSFER_WEIGHTS_URL_BASE` replaces the directory part of every URL (a mirror, or a local server
+in tests); the file names stay the official ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from transfer.errors import UserError
+
+URL_BASE_ENV = "TRANSFER_WEIGHTS_URL_BASE"
+HOME_ENV = "TRANSFER_HOME"
+OPTIONAL_SUFFIX = "?"
+
+_KERAS = "https://storage.googleapis.com/tensorflow/keras-applications"
+_TORCHVISION = "https://download.pytorch.org/models"
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSource:
+  """One published weight file.
+
+  Attributes:
+    id: registry id, `<framework>:<name>` (`keras:vgg16_notop`).
+    arch: the `transfer.models` name the file fits.
+    url: official download URL; its last part is the cached file name.
+    hash_kind: `"md5"` (Keras publishes full md5 digests) or `"sha256_prefix"` (torchvision puts
+      the first hex digits of the sha256 in the file name).
+    hash: the expected digest (or digest prefix).
+    format: `"keras_h5"` or `"torch_pth"`, the reader `transfer.weights.formats` uses.
+    include_top: whether the file holds the ImageNet top (fc1, fc2, predictions).
+    preprocess: the `transfer.weights.preprocess` mode the weights expect.
+  """
+
+  id: str
+  arch: str
+  url: str
+  hash_kind: str
+  hash: str
+  format: str
+  include_top: bool
+  preprocess: str
+
+  @property
+  def filename(self) -> str:
+    return self.url.rsplit("/", 1)[-1]
+
+
+def _keras(name: str, arch: str, include_top: bool, md5: str) -> WeightSource:
+  suffix = "" if include_top else "_notop"
+  url = f"{_KERAS}/{arch}/{arch}_weights_tf_dim_ordering_tf_kernels{suffix}.h5"
+  return WeightSource(id=f"keras:{name}", arch=arch, url=url, hash_kind="md5", hash=md5,
+                      format="keras_h5", include_top=include_top, preprocess="caffe")
+
+
+def _torchvision(arch: str, sha256_prefix: str) -> WeightSource:
+  url = f"{_TORCHVISION}/{arch}-{sha256_prefix}.pth"
+  return WeightSource(id=f"torchvision:{arch}", arch=arch, url=url, hash_kind="sha256_prefix",
+                      hash=sha256_prefix, format="torch_pth", include_top=True,
+                      preprocess="torch")
+
+
+# md5 digests as published by keras.applications (keras/src/applications/vgg16.py, vgg19.py).
+_SOURCES: dict[str, WeightSource] = {s.id: s for s in (
+    _keras("vgg16", "vgg16", True, "64373286793e3c8b2b4e3219cbf3544b"),
+    _keras("vgg16_notop", "vgg16", False, "6d6bbae143d832006294945121d1f1fc"),
+    _keras("vgg19", "vgg19", True, "cbe5617147190e668d6c5d5026f83318"),
+    _keras("vgg19_notop", "vgg19", False, "253f8cb515780f3b799900260a226db6"),
+    _torchvision("vgg16", "397923af"),
+    _torchvision("vgg19", "dcbb9e9d"),
+)}
+
+
+def ids() -> list[str]:
+  """Registered weight ids, sorted."""
+  return sorted(_SOURCES)
+
+
+def is_id(source: str) -> bool:
+  """Whether `source` names a registry entry (optionally with the `?` suffix), not a file.
+
+  A path that exists on disk always wins, so a file called `keras:vgg16` can still be loaded.
+  """
+  if os.path.exists(source):
+    return False
+  return source.rstrip(OPTIONAL_SUFFIX) in _SOURCES or (
+      ":" in source and source.split(":", 1)[0] in {i.split(":")[0] for i in _SOURCES})
+
+
+def get(source_id: str) -> WeightSource:
+  """The entry for `source_id` (a trailing `?` is ignored); one-line error listing valid ids."""
+  key = source_id.rstrip(OPTIONAL_SUFFIX)
+  try:
+    return _SOURCES[key]
+  except KeyError:
+    raise UserError(f"unknown weights id {key!r}; valid ids: {', '.join(ids())} "
+                     f"(or a path to a .h5/.pth/.safetensors file)") from None
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> str:
+  """The directory downloaded weights live in: `override`, else `$TRANSFER_HOME/weights`."""
+  if override is not None:
+    return os.fspath(override)
+  home = os.environ.get(HOME_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "transfer")
+  return os.path.join(home, "weights")
+
+
+def cached_path(entry: WeightSource, cache: str | os.PathLike | None = None) -> str:
+  """Where `entry` is (or would be) cached."""
+  return os.path.join(cache_dir(cache), entry.filename)
+
+
+def url_for(entry: WeightSource, url_base: str | None = None) -> str:
+  """The URL to fetch `entry` from, honouring `url_base` or `$TRANSFER_WEIGHTS_URL_BASE`."""
+  base = url_base or os.environ.get(URL_BASE_ENV)
+  if not base:
+    return entry.url
+  return f"{base.rstrip('/')}/{entry.filename}"
