@@ -4,7 +4,7 @@
     params, report = transfer.weights.load("my.h5", model, return_report=True)
     x = transfer.weights.preprocess(images, "keras:vgg16_notop")   # the weights' own input scaling
 
-Modules: `sources` (the registry: ids, URLs, hashes, cache paths), `download` (verified, all-or-nothing fetch),
+Modules: `sources` (the registry: ids, URLs, hashes, cache paths), `downloader` (verified, all-or-nothing fetch),
 `formats` (reading .h5 / .weights.h5 / .pth / .safetensors), `port` (names, layouts, strict merge),
 `pretrained` (the public calls), `preprocess` (per-source input normalisation), `cli`.
 """

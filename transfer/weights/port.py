@@ -46,8 +46,10 @@ def model_view(wf: WeightFile, spec: models.ModelSpec) -> dict[str, dict[str, Te
 
 def _keras_params(tensors: list[Tensor]) -> dict[str, Tensor]:
   """Kernel and bias by rank, since dataset names differ between Keras versions."""
-  if len(tensors) == 2 and len(tensors[0].shape) >= 2 and len(tensors[1].shape) == 1:
-    return {"kernel": tensors[0], "bias": tensors[1]}
+  kernels = [t for t in tensors if len(t.shape) >= 2]
+  biases = [t for t in tensors if len(t.shape) == 1]
+  if len(kernels) <= 1 and len(biases) <= 1 and len(kernels) + len(biases) == len(tensors):
+    return {**{"kernel": t for t in kernels}, **{"bias": t for t in biases}}
   return {t.name.rsplit("/", 1)[-1].split(":")[0]: t for t in tensors}
 
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from transfer import models
 from transfer.errors import UserError
-from transfer.weights import download as download_lib
+from transfer.weights import downloader
 from transfer.weights import formats, port, sources
 
 
@@ -91,9 +91,9 @@ def load(source: str, model, *, image_size: int | None = None, rng: jax.Array | 
   fresh = port.head_layers(shapes, spec) if fresh_head else ()
   ignorable = spec.top_layers if fresh_head or model.head != "imagenet" else ()
 
+  if sources.is_id(source) and sources.get(source).arch != spec.name:
+    raise UserError(f"weights {source} are for {sources.get(source).arch}, model is {spec.name}")
   path, entry = resolve(source, cache_dir)
-  if entry is not None and entry.arch != spec.name:
-    raise UserError(f"weights {source} are for {entry.arch}, model is {spec.name}")
   if path is None:
     params = models.init_params(model, image_size, rng)
     report = LoadReport(source=source, format="none", loaded=(), fresh=tuple(shapes),
@@ -183,7 +183,7 @@ def download(source_id: str, cache_dir: str | os.PathLike | None = None, *,
   path = sources.cached_path(entry, cache_dir)
   if os.path.isfile(path):
     return path
-  return download_lib.fetch(sources.url_for(entry, url_base), path, hash_kind=entry.hash_kind,
+  return downloader.fetch(sources.url_for(entry, url_base), path, hash_kind=entry.hash_kind,
                             expected=entry.hash, progress=progress)
 
 
@@ -208,6 +208,10 @@ def info(source: str, cache_dir: str | os.PathLike | None = None) -> dict[str, A
     layers = [{"name": layer, "model_name": names.get(layer, layer),
                "weights": [{"name": t.name, "shape": list(t.shape)} for t in tensors]}
               for layer, tensors in wf.layers.items()]
+    if arch:  # Model order reads better than a state dict's alphabetical keys.
+      order = models.spec(arch).conv_layers + models.spec(arch).top_layers
+      layers.sort(key=lambda l: order.index(l["model_name"]) if l["model_name"] in order
+                  else len(order))
     fmt = wf.format
   num_params = sum(_size(w["shape"]) for layer in layers for w in layer["weights"])
   mode = entry.preprocess if entry else ("caffe" if fmt.startswith("keras") else "torch")
