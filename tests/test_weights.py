@@ -1,0 +1,351 @@
+"""Strict loading, fresh heads, error messages, the registry and `transfer weights` commands.
+
+Files are generated from random arrays shaped like the tiny model (same layer names as VGG16,
+1/16 widths) in the official layouts, so nothing is downloaded and every test is quick.
+"""
+
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from transfer import main as cli_main
+from transfer import models
+from transfer import weights
+from transfer.errors import UserError
+from transfer.weights import export, port, sources
+
+TINY = "vgg16_tiny"
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+  monkeypatch.setenv("TRANSFER_HOME", str(tmp_path / "home"))
+  # Any accidental download goes to a closed port instead of the internet.
+  monkeypatch.setenv("TRANSFER_WEIGHTS_URL_BASE", "http://127.0.0.1:9/none")
+
+
+def random_params(arch, image_size=224, seed=0, **kw):
+  """Random arrays in the model's param structure (cheaper than `init_params` on CPU)."""
+  shapes = port.param_shapes(models.get(arch, **kw), image_size)
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: rng.standard_normal(s.shape, dtype=np.float32) * 0.05, shapes)
+
+
+def keras_file(path, arch=TINY, top=True, naming="keras1"):
+  params = random_params(arch, include_top=top) if top else random_params(
+      arch, models.spec(arch).min_image_size, include_top=False)
+  layers = {"input_1": []}
+  for name, arrays in export.keras_layers(params, models.spec(arch)).items():
+    layers[name] = arrays
+    if name.endswith(("conv2", "conv3")) and name[:6] in ("block1", "block2") or \
+        name.endswith("conv3") and arch == TINY:
+      layers[name[:6] + "_pool"] = []
+  export.write_keras_h5(path, layers, naming=naming)
+  return str(path), params
+
+
+@pytest.fixture
+def tiny_top(tmp_path):
+  return keras_file(tmp_path / "tiny.h5")
+
+
+@pytest.fixture
+def tiny_notop(tmp_path):
+  return keras_file(tmp_path / "tiny_notop.h5", top=False)
+
+
+def one_line_error(excinfo):
+  message = str(excinfo.value)
+  assert "\n" not in message
+  return message
+
+
+# --- merging -------------------------------------------------------------------------------------
+
+
+def test_full_file_loads_every_layer_exactly(tiny_top):
+  path, expected = tiny_top
+  params, report = weights.load(path, models.get(TINY, include_top=True), return_report=True)
+  assert report.loaded == models.spec(TINY).conv_layers + ("fc1", "fc2", "predictions")
+  assert report.fresh == () and report.ignored == () and report.format == "keras_h5"
+  assert report.path == path and report.source == path
+  jax.tree.map(np.testing.assert_array_equal, params, expected)
+  assert "loaded 16 layers" in report.summary()
+
+
+def test_notop_file_into_new_head_keeps_head_fresh(tiny_notop):
+  path, expected = tiny_notop
+  model = models.get(TINY, head="flatten_dense", num_classes=2)
+  params, report = weights.load(path, model, image_size=64, rng=3, return_report=True)
+  assert report.loaded == models.spec(TINY).conv_layers
+  assert report.fresh == ("head",) and report.ignored == ()
+  assert "fresh: head" in report.summary()
+  shapes = port.param_shapes(model, 64)
+  assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda s: s.shape, shapes)
+  np.testing.assert_array_equal(params["block3_conv2"]["kernel"],
+                                expected["block3_conv2"]["kernel"])
+  # The fresh head is the model's own initialisation for that rng.
+  init = models.init_params(model, 64, 3)
+  np.testing.assert_array_equal(params["head"]["logits"]["kernel"], init["head"]["logits"]["kernel"])
+
+
+@pytest.mark.parametrize("head", ["gap", "none"])
+def test_top_of_file_is_ignored_for_another_head(tiny_top, head):
+  path, _ = tiny_top
+  kw = {"head": head, "num_classes": 5} if head != "none" else {"head": "none"}
+  params, report = weights.load(path, models.get(TINY, **kw), image_size=64, return_report=True)
+  assert report.ignored == ("fc1", "fc2", "predictions")
+  assert report.fresh == (("head",) if head != "none" else ())
+  assert "ignored for the new head: fc1, fc2, predictions" in report.summary()
+  assert "fc1" not in params
+
+
+def test_fresh_head_true_restarts_the_imagenet_top(tiny_top):
+  path, expected = tiny_top
+  params, report = weights.load(path, models.get(TINY, include_top=True), fresh_head=True,
+                                return_report=True)
+  assert report.fresh == ("fc1", "fc2", "predictions") == report.ignored
+  assert not np.array_equal(params["fc1"]["kernel"], expected["fc1"]["kernel"])
+
+
+def test_new_head_with_fresh_head_false_is_an_error(tiny_notop):
+  with pytest.raises(UserError) as e:
+    weights.load(tiny_notop[0], models.get(TINY, head="gap", num_classes=2), image_size=64,
+                 fresh_head=False)
+  assert "missing (1): head" in one_line_error(e)
+
+
+def test_param_dtype_is_the_models(tiny_top):
+  model = models.get(TINY, include_top=True, param_dtype="bfloat16")
+  params = weights.load(tiny_top[0], model)
+  assert params["fc1"]["kernel"].dtype == np.dtype("bfloat16")
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+def test_notop_file_into_imagenet_top_names_the_cause(tiny_notop):
+  with pytest.raises(UserError) as e:
+    weights.load(tiny_notop[0], models.get(TINY, include_top=True))
+  message = one_line_error(e)
+  assert "no ImageNet top" in message and "missing (3): fc1, fc2, predictions" in message
+
+
+def test_vgg19_file_into_vgg16(tmp_path):
+  path, _ = keras_file(tmp_path / "vgg19_notop.h5", arch="vgg19", top=False)
+  with pytest.raises(UserError) as e:
+    weights.load(path, models.get("vgg16", include_top=False), image_size=32)
+  message = one_line_error(e)
+  assert "this is a vgg19 file, model is vgg16" in message
+  assert "unexpected (3): block3_conv4, block4_conv4, block5_conv4" in message
+  assert "block4_conv1/kernel file (3, 3, 256, 512) vs model" not in message  # Same shapes.
+
+
+def test_vgg19_torch_file_into_vgg16(tmp_path):
+  params = random_params("vgg19", 32, include_top=False)
+  path = tmp_path / "vgg19.safetensors"
+  export.write_safetensors(path, export.torch_state_dict(params, models.spec("vgg19")))
+  with pytest.raises(UserError) as e:
+    weights.load(str(path), models.get("vgg16", include_top=False), image_size=32)
+  message = one_line_error(e)
+  assert "this is a vgg19 file, model is vgg16" in message and "features.34" in message
+
+
+def test_misshaped_layers_list_both_shapes(tiny_top):
+  with pytest.raises(UserError) as e:
+    weights.load(tiny_top[0], models.get("vgg16", include_top=True))
+  message = one_line_error(e)
+  assert "this is a vgg16_tiny file, model is vgg16" in message
+  assert "block1_conv1/kernel file (3, 3, 3, 4) vs model (3, 3, 3, 64)" in message
+  assert "fc1/kernel file (1568, 64) vs model (25088, 4096)" in message
+
+
+def test_other_class_count_suggests_fresh_head(tiny_top):
+  with pytest.raises(UserError) as e:
+    weights.load(tiny_top[0], models.get(TINY, head="imagenet", num_classes=10))
+  assert "pass fresh_head=True" in one_line_error(e)
+
+
+def test_missing_bias_is_named(tmp_path):
+  params = random_params(TINY, include_top=False)
+  layers = export.keras_layers(params, models.spec(TINY))
+  layers["block2_conv1"] = layers["block2_conv1"][:1]
+  export.write_keras_h5(tmp_path / "x.h5", layers)
+  with pytest.raises(UserError) as e:
+    weights.load(str(tmp_path / "x.h5"), models.get(TINY, head="none"), image_size=32)
+  message = one_line_error(e)
+  assert "missing (1): block2_conv1/bias" in message and "unexpected" not in message
+
+
+@pytest.mark.parametrize("fmt", ["h5", "safetensors", "pth"])
+def test_truncated_file(tmp_path, fmt):
+  params = random_params(TINY, include_top=False)
+  path = tmp_path / f"cut.{fmt}"
+  if fmt == "h5":
+    export.write_keras_h5(path, export.keras_layers(params, models.spec(TINY)))
+  else:
+    state = export.torch_state_dict(params, models.spec(TINY))
+    if fmt == "safetensors":
+      export.write_safetensors(path, state)
+    else:
+      import torch
+      torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])
+  with pytest.raises(UserError) as e:
+    weights.load(str(path), models.get(TINY, head="none"), image_size=32)
+  message = one_line_error(e)
+  assert str(path) in message and ("truncated" in message or "corrupt" in message)
+
+
+def test_not_a_weight_file(tmp_path):
+  path = tmp_path / "notes.txt"
+  path.write_text("hello")
+  with pytest.raises(UserError, match="cannot tell the format"):
+    weights.load(str(path), models.get(TINY, head="none"), image_size=32)
+
+
+@pytest.mark.parametrize("source, pattern", [
+    ("keras:vgg17", "unknown weights id 'keras:vgg17'; valid ids: keras:vgg16, "),
+    ("no/such/file.h5", "no weight file no/such/file.h5"),
+])
+def test_unknown_source(source, pattern):
+  with pytest.raises(UserError) as e:
+    weights.load(source, models.get(TINY, head="none"), image_size=32)
+  assert pattern in one_line_error(e)
+
+
+def test_registry_id_for_another_architecture_fails_before_downloading():
+  with pytest.raises(UserError, match="weights keras:vgg19 are for vgg19, model is vgg16"):
+    weights.load("keras:vgg19", models.get("vgg16", include_top=True))
+
+
+def test_pth_without_torch_says_how_to_fix(tmp_path, monkeypatch):
+  params = random_params(TINY, include_top=False)
+  state = export.torch_state_dict(params, models.spec(TINY))
+  export.write_safetensors(tmp_path / "w.safetensors", state)
+  (tmp_path / "w.pth").write_bytes(b"PK\x03\x04 not really")
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError.
+  model = models.get(TINY, head="none")
+  with pytest.raises(UserError, match="pip install torch"):
+    weights.load(str(tmp_path / "w.pth"), model, image_size=32)
+  loaded = weights.load(str(tmp_path / "w.safetensors"), model, image_size=32)
+  np.testing.assert_allclose(loaded["block5_conv3"]["kernel"], params["block5_conv3"]["kernel"])
+
+
+# --- registry and cache --------------------------------------------------------------------------
+
+
+def test_registry_records_official_files():
+  entries = {e.id: e for e in weights.registry()}
+  assert sorted(entries) == weights.ids() == ["keras:vgg16", "keras:vgg16_notop", "keras:vgg19",
+                                              "keras:vgg19_notop", "torchvision:vgg16",
+                                              "torchvision:vgg19"]
+  k16 = entries["keras:vgg16_notop"]
+  assert k16.filename == "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+  assert k16.url.startswith("https://storage.googleapis.com/tensorflow/keras-applications/vgg16/")
+  assert (k16.hash_kind, k16.hash) == ("md5", "6d6bbae143d832006294945121d1f1fc")
+  assert entries["keras:vgg19"].hash == "cbe5617147190e668d6c5d5026f83318"
+  assert not k16.include_top and entries["keras:vgg16"].include_top
+  tv = entries["torchvision:vgg19"]
+  assert tv.url == "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
+  assert (tv.hash_kind, tv.hash, tv.include_top) == ("sha256_prefix", "dcbb9e9d", True)
+  for entry in entries.values():
+    assert weights.mode_for(entry.id) == entry.preprocess
+    assert entry.preprocess == ("caffe" if entry.id.startswith("keras") else "torch")
+
+
+def test_cache_location_and_url_override(tmp_path, monkeypatch):
+  entry = sources.get("torchvision:vgg16")
+  assert sources.cached_path(entry) == str(tmp_path / "home" / "weights" / "vgg16-397923af.pth")
+  assert sources.url_for(entry) == "http://127.0.0.1:9/none/vgg16-397923af.pth"
+  monkeypatch.delenv("TRANSFER_WEIGHTS_URL_BASE")
+  assert sources.url_for(entry) == entry.url
+  monkeypatch.delenv("TRANSFER_HOME")
+  assert sources.cache_dir().endswith(os.path.join(".cache", "transfer", "weights"))
+
+
+@pytest.fixture
+def tiny_entry(monkeypatch):
+  entry = sources.WeightSource(id="keras:vgg16_tiny_notop", arch=TINY,
+                               url="https://example.invalid/tiny/tiny_notop.h5", hash_kind="md5",
+                               hash="0" * 32, format="keras_h5", include_top=False,
+                               preprocess="caffe")
+  monkeypatch.setitem(sources._SOURCES, entry.id, entry)
+  return entry
+
+
+def test_optional_id_in_cache_is_loaded(tiny_entry):
+  path = sources.cached_path(tiny_entry)
+  os.makedirs(os.path.dirname(path))
+  _, expected = keras_file(path, top=False)
+  params, report = weights.load(tiny_entry.id + "?", models.get(TINY, head="none"),
+                                image_size=32, return_report=True)
+  assert report.path == path and len(report.loaded) == 13
+  np.testing.assert_array_equal(params["block1_conv1"]["bias"], expected["block1_conv1"]["bias"])
+
+
+def test_optional_id_not_cached_gives_fresh_params_and_says_so(tiny_entry):
+  model = models.get(TINY, head="none")
+  params, report = weights.load(tiny_entry.id + "?", model, image_size=32, return_report=True)
+  assert report.format == "none" and report.path is None and report.loaded == ()
+  assert report.fresh == models.spec(TINY).conv_layers
+  assert "not in the cache" in report.summary() and sources.cached_path(tiny_entry) in report.note
+  assert "transfer weights download keras:vgg16_tiny_notop" in report.note
+  assert not os.path.exists(sources.cache_dir())  # Nothing fetched, nothing written.
+  shapes = port.param_shapes(model, 32)
+  assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda s: s.shape, shapes)
+
+
+# --- info and the CLI ----------------------------------------------------------------------------
+
+
+def test_info_lists_layers_shapes_and_format(tiny_top):
+  meta = weights.info(tiny_top[0])
+  assert (meta["format"], meta["arch"], meta["preprocess"]) == ("keras_h5", TINY, "caffe")
+  assert [l["name"] for l in meta["layers"]][:2] == ["block1_conv1", "block1_conv2"]
+  assert meta["layers"][-1]["weights"][0] == {"name": "predictions_W_1:0", "shape": [64, 1000]}
+  expected = sum(a.size for a in jax.tree.leaves(tiny_top[1]))
+  assert meta["num_params"] == expected
+
+
+def test_info_of_torch_file_maps_names(tmp_path):
+  params = random_params(TINY)
+  export.write_safetensors(tmp_path / "t.safetensors",
+                           export.torch_state_dict(params, models.spec(TINY)))
+  meta = weights.info(str(tmp_path / "t.safetensors"))
+  assert meta["format"] == "safetensors" and meta["preprocess"] == "torch"
+  first = meta["layers"][0]
+  assert first["name"] == "features.0" and first["model_name"] == "block1_conv1"
+  assert {"name": "features.0.weight", "shape": [4, 3, 3, 3]} in first["weights"]
+
+
+def test_cli_weights_info(tiny_top, capsys):
+  assert cli_main.run(["weights", "info", tiny_top[0]]) == 0
+  out = capsys.readouterr().out
+  assert "format: keras_h5" in out and f"arch: {TINY}" in out
+  assert "block1_conv1_W_1:0" in out and "3x3x3x4" in out and "fc1_W_1:0" in out
+
+
+def test_cli_weights_list(tiny_entry, capsys):
+  path = sources.cached_path(tiny_entry)
+  os.makedirs(os.path.dirname(path))
+  keras_file(path, top=False)
+  assert cli_main.run(["weights", "list"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  by_id = {line.split()[0]: line for line in lines}
+  assert set(weights.ids()) <= set(by_id)
+  assert "not cached" in by_id["keras:vgg16"] and "vgg16_weights_tf_dim_ordering_tf_kernels.h5" \
+      in by_id["keras:vgg16"]
+  assert f"cached at {path}" in by_id[tiny_entry.id]
+
+
+def test_cli_errors_are_one_line(capsys):
+  with pytest.raises(SystemExit) as e:
+    cli_main.main(["weights", "info", "keras:nope"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("transfer: error: unknown weights id 'keras:nope'") and "\n" not in err
