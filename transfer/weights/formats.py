@@ -184,11 +184,17 @@ def _open_torch(path: str):
     state = state["state_dict"]
   if not isinstance(state, dict):
     raise UserError(f"{path} holds a {type(state).__name__}, not a state dict")
-  tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-  read = lambda t: lambda: t.detach().to(torch.float32).numpy() if t.is_floating_point() \
-      else t.detach().numpy()
-  yield WeightFile(path=path, format="torch_pth", layers=_by_prefix(
-      {k: Tensor(k, tuple(v.shape), read(v)) for k, v in tensors.items()}))
+  tensors = {k: Tensor(k, tuple(v.shape), _torch_reader(v)) for k, v in state.items()
+             if isinstance(v, torch.Tensor)}
+  yield WeightFile(path=path, format="torch_pth", layers=_by_prefix(tensors))
+
+
+def _torch_reader(tensor) -> Callable[[], np.ndarray]:
+  """numpy has no bfloat16: floating tensors are read as float32."""
+  import torch
+  if tensor.is_floating_point():
+    return lambda: tensor.detach().to(torch.float32).numpy()
+  return lambda: tensor.detach().numpy()
 
 
 @contextlib.contextmanager
