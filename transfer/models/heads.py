@@ -12,9 +12,34 @@ from transfer.errors import UserError
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 HEADS = ("imagenet", "flatten_dense", "gap", "none")
+
+
+class ExampleDropout(nn.Module):
+  """Dropout whose mask for each example depends only on the RNG and that example's id.
+
+  Flax's `nn.Dropout` draws one mask for the whole (local) batch, so the mask an example gets
+  depends on how the batch is split over devices and processes. Keying each example's mask by its
+  global index makes training on 1, 2 or 4 devices (or hosts) produce the same result.
+  """
+
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, train: bool, example_ids=None):
+    if not train or self.rate == 0.0:
+      return x
+    key = self.make_rng("dropout")
+    keep = 1.0 - self.rate
+    if example_ids is None:
+      mask = jax.random.bernoulli(key, keep, x.shape)
+    else:
+      keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(example_ids)
+      mask = jax.vmap(lambda k: jax.random.bernoulli(k, keep, x.shape[1:]))(keys)
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
 def imagenet_top(x, *, num_classes: int = 1000, hidden: int = 4096, dtype: Any = jnp.float32,
@@ -45,11 +70,11 @@ class FlattenDense(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, example_ids=None):
     x = x.reshape((x.shape[0], -1))
     x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="hidden")(x)
     x = nn.relu(x)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = ExampleDropout(self.dropout, name="dropout")(x, train, example_ids)
     return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="logits")(x)
 
 
@@ -62,10 +87,9 @@ class GlobalAveragePool(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, example_ids=None):
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
-    if self.dropout:
-      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = ExampleDropout(self.dropout, name="dropout")(x, train, example_ids)
     return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="logits")(x)
 
 

@@ -52,7 +52,7 @@ class VGG(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = False, stage: str = "full"):
+  def __call__(self, x, train: bool = False, stage: str = "full", example_ids=None):
     """Runs the network (or one stage of it).
 
     Args:
@@ -60,6 +60,8 @@ class VGG(nn.Module):
         or, for `stage="head"`, the block5_pool feature map.
       train: enables dropout in the head; needs a `"dropout"` RNG in `apply`.
       stage: `"full"`, `"features"` or `"head"` (see the module docstring).
+      example_ids: (N,) global example indices; when given, dropout masks are keyed per example
+        so results do not depend on how the batch is split over devices.
 
     Returns:
       float32 logits of shape (N, num_classes), or the feature map for `head="none"` /
@@ -71,7 +73,7 @@ class VGG(nn.Module):
       x = self.backbone(x)
       if stage == "features" or self.head == "none":
         return x
-    return self.classify(x, train).astype(jnp.float32)
+    return self.classify(x, train, example_ids).astype(jnp.float32)
 
   def backbone(self, x):
     """Conv blocks; called from `__call__` inside its compact scope."""
@@ -84,7 +86,7 @@ class VGG(nn.Module):
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     return x
 
-  def classify(self, x, train: bool):
+  def classify(self, x, train: bool, example_ids=None):
     """The head on a feature map; called from `__call__` inside its compact scope."""
     x = x.astype(self.dtype)
     if self.head == "imagenet":
@@ -93,7 +95,7 @@ class VGG(nn.Module):
     head = heads.make_head(self.head, num_classes=self.num_classes, hidden=self.head_hidden,
                            dropout=self.head_dropout, dtype=self.dtype,
                            param_dtype=self.param_dtype)
-    return head(x, train=train)
+    return head(x, train=train, example_ids=example_ids)
 
 
 def feature_shape(stage_sizes: Sequence[int], widths: Sequence[int], image_size: int):

@@ -1,0 +1,87 @@
+"""Freezing as optimizer structure: labels, multi_transform state, learning-rate multipliers."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from transfer import models, optim
+from transfer.configs import default
+from transfer.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def params():
+  return models.init_params(models.get("vgg16_tiny", head="flatten_dense", num_classes=2), 32)
+
+
+def _config(**kw):
+  c = default.get_config()
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def test_labels_freeze_everything_but_the_head(params):
+  labels = optim.param_labels(params, ["^head/"])
+  flat = dict(zip(optim.param_paths(params), jax.tree_util.tree_leaves(labels)))
+  assert flat["head/hidden/kernel"] == "trainable"
+  assert flat["head/logits/bias"] == "trainable"
+  assert flat["block5_conv3/kernel"] == "frozen"
+  assert sum(l == "trainable" for l in flat.values()) == 4
+
+
+def test_unmatched_pattern_is_an_error_listing_layers(params):
+  with pytest.raises(UserError, match=r"'\^blok5' matches no parameter; layers are: .*block5_conv1"):
+    optim.param_labels(params, ["^blok5"])
+
+
+def test_lr_mults_make_groups_and_must_touch_trainable_params(params):
+  labels = optim.param_labels(params, ["^head/", "^block5"], {"^block5": 0.1})
+  flat = dict(zip(optim.param_paths(params), jax.tree_util.tree_leaves(labels)))
+  assert flat["block5_conv1/kernel"] == "trainable_x0.1"
+  assert flat["head/logits/kernel"] == "trainable"
+  with pytest.raises(UserError, match="only frozen"):
+    optim.param_labels(params, ["^head/"], {"^block4": 0.1})
+  with pytest.raises(UserError, match="several lr_mults"):
+    optim.param_labels(params, ["^head/"], {"^head/": 0.1, "logits": 2.0})
+
+
+def test_frozen_parameters_have_no_optimizer_state(params):
+  tx, labels = optim.make_optimizer(_config(optimizer="adam"), params, 10)
+  state = tx.init(params)
+  leaves = jax.tree_util.tree_leaves(state)
+  n_trainable, n_frozen = optim.count_params(params, labels)
+  # Adam keeps mu and nu for trainable leaves only (plus scalar counts).
+  assert sum(int(x.size) for x in leaves if x.ndim > 0) == 2 * n_trainable
+  assert n_frozen > n_trainable
+
+
+def test_lr_mult_scales_the_update(params):
+  config = _config(optimizer="sgd", momentum=0.0, learning_rate=1.0,
+                   trainable=["^head/", "^block5_conv3"])
+  config.lr_mults = ml_collections.ConfigDict({"^block5_conv3": 0.1})
+  tx, _ = optim.make_optimizer(config, params, 10)
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert np.allclose(updates["head"]["logits"]["bias"], -1.0)
+  assert np.allclose(updates["block5_conv3"]["bias"], -0.1)
+  assert not np.any(updates["block1_conv1"]["kernel"])
+
+
+def test_describe_counts(params):
+  _, labels = optim.make_optimizer(_config(), params, 10)
+  line = optim.describe(params, labels)
+  trainable = 32 * 256 + 256 + 256 * 2 + 2  # 32x32 input -> 1x1x32 features
+  assert line.startswith(f"params: {trainable:,} trainable")
+  assert "head/hidden" in line
+
+
+def test_schedules():
+  config = _config(schedule="warmup_cosine", warmup_steps=10, learning_rate=1.0)
+  sched = optim.make_schedule(config, 100)
+  assert float(sched(0)) == 0.0 and abs(float(sched(10)) - 1.0) < 1e-6 and float(sched(100)) < 1e-3
+  with pytest.raises(UserError, match="unknown schedule"):
+    optim.make_schedule(_config(schedule="bogus"), 10)

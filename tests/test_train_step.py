@@ -1,0 +1,131 @@
+"""The pure train step: freezing, data parallelism across device counts, compile-once, NaN guard."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transfer import models, optim, parallel, train
+from transfer.configs import default
+
+IMAGE = 32
+BATCH = 8
+
+
+def _setup(dtype="float32", trainable=("^head/",), lr=1e-2, optimizer="adam"):
+  config = default.get_config()
+  config.trainable, config.learning_rate, config.optimizer = list(trainable), lr, optimizer
+  model = models.get("vgg16_tiny", head="flatten_dense", num_classes=1, dtype=dtype)
+  params = models.init_params(model, IMAGE, 0)
+  tx, labels = optim.make_optimizer(config, params, 100)
+  return model, params, tx, labels
+
+
+def _batches(n, seed=0):
+  """Learnable two-class data: class 1 images are brighter in the centre."""
+  rng = np.random.default_rng(seed)
+  for _ in range(n):
+    label = rng.integers(0, 2, BATCH).astype(np.int32)
+    image = rng.normal(size=(BATCH, IMAGE, IMAGE, 3)).astype(np.float32)
+    image[:, 8:24, 8:24, :] += 2.0 * label[:, None, None, None]
+    yield {"image": image, "label": label}
+
+
+def _run(devices, mode, steps=3, **kw):
+  model, params, tx, labels = _setup(**kw)
+  params = jax.device_get(params)  # host copy: the device buffers get donated to the step
+  mesh = parallel.make_mesh(devices)
+  step = train.make_train_step(model, tx, labels, mesh, mode)
+  state = parallel.replicate(train.create_train_state(params, tx, 0), mesh)
+  metrics = []
+  for batch in _batches(steps):
+    state, m = step(state, jax.device_put(batch, parallel.batch_sharding(mesh)))
+    metrics.append(jax.device_get(m))
+  return params, state, metrics, step
+
+
+def test_frozen_parameters_stay_bit_identical_and_the_head_trains():
+  params, state, _, _ = _run(jax.devices()[:1], "shard_map")
+  after = jax.device_get(state.params)
+  for name in params:
+    for leaf in params[name] if name != "head" else ():
+      np.testing.assert_array_equal(np.asarray(params[name][leaf]), after[name][leaf])
+  assert not np.allclose(params["head"]["logits"]["kernel"], after["head"]["logits"]["kernel"])
+  assert int(state.step) == 3
+
+
+def test_optimizer_state_has_no_moments_for_frozen_leaves():
+  _, params, tx, labels = _setup()
+  state = train.create_train_state(params, tx, 0)
+  n_trainable, _ = optim.count_params(params, labels)
+  moments = [x for x in jax.tree_util.tree_leaves(state.opt_state) if x.ndim > 0]
+  assert sum(x.size for x in moments) == 2 * n_trainable
+
+
+def test_loss_decreases():
+  _, _, metrics, _ = _run(jax.devices()[:1], "shard_map", steps=30, lr=3e-3, trainable=(".",))
+  first = np.mean([m["loss"] for m in metrics[:5]])
+  last = np.mean([m["loss"] for m in metrics[-5:]])
+  assert last < 0.7 * first, (first, last)
+
+
+@pytest.mark.parametrize("mode", ["shard_map", "pmap"])
+@pytest.mark.parametrize("num_devices", [2, 4])
+def test_same_parameters_on_any_device_count(mode, num_devices):
+  """Dropout is on (rate 0.6), block5 trains too: results must not depend on the layout.
+
+  SGD keeps updates linear in the gradients; Adam's m/sqrt(v) would turn float round-off in
+  near-zero gradients (summed in another order on another layout) into lr-sized differences.
+  """
+  kw = dict(trainable=("^head/", "^block5_conv3"), optimizer="sgd", lr=0.1)
+  _, ref, ref_metrics, _ = _run(jax.devices()[:1], "shard_map", **kw)
+  _, got, got_metrics, _ = _run(jax.devices()[:num_devices], mode, **kw)
+  for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(ref.params)),
+                  jax.tree_util.tree_leaves(jax.device_get(got.params))):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose([m["loss"] for m in ref_metrics], [m["loss"] for m in got_metrics],
+                             rtol=1e-5)
+
+
+def test_step_compiles_once():
+  _, _, _, step = _run(jax.devices()[:2], "shard_map", steps=4)
+  assert step._cache_size() == 1
+
+
+def test_nonfinite_loss_freezes_state_and_records_the_step():
+  """A learning rate of 1e36 makes the second step's loss NaN (a real divergence, not an input
+  NaN: XLA's CPU max/relu would quietly drop a NaN pixel)."""
+  model, params, tx, labels = _setup(optimizer="sgd", lr=1e36)
+  mesh = parallel.make_mesh(jax.devices()[:2])
+  step = train.make_train_step(model, tx, labels, mesh)
+  state = parallel.replicate(train.create_train_state(jax.device_get(params), tx, 0), mesh)
+  history, losses = [], []
+  for batch in _batches(4):
+    state, metrics = step(state, jax.device_put(batch, parallel.batch_sharding(mesh)))
+    history.append(jax.device_get(state.params["head"]["logits"]["kernel"]))
+    losses.append(float(metrics["loss"]))
+  assert np.isfinite(losses[0]) and not np.isfinite(losses[1])
+  assert int(state.nonfinite_step) == 1 and int(state.step) == 4
+  np.testing.assert_array_equal(history[0], history[3])  # nothing applied after the blow-up
+  assert np.all(np.isfinite(history[3]))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
+  _, ref, ref_m, _ = _run(jax.devices()[:1], "shard_map")
+  _, got, got_m, _ = _run(jax.devices()[:1], "shard_map", dtype="bfloat16")
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(got.params))
+  np.testing.assert_allclose([m["loss"] for m in ref_m], [m["loss"] for m in got_m], rtol=0.05)
+
+
+def test_eval_step_counts_masked_examples_once():
+  model, params, _, _ = _setup()
+  mesh = parallel.make_mesh(jax.devices()[:4])
+  eval_step = train.make_eval_step(model, mesh, 2)
+  batch = next(_batches(1))
+  batch["mask"] = np.arange(BATCH) < 5
+  sums = jax.device_get(eval_step(parallel.replicate(params, mesh),
+                                  jax.device_put(batch, parallel.batch_sharding(mesh))))
+  assert sums["count"] == 5 and np.asarray(sums["confusion"]).sum() == 5
+  logits = model.apply({"params": params}, batch["image"][:5])
+  pred = (np.asarray(logits)[:, 0] > 0).astype(int)
+  assert sums["correct"] == pytest.approx(np.sum(pred == batch["label"][:5]), abs=1e-4)

@@ -1,0 +1,110 @@
+"""Orbax checkpoints under `WORKDIR/checkpoints`: the train state plus what is needed to resume.
+
+Each checkpoint step holds two items:
+  * `state`: the whole `TrainState` pytree (step, params, optimizer state, RNG), saved
+    asynchronously and restored onto whatever mesh the current run has (elastic restore);
+  * `meta`: JSON with the data position and the run metadata (model, head, classes, weight source,
+    preprocessing, image size) so eval/predict can rebuild the model without the original config.
+
+Orbax writes each step into a temporary directory and renames it only once complete, so a crash
+mid-save never replaces a committed checkpoint. A checkpoint that is damaged anyway (a file
+truncated or deleted) fails to restore; `restore_latest` reports it in one line and falls back to
+the previous step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+log = logging.getLogger("transfer")
+
+STATE, META = "state", "meta"
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class Checkpointer:
+  """Saves and restores train states for one workdir.
+
+  Args:
+    workdir: the run directory.
+    keep: latest checkpoints to keep.
+    keep_best: best checkpoints (by `val_accuracy`) to keep in addition.
+    async_save: write in a background thread while training continues.
+  """
+
+  def __init__(self, workdir: str, keep: int = 2, keep_best: int = 1, async_save: bool = True):
+    policies = [pp.LatestN(n=max(1, keep))]
+    if keep_best > 0:
+      policies.append(pp.BestN(get_metric_fn=lambda m: m["val_accuracy"], n=keep_best,
+                               keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=pp.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True)
+    self.directory = checkpoint_dir(workdir)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=(STATE, META))
+
+  def steps(self) -> list[int]:
+    """Committed steps, oldest first."""
+    self.manager.reload()
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.steps()
+    return steps[-1] if steps else None
+
+  def save(self, step: int, state, meta: dict[str, Any], val_accuracy: float | None = None,
+           force: bool = True) -> None:
+    """Starts saving `state` and `meta` at `step` (returns before the write finishes)."""
+    metrics = None if val_accuracy is None else {"val_accuracy": float(val_accuracy)}
+    self.manager.save(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}),
+        metrics=metrics, force=force)
+
+  def restore(self, step: int, abstract_state) -> tuple[Any, dict[str, Any]]:
+    """Restores `step` onto the shardings of `abstract_state` (a tree of ShapeDtypeStruct)."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}))
+    return restored[STATE], dict(restored[META])
+
+  def restore_meta(self, step: int) -> dict[str, Any]:
+    """Only the JSON metadata of `step`."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
+    return dict(restored[META])
+
+  def restore_latest(self, abstract_state) -> tuple[int, Any, dict[str, Any]] | None:
+    """The newest checkpoint that restores, falling back past damaged ones; None if none."""
+    for step in reversed(self.steps()):
+      try:
+        state, meta = self.restore(step, abstract_state)
+        return step, state, meta
+      except Exception as e:  # pylint: disable=broad-except
+        # Orbax raises many types for damaged files; any of them means "not usable".
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.warning("checkpoint at step %d is damaged (%s: %s); trying the previous one",
+                    step, type(e).__name__, first[:200])
+    return None
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are committed."""
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_like(tree):
+  """ShapeDtypeStructs (with shardings) describing `tree`, as a restore target."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)

@@ -1,0 +1,175 @@
+"""Optimizers with freezing as structure: parameter paths -> labels -> `optax.multi_transform`.
+
+Frozen parameters get `optax.set_to_zero()`, which keeps no state, so a frozen VGG16 conv base
+costs no optimizer memory. Trainable parameters are grouped by learning-rate multiplier
+(`config.lr_mults`), one optimizer per group, so discriminative learning rates are also just
+labels. Every parameter gets exactly one label; a pattern that matches nothing is an error, since a
+typo in a freeze pattern would otherwise silently train (or freeze) the wrong layers.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from transfer.errors import UserError
+
+FROZEN = "frozen"
+TRAINABLE = "trainable"
+
+
+def path_str(path) -> str:
+  """'block5_conv1/kernel' for a `jax.tree_util` key path."""
+  parts = []
+  for key in path:
+    parts.append(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))))
+  return "/".join(parts)
+
+
+def param_paths(params) -> list[str]:
+  """All parameter paths of a params tree, in tree order."""
+  return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def _group_label(mult: float) -> str:
+  return TRAINABLE if mult == 1.0 else f"{TRAINABLE}_x{mult:g}"
+
+
+def param_labels(params, trainable: Sequence[str], lr_mults: Mapping[str, float] | None = None):
+  """Labels every parameter `frozen`, `trainable` or `trainable_x<mult>`.
+
+  Args:
+    params: the params tree.
+    trainable: regexes (`re.search`) over paths like `block5_conv1/kernel`; a parameter matching
+      any of them is trained, every other one is frozen.
+    lr_mults: `{regex: multiplier}` for trainable parameters; at most one may match a parameter.
+
+  Returns:
+    A tree of label strings with the structure of `params`.
+
+  Raises:
+    UserError: a pattern matches no parameter, a multiplier pattern matches only frozen
+      parameters, or two multiplier patterns match the same parameter.
+  """
+  paths = param_paths(params)
+  lr_mults = dict(lr_mults or {})
+  _check_patterns_match("trainable", trainable, paths)
+  _check_patterns_match("lr_mults", lr_mults, paths)
+
+  labels = []
+  for path in paths:
+    if not any(re.search(p, path) for p in trainable):
+      labels.append(FROZEN)
+      continue
+    mults = [(p, float(m)) for p, m in lr_mults.items() if re.search(p, path)]
+    if len(mults) > 1:
+      raise UserError(f"parameter {path} matches several lr_mults patterns "
+                      f"{[p for p, _ in mults]}; make them exclusive")
+    labels.append(_group_label(mults[0][1]) if mults else TRAINABLE)
+  for pattern in lr_mults:
+    if all(label == FROZEN for path, label in zip(paths, labels) if re.search(pattern, path)):
+      raise UserError(f"lr_mults pattern {pattern!r} matches only frozen parameters; "
+                      f"add them to `trainable` or drop the multiplier")
+  treedef = jax.tree_util.tree_structure(params)
+  return jax.tree_util.tree_unflatten(treedef, labels)
+
+
+def _check_patterns_match(what: str, patterns, paths: list[str]) -> None:
+  for pattern in patterns:
+    try:
+      regex = re.compile(pattern)
+    except re.error as e:
+      raise UserError(f"{what} pattern {pattern!r} is not a valid regex: {e}") from None
+    if not any(regex.search(p) for p in paths):
+      layers = sorted({p.rsplit("/", 1)[0] for p in paths})
+      raise UserError(f"{what} pattern {pattern!r} matches no parameter; layers are: "
+                      f"{', '.join(layers)}")
+
+
+def make_schedule(config, total_steps: int) -> optax.Schedule:
+  """The learning-rate schedule named by `config.schedule`."""
+  lr, warmup = config.learning_rate, max(0, config.warmup_steps)
+  if config.schedule == "constant":
+    if warmup:
+      return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
+                                   optax.constant_schedule(lr)], [warmup])
+    return optax.constant_schedule(lr)
+  if config.schedule in ("cosine", "warmup_cosine"):
+    return optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup,
+                                              max(total_steps, warmup + 1))
+  raise UserError(f"unknown schedule {config.schedule!r}; valid: constant, cosine, warmup_cosine")
+
+
+def _base_optimizer(config, learning_rate) -> optax.GradientTransformation:
+  name = config.optimizer
+  if name == "adam":
+    tx = optax.adam(learning_rate)
+  elif name == "adamw":
+    tx = optax.adamw(learning_rate, weight_decay=config.weight_decay)
+  elif name == "sgd":
+    tx = optax.sgd(learning_rate, momentum=config.momentum or None, nesterov=False)
+  elif name == "rmsprop":
+    tx = optax.rmsprop(learning_rate, momentum=config.momentum)
+  else:
+    raise UserError(f"unknown optimizer {name!r}; valid: adam, adamw, sgd, rmsprop")
+  if config.weight_decay and name != "adamw":
+    tx = optax.chain(optax.add_decayed_weights(config.weight_decay), tx)
+  if config.grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  return tx
+
+
+def make_optimizer(config, params, total_steps: int):
+  """Builds the optimizer and its freeze labels.
+
+  Args:
+    config: needs `optimizer`, `learning_rate`, `schedule`, `warmup_steps`, `momentum`,
+      `weight_decay`, `grad_clip_norm`, `trainable`, `lr_mults`.
+    params: the params tree to label.
+    total_steps: for decaying schedules.
+
+  Returns:
+    `(tx, labels)`: an `optax.multi_transform` over the label groups, and the label tree.
+  """
+  lr_mults = {k: float(v) for k, v in dict(config.lr_mults).items()}
+  labels = param_labels(params, list(config.trainable), lr_mults)
+  schedule = make_schedule(config, total_steps)
+  transforms: dict[str, Any] = {FROZEN: optax.set_to_zero()}
+  for mult in {1.0, *lr_mults.values()}:
+    scaled = schedule if mult == 1.0 else (lambda s, m=mult: m * schedule(s))
+    transforms[_group_label(mult)] = _base_optimizer(config, scaled)
+  used = set(jax.tree_util.tree_leaves(labels))
+  transforms = {k: v for k, v in transforms.items() if k in used or k == FROZEN}
+  return optax.multi_transform(transforms, labels), labels
+
+
+def trainable_mask(labels) -> Any:
+  """Bool tree: True where the label is not `frozen`."""
+  return jax.tree_util.tree_map(lambda l: l != FROZEN, labels)
+
+
+def count_params(params, labels) -> tuple[int, int]:
+  """(trainable, frozen) parameter counts."""
+  sizes = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda p: int(p.size), params))
+  flags = jax.tree_util.tree_leaves(trainable_mask(labels))
+  trainable = sum(s for s, f in zip(sizes, flags) if f)
+  return trainable, sum(sizes) - trainable
+
+
+def describe(params, labels) -> str:
+  """One line for the log: trainable and frozen counts, and the trained layers."""
+  trainable, frozen = count_params(params, labels)
+  paths = param_paths(params)
+  layers = sorted({p.rsplit("/", 1)[0] for p, l in zip(paths, jax.tree_util.tree_leaves(labels))
+                   if l != FROZEN})
+  return (f"params: {trainable:,} trainable, {frozen:,} frozen; "
+          f"training {', '.join(layers) or 'nothing'}")
+
+
+def learning_rate_at(config, total_steps: int, step) -> jnp.ndarray:
+  """The base (multiplier 1) learning rate at `step`, for logging."""
+  return make_schedule(config, total_steps)(step)
