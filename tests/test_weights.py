@@ -87,9 +87,12 @@ def test_notop_file_into_new_head_keeps_head_fresh(tiny_notop):
   assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda s: s.shape, shapes)
   np.testing.assert_array_equal(params["block3_conv2"]["kernel"],
                                 expected["block3_conv2"]["kernel"])
-  # The fresh head is the model's own initialisation for that rng.
-  init = models.init_params(model, 64, 3)
-  np.testing.assert_array_equal(params["head"]["logits"]["kernel"], init["head"]["logits"]["kernel"])
+  # The fresh head is a real initialisation, decided by `rng`.
+  head = lambda p: p["head"]["hidden"]["kernel"]
+  assert float(np.std(head(params))) > 0
+  np.testing.assert_array_equal(head(weights.load(path, model, image_size=64, rng=3)),
+                                head(params))
+  assert not np.array_equal(head(weights.load(path, model, image_size=64, rng=4)), head(params))
 
 
 @pytest.mark.parametrize("head", ["gap", "none"])
@@ -288,16 +291,21 @@ def test_optional_id_in_cache_is_loaded(tiny_entry):
   np.testing.assert_array_equal(params["block1_conv1"]["bias"], expected["block1_conv1"]["bias"])
 
 
-def test_optional_id_not_cached_gives_fresh_params_and_says_so(tiny_entry):
-  model = models.get(TINY, head="none")
-  params, report = weights.load(tiny_entry.id + "?", model, image_size=32, return_report=True)
+def test_optional_id_not_cached_gives_fresh_params_and_says_so(tiny_entry, tiny_notop):
+  model = models.get(TINY, head="flatten_dense", num_classes=2)
+  params, report = weights.load(tiny_entry.id + "?", model, image_size=64, rng=3,
+                                return_report=True)
   assert report.format == "none" and report.path is None and report.loaded == ()
-  assert report.fresh == models.spec(TINY).conv_layers
+  assert report.fresh == models.spec(TINY).conv_layers + ("head",)
   assert "not in the cache" in report.summary() and sources.cached_path(tiny_entry) in report.note
   assert "transfer weights download keras:vgg16_tiny_notop" in report.note
   assert not os.path.exists(sources.cache_dir())  # Nothing fetched, nothing written.
-  shapes = port.param_shapes(model, 32)
+  shapes = port.param_shapes(model, 64)
   assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda s: s.shape, shapes)
+  # This was a full `init_params`; a fresh head next to loaded convs (initialised alone, which
+  # is cheaper) gets the very same values for the same rng.
+  loaded = weights.load(tiny_notop[0], model, image_size=64, rng=3)
+  jax.tree.map(np.testing.assert_array_equal, loaded["head"], params["head"])
 
 
 # --- info and the CLI ----------------------------------------------------------------------------
