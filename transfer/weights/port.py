@@ -92,7 +92,7 @@ def _chw_to_hwc_rows(weight: np.ndarray, side: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """What a merge does with each layer; `problems` empty means the file fits."""
+  """What a merge does with each layer; the file fits when `problems` is False."""
 
   loaded: tuple[str, ...]
   fresh: tuple[str, ...]
@@ -243,7 +243,7 @@ def guess_arch(view_for: Callable[[models.ModelSpec], dict[str, dict[str, Tensor
     if set(view) - set(spec.top_layers) != set(spec.conv_layers):
       continue
     shapes = _backbone_shapes(name)
-    if all(tuple(view[layer][p].shape) == tuple(s.shape) if p in view[layer] else False
+    if all(p in view[layer] and tuple(view[layer][p].shape) == tuple(s.shape)
            for layer in shapes for p, s in _flatten(shapes[layer]).items()):
       matches.append(name)
   return matches[0] if len(matches) == 1 else None

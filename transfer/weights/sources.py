@@ -86,14 +86,15 @@ def ids() -> list[str]:
 
 
 def is_id(source: str) -> bool:
-  """Whether `source` names a registry entry (optionally with the `?` suffix), not a file.
+  """Whether `source` is meant as a registry id (`<framework>:<name>[?]`) rather than a path.
 
-  A path that exists on disk always wins, so a file called `keras:vgg16` can still be loaded.
+  Unknown names with a known framework prefix count as ids, so `keras:vgg17` gets an "unknown id"
+  error listing the valid ones instead of "no such file". A path that exists always wins.
   """
   if os.path.exists(source):
     return False
-  return source.rstrip(OPTIONAL_SUFFIX) in _SOURCES or (
-      ":" in source and source.split(":", 1)[0] in {i.split(":")[0] for i in _SOURCES})
+  frameworks = {i.split(":", 1)[0] for i in _SOURCES}
+  return ":" in source and source.split(":", 1)[0] in frameworks
 
 
 def get(source_id: str) -> WeightSource:
