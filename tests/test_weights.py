@@ -357,3 +357,14 @@ def test_cli_errors_are_one_line(capsys):
   assert e.value.code == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("transfer: error: unknown weights id 'keras:nope'") and "\n" not in err
+
+
+def test_convert_script_round_trips(tiny_top, tmp_path):
+  import runpy
+  script = os.path.join(os.path.dirname(__file__), "..", "scripts", "convert_weights.py")
+  convert = runpy.run_path(script)["convert"]
+  out = str(tmp_path / "tiny.safetensors")
+  assert convert(tiny_top[0], out) == TINY
+  assert weights.info(out)["format"] == "safetensors"
+  params = weights.load(out, models.get(TINY, include_top=True))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), params, tiny_top[1])
