@@ -35,7 +35,7 @@ def format_info(meta: dict) -> str:
     alias = f" ({layer['model_name']})" if layer["model_name"] != layer["name"] else ""
     for w in layer["weights"]:
       shape = "x".join(map(str, w["shape"])) or "scalar"
-      lines.append(f"  {layer['name']}{alias:<16} {w['name']:<32} {shape}")
+      lines.append(f"  {layer['name'] + alias:<30} {w['name']:<32} {shape}")
   return "\n".join(lines)
 
 
