@@ -107,13 +107,16 @@ def test_keras_vgg16_with_top_matches(keras_vgg16_top, tmp_path, writer):
   assert_close(jax.nn.softmax(logits), keras_vgg16_top(x))
 
 
-@pytest.mark.parametrize("naming", ["keras1", "keras2", "keras3"])
+@pytest.mark.parametrize("naming", ["keras1", "keras2", "keras3", "keras_archive"])
 def test_keras_notop_features_match(keras_notop, tmp_path, naming):
   arch, model = keras_notop
   path = tmp_path / f"{arch}_{naming}.h5"
   if naming == "keras3":
     path = tmp_path / f"{arch}.weights.h5"
     model.save_weights(str(path))
+  elif naming == "keras_archive":
+    path = tmp_path / f"{arch}.keras"
+    model.save(str(path))
   else:
     export.write_keras_h5(path, keras_layers(model), naming=naming)
   x = np.random.default_rng(3).standard_normal((1, 64, 64, 3), dtype=np.float32)

@@ -11,7 +11,8 @@ Formats:
     the dataset paths inside it. Keras 1 named them `block1_conv1_W_1:0`, Keras 2
     `block1_conv1/kernel:0`; both are read through the attributes, never guessed.
   * `keras3_h5`: Keras 3's `.weights.h5`: `layers/<key>/vars/<0,1,...>`, the layer name in the
-    `name` attribute of `vars` (older Keras 3 used the layer name as the key).
+    `name` attribute of `vars` (older Keras 3 used the layer name as the key). A whole-model
+    `.keras` archive holds the same file as its `model.weights.h5` member.
   * `torch_pth`: a torch state dict (`features.0.weight`, ...), read with `weights_only=True`.
   * `safetensors`: the same keys in a safetensors file, read with numpy (no torch needed).
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import zipfile
 from typing import Callable, Iterator
 
 import numpy as np
@@ -30,6 +32,7 @@ from transfer.errors import UserError
 FORMATS = ("keras_h5", "keras3_h5", "torch_pth", "safetensors")
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _ZIP_MAGIC = b"PK\x03\x04"
+_KERAS_ARCHIVE_WEIGHTS = "model.weights.h5"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +64,7 @@ def open_weights(path: str | os.PathLike) -> Iterator[WeightFile]:
   """Opens a weight file of any supported format; arrays can be read until the block ends.
 
   Args:
-    path: a `.h5`/`.weights.h5`, `.pth`/`.pt` or `.safetensors` file.
+    path: a `.h5`/`.weights.h5`/`.keras`, `.pth`/`.pt` or `.safetensors` file.
 
   Yields:
     A `WeightFile`.
@@ -87,6 +90,8 @@ def detect_format(path: str) -> str:
     return _h5_layout(path)
   if path.lower().endswith(".safetensors") or _looks_like_safetensors(head):
     return "safetensors"
+  if head.startswith(_ZIP_MAGIC) and _keras_archive_member(path):
+    return "keras3_h5"
   if head.startswith(_ZIP_MAGIC) or path.lower().endswith((".pth", ".pt", ".bin")):
     return "torch_pth"
   raise UserError(f"cannot tell the format of {path}: expected a Keras .h5, a torch .pth or a "
@@ -114,16 +119,30 @@ def _h5_layout_of(f) -> str | None:
   return "keras3_h5" if "layers" in f else None
 
 
+def _keras_archive_member(path: str) -> str | None:
+  """The weights member of a Keras 3 `.keras` archive (a zip), or None for other zips."""
+  try:
+    with zipfile.ZipFile(path) as archive:
+      return _KERAS_ARCHIVE_WEIGHTS if _KERAS_ARCHIVE_WEIGHTS in archive.namelist() else None
+  except zipfile.BadZipFile:
+    return None
+
+
 @contextlib.contextmanager
 def _h5_file(path: str):
   import h5py  # Deferred: only .h5 files need it.
-  try:
-    f = h5py.File(path, "r")
-  except OSError as e:
-    raise UserError(f"cannot read {path}: truncated or corrupt HDF5 file ({_first_line(e)})") \
-        from None
-  with f:
-    yield f
+  with contextlib.ExitStack() as stack:
+    source = path
+    if zipfile.is_zipfile(path):  # A `.keras` archive: h5py reads the member in place.
+      source = stack.enter_context(stack.enter_context(zipfile.ZipFile(path)).open(
+          _KERAS_ARCHIVE_WEIGHTS))
+    try:
+      f = h5py.File(source, "r")
+    except OSError as e:
+      raise UserError(f"cannot read {path}: truncated or corrupt HDF5 file "
+                       f"({_first_line(e)})") from None
+    with f:
+      yield f
 
 
 @contextlib.contextmanager
