@@ -108,3 +108,32 @@ def abstract_like(tree):
   """ShapeDtypeStructs (with shardings) describing `tree`, as a restore target."""
   return jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+def load_trained(workdir: str, step: int | None = None):
+  """Params and metadata of a trained run, for eval/predict (no optimizer, no config needed).
+
+  Args:
+    workdir: a run directory written by `transfer train`.
+    step: a checkpoint step; default the latest one that restores.
+
+  Returns:
+    `(params, meta)`: host arrays, and the JSON metadata (`meta["run"]` describes the model).
+  """
+  from transfer.errors import UserError
+  checkpointer = Checkpointer(workdir, async_save=False)
+  steps = checkpointer.steps() if step is None else [step]
+  if not steps:
+    raise UserError(f"no checkpoint in {checkpoint_dir(workdir)}; train there first "
+                    f"(transfer train --workdir {workdir})")
+  for s in reversed(steps):
+    try:
+      restored = checkpointer.manager.restore(s, args=ocp.args.Composite(**{
+          STATE: ocp.args.StandardRestore(), META: ocp.args.JsonRestore()}))
+      checkpointer.close()
+      return restored[STATE]["params"], dict(restored[META])
+    except Exception as e:  # pylint: disable=broad-except
+      log.warning("checkpoint at step %d is damaged (%s); trying the previous one", s,
+                  type(e).__name__)
+  checkpointer.close()
+  raise UserError(f"no checkpoint in {checkpoint_dir(workdir)} could be restored")

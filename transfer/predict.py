@@ -36,8 +36,10 @@ def main(images: Sequence[str], workdir: str | None = None, model: str = "vgg16"
     as_json: one JSON object per image per line instead of a table.
   """
   if workdir is not None:
-    raise NotImplementedError("predicting with a trained run (--workdir) is not available yet")
-  for path, best in predict_imagenet(images, model=model, weights=weights, top=top):
+    results = predict_trained(images, workdir, top=top)
+  else:
+    results = predict_imagenet(images, model=model, weights=weights, top=top)
+  for path, best in results:
     print(format_predictions(path, best, as_json=as_json), flush=True)
 
 
@@ -70,8 +72,43 @@ def predict_imagenet(images: Sequence[str], *, model: str = "vgg16", weights: st
   return list(zip(images, top_k(probs, top, labels)))
 
 
+def predict_trained(images: Sequence[str], workdir: str, *, top: int = 5,
+                    step: int | None = None) -> list[tuple[str, list[dict]]]:
+  """Top classes of each image under a run trained by `transfer train`.
+
+  The model, class names, input size, eval crop and preprocessing come from the checkpoint's
+  metadata, so images go through exactly the transform the run was validated with.
+
+  Args:
+    images: image file paths.
+    workdir: the run directory.
+    top: classes per image (capped at the run's class count).
+    step: a checkpoint step; default the latest.
+
+  Returns:
+    `[(path, [{"class": int, "label": str, "prob": float}, ...]), ...]` in input order.
+  """
+  from transfer import checkpoint, train
+  from transfer.data import images as image_ops
+  from transfer import weights as weights_lib
+
+  if top < 1:
+    raise UserError(f"--top must be >= 1, got {top}")
+  params, meta = checkpoint.load_trained(workdir, step)
+  run = meta["run"]
+  size = run["image_size"]
+  stored = image_ops.stored_size(size, float(run["eval_crop"]))
+  pixels = image_ops.center_crop(load_images(images, stored), size)
+  net = train.model_from_meta(run, dtype="float32")
+  probs = predict_probs(net, params, weights_lib.preprocess(pixels, run["preprocessing"]))
+  return list(zip(images, top_k(probs, top, run["class_names"])))
+
+
 def predict_probs(net, params, x: np.ndarray, batch: int = BATCH) -> np.ndarray:
-  """Softmax probabilities of `net` on preprocessed images, in batches of `batch`.
+  """Class probabilities of `net` on preprocessed images, in batches of `batch`.
+
+  Softmax over the logits; a single logit (binary sigmoid head) gives two columns,
+  [P(class 0), P(class 1)].
 
   Args:
     net: a model returning logits.
@@ -84,7 +121,14 @@ def predict_probs(net, params, x: np.ndarray, batch: int = BATCH) -> np.ndarray:
   """
   import jax
 
-  forward = jax.jit(lambda p, x: jax.nn.softmax(net.apply({"params": p}, x), axis=-1))
+  def probabilities(p, x):
+    logits = net.apply({"params": p}, x)
+    if logits.shape[-1] == 1:  # one sigmoid logit: P(class 1) and its complement
+      positive = jax.nn.sigmoid(logits)
+      return jax.numpy.concatenate([1.0 - positive, positive], axis=-1)
+    return jax.nn.softmax(logits, axis=-1)
+
+  forward = jax.jit(probabilities)
   out = []
   for start in range(0, len(x), batch):
     chunk = x[start:start + batch]

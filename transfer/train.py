@@ -213,11 +213,11 @@ class RunSetup:
 
 def run_metadata(config, class_names: list[str], outputs: int) -> dict[str, Any]:
   """The JSON metadata that rebuilds the model for eval/predict without the config."""
-  from transfer.weights import preprocess as prep
+  from transfer.weights.preprocess import mode_for
   return {"model": config.model, "head": config.head, "head_hidden": config.head_hidden,
           "head_dropout": config.head_dropout, "outputs": outputs,
           "class_names": list(class_names), "weights": config.weights,
-          "preprocessing": prep.mode_for(_weights_source(config.weights)),
+          "preprocessing": mode_for(_weights_source(config.weights)),
           "image_size": config.image_size, "eval_crop": config.eval_crop, "dtype": config.dtype,
           "dataset": config.dataset}
 
@@ -383,13 +383,11 @@ def _is_head_param(path: str) -> bool:
 
 def _compute_features(feature_fn, params, batches, mesh) -> tuple[np.ndarray, np.ndarray]:
   """Runs the frozen backbone once over `batches`; returns (features, labels) of real examples."""
+  from transfer.data import prefetch_to_device
   feats, labels = [], []
-  sharding = parallel.batch_sharding(mesh)
-  for batch in batches:
-    images = jax.device_put(batch["image"], sharding)
-    out = np.asarray(feature_fn(params, images))
+  for batch in prefetch_to_device(batches, parallel.batch_sharding(mesh)):
     keep = np.asarray(batch["mask"]).astype(bool)
-    feats.append(out[keep])
+    feats.append(np.asarray(feature_fn(params, batch["image"]))[keep])
     labels.append(np.asarray(batch["label"])[keep])
   return np.concatenate(feats), np.concatenate(labels)
 
@@ -422,11 +420,11 @@ def _host(tree):
 
 
 def _evaluate(eval_step, params, batches, mesh) -> dict[str, Any]:
-  sharding = parallel.batch_sharding(mesh)
+  """Validation metrics and confusion matrix over padded, masked batches."""
+  from transfer.data import prefetch_to_device
   total = None
-  for batch in batches:
-    sums = eval_step(params, jax.device_put(dict(batch), sharding) if jax.process_count() == 1
-                     else batch)
+  for batch in prefetch_to_device(batches, parallel.batch_sharding(mesh)):
+    sums = eval_step(params, {k: batch[k] for k in ("image", "label", "mask")})
     total = sums if total is None else jax.tree_util.tree_map(jnp.add, total, sums)
   total = _host(total)
   count = max(float(total["count"]), 1.0)
@@ -563,7 +561,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with _Preemption() as preemption:
     try:
       while step < total_steps:
-        state, metrics = train_step(state, next(batches))
+        batch = next(batches)
+        state, metrics = train_step(state, {"image": batch["image"], "label": batch["label"]})
         step += 1
         sums = metrics if sums is None else jax.tree_util.tree_map(jnp.add, sums, metrics)
         count += 1

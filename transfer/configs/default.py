@@ -27,7 +27,10 @@ def get_config():
   c.image_size = 224
   c.augment = "flip"                # none | flip | crop_flip
   c.eval_crop = 1.0                 # center-crop fraction at eval (1.0 = plain resize)
+  c.train_crop = 0.875              # crop_flip: random crop of this fraction of the stored side
   c.cache_images = ""               # "" | memory | disk: keep decoded, resized uint8 images
+  c.cache_dir = ""                  # disk image cache ("" = a per-user temp dir)
+  c.data_workers = 0                # decode threads (0 = min(16, cpus))
   c.strict_data = False             # corrupt files: skip with a warning (False) or fail (True)
   c.synthetic = ml_collections.ConfigDict(
       {"num_classes": 2, "train_size": 512, "val_size": 128, "base_size": 64})
