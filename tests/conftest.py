@@ -8,3 +8,34 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+import pytest  # noqa: E402  (after the environment set-up above)
+
+
+def write_tfds_metadata(data_dir, name, splits):
+  """Writes `name`'s dataset_info with the given split sizes, as a prepared dataset would have.
+
+  The pip package of TFDS does not ship the metadata that mock_data looks for, and without it
+  mock_data accepts any split name; with it, a missing validation split is really missing.
+  """
+  import tensorflow_datasets as tfds
+  builder = tfds.builder(name, data_dir=str(data_dir))
+  builder.info.set_splits(tfds.core.SplitDict([
+      tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=0)
+      for split, n in splits.items()]))
+  os.makedirs(builder.data_dir, exist_ok=True)
+  builder.info.write_to_directory(builder.data_dir)
+
+
+@pytest.fixture
+def mock_tfds(tmp_path):
+  """TFDS cats_vs_dogs (train only) and beans (train/validation/test), 10 mock images a split."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  write_tfds_metadata(tmp_path, "cats_vs_dogs", {"train": 20})
+  write_tfds_metadata(tmp_path, "beans", {"train": 20, "validation": 10, "test": 10})
+  with tfds.testing.mock_data(num_examples=10, data_dir=str(tmp_path),
+                              policy=tfds.testing.MockPolicy.USE_FILES):
+    yield str(tmp_path)
+
+

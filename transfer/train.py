@@ -393,14 +393,15 @@ def _compute_features(feature_fn, params, batches, mesh) -> tuple[np.ndarray, np
 
 
 def _feature_batches(features, labels, batch_size: int, seed: int, start_step: int) -> Iterator:
-  """Shuffled batches of cached features, a pure function of (seed, step) like the image path."""
+  """Batches of cached features in exactly the order the image pipeline would give (same
+  per-epoch permutation), so a cached run trains on the same batches as a streaming one."""
+  from transfer.data.pipeline import permutation
   n = len(features)
   steps_per_epoch = n // batch_size
   step = start_step
   while True:
     epoch, index = divmod(step, steps_per_epoch)
-    order = np.random.default_rng((seed, epoch)).permutation(n)
-    rows = order[index * batch_size:(index + 1) * batch_size]
+    rows = permutation(seed, epoch, n)[index * batch_size:(index + 1) * batch_size]
     yield {"image": features[rows], "label": labels[rows]}
     step += 1
 

@@ -140,11 +140,16 @@ def get(name: str, *, include_top: bool | None = None, head: str | None = None,
 
 
 def init_params(model: nn.Module, image_size: int, rng: jax.Array | int = 0):
-  """Freshly initialised float params for `model` on `image_size` x `image_size` RGB input."""
+  """Freshly initialised float params for `model` on `image_size` x `image_size` RGB input.
+
+  `lazy_init` on a shape-only input runs the initialisers without the forward pass, and eagerly:
+  each initialiser op is compiled once per shape and process, whereas a fresh `jax.jit` of the
+  whole init would recompile (seconds on a CPU) for every model built.
+  """
   if isinstance(rng, int):
     rng = jax.random.PRNGKey(rng)
-  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  return jax.jit(lambda r: model.init(r, x)["params"])(rng)
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  return model.lazy_init(rng, x)["params"]
 
 
 def check_image_size(name: str, head: str, image_size: int) -> None:

@@ -1,0 +1,151 @@
+"""The training loop end to end: outputs, frozen weights, the blog config, NaN stop, eval, predict."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from transfer import checkpoint, configs, main, models, train
+from transfer.weights import export
+
+
+def tiny_config(**overrides):
+  """vgg16_tiny on 32x32 synthetic data: a few seconds per run on a CPU."""
+  c = configs.load("default")
+  c.model, c.weights, c.image_size, c.batch_size = "vgg16_tiny", "none", 32, 8
+  c.synthetic.train_size, c.synthetic.val_size, c.synthetic.base_size = 48, 20, 32
+  c.num_steps, c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 6, 2, 3, 3
+  c.learning_rate, c.augment = 1e-3, "flip"
+  for key, value in overrides.items():
+    c[key] = value
+  return c
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  summary = train.train_and_evaluate(tiny_config(), workdir)
+  return workdir, summary
+
+
+def test_loop_writes_metrics_config_curves_and_checkpoints(trained):
+  workdir, summary = trained
+  records = train.read_metrics(workdir)
+  train_steps = [r["step"] for r in records if "train_loss" in r]
+  eval_steps = [r["step"] for r in records if "val_accuracy" in r]
+  assert train_steps == [2, 4, 6] and eval_steps == [3, 6]
+  for r in records:
+    if "train_loss" in r:
+      assert set(r) == {"step", "epoch", "train_loss", "train_accuracy", "images_per_sec",
+                        "learning_rate"}
+      assert r["learning_rate"] == pytest.approx(1e-3)
+  assert records[-1]["val_count"] == 20  # every validation example once (20 = 2 batches + 4)
+  assert summary["step"] == 6 and summary["best_val_accuracy"] == max(
+      r["val_accuracy"] for r in records if "val_accuracy" in r)
+  assert json.load(open(os.path.join(workdir, "config.json")))["model"] == "vgg16_tiny"
+  assert os.path.getsize(os.path.join(workdir, "curves.png")) > 1000
+  assert checkpoint.Checkpointer(workdir).steps() == [3, 6]
+
+
+def test_checkpoint_metadata_rebuilds_the_model(trained):
+  workdir, _ = trained
+  params, meta = checkpoint.load_trained(workdir)
+  run = meta["run"]
+  assert (run["model"], run["head"], run["outputs"]) == ("vgg16_tiny", "flatten_dense", 1)
+  assert run["class_names"] == ["class_0", "class_1"] and run["preprocessing"] == "unit"
+  assert meta["data_position"] == {"epoch": 1, "index": 0}  # 6 steps of 8 over 48 examples
+  model = train.model_from_meta(run)
+  out = model.apply({"params": params}, np.zeros((2, 32, 32, 3), np.float32))
+  assert out.shape == (2, 1)
+
+
+def test_frozen_backbone_is_bit_identical_to_the_weight_file(tmp_path):
+  """Conv layers from a Keras-layout notop file stay exactly as loaded; the head trains."""
+  spec = models.spec("vgg16_tiny")
+  model = models.get("vgg16_tiny", include_top=False)
+  rng = np.random.default_rng(0)
+  source = {name: {k: rng.normal(0, 0.2, v.shape).astype(np.float32) for k, v in layer.items()}
+            for name, layer in jax.device_get(models.init_params(model, 32)).items()}
+  path = str(tmp_path / "tiny_notop.h5")
+  export.write_keras_h5(path, export.keras_layers(source, spec))
+  train.train_and_evaluate(tiny_config(weights=path), str(tmp_path / "run"))
+  params, meta = checkpoint.load_trained(str(tmp_path / "run"))
+  assert meta["run"]["preprocessing"] == "caffe"
+  for name in spec.conv_layers:
+    for leaf in ("kernel", "bias"):
+      np.testing.assert_array_equal(np.asarray(params[name][leaf]), source[name][leaf])
+  fresh = models.init_params(models.get("vgg16_tiny", head="flatten_dense", num_classes=1), 32, 0)
+  assert not np.allclose(np.asarray(params["head"]["logits"]["kernel"]),
+                         np.asarray(fresh["head"]["logits"]["kernel"]))
+
+
+def test_cached_features_match_the_streaming_path(tmp_path):
+  """Same data, no augmentation: training on cached backbone features gives the same run."""
+  config = tiny_config(augment="none", head_dropout=0.0)
+  streamed = train.train_and_evaluate(config, str(tmp_path / "stream"))
+  config.cache_features = True
+  cached = train.train_and_evaluate(config, str(tmp_path / "cache"))
+  a, _ = checkpoint.load_trained(str(tmp_path / "stream"))
+  b, _ = checkpoint.load_trained(str(tmp_path / "cache"))
+  np.testing.assert_allclose(np.asarray(a["head"]["logits"]["kernel"]),
+                             np.asarray(b["head"]["logits"]["kernel"]), rtol=1e-4, atol=1e-6)
+  assert cached["final"]["val_accuracy"] == pytest.approx(streamed["final"]["val_accuracy"])
+
+
+def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+  workdir = str(tmp_path / "nan")
+  argv = ["train", "--workdir", workdir, "--config", "default", "--config.model=vgg16_tiny",
+          "--config.weights=none", "--config.image_size=32", "--config.batch_size=8",
+          "--config.synthetic.train_size=48", "--config.synthetic.val_size=8",
+          "--config.num_steps=6", "--config.checkpoint_every_steps=1",
+          "--config.eval_every_steps=100", "--config.log_every_steps=1",
+          "--config.optimizer=sgd", "--config.learning_rate=1e36"]
+  with pytest.raises(SystemExit) as exit_info:
+    main.main(argv)
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err.startswith("transfer: error: loss became NaN/inf at step 2;")
+  assert checkpoint.Checkpointer(workdir).steps() == [1]
+
+
+def test_blog_config_builds_with_a_generated_weight_file(tmp_path, mock_tfds):
+  """cats_vs_dogs as shipped (VGG16 at 224, Keras notop weights, frozen conv, cached features),
+  with the weights replaced by a generated file in the official layout and TFDS mocked."""
+  model = models.get("vgg16", include_top=False)
+  params = jax.device_get(models.init_params(model, 224))
+  path = str(tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5")
+  export.write_keras_h5(path, export.keras_layers(params, models.spec("vgg16")))
+  config = configs.load("cats_vs_dogs")
+  config.weights, config.data_dir = path, mock_tfds
+  config.batch_size, config.num_steps, config.log_every_steps = 4, 2, 1
+  summary = train.train_and_evaluate(config, str(tmp_path / "blog"))
+  assert summary["step"] == 2 and summary["final"]["val_count"] == 10
+  _, meta = checkpoint.load_trained(str(tmp_path / "blog"))
+  assert meta["run"]["class_names"] == ["cat", "dog"] and meta["run"]["outputs"] == 1
+  assert meta["run"]["preprocessing"] == "caffe" and meta["config"]["optimizer"] == "rmsprop"
+
+
+def test_eval_and_predict_cli_on_a_trained_run(trained, tmp_path, capsys):
+  workdir, _ = trained
+  main.run(["eval", "--workdir", workdir, "--json"])
+  result = json.loads(capsys.readouterr().out)
+  assert result["val_count"] == 20 and np.sum(result["confusion"]) == 20
+  assert result["class_names"] == ["class_0", "class_1"]
+  assert os.path.exists(os.path.join(workdir, "confusion.png"))
+
+  image = str(tmp_path / "x.png")
+  Image.fromarray(np.full((40, 50, 3), 128, np.uint8)).save(image)
+  main.run(["predict", "--workdir", workdir, "--json", image])
+  line = json.loads(capsys.readouterr().out)
+  assert line["image"] == image and {p["label"] for p in line["top"]} == {"class_0", "class_1"}
+  assert sum(p["prob"] for p in line["top"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_unknown_config_key_is_one_line(capsys):
+  with pytest.raises(SystemExit):
+    main.main(["train", "--config.modle=vgg16"])
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "unknown config key 'modle'" in err and "model" in err
