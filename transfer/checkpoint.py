@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -82,18 +83,50 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
     return dict(restored[META])
 
-  def restore_latest(self, abstract_state) -> tuple[int, Any, dict[str, Any]] | None:
-    """The newest checkpoint that restores, falling back past damaged ones; None if none."""
+  def restore_latest(self, abstract_state, check_meta=None) -> tuple[int, Any, dict[str, Any]] | None:
+    """The newest checkpoint that restores, falling back past damaged ones; None if none.
+
+    Args:
+      abstract_state: restore target (shapes, dtypes, shardings).
+      check_meta: called with each candidate's metadata before its state is read; it raises
+        (e.g. `UserError`) when the checkpoint belongs to a different run. That error
+        propagates: a different run is not a damaged checkpoint.
+    """
     for step in reversed(self.steps()):
+      try:
+        meta = self.restore_meta(step)
+      except Exception as e:  # pylint: disable=broad-except
+        self._report_damaged(step, e)
+        continue
+      if check_meta is not None:
+        check_meta(meta)
       try:
         state, meta = self.restore(step, abstract_state)
         return step, state, meta
       except Exception as e:  # pylint: disable=broad-except
         # Orbax raises many types for damaged files; any of them means "not usable".
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        log.warning("checkpoint at step %d is damaged (%s: %s); trying the previous one",
-                    step, type(e).__name__, first[:200])
+        self._report_damaged(step, e)
     return None
+
+  def _report_damaged(self, step: int, error: Exception) -> None:
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    moved = self._set_aside(step)
+    log.warning("checkpoint at step %d is damaged (%s: %s); moved to %s, trying the previous one",
+                step, type(error).__name__, first[:200], moved)
+
+  def _set_aside(self, step: int) -> str:
+    """Moves a damaged step out of the manager's way (kept for inspection, never deleted)."""
+    target = os.path.join(os.path.dirname(self.directory), "checkpoints_damaged",
+                          f"{step}-{int(time.time())}")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.replace(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"transfer_set_aside_{step}")
+    self.manager.reload()
+    return target
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are committed."""

@@ -219,7 +219,9 @@ def run_metadata(config, class_names: list[str], outputs: int) -> dict[str, Any]
           "class_names": list(class_names), "weights": config.weights,
           "preprocessing": mode_for(_weights_source(config.weights)),
           "image_size": config.image_size, "eval_crop": config.eval_crop, "dtype": config.dtype,
-          "dataset": config.dataset}
+          "dataset": config.dataset, "optimizer": config.optimizer,
+          # The optimizer's state structure follows these, so resuming needs them unchanged.
+          "trainable": list(config.trainable), "lr_mults": dict(config.lr_mults)}
 
 
 def model_from_meta(meta: dict[str, Any], dtype: str | None = None) -> nn.Module:
@@ -438,7 +440,8 @@ def default_workdir(config_name: str) -> str:
   return os.path.join("workdirs", f"{os.path.basename(config_name).removesuffix('.py')}-{stamp}")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       devices=None) -> dict[str, Any]:
   """Trains (or resumes) a run in `workdir` and evaluates it.
 
   Resume order: the workdir's latest good checkpoint > `config.init_from` > `config.weights`.
@@ -446,6 +449,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Args:
     config: a config from `transfer.configs` (see `configs/default.py` for the keys).
     workdir: the run directory (checkpoints, metrics.jsonl, config.json, plots).
+    devices: the devices to train on; default all of them (every process's).
 
   Returns:
     A summary dict: `step`, `best_val_accuracy`, `final` (last eval metrics), `workdir`.
@@ -458,7 +462,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  mesh = parallel.make_mesh()
+  mesh = parallel.make_mesh(devices)
   parallel.check_batch_size(config.batch_size, mesh)
   if config.parallel not in parallel.MODES:
     raise UserError(f"unknown parallel mode {config.parallel!r}; valid: {', '.join(parallel.MODES)}")
@@ -494,10 +498,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   abstract = jax.eval_shape(lambda p: create_train_state(p, tx, config.seed), fresh)
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)), abstract)
-  resumed = checkpointer.restore_latest(abstract) if checkpointer.steps() else None
+  resumed = checkpointer.restore_latest(
+      abstract, check_meta=lambda meta: _check_same_run(meta["run"], meta_run, workdir))
   if resumed is not None:
     start_step, state, meta = resumed
-    _check_same_run(meta["run"], meta_run, workdir)
     init_note = f"resumed from step {start_step} in {workdir}"
   else:
     start_step = 0
@@ -625,7 +629,8 @@ def _position(ds, step: int, stage: str, steps_per_epoch: int) -> dict[str, int]
 
 def _check_same_run(saved: dict[str, Any], current: dict[str, Any], workdir: str) -> None:
   """Refuses to resume a workdir with a different model, head or classes."""
-  for key in ("model", "head", "outputs", "class_names", "image_size"):
+  for key in ("model", "head", "outputs", "class_names", "image_size", "optimizer", "trainable",
+              "lr_mults"):
     if saved.get(key) != current.get(key):
       raise UserError(f"{workdir} holds a run with {key}={saved.get(key)!r}, this config has "
                       f"{current.get(key)!r}; use another --workdir, or "
