@@ -1,0 +1,153 @@
+"""`transfer bench`: the JSON report, every mode, FLOP counts, and no TensorFlow import.
+
+Tiny model, 32px, a few steps: these tests check what is reported, never how fast anything is.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from transfer import bench, configs, models, optim
+from transfer import main as cli
+
+TINY = ["--config.model=vgg16_tiny", "--config.image_size=32", "--config.batch_size=8",
+        "--steps=2", "--warmup=1"]
+NUMBERS = ("steps_per_sec", "images_per_sec", "step_ms_median", "step_ms_p90", "compile_s",
+           "flops_per_step", "tflops_per_sec")
+
+
+def _tiny_config(**overrides):
+  config = configs.load("bench")
+  config.model, config.image_size, config.batch_size = "vgg16_tiny", 32, 8
+  config.epoch_images = 32
+  config.synthetic.train_size, config.synthetic.val_size, config.synthetic.base_size = 32, 8, 16
+  for key, value in overrides.items():
+    setattr(config, key, value)
+  return config
+
+
+def _json_line(capsys) -> dict:
+  lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+  assert len(lines) == 1, lines
+  return json.loads(lines[0])
+
+
+def test_train_json_line_has_every_key_with_sane_types(capsys):
+  result = bench.main(_tiny_config(), mode="train", steps=3, warmup=1, as_json=True)
+  line = _json_line(capsys)
+  assert line == json.loads(json.dumps(result))
+  for key in NUMBERS:
+    assert isinstance(line[key], float) and line[key] >= 0, key
+  assert line["steps_per_sec"] > 0 and line["images_per_sec"] == pytest.approx(
+      8 * line["steps_per_sec"])
+  assert line["step_ms_p90"] >= line["step_ms_median"] > 0
+  assert line["flops_source"] == "xla"
+  assert line["mfu"] is None and line["peak_tflops"] is None  # CPU: no known peak
+  assert isinstance(line["train_forward_ratio"], float) and line["train_forward_ratio"] > 0
+  assert line["device_kind"] and line["devices"] == jax.device_count() == 4
+  assert line["dtype"] == "float32"  # "auto" on CPU
+  assert {"jax", "jaxlib", "flax"} <= set(line)
+
+
+def test_peak_gives_mfu(capsys):
+  bench.main(_tiny_config(), mode="forward", steps=2, warmup=0, as_json=True, peak_tflops=2.0)
+  line = _json_line(capsys)
+  assert line["peak_tflops"] == 2.0 * 4
+  assert line["mfu"] == pytest.approx(line["tflops_per_sec"] / 8.0)
+
+
+@pytest.mark.parametrize("mode,parallel", [("train", "shard_map"), ("forward", "shard_map"),
+                                           ("eval", "shard_map"), ("train", "pmap")])
+def test_cli_modes(mode, parallel, capsys):
+  assert cli.run(["bench", f"--mode={mode}", "--json", f"--config.parallel={parallel}"]
+                 + TINY) == 0
+  line = _json_line(capsys)
+  assert line["mode"] == mode and line["parallel"] == parallel
+  assert line["images_per_sec"] > 0 and line["flops_per_step"] > 0
+  assert ("train_forward_ratio" in line) == (mode == "train")
+
+
+def test_table_without_json(capsys):
+  cli.run(["bench", "--mode=forward"] + TINY)
+  out = capsys.readouterr().out
+  assert "vgg16_tiny" in out and "images/s" in out and "compile s" in out
+  assert not any(l.startswith("{") for l in out.splitlines())
+
+
+def test_frozen_conv_train_step_costs_a_forward_pass(capsys):
+  """XLA's own FLOP count: a frozen base adds only the head's backward; block5 adds more."""
+  frozen = bench.main(_tiny_config(), mode="train", steps=1, warmup=0, as_json=True)
+  block5 = bench.main(_tiny_config(trainable=["^head/", "^block5"]), mode="train", steps=1,
+                      warmup=0, as_json=True)
+  capsys.readouterr()
+  assert frozen["flops_ratio_train_forward"] < block5["flops_ratio_train_forward"]
+  assert frozen["flops_per_step_xla"] < block5["flops_per_step_xla"]
+
+
+def test_analytic_flops_count_only_the_trainable_backward():
+  model = models.get("vgg16", head="flatten_dense", num_classes=1)
+  params = jax.eval_shape(lambda: models.init_params(model, 224))
+  forward = bench.analytic_flops(params, "vgg16", 224, 16)
+  assert forward == pytest.approx(2 * 16 * 15.47e9, rel=0.01)  # VGG16 convs: 15.47 GMACs/image
+
+  def train(patterns):
+    labels = optim.param_labels(params, patterns)
+    return bench.analytic_flops(params, "vgg16", 224, 16, labels)
+
+  head = 2 * 16 * (7 * 7 * 512 * 256 + 256)  # forward FLOPs of the head's two Dense layers
+  assert train(["^head/"]) == pytest.approx(forward + 2 * head - 2 * 16 * 7 * 7 * 512 * 256)
+  block5_conv = 2 * 16 * 14 * 14 * 9 * 512 * 512
+  # conv1: weight grad only; conv2, conv3 and the head: input and weight grads.
+  assert train(["^head/", "^block5"]) == pytest.approx(forward + 5 * block5_conv + 2 * head)
+
+
+def test_cached_feature_epoch(capsys):
+  result = bench.main(_tiny_config(cache_features=True), mode="train", steps=2, warmup=1,
+                      as_json=True)
+  capsys.readouterr()
+  assert result["epoch_images"] == 32
+  for key in ("feature_pass_s", "head_epoch_s", "backbone_epoch_s", "head_epoch_speedup"):
+    assert result[key] > 0, key
+
+
+def test_input_mode_reports_both_sides(capsys):
+  result = bench.main(_tiny_config(), mode="input", steps=2, warmup=0, as_json=True)
+  capsys.readouterr()
+  assert result["input_images_per_sec"] > 0 and result["images_per_sec"] > 0
+  assert result["limited_by"] in ("input", "step")
+
+
+def test_dtype_auto_and_peak_table():
+  assert bench.resolve_dtype("auto", "cpu") == "float32"
+  assert bench.resolve_dtype("auto", "gpu") == bench.resolve_dtype("auto", "tpu") == "bfloat16"
+  assert bench.resolve_dtype("bfloat16", "cpu") == "bfloat16"
+  assert bench.peak_tflops("NVIDIA H200", "bfloat16") == 989.0
+  assert bench.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
+  assert bench.peak_tflops("NVIDIA L40S", "bfloat16") == 362.0  # not the L4 row
+  assert bench.peak_tflops("TPU v5 lite", "float32") == 197.0
+  assert bench.peak_tflops("cpu", "float32") is None
+
+
+def test_unknown_mode_is_a_user_error():
+  with pytest.raises(bench.UserError, match="valid: train, forward"):
+    bench.run(_tiny_config(), mode="backward")
+
+
+def test_bench_never_imports_tensorflow():
+  """A fresh process: train and forward benchmarks leave TensorFlow and Keras unimported."""
+  code = ("import json, sys\nfrom transfer import main\n"
+          f"main.run(['bench', '--mode=train', '--json'] + {TINY!r})\n"
+          f"main.run(['bench', '--mode=forward', '--json'] + {TINY!r})\n"
+          "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'))\n"
+          "assert not bad, bad\n")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  modes = [json.loads(l)["mode"] for l in done.stdout.splitlines() if l.startswith("{")]
+  assert modes == ["train", "forward"]
