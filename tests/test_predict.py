@@ -151,6 +151,6 @@ def test_notop_weights_cannot_predict(tmp_path, images):
     predict.predict_imagenet(images[:1], model="vgg16_tiny", weights=str(tmp_path / "notop.h5"))
 
 
-def test_workdir_path_is_not_implemented_yet(images):
-  with pytest.raises(NotImplementedError):
-    predict.main(images, workdir="runs/x")
+def test_workdir_without_a_run_is_one_clear_error(images, tmp_path):
+  with pytest.raises(UserError, match="no checkpoint in .*; train there first"):
+    predict.main(images, workdir=str(tmp_path / "runs" / "x"))

@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 log = logging.getLogger("transfer")
@@ -128,6 +129,18 @@ class Checkpointer:
     self.manager.reload()
     return target
 
+  def local_target(self, step: int):
+    """The saved state's shapes and dtypes, placed whole on this process's first device.
+
+    A restore target that does not depend on the devices or processes that wrote the checkpoint
+    (without one, Orbax reuses the saved sharding, whose devices may not exist here).
+    """
+    path = epath.Path(self.directory) / str(step) / STATE
+    saved = ocp.StandardCheckpointHandler().metadata(path)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are committed."""
     self.manager.wait_until_finished()
@@ -154,6 +167,9 @@ def load_trained(workdir: str, step: int | None = None):
     `(params, meta)`: host arrays, and the JSON metadata (`meta["run"]` describes the model).
   """
   from transfer.errors import UserError
+  if not os.path.isdir(checkpoint_dir(workdir)):  # don't let the manager create it
+    raise UserError(f"no checkpoint in {checkpoint_dir(workdir)}; train there first "
+                    f"(transfer train --workdir {workdir})")
   checkpointer = Checkpointer(workdir, async_save=False)
   steps = checkpointer.steps() if step is None else [step]
   if not steps:
@@ -162,7 +178,8 @@ def load_trained(workdir: str, step: int | None = None):
   for s in reversed(steps):
     try:
       restored = checkpointer.manager.restore(s, args=ocp.args.Composite(**{
-          STATE: ocp.args.StandardRestore(), META: ocp.args.JsonRestore()}))
+          STATE: ocp.args.StandardRestore(checkpointer.local_target(s)),
+          META: ocp.args.JsonRestore()}))
       checkpointer.close()
       return restored[STATE]["params"], dict(restored[META])
     except Exception as e:  # pylint: disable=broad-except

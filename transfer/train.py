@@ -218,7 +218,8 @@ def run_metadata(config, class_names: list[str], outputs: int) -> dict[str, Any]
           "head_dropout": config.head_dropout, "outputs": outputs,
           "class_names": list(class_names), "weights": config.weights,
           "preprocessing": mode_for(_weights_source(config.weights)),
-          "image_size": config.image_size, "eval_crop": config.eval_crop, "dtype": config.dtype,
+          "image_size": config.image_size, "eval_crop": config.eval_crop,
+          "dtype": models.resolve_dtype(config.dtype),
           "dataset": config.dataset, "optimizer": config.optimizer,
           # The optimizer's state structure follows these, so resuming needs them unchanged.
           "trainable": list(config.trainable), "lr_mults": dict(config.lr_mults)}
@@ -273,7 +274,8 @@ def _params_from_workdir(other: str, model, image_size: int):
   meta = checkpointer.restore_meta(step)
   fresh = models.init_params(model, image_size)
   restored = checkpointer.manager.restore(step, args=ckpt_lib.ocp.args.Composite(**{
-      ckpt_lib.STATE: ckpt_lib.ocp.args.StandardRestore()}))[ckpt_lib.STATE]
+      ckpt_lib.STATE: ckpt_lib.ocp.args.StandardRestore(checkpointer.local_target(step))}))[
+          ckpt_lib.STATE]
   theirs = restored["params"]
   fresh_flat, their_flat = traverse_util.flatten_dict(fresh), traverse_util.flatten_dict(theirs)
   problems = [("/".join(k), v.shape, their_flat[k].shape) for k, v in fresh_flat.items()
@@ -287,14 +289,21 @@ def _params_from_workdir(other: str, model, image_size: int):
 
 
 class _Preemption:
-  """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then saves and exits)."""
+  """Turns SIGTERM/SIGINT into a stop the loop checks after each step (then saves and exits).
 
-  def __init__(self):
+  With several processes every one must save at the same step, or the collective save waits
+  forever. There `sync` is Orbax's `reached_preemption`: SIGTERM is left to JAX's preemption
+  notifier, which agrees on a step with the other processes, and SIGINT is passed on to it.
+  """
+
+  def __init__(self, sync: Callable[[int], bool] | None = None):
     self.signal: int | None = None
+    self._sync = sync
     self._previous = {}
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    signals = (signal.SIGINT,) if self._sync else (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
       try:
         self._previous[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread: leave signals alone
@@ -306,6 +315,17 @@ class _Preemption:
     if self.signal is not None:  # a second signal: stop now
       raise KeyboardInterrupt
     self.signal = signum
+    if self._sync:  # JAX's notifier (installed by jax.distributed) owns SIGTERM
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  def stop_at(self, step: int) -> bool:
+    """Whether to checkpoint and stop after `step` (call once per step, on every process)."""
+    if self._sync is None:
+      return self.signal is not None
+    if not self._sync(step):
+      return False
+    self.signal = self.signal or signal.SIGTERM
+    return True
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -470,8 +490,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # Data first: bad input fails before any compilation.
   weights_source = _weights_source(config.weights)
   ds = data_lib.create(config, preprocess_source=weights_source or "none")
-  if ds.skipped:
-    log.warning("skipped %d unreadable file(s) in the data (see warnings above)", len(ds.skipped))
+  _log(is_main, f"data: {config.dataset}: {ds.describe()}")
   num_classes = config.num_classes if config.num_classes > 0 else ds.num_classes
   if num_classes != ds.num_classes:
     raise UserError(f"num_classes={num_classes} but the dataset has {ds.num_classes} classes "
@@ -481,7 +500,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   models.check_image_size(config.model, config.head, config.image_size)
   model = models.get(config.model, head=config.head, num_classes=outputs,
                      head_hidden=config.head_hidden, head_dropout=config.head_dropout,
-                     dtype=config.dtype)
+                     dtype=models.resolve_dtype(config.dtype))
   meta_run = run_metadata(config, ds.class_names, outputs)
 
   total_steps = _total_steps(config, ds.steps_per_epoch)
@@ -563,7 +582,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   progress = _progress_bar(is_main, start_step, total_steps)
   sums, count, window_start, window_time = None, 0, start_step, time.perf_counter()
   step = start_step
-  with _Preemption() as preemption:
+  sync = checkpointer.manager.reached_preemption if jax.process_count() > 1 else None
+  with _Preemption(sync) as preemption:
     try:
       while step < total_steps:
         batch = next(batches)
@@ -587,6 +607,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           sums, count, window_start, window_time = None, 0, step, time.perf_counter()
         progress.update(1)
         eval_now = _is_due(step, eval_every, total_steps)
+        stop = preemption.stop_at(step)
         if eval_now:
           check_finite()
           last_eval = _evaluate(eval_step, state.params, val_batches(), mesh)
@@ -596,11 +617,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           if is_main:
             progress.write(f"step {step}: val_loss {last_eval['val_loss']:.4f} "
                            f"val_accuracy {last_eval['val_accuracy']:.4f}")
-        if _is_due(step, ckpt_every, total_steps) or eval_now or preemption.signal:
+        if _is_due(step, ckpt_every, total_steps) or eval_now or stop:
           check_finite()
           checkpointer.save(step, state, make_meta(step),
                             val_accuracy=last_eval.get("val_accuracy") if eval_now else None)
-        if preemption.signal:
+        if stop:
           checkpointer.wait()
           progress.close()
           name = signal.Signals(preemption.signal).name
@@ -693,3 +714,13 @@ def main(config, workdir: str | None, config_name: str, distributed: dict[str, A
     train_and_evaluate(config, workdir)
   except Preempted:
     sys.exit(0)
+  if config_name == "quickstart" and jax.process_index() == 0:
+    print(_NEXT_STEPS.format(workdir=workdir), file=sys.stderr)
+
+
+_NEXT_STEPS = """
+That was the offline demo (synthetic images). Look at it, then run the real recipe:
+  transfer eval --workdir {workdir}
+  transfer weights download keras:vgg16_notop        # ImageNet conv weights, 58 MB
+  pip install -e '.[tfds]'                           # TensorFlow Datasets for cats_vs_dogs
+  transfer train --config cats_vs_dogs --workdir workdirs/cats_vs_dogs"""

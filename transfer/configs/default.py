@@ -48,7 +48,7 @@ def get_config():
   c.trainable = ["^head/"]          # regexes over param paths ("block5_conv1/kernel"); rest frozen
   c.lr_mults = ml_collections.ConfigDict()  # {"pattern": multiplier}, e.g. {"^block5": 0.1}
   # Execution.
-  c.dtype = "float32"               # compute dtype: float32 | bfloat16 (params stay float32)
+  c.dtype = "auto"                  # compute: auto (bf16 on GPU/TPU, f32 on CPU) | float32 | bfloat16
   c.parallel = "shard_map"          # shard_map | pmap
   c.cache_features = False          # run the frozen backbone once, train the head on its output
   c.seed = 0

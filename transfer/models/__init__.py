@@ -91,9 +91,22 @@ def spec(name: str) -> ModelSpec:
     raise UserError(f"unknown model {name!r}; valid models: {', '.join(names())}") from None
 
 
+def resolve_dtype(dtype: str, platform: str | None = None) -> str:
+  """The compute dtype for a config's `dtype`, where `"auto"` picks by backend.
+
+  bfloat16 halves memory traffic and runs on GPU tensor cores and TPU MXUs; XLA on CPU has no
+  native bfloat16 convolution (it converts to float32 and back), so `"auto"` stays float32 there.
+  """
+  if dtype != "auto":
+    return dtype
+  platform = platform or jax.devices()[0].platform
+  return "float32" if platform == "cpu" else "bfloat16"
+
+
 def as_dtype(dtype: Any):
-  """Accepts 'float32'/'bfloat16'/'float16' strings or numpy/jax dtypes."""
+  """Accepts 'float32'/'bfloat16'/'float16'/'auto' strings or numpy/jax dtypes."""
   if isinstance(dtype, str):
+    dtype = resolve_dtype(dtype)
     if dtype not in _DTYPES:
       raise UserError(f"unknown dtype {dtype!r}; valid dtypes: {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
@@ -115,7 +128,8 @@ def get(name: str, *, include_top: bool | None = None, head: str | None = None,
     num_classes: head outputs; 1 means one sigmoid logit (binary). Defaults to 1000 for the
       ImageNet top and is required for the other heads.
     head_hidden, head_dropout: override the head's hidden width / dropout rate.
-    dtype: compute dtype (`"bfloat16"` for mixed precision).
+    dtype: compute dtype (`"bfloat16"` for mixed precision; `"auto"` = bfloat16 on GPU/TPU,
+      float32 on CPU).
     param_dtype: parameter dtype.
 
   Returns:

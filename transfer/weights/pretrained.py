@@ -49,10 +49,17 @@ class LoadReport:
     where = f" ({self.format}, {self.path})" if self.path else f" ({self.format})"
     text = f"weights {self.source}{where}: loaded {len(self.loaded)} layers"
     if self.fresh:
-      text += f", fresh: {', '.join(self.fresh)}"
+      text += f", fresh: {_names(self.fresh)}"
     if self.ignored:
-      text += f", ignored for the new head: {', '.join(self.ignored)}"
+      text += f", ignored for the new head: {_names(self.ignored)}"
     return f"{text}; {self.note}" if self.note else text
+
+
+def _names(layers, limit: int = 4) -> str:
+  """Layer names for a log line: all of a few, or the first and last of many."""
+  if len(layers) <= limit:
+    return ", ".join(layers)
+  return f"{len(layers)} layers ({layers[0]} ... {layers[-1]})"
 
 
 def load(source: str, model, *, image_size: int | None = None, rng: jax.Array | int = 0,
