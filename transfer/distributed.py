@@ -132,8 +132,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 
 def _announce(heartbeat_s: int) -> None:
-  """One line per process: who it is, and how a lost peer will show up."""
-  print(f"transfer: process {jax.process_index()} of {jax.process_count()}, "
-        f"{jax.local_device_count()} local / {jax.device_count()} global devices; if a process "
-        f"dies the others stop within ~{heartbeat_s}s (rerun all processes to resume)",
-        file=sys.stderr, flush=True)
+  """One line from process 0: the run's shape, and how a lost process will show up."""
+  if jax.process_index() != 0:
+    return
+  print(f"transfer: {jax.process_count()} processes, {jax.device_count()} devices "
+        f"({jax.local_device_count()} here); if a process dies the others stop within "
+        f"~{heartbeat_s}s (rerun all processes to resume)", file=sys.stderr, flush=True)
