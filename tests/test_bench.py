@@ -122,9 +122,8 @@ def test_input_mode_reports_both_sides(capsys):
 
 
 def test_dtype_auto_and_peak_table():
-  assert bench.resolve_dtype("auto", "cpu") == "float32"
-  assert bench.resolve_dtype("auto", "gpu") == bench.resolve_dtype("auto", "tpu") == "bfloat16"
-  assert bench.resolve_dtype("bfloat16", "cpu") == "bfloat16"
+  assert models.resolve_dtype("auto", "cpu") == "float32"  # what bench's default resolves to
+  assert models.resolve_dtype("auto", "gpu") == models.resolve_dtype("auto", "tpu") == "bfloat16"
   assert bench.peak_tflops("NVIDIA H200", "bfloat16") == 989.0
   assert bench.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
   assert bench.peak_tflops("NVIDIA L40S", "bfloat16") == 362.0  # not the L4 row

@@ -19,6 +19,7 @@ Figures and how to reproduce them: docs/BENCHMARKS.md.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -56,16 +57,28 @@ PEAK_TFLOPS: tuple[tuple[str, tuple[float, float]], ...] = (
 )
 
 
-def resolve_dtype(dtype: str, platform_name: str) -> str:
-  """The compute dtype for `dtype`, where `"auto"` picks by backend.
+# XLA CPU flags bench adds when the user's XLA_FLAGS do not set them. jaxlib 0.10 sends every
+# convolution to a YNNPACK fusion by default; restricting YNNPACK to dots gives convolutions back to
+# XLA's Eigen kernels, measured 1.2x faster on the VGG16 step (docs/BENCHMARKS.md). CPU-only flags:
+# a GPU or TPU run only uses them for host computations.
+CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
 
-  bfloat16 halves memory traffic and runs on the tensor cores of GPUs and the MXUs of TPUs. XLA on
-  CPU has no native bfloat16 convolution (it converts to float32 and back), so `"auto"` stays
-  float32 there.
+
+def set_cpu_xla_flags() -> bool:
+  """Adds `CPU_XLA_FLAGS` to `XLA_FLAGS` if no JAX backend exists yet; whether they apply.
+
+  XLA reads its flags once, when the first backend is created, so this must run before any
+  computation; a flag the user already set (any value) is left alone.
   """
-  if dtype != "auto":
-    return dtype
-  return "float32" if platform_name == "cpu" else "bfloat16"
+  from jax._src import xla_bridge
+  if getattr(xla_bridge, "_backends", None):
+    current = os.environ.get("XLA_FLAGS", "")
+    return all(flag in current for flag in CPU_XLA_FLAGS)
+  current = os.environ.get("XLA_FLAGS", "")
+  added = [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in current]
+  if added:
+    os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
+  return True
 
 
 def peak_tflops(device_kind: str, dtype: str) -> float | None:
@@ -258,9 +271,27 @@ class Setup:
 # ----------------------------------------------------------------------------- one kind of step
 
 
-def bench_train(setup: Setup, steps: int, warmup: int, stage: str = "full",
-                batch=None) -> dict[str, Any]:
-  """Times the real train step; returns summary stats, compile time and FLOPs."""
+@dataclasses.dataclass
+class Prepared:
+  """A compiled, warmed-up step ready to time.
+
+  Attributes:
+    run: dispatches one step and returns arrays to wait on.
+    compile_s: compile time (for steps without AOT lowering: the first call, run included).
+    compiled: the AOT-compiled executable (for XLA's FLOP count), or None.
+    labels: the freeze labels for a train step (analytic backward FLOPs), None otherwise.
+    stage: `"full"` or `"head"`.
+  """
+
+  run: Callable[[], Any]
+  compile_s: float
+  compiled: Any
+  labels: Any
+  stage: str = "full"
+
+
+def prepare_train(setup: Setup, warmup: int, stage: str = "full", batch=None) -> Prepared:
+  """The real train step (`transfer.train.make_train_step`) on an on-device batch."""
   from transfer import train
   step = train.make_train_step(setup.model, setup.tx, setup.labels, setup.mesh,
                                setup.config.parallel, stage)
@@ -272,13 +303,7 @@ def bench_train(setup: Setup, steps: int, warmup: int, stage: str = "full",
     holder["state"], metrics = step(holder["state"], batch)
     return metrics
 
-  if compile_s is None:
-    start = time.perf_counter()
-    jax_block(run())
-    compile_s = time.perf_counter() - start
-  for _ in range(warmup):
-    jax_block(run())
-  return _measured(run, steps, setup, compile_s, compiled, setup.labels, stage)
+  return _warm(Prepared(run, compile_s, compiled, setup.labels, stage), warmup)
 
 
 def forward_fn(setup: Setup):
@@ -291,20 +316,17 @@ def forward_fn(setup: Setup):
                  out_shardings=parallel.batch_sharding(setup.mesh))
 
 
-def bench_forward(setup: Setup, steps: int, warmup: int) -> dict[str, Any]:
-  """Times the inference forward pass on the same batch the train step uses."""
+def prepare_forward(setup: Setup, warmup: int) -> Prepared:
+  """The inference forward pass on a batch like the train step's."""
   from transfer import parallel
   params = parallel.replicate(setup.params, setup.mesh)
   images = setup.images()
   fn, compile_s, compiled = compile_step(forward_fn(setup), params, images)
-  run = lambda: fn(params, images)
-  for _ in range(warmup):
-    jax_block(run())
-  return _measured(run, steps, setup, compile_s, compiled, None, "full")
+  return _warm(Prepared(lambda: fn(params, images), compile_s, compiled, None), warmup)
 
 
-def bench_eval(setup: Setup, steps: int, warmup: int) -> dict[str, Any]:
-  """Times the eval step (loss, accuracy, confusion sums over a masked batch)."""
+def prepare_eval(setup: Setup, warmup: int) -> Prepared:
+  """The eval step (loss, accuracy and confusion sums over a masked batch)."""
   import jax
   import jax.numpy as jnp
   from transfer import parallel, train
@@ -313,25 +335,44 @@ def bench_eval(setup: Setup, steps: int, warmup: int) -> dict[str, Any]:
            "mask": jax.device_put(jnp.ones((setup.batch,), bool),
                                   parallel.batch_sharding(setup.mesh))}
   step = train.make_eval_step(setup.model, setup.mesh, setup.num_classes, setup.config.parallel)
-  start = time.perf_counter()
-  jax_block(step(params, batch))
-  compile_s = time.perf_counter() - start  # Includes one run: the eval step is a closure.
-  run = lambda: step(params, batch)
+  return _warm(Prepared(lambda: step(params, batch), None, None, None), warmup)
+
+
+def _warm(prepared: Prepared, warmup: int) -> Prepared:
+  """Compiles by calling when there was no AOT compile, then runs `warmup` untimed steps."""
+  if prepared.compile_s is None:
+    start = time.perf_counter()
+    jax_block(prepared.run())
+    prepared.compile_s = time.perf_counter() - start
   for _ in range(warmup):
-    jax_block(run())
-  return _measured(run, steps, setup, compile_s, None, None, "full")
+    jax_block(prepared.run())
+  return prepared
 
 
-def _measured(run, steps: int, setup: Setup, compile_s: float, compiled, labels,
-              stage: str) -> dict[str, Any]:
-  durations = time_steps(run, steps)
+def measure(prepared: list[Prepared], steps: int, rounds: int) -> list[np.ndarray]:
+  """Step durations of each prepared step, `steps` each, interleaved in `rounds` rounds.
+
+  Alternating A, B, A, B ... in chunks makes the ratio of A to B robust to load that comes and goes
+  on a shared machine, which timing all of A then all of B is not.
+  """
+  rounds = max(1, min(rounds, steps))
+  chunks = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
+  durations = [[] for _ in prepared]
+  for chunk in chunks:
+    for i, p in enumerate(prepared):
+      durations[i].extend(time_steps(p.run, chunk))
+  return [np.asarray(d) for d in durations]
+
+
+def report(setup: Setup, prepared: Prepared, durations: np.ndarray) -> dict[str, Any]:
+  """Summary stats, compile time and FLOP counts of one measured step."""
   result = summarize(durations, setup.batch)
-  result["compile_s"] = compile_s
-  result["durations"] = durations
-  image_size = setup.config.image_size
-  result["flops_per_step_analytic"] = analytic_flops(setup.params, setup.config.model, image_size,
-                                                     setup.batch, labels, stage)
-  counted = xla_flops(compiled, setup.num_devices) if compiled is not None else None
+  result["compile_s"] = prepared.compile_s
+  result["flops_per_step_analytic"] = analytic_flops(
+      setup.params, setup.config.model, setup.config.image_size, setup.batch, prepared.labels,
+      prepared.stage)
+  counted = (xla_flops(prepared.compiled, setup.num_devices) if prepared.compiled is not None
+             else None)
   result["flops_per_step_xla"] = counted
   result["flops_per_step"] = counted if counted else result["flops_per_step_analytic"]
   result["flops_source"] = "xla" if counted else "analytic"
@@ -446,7 +487,8 @@ def run(config, mode: str = "train", steps: int = 20, warmup: int = 2,
     raise UserError(f"unknown bench mode {mode!r}; valid: {', '.join(MODES)}")
   if steps < 1 or warmup < 0:
     raise UserError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
-  dtype = resolve_dtype(config.dtype, jax.devices()[0].platform)
+  from transfer import models
+  dtype = models.resolve_dtype(config.dtype, jax.devices()[0].platform)
   env = environment(dtype)
   peak = peak or peak_tflops(env["device_kind"], dtype)
   head = {"mode": mode, "model": config.model, "head": config.head, "weights": config.weights,
@@ -458,16 +500,17 @@ def run(config, mode: str = "train", steps: int = 20, warmup: int = 2,
   if mode == "input":
     extra.update(bench_input(config, steps))
   setup = Setup(config, dtype)
-  if mode in ("train", "input"):
-    result = bench_train(setup, steps, warmup)
-  elif mode == "forward":
-    result = bench_forward(setup, steps, warmup)
-  else:
-    result = bench_eval(setup, steps, warmup)
+  prepare = {"train": prepare_train, "input": prepare_train, "forward": prepare_forward,
+             "eval": prepare_eval}[mode]
+  steps_to_time = [prepare(setup, warmup)]
+  if mode == "train":  # the forward pass, for the train/forward ratio
+    steps_to_time.append(prepare_forward(setup, warmup))
+  durations = measure(steps_to_time, steps, rounds=3 if len(steps_to_time) > 1 else 1)
+  result = report(setup, steps_to_time[0], durations[0])
   _rates(result, env, peak)
 
   if mode == "train":
-    forward = bench_forward(setup, steps, warmup)
+    forward = report(setup, steps_to_time[1], durations[1])
     extra["forward_step_ms_median"] = forward["step_ms_median"]
     extra["forward_images_per_sec"] = forward["images_per_sec"]
     extra["train_forward_ratio"] = result["step_ms_median"] / forward["step_ms_median"]
@@ -480,7 +523,6 @@ def run(config, mode: str = "train", steps: int = 20, warmup: int = 2,
   if mode == "input":
     extra["limited_by"] = ("input" if extra["input_images_per_sec"] < result["images_per_sec"]
                            else "step")
-  result.pop("durations")
   return {**head, **result, **extra}
 
 
@@ -551,6 +593,7 @@ def main(config, mode: str = "train", steps: int = 20, warmup: int = 2, as_json:
     `train_forward_ratio`, `flops_ratio_train_forward`; input: `input_images_per_sec`,
     `limited_by`; cache_features: the epoch comparison).
   """
+  set_cpu_xla_flags()
   result = run(config, mode, steps, warmup, peak_tflops)
   table = format_table(result)
   if as_json:
