@@ -42,11 +42,15 @@ CONTESTANTS = {
     "torch-eager-fp32": ("torch", "float32", {}),
     "torch-compile-fp32": ("torch", "float32", {"compile": True}),
     "jax-bf16": ("transfer", "bfloat16", {}),
+    # XLA's own (Eigen) convolution instead of the YNNPACK fusion: not in the default set.
+    "jax-fp32-eigenconv": ("transfer", "float32",
+                           {"xla_flags": "--xla_cpu_experimental_ynn_fusion_type=dot"}),
     "keras-tf-bf16": ("keras-tensorflow", "bfloat16", {}),
     "torch-eager-bf16": ("torch", "bfloat16", {}),
     "torch-compile-bf16": ("torch", "bfloat16", {"compile": True}),
 }
 REFERENCE = "jax-fp32"
+DEFAULT = [n for n in CONTESTANTS if n != "jax-fp32-eigenconv"]
 
 
 # ----------------------------------------------------------------------------- workers
@@ -179,6 +183,8 @@ class Worker:
       env["KERAS_BACKEND"] = framework.split("-", 1)[1]
     if framework in ("transfer", "keras-jax"):
       env.setdefault("JAX_PLATFORMS", "cpu")
+    if CONTESTANTS[name][2].get("xla_flags"):
+      env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {CONTESTANTS[name][2]['xla_flags']}".strip()
     if threads:
       env["OMP_NUM_THREADS"] = str(threads)
     self.name = name
@@ -393,8 +399,9 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   parser.add_argument("--keras_fit", nargs=4, help=argparse.SUPPRESS)
-  parser.add_argument("--only", default=",".join(CONTESTANTS),
-                      help=f"contestants (default all): {','.join(CONTESTANTS)}")
+  parser.add_argument("--only", default=",".join(DEFAULT),
+                      help=f"contestants (default: all but jax-fp32-eigenconv): "
+                           f"{','.join(CONTESTANTS)}")
   parser.add_argument("--batch_sizes", default="16,32")
   parser.add_argument("--image_size", type=int, default=224)
   parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
