@@ -61,26 +61,6 @@ PEAK_TFLOPS: tuple[tuple[str, tuple[float, float]], ...] = (
 # convolution to a YNNPACK fusion by default; restricting YNNPACK to dots gives convolutions back to
 # XLA's Eigen kernels, measured 1.2x faster on the VGG16 step (docs/BENCHMARKS.md). CPU-only flags:
 # a GPU or TPU run only uses them for host computations.
-CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
-
-
-def set_cpu_xla_flags() -> bool:
-  """Adds `CPU_XLA_FLAGS` to `XLA_FLAGS` if no JAX backend exists yet; whether they apply.
-
-  XLA reads its flags once, when the first backend is created, so this must run before any
-  computation; a flag the user already set (any value) is left alone.
-  """
-  from jax._src import xla_bridge
-  if getattr(xla_bridge, "_backends", None):
-    current = os.environ.get("XLA_FLAGS", "")
-    return all(flag in current for flag in CPU_XLA_FLAGS)
-  current = os.environ.get("XLA_FLAGS", "")
-  added = [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in current]
-  if added:
-    os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
-  return True
-
-
 def peak_tflops(device_kind: str, dtype: str) -> float | None:
   """Peak dense TFLOP/s of one device of `device_kind` in `dtype`; None when unknown."""
   for pattern, (bf16, fp32) in PEAK_TFLOPS:
@@ -419,7 +399,7 @@ def bench_cached_epoch(setup: Setup, train_step_s: float, warmup: int) -> dict[s
   sharding = parallel.batch_sharding(setup.mesh)
 
   def epoch(state, first_step):
-    host = train._feature_batches(features, labels, setup.batch, config.seed, first_step)
+    host = train.feature_batches(features, labels, setup.batch, config.seed, first_step)
     batches = data.prefetch_to_device((next(host) for _ in range(steps_per_epoch)), sharding,
                                       size=config.prefetch)
     metrics = None
@@ -593,7 +573,8 @@ def main(config, mode: str = "train", steps: int = 20, warmup: int = 2, as_json:
     `train_forward_ratio`, `flops_ratio_train_forward`; input: `input_images_per_sec`,
     `limited_by`; cache_features: the epoch comparison).
   """
-  set_cpu_xla_flags()
+  from transfer import parallel
+  parallel.configure_cpu_xla_flags()  # no-op after the CLI did it; for calls from Python
   result = run(config, mode, steps, warmup, peak_tflops)
   table = format_table(result)
   if as_json:

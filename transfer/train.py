@@ -414,7 +414,7 @@ def _compute_features(feature_fn, params, batches, mesh) -> tuple[np.ndarray, np
   return np.concatenate(feats), np.concatenate(labels)
 
 
-def _feature_batches(features, labels, batch_size: int, seed: int, start_step: int) -> Iterator:
+def feature_batches(features, labels, batch_size: int, seed: int, start_step: int) -> Iterator:
   """Batches of cached features in exactly the order the image pipeline would give (same
   per-epoch permutation), so a cached run trains on the same batches as a streaming one."""
   from transfer.data.pipeline import permutation
@@ -543,7 +543,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                      ds.eval_batches("val", config.batch_size), mesh)
     _log(is_main, f"cache_features: {len(train_x)} train / {len(val_x)} val feature maps "
                   f"{train_x.shape[1:]} in host memory ({(train_x.nbytes + val_x.nbytes) / 2**20:.0f} MiB)")
-    train_iter = _feature_batches(train_x, train_y, config.batch_size, config.seed, start_step)
+    train_iter = feature_batches(train_x, train_y, config.batch_size, config.seed, start_step)
     val_batches = lambda: _feature_eval_batches(val_x, val_y, config.batch_size)
   else:
     if config.cache_features:
