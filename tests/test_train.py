@@ -1,5 +1,6 @@
 """The training loop end to end: outputs, frozen weights, the blog config, NaN stop, eval, predict."""
 
+import glob
 import json
 import os
 
@@ -48,6 +49,13 @@ def test_loop_writes_metrics_config_curves_and_checkpoints(trained):
   assert json.load(open(os.path.join(workdir, "config.json")))["model"] == "vgg16_tiny"
   assert os.path.getsize(os.path.join(workdir, "curves.png")) > 1000
   assert checkpoint.Checkpointer(workdir).steps() == [3, 6]
+  if _has("tensorboardX"):  # a test extra; optional for users
+    assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+
+
+def _has(module: str) -> bool:
+  import importlib.util
+  return importlib.util.find_spec(module) is not None
 
 
 def test_checkpoint_metadata_rebuilds_the_model(trained):
