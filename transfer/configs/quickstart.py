@@ -6,7 +6,7 @@ backbone runs every step, as in an augmented run). No network needed: ImageNet w
 when `keras:vgg16_notop` is in the cache (`transfer weights download keras:vgg16_notop`); otherwise
 the conv base is randomly initialised and the run says so.
 
-    transfer train                            # 1-3 minutes on a 2-core CPU
+    transfer train                            # about 1 minute on a 2-core CPU (3 when busy)
     transfer train --config.num_epochs=1      # shorter
     transfer train --config.cache_features=true --config.augment=none   # backbone once, then head
 
