@@ -42,9 +42,10 @@ CONTESTANTS = {
     "torch-eager-fp32": ("torch", "float32", {}),
     "torch-compile-fp32": ("torch", "float32", {"compile": True}),
     "jax-bf16": ("transfer", "bfloat16", {}),
-    # XLA's own (Eigen) convolution instead of the YNNPACK fusion: not in the default set.
+    # XLA's own (Eigen) convolution instead of YNNPACK fusions, as every `transfer` command sets
+    # it (transfer.parallel.CPU_XLA_FLAGS); this worker imports the library, so it is explicit.
     "jax-fp32-eigenconv": ("transfer", "float32",
-                           {"xla_flags": "--xla_cpu_experimental_ynn_fusion_type=dot"}),
+                           {"xla_flags": "--xla_cpu_experimental_ynn_fusion_type="}),
     "keras-tf-bf16": ("keras-tensorflow", "bfloat16", {}),
     "torch-eager-bf16": ("torch", "bfloat16", {}),
     "torch-compile-bf16": ("torch", "bfloat16", {"compile": True}),

@@ -21,10 +21,12 @@ from transfer.errors import UserError
 
 AXIS = "data"
 
-# XLA:CPU in jaxlib 0.10/0.11 hands every convolution to YNNPACK; its own Eigen kernels run the
-# VGG16 train step 1.2-1.3x faster on CPU (docs/BENCHMARKS.md). The flag only affects CPU
-# compilation. It is set only for jaxlib versions known to have it: XLA aborts on unknown flags.
-CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
+# XLA:CPU in jaxlib 0.10/0.11 hands convolutions to YNNPACK fusions; its own Eigen kernels run the
+# VGG16 train step 1.2-1.3x faster on CPU (docs/BENCHMARKS.md). An empty list turns YNN fusions
+# off altogether: allowing only dots ("=dot") still let a dot fusion swallow the whole conv base of
+# a forward pass (1.26x slower than none). The flag only affects CPU compilation. It is set only
+# for jaxlib versions known to have it: XLA aborts on unknown flags.
+CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
 _CPU_XLA_FLAGS_JAXLIB = ((0, 10), (0, 11))
 MODES = ("shard_map", "pmap")
 
