@@ -2,9 +2,7 @@
 restore across device counts, and refusing to resume a different run."""
 
 import glob
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

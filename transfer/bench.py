@@ -378,7 +378,6 @@ def bench_cached_epoch(setup: Setup, train_step_s: float, warmup: int) -> dict[s
   Returns:
     `epoch_images`, `feature_pass_s`, `head_epoch_s`, `backbone_epoch_s`, `head_epoch_speedup`.
   """
-  import jax
   from transfer import data, parallel, train
   config = setup.config
   steps_per_epoch = max(1, int(config.get("epoch_images", 512)) // setup.batch)

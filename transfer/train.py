@@ -17,7 +17,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -250,7 +249,7 @@ def _is_due(step: int, every: int, total: int) -> bool:
   return step == total or (every > 0 and step % every == 0)
 
 
-def _initial_params(config, model, workdir_params_from: str | None):
+def _initial_params(config, model):
   """Params before training: another run's (`init_from`), pretrained weights, or random."""
   image_size = config.image_size
   if config.init_from:
@@ -524,7 +523,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     init_note = f"resumed from step {start_step} in {workdir}"
   else:
     start_step = 0
-    params, init_note = _initial_params(config, model, None)
+    params, init_note = _initial_params(config, model)
     state = parallel.replicate(create_train_state(params, tx, config.seed), mesh)
   del fresh
   _log(is_main, f"{config.model} + {config.head} head, {outputs} output(s), "
