@@ -183,10 +183,9 @@ def make_eval_step(model: nn.Module, mesh, num_classes: int, parallel_mode: str 
                            jax.nn.one_hot(pred, classes))
     sums = {"loss": loss * count, "correct": metrics["accuracy"] * count, "count": count,
             "confusion": confusion}
-    return params, jax.lax.psum(sums, parallel.AXIS)
+    return jax.lax.psum(sums, parallel.AXIS)
 
-  step = parallel.data_parallel(per_device, mesh, parallel_mode, donate_state=False)
-  return lambda params, batch: step(params, batch)[1]
+  return parallel.data_parallel(per_device, mesh, parallel_mode, donate_state=False)
 
 
 def make_feature_step(model: nn.Module, mesh, parallel_mode: str = "shard_map") -> Callable:
@@ -249,11 +248,14 @@ def _is_due(step: int, every: int, total: int) -> bool:
   return step == total or (every > 0 and step % every == 0)
 
 
-def _initial_params(config, model):
-  """Params before training: another run's (`init_from`), pretrained weights, or random."""
+def _initial_params(config, model, shapes):
+  """Params before training: another run's (`init_from`), pretrained weights, or random.
+
+  `shapes` is the model's params tree of `jax.ShapeDtypeStruct`s, the structure to fill.
+  """
   image_size = config.image_size
   if config.init_from:
-    params = _params_from_workdir(config.init_from, model, image_size)
+    params = _params_from_workdir(config.init_from, shapes)
     return params, f"params from run {config.init_from} (init_from)"
   source = config.weights
   if not source or source == "none":
@@ -264,19 +266,18 @@ def _initial_params(config, model):
   return params, report.summary()
 
 
-def _params_from_workdir(other: str, model, image_size: int):
-  """The latest params of another run, merged strictly into `model`'s tree."""
+def _params_from_workdir(other: str, shapes):
+  """The latest params of another run, merged strictly into the tree described by `shapes`."""
   checkpointer = ckpt_lib.Checkpointer(other, async_save=False)
   step = checkpointer.latest_step()
   if step is None:
     raise UserError(f"init_from={other}: no checkpoint there; train that run first")
   meta = checkpointer.restore_meta(step)
-  fresh = models.init_params(model, image_size)
   restored = checkpointer.manager.restore(step, args=ckpt_lib.ocp.args.Composite(**{
       ckpt_lib.STATE: ckpt_lib.ocp.args.StandardRestore(checkpointer.local_target(step))}))[
           ckpt_lib.STATE]
   theirs = restored["params"]
-  fresh_flat, their_flat = traverse_util.flatten_dict(fresh), traverse_util.flatten_dict(theirs)
+  fresh_flat, their_flat = traverse_util.flatten_dict(shapes), traverse_util.flatten_dict(theirs)
   problems = [("/".join(k), v.shape, their_flat[k].shape) for k, v in fresh_flat.items()
               if k in their_flat and tuple(their_flat[k].shape) != tuple(v.shape)]
   missing = ["/".join(k) for k in fresh_flat if k not in their_flat]
@@ -511,9 +512,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # State: resume > init_from > weights > random.
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
                                        keep_best=config.keep_best_checkpoints)
-  fresh = models.init_params(model, config.image_size, config.seed)
-  tx, labels = optim.make_optimizer(config, fresh, total_steps)
-  abstract = jax.eval_shape(lambda p: create_train_state(p, tx, config.seed), fresh)
+  # Shapes only: a resumed run never initialises, a fresh one initialises once below.
+  shapes = jax.eval_shape(lambda: models.init_params(model, config.image_size, config.seed))
+  tx, labels = optim.make_optimizer(config, shapes, total_steps)
+  abstract = jax.eval_shape(lambda p: create_train_state(p, tx, config.seed), shapes)
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)), abstract)
   resumed = checkpointer.restore_latest(
@@ -523,9 +525,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     init_note = f"resumed from step {start_step} in {workdir}"
   else:
     start_step = 0
-    params, init_note = _initial_params(config, model)
+    params, init_note = _initial_params(config, model, shapes)
     state = parallel.replicate(create_train_state(params, tx, config.seed), mesh)
-  del fresh
   _log(is_main, f"{config.model} + {config.head} head, {outputs} output(s), "
                 f"{num_classes} classes; {init_note}")
   _log(is_main, optim.describe(state.params, labels))
