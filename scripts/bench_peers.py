@@ -42,16 +42,19 @@ CONTESTANTS = {
     "torch-eager-fp32": ("torch", "float32", {}),
     "torch-compile-fp32": ("torch", "float32", {"compile": True}),
     "jax-bf16": ("transfer", "bfloat16", {}),
-    # XLA's own (Eigen) convolution instead of YNNPACK fusions, as every `transfer` command sets
-    # it (transfer.parallel.CPU_XLA_FLAGS); this worker imports the library, so it is explicit.
-    "jax-fp32-eigenconv": ("transfer", "float32",
-                           {"xla_flags": "--xla_cpu_experimental_ynn_fusion_type="}),
+    # What moved the float32 step on CPU, one setting at a time (docs/BENCHMARKS.md): `jax-fp32`
+    # is the package as it runs (Winograd convolutions, CPU XLA flags, allocator settings).
+    "jax-fp32-xlaconv": ("transfer", "float32", {"conv": "xla"}),
+    "jax-fp32-xlaconv-malloc0": ("transfer", "float32",
+                                 {"conv": "xla", "env": {"TRANSFER_CPU_MALLOC": "0"}}),
+    "jax-fp32-plain": ("transfer", "float32", {"conv": "xla", "env": {
+        "TRANSFER_CPU_MALLOC": "0", "TRANSFER_CPU_XLA_FLAGS": "0"}}),
     "keras-tf-bf16": ("keras-tensorflow", "bfloat16", {}),
     "torch-eager-bf16": ("torch", "bfloat16", {}),
     "torch-compile-bf16": ("torch", "bfloat16", {"compile": True}),
 }
 REFERENCE = "jax-fp32"
-DEFAULT = [n for n in CONTESTANTS if n != "jax-fp32-eigenconv"]
+DEFAULT = [n for n in CONTESTANTS if not n.startswith(("jax-fp32-"))]
 
 
 # ----------------------------------------------------------------------------- workers
@@ -124,11 +127,13 @@ def _torch_step(dtype: str, batch: int, size: int, options: dict):
 
 
 def _transfer_step(dtype: str, batch: int, size: int, options: dict):
-  import jax
   sys.path.insert(0, REPO)
-  from transfer import bench, configs, train
+  from transfer import bench, configs, parallel, train
+  parallel.configure_cpu()  # as every `transfer` command does, before JAX has a backend
+  import jax
   config = configs.load("bench")
   config.batch_size, config.image_size, config.dtype = batch, size, dtype
+  config.conv = options.get("conv", config.conv)
   setup = bench.Setup(config, dtype)
   step = train.make_train_step(setup.model, setup.tx, setup.labels, setup.mesh, config.parallel)
   batch_arrays = {"image": setup.images(), "label": setup.labels_batch()}
@@ -141,7 +146,8 @@ def _transfer_step(dtype: str, batch: int, size: int, options: dict):
 
   return run, {"jax": jax.__version__, "devices": f"{jax.device_count()} x "
                                                    f"{jax.devices()[0].device_kind}",
-               "xla_flags": os.environ.get("XLA_FLAGS", "")}
+               "xla_flags": os.environ.get("XLA_FLAGS", ""), "conv": config.conv,
+               "malloc": os.environ.get("TRANSFER_CPU_MALLOC", "1") != "0"}
 
 
 _BUILDERS = {"keras-tensorflow": _keras_step, "keras-jax": _keras_step, "torch": _torch_step,
@@ -184,8 +190,7 @@ class Worker:
       env["KERAS_BACKEND"] = framework.split("-", 1)[1]
     if framework in ("transfer", "keras-jax"):
       env.setdefault("JAX_PLATFORMS", "cpu")
-    if CONTESTANTS[name][2].get("xla_flags"):
-      env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {CONTESTANTS[name][2]['xla_flags']}".strip()
+    env.update(CONTESTANTS[name][2].get("env", {}))
     if threads:
       env["OMP_NUM_THREADS"] = str(threads)
     self.name = name
@@ -361,8 +366,9 @@ def markdown(rows, e2e, args, elapsed_s: float) -> str:
            "|---|---|---|---|---|---|---|"]
   for r in rows:
     info = r["info"]
-    note = ", ".join(f"{k}={v}" for k, v in info.items() if k in ("jit_compile", "compile",
-                                                                   "threads", "xla_flags") and v)
+    note = ", ".join(f"{k}={v}" for k, v in info.items()
+                     if k in ("jit_compile", "compile", "threads", "xla_flags", "conv", "malloc")
+                     and v)
     ratio = f"{r['vs_jax_fp32']:.2f}" if r["vs_jax_fp32"] else ""
     lines.append(f"| {r['name']} | {r['dtype']} | {r['batch']} | {r['step_s_median']:.2f} | "
                  f"{r['images_per_sec']:.2f} | {ratio} | {note} |")

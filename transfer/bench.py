@@ -57,10 +57,6 @@ PEAK_TFLOPS: tuple[tuple[str, tuple[float, float]], ...] = (
 )
 
 
-# XLA CPU flags bench adds when the user's XLA_FLAGS do not set them. jaxlib 0.10 sends every
-# convolution to a YNNPACK fusion by default; restricting YNNPACK to dots gives convolutions back to
-# XLA's Eigen kernels, measured 1.2x faster on the VGG16 step (docs/BENCHMARKS.md). CPU-only flags:
-# a GPU or TPU run only uses them for host computations.
 def peak_tflops(device_kind: str, dtype: str) -> float | None:
   """Peak dense TFLOP/s of one device of `device_kind` in `dtype`; None when unknown."""
   for pattern, (bf16, fp32) in PEAK_TFLOPS:
@@ -211,7 +207,7 @@ class Setup:
     models.check_image_size(config.model, config.head, config.image_size)
     self.model = models.get(config.model, head=config.head, num_classes=self.outputs,
                             head_hidden=config.head_hidden, head_dropout=config.head_dropout,
-                            dtype=dtype)
+                            dtype=dtype, conv=config.conv)
     self.params = jax.device_get(self._params())
     self.tx, self.labels = optim.make_optimizer(config, self.params, 1000)
     self.batch = config.batch_size
@@ -467,12 +463,14 @@ def run(config, mode: str = "train", steps: int = 20, warmup: int = 2,
   if steps < 1 or warmup < 0:
     raise UserError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
   from transfer import models
+  from transfer.models import winograd
   dtype = models.resolve_dtype(config.dtype, jax.devices()[0].platform)
   env = environment(dtype)
   peak = peak or peak_tflops(env["device_kind"], dtype)
   head = {"mode": mode, "model": config.model, "head": config.head, "weights": config.weights,
           "batch_size": int(config.batch_size), "image_size": int(config.image_size),
           "parallel": config.parallel, "trainable": list(config.trainable),
+          "conv": winograd.describe(models.check_conv(config.conv)),
           "steps": steps, "warmup": warmup, **env}
 
   extra: dict[str, Any] = {}
@@ -535,7 +533,7 @@ def format_table(result: dict[str, Any]) -> str:
            f"jax {result['jax']}, jaxlib {result['jaxlib']}, flax {result['flax']}",
            f"{result['mode']}: {result['model']} + {result['head']} head, batch "
            f"{result['batch_size']} at {result['image_size']}, {result['dtype']}, "
-           f"{result['parallel']}, trainable {','.join(result['trainable'])}; "
+           f"{result['conv']} conv, {result['parallel']}, trainable {','.join(result['trainable'])}; "
            f"{result['steps']} timed steps after {result['warmup']} warm-up"]
   if result["xla_flags"]:
     lines.append(f"XLA_FLAGS={result['xla_flags']}")
@@ -573,7 +571,7 @@ def main(config, mode: str = "train", steps: int = 20, warmup: int = 2, as_json:
     `limited_by`; cache_features: the epoch comparison).
   """
   from transfer import parallel
-  parallel.configure_cpu_xla_flags()  # no-op after the CLI did it; for calls from Python
+  parallel.configure_cpu()  # no-op after the CLI did it; for calls from Python
   result = run(config, mode, steps, warmup, peak_tflops)
   table = format_table(result)
   if as_json:

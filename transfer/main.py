@@ -75,7 +75,7 @@ def run(argv: list[str]) -> int:
   """Runs one subcommand; returns the exit status."""
   from transfer import configs, parallel
 
-  parallel.configure_cpu_xla_flags()  # before anything creates a JAX backend
+  parallel.configure_cpu()  # before anything creates a JAX backend
   args_only, overrides = configs.split_overrides(argv)
   args = _parser().parse_args(args_only)
   if overrides and args.command not in ("train", "bench"):

@@ -500,7 +500,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   models.check_image_size(config.model, config.head, config.image_size)
   model = models.get(config.model, head=config.head, num_classes=outputs,
                      head_hidden=config.head_hidden, head_dropout=config.head_dropout,
-                     dtype=models.resolve_dtype(config.dtype))
+                     dtype=models.resolve_dtype(config.dtype), conv=config.conv)
   meta_run = run_metadata(config, ds.class_names, outputs)
 
   total_steps = _total_steps(config, ds.steps_per_epoch)

@@ -49,6 +49,7 @@ def get_config():
   c.lr_mults = ml_collections.ConfigDict()  # {"pattern": multiplier}, e.g. {"^block5": 0.1}
   # Execution.
   c.dtype = "auto"                  # compute: auto (bf16 on GPU/TPU, f32 on CPU) | float32 | bfloat16
+  c.conv = "auto"                   # conv algorithm: auto (winograd on CPU, xla on GPU/TPU) | xla | winograd
   c.parallel = "shard_map"          # shard_map | pmap
   c.cache_features = False          # run the frozen backbone once, train the head on its output
   c.seed = 0

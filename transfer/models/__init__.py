@@ -103,6 +103,16 @@ def resolve_dtype(dtype: str, platform: str | None = None) -> str:
   return "float32" if platform == "cpu" else "bfloat16"
 
 
+CONVS = ("auto", "xla", "winograd")
+
+
+def check_conv(conv: str) -> str:
+  """`conv` if it names a convolution algorithm (see `winograd.use_for`), else a one-line error."""
+  if conv not in CONVS:
+    raise UserError(f"unknown conv {conv!r}; valid values: {', '.join(CONVS)}")
+  return conv
+
+
 def as_dtype(dtype: Any):
   """Accepts 'float32'/'bfloat16'/'float16'/'auto' strings or numpy/jax dtypes."""
   if isinstance(dtype, str):
@@ -116,7 +126,7 @@ def as_dtype(dtype: Any):
 def get(name: str, *, include_top: bool | None = None, head: str | None = None,
         num_classes: int | None = None, head_hidden: int | None = None,
         head_dropout: float | None = None, dtype: Any = "float32",
-        param_dtype: Any = "float32") -> nn.Module:
+        param_dtype: Any = "float32", conv: str = "auto") -> nn.Module:
   """Builds a registered model.
 
   Args:
@@ -131,6 +141,9 @@ def get(name: str, *, include_top: bool | None = None, head: str | None = None,
     dtype: compute dtype (`"bfloat16"` for mixed precision; `"auto"` = bfloat16 on GPU/TPU,
       float32 on CPU).
     param_dtype: parameter dtype.
+    conv: convolution algorithm, `"xla"`, `"winograd"` or `"auto"` (Winograd on CPU, XLA on
+      GPU/TPU, decided when the model is traced; see `transfer.models.winograd.use_for`). It
+      changes speed and float32 rounding, not the parameters.
 
   Returns:
     An unbound `flax.linen.Module`; `module.apply({"params": p}, x)` gives float32 logits.
@@ -150,7 +163,7 @@ def get(name: str, *, include_top: bool | None = None, head: str | None = None,
     raise UserError(f"num_classes must be >= 1, got {num_classes}")
   return model_spec.build(head=head, num_classes=num_classes, head_hidden=head_hidden,
                           head_dropout=head_dropout, dtype=as_dtype(dtype),
-                          param_dtype=as_dtype(param_dtype))
+                          param_dtype=as_dtype(param_dtype), conv=check_conv(conv))
 
 
 def init_params(model: nn.Module, image_size: int, rng: jax.Array | int = 0):

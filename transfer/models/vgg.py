@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from transfer.models import heads
+from transfer.models import heads, winograd
 
 STAGES = ("full", "features", "head")
 
@@ -38,6 +38,9 @@ class VGG(nn.Module):
     top_hidden: width of fc1/fc2 in the ImageNet top (4096 for the real network).
     dtype: compute dtype (e.g. bfloat16); logits are always returned in float32.
     param_dtype: parameter dtype (float32 for training, even when computing in bfloat16).
+    conv: `"xla"` (XLA's convolution), `"winograd"` (`transfer.models.winograd` for every conv
+      layer) or `"auto"` (Winograd on CPU for the layers where it is faster, XLA on GPU/TPU; see
+      `winograd.use_for`). The parameters are the same either way.
   """
 
   stage_sizes: Sequence[int]
@@ -50,6 +53,7 @@ class VGG(nn.Module):
   top_hidden: int = 4096
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  conv: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool = False, stage: str = "full", example_ids=None):
@@ -80,7 +84,9 @@ class VGG(nn.Module):
     x = x.astype(self.dtype)
     for block, (size, width) in enumerate(zip(self.stage_sizes, self.widths), start=1):
       for i in range(1, size + 1):
+        fast = winograd.use_for(self.conv, x.shape[-1])
         x = nn.Conv(width, (3, 3), padding="SAME", dtype=self.dtype, param_dtype=self.param_dtype,
+                    conv_general_dilated=winograd.conv_general_dilated if fast else None,
                     name=f"block{block}_conv{i}")(x)
         x = nn.relu(x)
       x = nn.max_pool(x, (2, 2), strides=(2, 2))

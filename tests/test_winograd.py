@@ -1,0 +1,130 @@
+"""Winograd F(2x2, 3x3) convolutions against XLA's direct convolution.
+
+Values, gradients, odd and tiny feature maps, bfloat16, the dispatch that decides which calls it
+takes, and a whole VGG whose layers run by Winograd against the same VGG on XLA's convolutions.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from transfer import models
+from transfer.errors import UserError
+from transfer.models import winograd
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def direct(x, kernel):
+  return lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC,
+                                  precision=lax.Precision.HIGHEST)
+
+
+def random(shape, seed, scale=1.0):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32) * scale)
+
+
+@pytest.mark.parametrize("n, h, w, c, d", [
+    (2, 8, 8, 4, 5),      # even sides
+    (2, 7, 5, 16, 3),     # odd sides: the last tile row/column is half padding
+    (1, 1, 1, 8, 2),      # one pixel
+    (3, 2, 2, 32, 32),    # block5 of VGG at 64x64 input
+    (2, 28, 28, 64, 64),
+])
+def test_matches_direct_convolution(n, h, w, c, d):
+  x, kernel = random((n, h, w, c), 0), random((3, 3, c, d), 1, scale=(9 * c) ** -0.5)
+  want = direct(x, kernel)
+  got = jax.jit(winograd.conv3x3)(x, kernel)
+  assert got.shape == want.shape and got.dtype == jnp.float32
+  # Only float32 rounding separates the two (transform coefficients are 0, +-1, +-1/2).
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * float(jnp.abs(want).max()))
+
+
+def test_gradients_match_direct_convolution():
+  """Trainable conv layers differentiate through the transforms: input and kernel gradients."""
+  x, kernel = random((2, 9, 6, 8), 2), random((3, 3, 8, 4), 3, scale=0.2)
+  target = random((2, 9, 6, 4), 4)
+
+  def loss(conv):
+    return lambda x, k: jnp.sum(jnp.tanh(conv(x, k)) * target)
+
+  want = jax.grad(loss(direct), argnums=(0, 1))(x, kernel)
+  got = jax.jit(jax.grad(loss(winograd.conv3x3), argnums=(0, 1)))(x, kernel)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * float(jnp.abs(w).max()))
+
+
+def test_bfloat16_input_accumulates_in_float32():
+  x, kernel = random((2, 16, 16, 64), 5), random((3, 3, 64, 64), 6, scale=1 / 24)
+  want = direct(x, kernel)
+  got = winograd.conv3x3(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+  assert got.dtype == jnp.bfloat16
+  err = float(jnp.abs(got.astype(jnp.float32) - want).max() / jnp.abs(want).max())
+  assert err < 2e-2  # bfloat16 inputs and output (8 mantissa bits), float32 sums
+
+
+def test_kernel_transform_is_g_g_gt():
+  g = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
+  kernel = random((3, 3, 2, 3), 7)
+  want = np.einsum("ji,iocd,lo->jlcd", g, np.asarray(kernel), g).reshape(16, 2, 3)
+  np.testing.assert_allclose(winograd.transform_kernel(kernel), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, takes_winograd", [
+    ({}, True),
+    ({"padding": ((1, 1), (1, 1))}, True),
+    ({"padding": "VALID"}, False),
+    ({"window_strides": (2, 2)}, False),
+    ({"rhs_dilation": (2, 2)}, False),
+    ({"feature_group_count": 2}, False),
+    ({"dimension_numbers": ("NCHW", "OIHW", "NCHW")}, False),
+    ({"kernel": (5, 5)}, False),
+])
+def test_dispatch_takes_winograd_only_where_exact(kwargs, takes_winograd):
+  """Every call gives XLA's answer; only 3x3 / stride 1 / SAME / NHWC calls take Winograd."""
+  kwargs = dict(kwargs)
+  hw = kwargs.pop("kernel", (3, 3))
+  groups = kwargs.get("feature_group_count", 1)
+  x, kernel = random((2, 6, 6, 4), 8), random((*hw, 4 // groups, 4), 9)
+  if kwargs.get("dimension_numbers", NHWC)[0] == "NCHW":
+    x, kernel = x.transpose(0, 3, 1, 2), kernel.transpose(3, 2, 0, 1)
+  call = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC)
+  call.update(kwargs)
+  jaxpr = str(jax.make_jaxpr(lambda a, b: winograd.conv_general_dilated(a, b, **call))(x, kernel))
+  assert ("conv_general_dilated" not in jaxpr) == takes_winograd
+  want = lax.conv_general_dilated(x, kernel, **call, precision=lax.Precision.HIGHEST)
+  got = winograd.conv_general_dilated(x, kernel, **call)
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * float(jnp.abs(want).max()))
+
+
+def test_use_for_follows_the_setting_and_backend():
+  assert winograd.use_for("winograd", 3) and not winograd.use_for("xla", 512)
+  assert jax.default_backend() == "cpu"  # conftest pins the tests to CPU
+  assert not winograd.use_for("auto", winograd.MIN_CHANNELS - 1)
+  assert winograd.use_for("auto", winograd.MIN_CHANNELS)
+  with pytest.raises(UserError, match="unknown conv 'fast'"):
+    models.get("vgg16_tiny", include_top=True, conv="fast")
+
+
+@pytest.mark.parametrize("dense_head", ["flatten_dense", "gap"])
+def test_vgg_on_winograd_matches_vgg_on_xla(dense_head):
+  """Same params, same logits (to float32 rounding) and the same gradient of the whole net."""
+  nets = {conv: models.get("vgg16_tiny", head=dense_head, num_classes=3, conv=conv)
+          for conv in ("xla", "winograd")}
+  params = models.init_params(nets["xla"], 64, rng=1)
+  x = jax.random.uniform(jax.random.PRNGKey(2), (4, 64, 64, 3), minval=-1, maxval=1)
+  jaxprs = {c: str(jax.make_jaxpr(lambda p, x: n.apply({"params": p}, x))(params, x))
+            for c, n in nets.items()}
+  assert jaxprs["xla"].count("conv_general_dilated") == 13
+  assert jaxprs["winograd"].count("conv_general_dilated") == 0
+
+  def loss(net):
+    return lambda p: jnp.sum(net.apply({"params": p}, x) ** 2)
+
+  want, want_grad = jax.value_and_grad(loss(nets["xla"]))(params)
+  got, got_grad = jax.jit(jax.value_and_grad(loss(nets["winograd"])))(params)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
+    np.testing.assert_allclose(g, w, rtol=0, atol=1e-4 * float(jnp.abs(w).max()) + 1e-12)
