@@ -58,6 +58,7 @@ def configure_cpu_xla_flags() -> bool:
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _ACCELERATOR_PACKAGES = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu")
+_malloc_configured = False
 
 
 def _accelerator_installed() -> bool:
@@ -87,8 +88,15 @@ def configure_cpu_malloc() -> bool:
     mallopt = ctypes.CDLL(None).mallopt
   except (OSError, AttributeError):  # not glibc (musl, ...)
     return False
-  return all(mallopt(option, value) == 1 for option, value in
-             ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+  global _malloc_configured
+  _malloc_configured = all(mallopt(option, value) == 1 for option, value in
+                           ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+  return _malloc_configured
+
+
+def cpu_malloc_configured() -> bool:
+  """Whether `configure_cpu_malloc` has applied in this process."""
+  return _malloc_configured
 
 
 def configure_cpu() -> None:

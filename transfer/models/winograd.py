@@ -34,21 +34,29 @@ def use_for(conv: str, in_channels: int) -> bool:
   """Whether a 3x3 conv layer with `in_channels` inputs runs by Winograd under a model's `conv`.
 
   `"winograd"` means every such layer, `"xla"` none. `"auto"` takes Winograd on CPU for layers
-  with at least `MIN_CHANNELS` inputs, where it wins, and XLA's convolution on GPU and TPU: cuDNN
-  picks its own algorithms (Winograd among them) and the TPU's MXU runs plain convolutions at
-  full rate. Called while tracing, when the backend already exists.
+  with at least `MIN_CHANNELS` inputs, where it wins, once `transfer.parallel.configure_cpu()` has
+  set the allocator up (every `transfer` command does): the transforms' large temporaries would
+  otherwise be page-faulted in afresh on every call, which halves Winograd's speed at 224x224.
+  GPU and TPU keep XLA's convolution: cuDNN picks its own algorithms (Winograd among them) and
+  the TPU's MXU runs plain convolutions at full rate. Called while tracing, when the backend exists.
   """
   if conv == "auto":
-    return jax.default_backend() == "cpu" and in_channels >= MIN_CHANNELS
+    from transfer import parallel
+    return (jax.default_backend() == "cpu" and in_channels >= MIN_CHANNELS
+            and parallel.cpu_malloc_configured())
   return conv == "winograd"
 
 
 def describe(conv: str) -> str:
-  """What `conv` means on the default backend, for reports."""
-  if conv == "auto":
-    return (f"auto: winograd from {MIN_CHANNELS} input channels"
-            if jax.default_backend() == "cpu" else "auto: xla")
-  return conv
+  """What `conv` means in this process, for reports."""
+  if conv != "auto":
+    return conv
+  if jax.default_backend() != "cpu":
+    return "auto: xla"
+  from transfer import parallel
+  if not parallel.cpu_malloc_configured():
+    return "auto: xla (allocator not configured; see transfer.parallel.configure_cpu)"
+  return f"auto: winograd from {MIN_CHANNELS} input channels"
 
 
 def _input_transform(d0, d1, d2, d3):
