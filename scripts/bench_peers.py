@@ -407,7 +407,7 @@ def main() -> None:
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   parser.add_argument("--keras_fit", nargs=4, help=argparse.SUPPRESS)
   parser.add_argument("--only", default=",".join(DEFAULT),
-                      help=f"contestants (default: all but jax-fp32-eigenconv): "
+                      help=f"contestants (default: all but the jax-fp32-* ablations): "
                            f"{','.join(CONTESTANTS)}")
   parser.add_argument("--batch_sizes", default="16,32")
   parser.add_argument("--image_size", type=int, default=224)

@@ -76,7 +76,7 @@ def configure_cpu_malloc() -> bool:
   XLA:CPU allocates each step's activations afresh (hundreds of MB for VGG16 at 224) and glibc
   hands every block over 32 MiB straight back to the kernel, so every step page-faults all of its
   memory in again: a third of the time of a large elementwise op, 17-25% of the VGG16 train step
-  measured here (docs/BENCHMARKS.md). One arena, no mmap'd blocks and a 2 GiB trim threshold let
+  measured here (docs/BENCHMARKS.md). One arena, no mmap'd blocks and no trimming (-1) let
   glibc reuse those blocks. It costs a resident set at the step's peak, as any caching allocator
   does. `TRANSFER_CPU_MALLOC=0` turns it off; it is skipped where a GPU/TPU plugin is installed.
   """
@@ -90,7 +90,7 @@ def configure_cpu_malloc() -> bool:
     return False
   global _malloc_configured
   _malloc_configured = all(mallopt(option, value) == 1 for option, value in
-                           ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+                           ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
   return _malloc_configured
 
 
