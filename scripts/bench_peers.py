@@ -33,6 +33,8 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from transfer import hugepages  # noqa: E402  (imports nothing heavy)
 
 # name -> (framework, dtype, options). The first entry is the reference for the ratios.
 CONTESTANTS = {
@@ -43,10 +45,11 @@ CONTESTANTS = {
     "torch-compile-fp32": ("torch", "float32", {"compile": True}),
     "jax-bf16": ("transfer", "bfloat16", {}),
     # What moved the float32 step on CPU, one setting at a time (docs/BENCHMARKS.md): `jax-fp32`
-    # is the package as it runs (Winograd convolutions, CPU XLA flags, allocator settings).
+    # is the package as it runs (Winograd convolutions, CPU XLA flags, huge pages).
+    "jax-fp32-nohugepages": ("transfer", "float32", {"env": {"TRANSFER_CPU_MALLOC": "0"}}),
     "jax-fp32-xlaconv": ("transfer", "float32", {"conv": "xla"}),
-    "jax-fp32-xlaconv-malloc0": ("transfer", "float32",
-                                 {"conv": "xla", "env": {"TRANSFER_CPU_MALLOC": "0"}}),
+    "jax-fp32-xlaconv-nohugepages": ("transfer", "float32",
+                                     {"conv": "xla", "env": {"TRANSFER_CPU_MALLOC": "0"}}),
     "jax-fp32-plain": ("transfer", "float32", {"conv": "xla", "env": {
         "TRANSFER_CPU_MALLOC": "0", "TRANSFER_CPU_XLA_FLAGS": "0"}}),
     "keras-tf-bf16": ("keras-tensorflow", "bfloat16", {}),
@@ -129,7 +132,7 @@ def _torch_step(dtype: str, batch: int, size: int, options: dict):
 def _transfer_step(dtype: str, batch: int, size: int, options: dict):
   sys.path.insert(0, REPO)
   from transfer import bench, configs, parallel, train
-  parallel.configure_cpu()  # as every `transfer` command does, before JAX has a backend
+  parallel.configure_cpu_xla_flags()  # as every `transfer` command does, before JAX has a backend
   import jax
   config = configs.load("bench")
   config.batch_size, config.image_size, config.dtype = batch, size, dtype
@@ -147,7 +150,7 @@ def _transfer_step(dtype: str, batch: int, size: int, options: dict):
   return run, {"jax": jax.__version__, "devices": f"{jax.device_count()} x "
                                                    f"{jax.devices()[0].device_kind}",
                "xla_flags": os.environ.get("XLA_FLAGS", ""), "conv": config.conv,
-               "malloc": os.environ.get("TRANSFER_CPU_MALLOC", "1") != "0"}
+               "hugepages": hugepages.active()}
 
 
 _BUILDERS = {"keras-tensorflow": _keras_step, "keras-jax": _keras_step, "torch": _torch_step,
@@ -191,6 +194,8 @@ class Worker:
     if framework in ("transfer", "keras-jax"):
       env.setdefault("JAX_PLATFORMS", "cpu")
     env.update(CONTESTANTS[name][2].get("env", {}))
+    if framework == "transfer" and hugepages.wanted(env):
+      env = hugepages.restart_environment(env)  # what the `transfer` command starts itself with
     if threads:
       env["OMP_NUM_THREADS"] = str(threads)
     self.name = name
@@ -367,7 +372,7 @@ def markdown(rows, e2e, args, elapsed_s: float) -> str:
   for r in rows:
     info = r["info"]
     note = ", ".join(f"{k}={v}" for k, v in info.items()
-                     if k in ("jit_compile", "compile", "threads", "xla_flags", "conv", "malloc")
+                     if k in ("jit_compile", "compile", "threads", "xla_flags", "conv", "hugepages")
                      and v)
     ratio = f"{r['vs_jax_fp32']:.2f}" if r["vs_jax_fp32"] else ""
     lines.append(f"| {r['name']} | {r['dtype']} | {r['batch']} | {r['step_s_median']:.2f} | "

@@ -99,17 +99,16 @@ def test_dispatch_takes_winograd_only_where_exact(kwargs, takes_winograd):
   np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * float(jnp.abs(want).max()))
 
 
-def test_use_for_follows_the_setting_backend_and_allocator(monkeypatch):
-  from transfer import parallel
+@pytest.mark.parametrize("huge_pages", [True, False])
+def test_use_for_follows_the_setting_backend_and_huge_pages(monkeypatch, huge_pages):
+  from transfer import hugepages
+  monkeypatch.setattr(hugepages, "active", lambda environ=None: huge_pages)
+  least = winograd.MIN_CHANNELS if huge_pages else winograd.MIN_CHANNELS_WITHOUT_HUGEPAGES
+  assert winograd.min_channels() == least
   assert winograd.use_for("winograd", 3) and not winograd.use_for("xla", 512)
   assert jax.default_backend() == "cpu"  # conftest pins the tests to CPU
-  monkeypatch.setattr(parallel, "_malloc_configured", False)
-  assert not winograd.use_for("auto", 512)  # unconfigured allocator: Winograd would be slower
-  assert winograd.describe("auto").startswith("auto: xla")
-  monkeypatch.setattr(parallel, "_malloc_configured", True)
-  assert not winograd.use_for("auto", winograd.MIN_CHANNELS - 1)
-  assert winograd.use_for("auto", winograd.MIN_CHANNELS)
-  assert winograd.describe("auto").startswith("auto: winograd")
+  assert not winograd.use_for("auto", least - 1) and winograd.use_for("auto", least)
+  assert winograd.describe("auto") == f"auto: winograd from {least} input channels"
   with pytest.raises(UserError, match="unknown conv 'fast'"):
     models.get("vgg16_tiny", include_top=True, conv="fast")
 

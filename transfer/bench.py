@@ -438,12 +438,15 @@ def environment(dtype: str) -> dict[str, Any]:
   import flax
   import jax
   import jaxlib
+
+  from transfer import hugepages
   devices = jax.devices()
   return {"device_kind": devices[0].device_kind, "platform": devices[0].platform,
           "devices": len(devices), "processes": jax.process_count(),
           "host_cpus": os.cpu_count(), "dtype": dtype,
           "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-          "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+          "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "hugepages": hugepages.active()}
 
 
 def _rates(result: dict[str, Any], env: dict[str, Any], peak: float | None) -> None:
@@ -571,7 +574,7 @@ def main(config, mode: str = "train", steps: int = 20, warmup: int = 2, as_json:
     `limited_by`; cache_features: the epoch comparison).
   """
   from transfer import parallel
-  parallel.configure_cpu()  # no-op after the CLI did it; for calls from Python
+  parallel.configure_cpu_xla_flags()  # no-op after the CLI did it; for calls from Python
   result = run(config, mode, steps, warmup, peak_tflops)
   table = format_table(result)
   if as_json:

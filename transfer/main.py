@@ -75,7 +75,7 @@ def run(argv: list[str]) -> int:
   """Runs one subcommand; returns the exit status."""
   from transfer import configs, parallel
 
-  parallel.configure_cpu()  # before anything creates a JAX backend
+  parallel.configure_cpu_xla_flags()  # before anything creates a JAX backend
   args_only, overrides = configs.split_overrides(argv)
   args = _parser().parse_args(args_only)
   if overrides and args.command not in ("train", "bench"):
@@ -107,6 +107,9 @@ def run(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
   """Console-script entry point."""
+  if argv is None:  # the real command line, not a call from Python
+    from transfer import hugepages
+    hugepages.restart_if_wanted()  # glibc reads its tunables at start-up only
   argv = sys.argv[1:] if argv is None else argv
   try:
     sys.exit(run(argv))

@@ -9,10 +9,7 @@ replicated train state, so the loop does not care which one runs:
 
 from __future__ import annotations
 
-import ctypes
-import importlib.metadata
 import os
-import sys
 from typing import Callable
 
 import jax
@@ -53,59 +50,6 @@ def configure_cpu_xla_flags() -> bool:
   if added:
     os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
   return True
-
-
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-_ACCELERATOR_PACKAGES = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu")
-_malloc_configured = False
-
-
-def _accelerator_installed() -> bool:
-  """Whether a GPU or TPU plugin for JAX is installed (then the host allocator is left alone)."""
-  platforms = os.environ.get("JAX_PLATFORMS", "")
-  if platforms:
-    return not platforms.lower().startswith("cpu")
-  return any((dist.metadata["Name"] or "").lower().startswith(_ACCELERATOR_PACKAGES)
-             for dist in importlib.metadata.distributions())
-
-
-def configure_cpu_malloc() -> bool:
-  """Keeps freed memory in the process on a CPU-only Linux host; whether it applied.
-
-  XLA:CPU allocates each step's activations afresh (hundreds of MB for VGG16 at 224) and glibc
-  hands every block over 32 MiB straight back to the kernel, so every step page-faults all of its
-  memory in again: a third of the time of a large elementwise op, 17-25% of the VGG16 train step
-  measured here (docs/BENCHMARKS.md). One arena, no mmap'd blocks and no trimming (-1) let
-  glibc reuse those blocks. It costs a resident set at the step's peak, as any caching allocator
-  does. `TRANSFER_CPU_MALLOC=0` turns it off; it is skipped where a GPU/TPU plugin is installed.
-  """
-  if os.environ.get("TRANSFER_CPU_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
-    return False
-  if _accelerator_installed():
-    return False
-  try:
-    mallopt = ctypes.CDLL(None).mallopt
-  except (OSError, AttributeError):  # not glibc (musl, ...)
-    return False
-  global _malloc_configured
-  _malloc_configured = all(mallopt(option, value) == 1 for option, value in
-                           ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
-  return _malloc_configured
-
-
-def cpu_malloc_configured() -> bool:
-  """Whether `configure_cpu_malloc` has applied in this process."""
-  return _malloc_configured
-
-
-def configure_cpu() -> None:
-  """Both CPU settings: `configure_cpu_xla_flags` and `configure_cpu_malloc`.
-
-  Call it before the first JAX computation (the CLI does so first thing).
-  """
-  configure_cpu_xla_flags()
-  configure_cpu_malloc()
 
 
 def make_mesh(devices=None) -> Mesh:

@@ -24,26 +24,31 @@ import jax.numpy as jnp
 from jax import lax
 
 # Layers with fewer input channels keep XLA's convolution under `conv="auto"`: there the
-# transforms outweigh the saved multiplies (measured at 224x224: 3 -> 64 channels runs 0.65x as
-# fast, 32 -> 64 breaks even, 64 -> 64 is 1.2-1.4x faster, 512 -> 512 1.8-1.9x).
+# transforms outweigh the saved multiplies. Measured at batch 16 on VGG16's layers with huge pages
+# (`transfer.hugepages`): 3 -> 64 channels runs 0.55-0.65x as fast, 64 -> 64 1.0-1.2x, 512 -> 512
+# 1.7-1.9x. Without huge pages the transforms' large temporaries are page-faulted in on every
+# call and Winograd only wins from 256 input channels (1.1-1.4x; 0.5-0.9x below).
 MIN_CHANNELS = 64
+MIN_CHANNELS_WITHOUT_HUGEPAGES = 256
 _NHWC = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+
+def min_channels() -> int:
+  """The fewest input channels for which `conv="auto"` takes Winograd in this process."""
+  from transfer import hugepages
+  return MIN_CHANNELS if hugepages.active() else MIN_CHANNELS_WITHOUT_HUGEPAGES
 
 
 def use_for(conv: str, in_channels: int) -> bool:
   """Whether a 3x3 conv layer with `in_channels` inputs runs by Winograd under a model's `conv`.
 
   `"winograd"` means every such layer, `"xla"` none. `"auto"` takes Winograd on CPU for layers
-  with at least `MIN_CHANNELS` inputs, where it wins, once `transfer.parallel.configure_cpu()` has
-  set the allocator up (every `transfer` command does): the transforms' large temporaries would
-  otherwise be page-faulted in afresh on every call, which halves Winograd's speed at 224x224.
-  GPU and TPU keep XLA's convolution: cuDNN picks its own algorithms (Winograd among them) and
-  the TPU's MXU runs plain convolutions at full rate. Called while tracing, when the backend exists.
+  with at least `min_channels()` inputs, where it wins, and XLA's convolution on GPU and TPU:
+  cuDNN picks its own algorithms (Winograd among them) and the TPU's MXU runs plain convolutions
+  at full rate. Called while tracing, when the backend exists.
   """
   if conv == "auto":
-    from transfer import parallel
-    return (jax.default_backend() == "cpu" and in_channels >= MIN_CHANNELS
-            and parallel.cpu_malloc_configured())
+    return jax.default_backend() == "cpu" and in_channels >= min_channels()
   return conv == "winograd"
 
 
@@ -53,10 +58,7 @@ def describe(conv: str) -> str:
     return conv
   if jax.default_backend() != "cpu":
     return "auto: xla"
-  from transfer import parallel
-  if not parallel.cpu_malloc_configured():
-    return "auto: xla (allocator not configured; see transfer.parallel.configure_cpu)"
-  return f"auto: winograd from {MIN_CHANNELS} input channels"
+  return f"auto: winograd from {min_channels()} input channels"
 
 
 def _input_transform(d0, d1, d2, d3):
