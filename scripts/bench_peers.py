@@ -393,9 +393,9 @@ def markdown(rows, e2e, args, elapsed_s: float) -> str:
   return "\n".join(lines)
 
 
-def write_section(path: str, text: str, command: str) -> None:
-  """Replaces the text between the peer-benchmark markers in `path`."""
-  begin, end = "<!-- peers:begin -->", "<!-- peers:end -->"
+def write_section(path: str, text: str, command: str, section: str = "peers") -> None:
+  """Replaces the text between the `<!-- {section}:begin/end -->` markers in `path`."""
+  begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
   with open(path) as f:
     doc = f.read()
   if begin not in doc or end not in doc:
@@ -424,6 +424,8 @@ def main() -> None:
   parser.add_argument("--e2e_epochs", type=int, default=50)
   parser.add_argument("--e2e_keras_epochs", type=int, default=3)
   parser.add_argument("--write", help="replace the peers section of this markdown file")
+  parser.add_argument("--section", default="peers",
+                      help="which <!-- SECTION:begin/end --> block --write replaces")
   parser.add_argument("--json", help="also write the raw results here")
   args = parser.parse_args()
   if args.worker:
@@ -452,7 +454,7 @@ def main() -> None:
   save(rows, e2e)
   if args.write:
     write_section(args.write, text, "python " + " ".join(
-        [os.path.relpath(os.path.abspath(__file__), REPO)] + sys.argv[1:]))
+        [os.path.relpath(os.path.abspath(__file__), REPO)] + sys.argv[1:]), args.section)
 
 
 if __name__ == "__main__":
