@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One prepared pass of `transfer bench` on a GPU (or TPU) host, about 4-5 minutes on one H200.
+# One prepared pass of `transfer bench` on a GPU (or TPU) host, about 5 minutes on one H200.
 #
 #   scripts/gpu_bench.sh                 # table on stdout and in ./gpu_bench.md (or $OUT/)
 #   BATCH=512 STEPS=50 scripts/gpu_bench.sh
 #
 # Runs the blog job (VGG16, blog head, conv frozen, 224x224, synthetic on-device batches) as:
-# float32 and bfloat16 x shard_map and pmap, bfloat16 with block5 trainable, and the
+# float32 and bfloat16 x shard_map and pmap, bfloat16 with block5 trainable, bfloat16 with
+# Winograd convolutions (`conv=auto` leaves GPU convolutions to cuDNN; this row checks that), and the
 # cache_features comparison (one head epoch on cached features vs one epoch through the backbone).
 # Each run is its own process with a time limit, so one failure costs only its row.
 #
@@ -63,6 +64,7 @@ run "fp32 shard_map"        --config.dtype=float32 --config.parallel=shard_map
 run "bf16 pmap"             --config.dtype=bfloat16 --config.parallel=pmap
 run "fp32 pmap"             --config.dtype=float32 --config.parallel=pmap
 run "bf16 block5 trainable" --config.dtype=bfloat16 --config.trainable='^head/,^block5'
+run "bf16 winograd conv"    --config.dtype=bfloat16 --config.conv=winograd  # auto = cuDNN's choice
 run "bf16 cached features"  --config.dtype=bfloat16 --config.cache_features=true \
                             --config.epoch_images="$EPOCH_IMAGES"
 

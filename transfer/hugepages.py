@@ -80,9 +80,12 @@ def restart_if_wanted() -> None:
 
   Call it first thing in a command-line entry point, before anything is printed or imported.
   """
-  if not wanted(os.environ):
+  if not wanted(os.environ) or not sys.executable:
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
-            restart_environment(os.environ))
+  try:
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
+              restart_environment(os.environ))
+  except OSError:  # cannot re-execute (unusual embedding): run on without huge pages
+    return
