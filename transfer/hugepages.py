@@ -5,8 +5,9 @@ block over 32 MiB with a fresh `mmap` and returns it with `munmap`, so every ste
 of its memory in again, 4 KiB at a time: a 205 MB elementwise op took 45 ms with 50,177 page
 faults, against 8.5 ms when its buffer is reused (docs/BENCHMARKS.md). glibc's
 `glibc.malloc.hugetlb=1` tunable makes malloc ask the kernel for transparent huge pages, 2 MiB at a
-time, which brings that op to 18 ms and the VGG16 train step up by 1.15-1.25x, with the memory
-still returned to the system after every step.
+time, which brings that op to 18 ms and the VGG16 train step up by 1.04x (XLA's convolutions) to
+1.25x (Winograd's, whose temporaries are larger), with the memory still returned to the system
+after every step.
 
 glibc reads tunables only when a process starts, so `transfer`'s command line re-executes itself
 once, first thing, with the tunable added to `GLIBC_TUNABLES` (same interpreter, arguments and
