@@ -107,9 +107,11 @@ def run(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
   """Console-script entry point."""
-  if argv is None:  # the real command line, not a call from Python
+  if argv is None and sys.argv[1:2] in (["train"], ["eval"], ["predict"], ["bench"]):
+    # The real command line (not a call from Python), about to compute: glibc reads its
+    # tunables at start-up only, so restart once with huge pages (transfer/hugepages.py).
     from transfer import hugepages
-    hugepages.restart_if_wanted()  # glibc reads its tunables at start-up only
+    hugepages.restart_if_wanted()
   argv = sys.argv[1:] if argv is None else argv
   try:
     sys.exit(run(argv))
