@@ -57,7 +57,7 @@ CONTESTANTS = {
     "torch-compile-bf16": ("torch", "bfloat16", {"compile": True}),
 }
 REFERENCE = "jax-fp32"
-DEFAULT = [n for n in CONTESTANTS if not n.startswith(("jax-fp32-"))]
+DEFAULT = [n for n in CONTESTANTS if not n.startswith("jax-fp32-")]
 
 
 # ----------------------------------------------------------------------------- workers
@@ -130,7 +130,6 @@ def _torch_step(dtype: str, batch: int, size: int, options: dict):
 
 
 def _transfer_step(dtype: str, batch: int, size: int, options: dict):
-  sys.path.insert(0, REPO)
   from transfer import bench, configs, parallel, train
   parallel.configure_cpu_xla_flags()  # as every `transfer` command does, before JAX has a backend
   import jax

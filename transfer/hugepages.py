@@ -20,6 +20,7 @@ This module imports nothing heavy: it runs before JAX is imported.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import platform
@@ -32,6 +33,7 @@ _ACCELERATOR_PACKAGES = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu
 _RESTARTED = "TRANSFER_HUGEPAGES_RESTARTED"  # set in the restarted process: never loop
 
 
+@functools.cache  # read once: `winograd.use_for` asks for every conv layer it traces
 def kernel_allows() -> bool:
   """Whether the kernel hands out transparent huge pages to a process that asks (`madvise`)."""
   try:
