@@ -24,6 +24,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from transfer.errors import UserError
+
 log = logging.getLogger("transfer")
 
 STATE, META = "state", "meta"
@@ -74,10 +76,47 @@ class Checkpointer:
         metrics=metrics, force=force)
 
   def restore(self, step: int, abstract_state) -> tuple[Any, dict[str, Any]]:
-    """Restores `step` onto the shardings of `abstract_state` (a tree of ShapeDtypeStruct)."""
+    """Restores `step` onto the shardings of `abstract_state` (a tree of ShapeDtypeStruct).
+
+    Raises:
+      CheckpointMismatch: the saved state's structure or shapes differ from `abstract_state`
+        (a config change, not damage); nothing is read or moved.
+    """
+    problems = self.fit_problems(step, abstract_state)
+    if problems:
+      raise CheckpointMismatch(f"checkpoint {step} in {self.directory} does not fit this "
+                               f"config's model/optimizer: {'; '.join(problems)}")
     restored = self.manager.restore(step, args=ocp.args.Composite(**{
         STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}))
     return restored[STATE], dict(restored[META])
+
+  def saved_shapes(self, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """`{"params.head.logits.bias": (shape, dtype), ...}` of the state saved at `step`.
+
+    Reads only Orbax's tree metadata, so it works on a checkpoint whose array data is damaged.
+    """
+    path = epath.Path(self.directory) / str(step) / STATE
+    saved = ocp.StandardCheckpointHandler().metadata(path)
+    leaves = jax.tree_util.tree_flatten_with_path(saved.tree if hasattr(saved, "tree") else saved)[0]
+    return {_dotted(p): (tuple(m.shape), str(m.dtype)) for p, m in leaves}
+
+  def fit_problems(self, step: int, abstract_state) -> list[str]:
+    """What differs between the state saved at `step` and `abstract_state` (empty: it fits)."""
+    saved = self.saved_shapes(step)
+    wanted = {_dotted(p): (tuple(x.shape), str(x.dtype))
+              for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    missing = sorted(set(wanted) - set(saved))
+    extra = sorted(set(saved) - set(wanted))
+    reshaped = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+    problems = []
+    for what, keys in (("missing", missing), ("not in this model", extra)):
+      if keys:
+        problems.append(f"{len(keys)} saved array(s) {what}, e.g. {_short(keys)}")
+    if reshaped:
+      k = reshaped[0]
+      problems.append(f"{len(reshaped)} of another shape, e.g. {k}: saved {saved[k][0]}, "
+                      f"this config {wanted[k][0]}")
+    return problems
 
   def restore_meta(self, step: int) -> dict[str, Any]:
     """Only the JSON metadata of `step`."""
@@ -87,27 +126,56 @@ class Checkpointer:
   def restore_latest(self, abstract_state, check_meta=None) -> tuple[int, Any, dict[str, Any]] | None:
     """The newest checkpoint that restores, falling back past damaged ones; None if none.
 
+    Only unreadable data counts as damage (set aside in `checkpoints_damaged/`). A checkpoint
+    that belongs to another run, or does not fit `abstract_state`, raises and nothing is moved.
+    A workdir whose every checkpoint was unreadable is refused rather than restarted at step 0.
+
     Args:
       abstract_state: restore target (shapes, dtypes, shardings).
       check_meta: called with each candidate's metadata before its state is read; it raises
         (e.g. `UserError`) when the checkpoint belongs to a different run. That error
         propagates: a different run is not a damaged checkpoint.
+
+    Raises:
+      CheckpointMismatch, UserError: see above.
     """
     for step in reversed(self.steps()):
       try:
         meta = self.restore_meta(step)
+        problems = self.fit_problems(step, abstract_state)
       except Exception as e:  # pylint: disable=broad-except
         self._report_damaged(step, e)
         continue
       if check_meta is not None:
         check_meta(meta)
+      if problems:
+        raise CheckpointMismatch(f"checkpoint {step} in {self.directory} does not fit this "
+                                 f"config's model/optimizer: {'; '.join(problems)}")
       try:
         state, meta = self.restore(step, abstract_state)
         return step, state, meta
+      except CheckpointMismatch:
+        raise
       except Exception as e:  # pylint: disable=broad-except
         # Orbax raises many types for damaged files; any of them means "not usable".
         self._report_damaged(step, e)
+    damaged = self.damaged_steps()
+    if damaged:
+      raise UserError(f"no checkpoint in {self.directory} could be read ({len(damaged)} set aside "
+                      f"in {self.damaged_directory}); refusing to start over from step 0. Move "
+                      f"{self.damaged_directory} away to train from scratch here, or use "
+                      "another --workdir")
     return None
+
+  @property
+  def damaged_directory(self) -> str:
+    return os.path.join(os.path.dirname(self.directory), "checkpoints_damaged")
+
+  def damaged_steps(self) -> list[str]:
+    """Names of the checkpoints set aside as unreadable (`STEP-TIME`)."""
+    if not os.path.isdir(self.damaged_directory):
+      return []
+    return sorted(os.listdir(self.damaged_directory))
 
   def _report_damaged(self, step: int, error: Exception) -> None:
     text = str(error).strip()
@@ -118,8 +186,7 @@ class Checkpointer:
 
   def _set_aside(self, step: int) -> str:
     """Moves a damaged step out of the manager's way (kept for inspection, never deleted)."""
-    target = os.path.join(os.path.dirname(self.directory), "checkpoints_damaged",
-                          f"{step}-{int(time.time())}")
+    target = os.path.join(self.damaged_directory, f"{step}-{int(time.time())}")
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(target), exist_ok=True)
       os.replace(os.path.join(self.directory, str(step)), target)
@@ -148,6 +215,28 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+class CheckpointMismatch(UserError):
+  """A checkpoint that is readable but was written by a differently configured run."""
+
+
+def _dotted(path) -> str:
+  """`params.head.logits.bias` for a key path (dict keys, attributes, sequence indices)."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return ".".join(parts)
+
+
+def _short(keys: list[str], n: int = 3) -> str:
+  more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+  return ", ".join(keys[:n]) + more
 
 
 def abstract_like(tree):

@@ -83,10 +83,12 @@ def run(argv: list[str]) -> int:
 
   if args.command == "train":
     from transfer import train
-    config = configs.apply_overrides(configs.load(args.config), overrides)
-    train.main(config, workdir=args.workdir, config_name=args.config or configs.DEFAULT,
-               distributed=dict(coordinator_address=args.coordinator_address,
-                                num_processes=args.num_processes, process_id=args.process_id))
+    config_name = _train_config_name(args.config, args.workdir)
+    config = configs.apply_overrides(configs.load(config_name), overrides)
+    return train.main(config, workdir=args.workdir, config_name=config_name,
+                      distributed=dict(coordinator_address=args.coordinator_address,
+                                       num_processes=args.num_processes,
+                                       process_id=args.process_id))
   elif args.command == "eval":
     from transfer import evaluate
     evaluate.main(args.workdir, as_json=args.json)
@@ -103,6 +105,19 @@ def run(argv: list[str]) -> int:
     bench.main(config, mode=args.mode, steps=args.steps, warmup=args.warmup,
                as_json=args.json, peak_tflops=args.peak_tflops)
   return 0
+
+
+def _train_config_name(config: str | None, workdir: str | None) -> str:
+  """The config to train with: the one named, else an existing run's own, else the demo's."""
+  if config:
+    return config
+  if workdir:
+    from transfer import runs
+    recorded = os.path.join(workdir, runs.CONFIG_FILE)
+    if os.path.isfile(recorded):
+      return recorded
+  from transfer import configs
+  return configs.DEFAULT
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ import optax
 from flax import traverse_util
 
 from transfer import checkpoint as ckpt_lib
-from transfer import models, optim, parallel
+from transfer import models, optim, parallel, runs
 from transfer.errors import UserError
 
 log = logging.getLogger("transfer")
@@ -209,8 +210,13 @@ class RunSetup:
   meta: dict[str, Any]   # JSON-able run metadata stored with every checkpoint
 
 
-def run_metadata(config, class_names: list[str], outputs: int) -> dict[str, Any]:
-  """The JSON metadata that rebuilds the model for eval/predict without the config."""
+def run_metadata(config, class_names: list[str], outputs: int,
+                 data: dict[str, Any] | None = None) -> dict[str, Any]:
+  """The JSON metadata that rebuilds the model for eval/predict without the config.
+
+  `data` is the dataset's identity (`Dataset.identity()`: absolute root and split fingerprint),
+  which resume, `init_from` and eval compare against the data they are given.
+  """
   from transfer.weights.preprocess import mode_for
   return {"model": config.model, "head": config.head, "head_hidden": config.head_hidden,
           "head_dropout": config.head_dropout, "outputs": outputs,
@@ -220,7 +226,8 @@ def run_metadata(config, class_names: list[str], outputs: int) -> dict[str, Any]
           "dtype": models.resolve_dtype(config.dtype),
           "dataset": config.dataset, "optimizer": config.optimizer,
           # The optimizer's state structure follows these, so resuming needs them unchanged.
-          "trainable": list(config.trainable), "lr_mults": dict(config.lr_mults)}
+          "trainable": list(config.trainable), "lr_mults": dict(config.lr_mults),
+          "data": data}
 
 
 def model_from_meta(meta: dict[str, Any], dtype: str | None = None) -> nn.Module:
@@ -248,14 +255,14 @@ def _is_due(step: int, every: int, total: int) -> bool:
   return step == total or (every > 0 and step % every == 0)
 
 
-def _initial_params(config, model, shapes):
+def _initial_params(config, model, shapes, data_identity=None):
   """Params before training: another run's (`init_from`), pretrained weights, or random.
 
   `shapes` is the model's params tree of `jax.ShapeDtypeStruct`s, the structure to fill.
   """
   image_size = config.image_size
   if config.init_from:
-    params = _params_from_workdir(config.init_from, shapes)
+    params = _params_from_workdir(config.init_from, shapes, data_identity)
     return params, f"params from run {config.init_from} (init_from)"
   source = config.weights
   if not source or source == "none":
@@ -266,16 +273,26 @@ def _initial_params(config, model, shapes):
   return params, report.summary()
 
 
-def _params_from_workdir(other: str, shapes):
-  """The latest params of another run, merged strictly into the tree described by `shapes`."""
+def _params_from_workdir(other: str, shapes, data_identity=None):
+  """The latest params of another run, merged strictly into the tree described by `shapes`.
+
+  When the other run trained on the same dataset, its split must be this run's split: a
+  different hold-out would put its validation images into this run's training data.
+  """
   checkpointer = ckpt_lib.Checkpointer(other, async_save=False)
-  step = checkpointer.latest_step()
-  if step is None:
-    raise UserError(f"init_from={other}: no checkpoint there; train that run first")
-  meta = checkpointer.restore_meta(step)
-  restored = checkpointer.manager.restore(step, args=ckpt_lib.ocp.args.Composite(**{
-      ckpt_lib.STATE: ckpt_lib.ocp.args.StandardRestore(checkpointer.local_target(step))}))[
-          ckpt_lib.STATE]
+  try:
+    step = checkpointer.latest_step()
+    if step is None:
+      raise UserError(f"init_from={other}: no checkpoint there; train that run first")
+    meta = checkpointer.restore_meta(step)
+    theirs_data = meta["run"].get("data") or {}
+    if data_identity and theirs_data.get("dataset") == data_identity.get("dataset"):
+      _check_same_data(theirs_data, data_identity, f"init_from={other}")
+    restored = checkpointer.manager.restore(step, args=ckpt_lib.ocp.args.Composite(**{
+        ckpt_lib.STATE: ckpt_lib.ocp.args.StandardRestore(checkpointer.local_target(step))}))[
+            ckpt_lib.STATE]
+  finally:
+    checkpointer.close()
   theirs = restored["params"]
   fresh_flat, their_flat = traverse_util.flatten_dict(shapes), traverse_util.flatten_dict(theirs)
   problems = [("/".join(k), v.shape, their_flat[k].shape) for k, v in fresh_flat.items()
@@ -284,7 +301,6 @@ def _params_from_workdir(other: str, shapes):
   if problems or missing:
     raise UserError(f"init_from={other} (model {meta['run']['model']}, head {meta['run']['head']}) "
                     f"does not fit this model: missing {missing[:5]}, mis-shaped {problems[:5]}")
-  checkpointer.close()
   return traverse_util.unflatten_dict({k: jnp.asarray(their_flat[k]) for k in fresh_flat})
 
 
@@ -465,6 +481,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains (or resumes) a run in `workdir` and evaluates it.
 
   Resume order: the workdir's latest good checkpoint > `config.init_from` > `config.weights`.
+  A rerun must be the same run (`transfer.runs`): a config that changes the run's math or state
+  is refused before anything in the workdir is touched. A start that fails before its first
+  step leaves the workdir as it found it.
 
   Args:
     config: a config from `transfer.configs` (see `configs/default.py` for the keys).
@@ -472,16 +491,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     devices: the devices to train on; default all of them (every process's).
 
   Returns:
-    A summary dict: `step`, `best_val_accuracy`, `final` (last eval metrics), `workdir`.
+    A summary dict: `step`, `best_val_accuracy` (None without a validation split), `final`
+    (last eval metrics), `workdir`, `trained_steps` (steps taken by this call).
 
   Raises:
     UserError: bad config or data; `NonFiniteLossError` when the loss becomes NaN/inf.
+    Preempted: a signal stopped training after a checkpoint was saved.
   """
+  workdir = os.path.abspath(workdir)
+  created = runs.prepare_workdir(workdir)
+  before = set(os.listdir(workdir))
+  saved_config = _saved_config(workdir)
+  changes = runs.check_rerun(workdir, config, saved_config)
+  progress = {"started": False}
+  try:
+    return _train(config, workdir, devices, changes, progress)
+  except BaseException as error:
+    if not progress["started"] and saved_config is None:
+      runs.remove_failed_start(workdir, created, before)
+    disk = _disk_error(error, workdir)
+    if disk is not None:
+      raise disk from None
+    raise
+
+
+def _saved_config(workdir: str) -> dict[str, Any] | None:
+  """The run's original config: `config.json`, else the latest checkpoint's copy of it."""
+  saved = runs.read_config(workdir)
+  if saved is not None or not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
+    return saved
+  checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
+  try:
+    for step in reversed(checkpointer.steps()):
+      try:
+        return checkpointer.restore_meta(step).get("config")
+      except Exception:  # pylint: disable=broad-except  (damage is handled at restore)
+        continue
+    return None
+  finally:
+    checkpointer.close()
+
+
+def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) -> dict[str, Any]:
+  """`train_and_evaluate` once the workdir is known to hold this run (or none)."""
   from transfer import data as data_lib
 
-  workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
   mesh = parallel.make_mesh(devices)
   parallel.check_batch_size(config.batch_size, mesh)
   if config.parallel not in parallel.MODES:
@@ -491,6 +546,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   weights_source = _weights_source(config.weights)
   ds = data_lib.create(config, preprocess_source=weights_source or "none")
   _log(is_main, f"data: {config.dataset}: {ds.describe()}")
+  for note in getattr(ds, "notes", ()):
+    _log(is_main, f"data: {note}")
   num_classes = config.num_classes if config.num_classes > 0 else ds.num_classes
   if num_classes != ds.num_classes:
     raise UserError(f"num_classes={num_classes} but the dataset has {ds.num_classes} classes "
@@ -501,7 +558,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   model = models.get(config.model, head=config.head, num_classes=outputs,
                      head_hidden=config.head_hidden, head_dropout=config.head_dropout,
                      dtype=models.resolve_dtype(config.dtype), conv=config.conv)
-  meta_run = run_metadata(config, ds.class_names, outputs)
+  data_identity = ds.identity() if hasattr(ds, "identity") else None
+  meta_run = run_metadata(config, ds.class_names, outputs, data_identity)
+  has_val = ds.num_val > 0
+  if not has_val:
+    _log(is_main, "no validation examples: training without evaluation (raise val_fraction or "
+                  "add a val/ folder to evaluate)")
 
   total_steps = _total_steps(config, ds.steps_per_epoch)
   steps_per_epoch = ds.steps_per_epoch
@@ -512,21 +574,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # State: resume > init_from > weights > random.
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
                                        keep_best=config.keep_best_checkpoints)
-  # Shapes only: a resumed run never initialises, a fresh one initialises once below.
-  shapes = jax.eval_shape(lambda: models.init_params(model, config.image_size, config.seed))
-  tx, labels = optim.make_optimizer(config, shapes, total_steps)
-  abstract = jax.eval_shape(lambda p: create_train_state(p, tx, config.seed), shapes)
-  abstract = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)), abstract)
-  resumed = checkpointer.restore_latest(
-      abstract, check_meta=lambda meta: _check_same_run(meta["run"], meta_run, workdir))
+  try:
+    # Shapes only: a resumed run never initialises, a fresh one initialises once below.
+    shapes = jax.eval_shape(lambda: models.init_params(model, config.image_size, config.seed))
+    tx, labels = optim.make_optimizer(config, shapes, total_steps)
+    abstract = jax.eval_shape(lambda p: create_train_state(p, tx, config.seed), shapes)
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)),
+        abstract)
+
+    def check_meta(meta):
+      _check_same_run(meta["run"], meta_run, workdir)
+      _check_same_data(meta["run"].get("data"), data_identity, f"resuming {workdir}")
+
+    resumed = checkpointer.restore_latest(abstract, check_meta=check_meta)
+  except BaseException:
+    checkpointer.close()
+    raise
   if resumed is not None:
     start_step, state, meta = resumed
     init_note = f"resumed from step {start_step} in {workdir}"
+    if start_step >= total_steps:
+      checkpointer.close()
+      return _already_finished(workdir, start_step, total_steps, is_main)
   else:
     start_step = 0
-    params, init_note = _initial_params(config, model, shapes)
+    try:
+      params, init_note = _initial_params(config, model, shapes, data_identity)
+    except BaseException:
+      checkpointer.close()
+      raise
     state = parallel.replicate(create_train_state(params, tx, config.seed), mesh)
+  if changes:
+    _log(is_main, f"config changes accepted (bookkeeping only, recorded in "
+                  f"{runs.HISTORY_FILE}): {runs.format_changes(changes)}")
   _log(is_main, f"{config.model} + {config.head} head, {outputs} output(s), "
                 f"{num_classes} classes; {init_note}")
   _log(is_main, optim.describe(state.params, labels))
@@ -558,8 +639,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   schedule = optim.make_schedule(config, total_steps)
 
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    runs.record_start(workdir, config, changes, start_step)
   writer = MetricsWriter(workdir, start_step, is_main)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
   ckpt_every = (config.checkpoint_every_steps if config.checkpoint_every_steps > 0
@@ -581,7 +661,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   progress = _progress_bar(is_main, start_step, total_steps)
   sums, count, window_start, window_time = None, 0, start_step, time.perf_counter()
-  step = start_step
+  step = saved_step = start_step
   sync = checkpointer.manager.reached_preemption if jax.process_count() > 1 else None
   with _Preemption(sync) as preemption:
     try:
@@ -589,6 +669,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         batch = next(batches)
         state, metrics = train_step(state, {"image": batch["image"], "label": batch["label"]})
         step += 1
+        progress_flag["started"] = True
         sums = metrics if sums is None else jax.tree_util.tree_map(jnp.add, sums, metrics)
         count += 1
         if _is_due(step, config.log_every_steps, total_steps):
@@ -606,7 +687,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                img_s=f"{record['images_per_sec']:.0f}")
           sums, count, window_start, window_time = None, 0, step, time.perf_counter()
         progress.update(1)
-        eval_now = _is_due(step, eval_every, total_steps)
+        eval_now = has_val and _is_due(step, eval_every, total_steps)
         stop = preemption.stop_at(step)
         if eval_now:
           check_finite()
@@ -621,24 +702,95 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           check_finite()
           checkpointer.save(step, state, make_meta(step),
                             val_accuracy=last_eval.get("val_accuracy") if eval_now else None)
+          saved_step = step
         if stop:
-          checkpointer.wait()
+          checkpointer.wait()  # a pending save's error surfaces here
           progress.close()
           name = signal.Signals(preemption.signal).name
           _log(is_main, f"{name}: saved a checkpoint at step {step} in {workdir}; rerun the same "
-                        "command to resume")
-          raise Preempted(step)
+                        f"command to resume (exit status {128 + preemption.signal})")
+          raise Preempted(step, preemption.signal)
+    except (Preempted, NonFiniteLossError):
+      raise
+    except BaseException as error:
+      # Whatever failed (eval, metrics, a signal handler, the disk), steps already trained are
+      # saved first when they can be; the error is then reported as it is.
+      if step > saved_step and int(jax.device_get(state.nonfinite_step)) < 0:
+        try:
+          checkpointer.save(step, state, make_meta(step))
+          checkpointer.wait()
+          saved_step = step
+          _log(is_main, f"saved a checkpoint at step {step} before stopping")
+        except Exception:  # pylint: disable=broad-except  (the first error is the one to report)
+          pass
+      raise
     finally:
       progress.close()
-      checkpointer.close()
       writer.close()
+      _close_checkpointer(checkpointer, workdir)
 
-  summary = {"step": step, "best_val_accuracy": best, "final": last_eval, "workdir": workdir}
+  summary = {"step": step, "best_val_accuracy": best, "final": last_eval, "workdir": workdir,
+             "trained_steps": step - start_step}
   if is_main:
-    _plot_curves(workdir)
-    _log(True, f"done: {step} steps, best val_accuracy {best:.4f}, last {last_eval.get('val_accuracy', float('nan')):.4f}; "
-               f"workdir {workdir}")
+    try:
+      _plot_curves(workdir)
+    except (OSError, RuntimeError, ValueError) as e:
+      _log(True, f"warning: could not write {os.path.join(workdir, 'curves.png')}: {e}")
+    _log(True, f"done: {step} steps, {_result_line(best, last_eval)}; workdir {workdir}")
   return summary
+
+
+def _close_checkpointer(checkpointer, workdir: str) -> None:
+  """Closes (waits for) the checkpointer; its own failure is reported only if nothing else is."""
+  in_flight = sys.exc_info()[1]
+  try:
+    checkpointer.close()
+  except Exception as error:  # pylint: disable=broad-except
+    if in_flight is None:
+      raise
+    log.warning("closing the checkpointer also failed: %s", str(error).splitlines()[0][:200])
+
+
+def _result_line(best: float | None, last_eval: dict[str, Any]) -> str:
+  if best is None:
+    return "no validation split"
+  last = last_eval.get("val_accuracy")
+  return f"best val_accuracy {best:.4f}" + (f", last {last:.4f}" if last is not None else "")
+
+
+def _already_finished(workdir: str, step: int, total_steps: int, is_main: bool) -> dict[str, Any]:
+  """A rerun of a finished run: report its final metrics, train nothing."""
+  records = read_metrics(workdir) if is_main else []
+  evals = [r for r in records if "val_accuracy" in r]
+  best = max((r["val_accuracy"] for r in evals), default=None)
+  last_eval = dict(evals[-1]) if evals else {}
+  _log(is_main, f"already finished: step {step} of {total_steps}, {_result_line(best, last_eval)}"
+                f"; nothing to train (raise num_epochs or num_steps to train further); "
+                f"workdir {workdir}")
+  return {"step": step, "best_val_accuracy": best, "final": last_eval, "workdir": workdir,
+          "trained_steps": 0}
+
+
+_DISK_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO)
+
+
+def _disk_error(error: BaseException, workdir: str) -> UserError | None:
+  """A `UserError` for a failed write to the workdir (disk full, read-only), else None."""
+  seen, cause = set(), error
+  while cause is not None and id(cause) not in seen:
+    seen.add(id(cause))
+    if isinstance(cause, OSError) and cause.errno in _DISK_ERRNOS:
+      break
+    cause = cause.__cause__ or cause.__context__
+  else:
+    return None
+  directory = ckpt_lib.checkpoint_dir(workdir)
+  committed = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) \
+      if os.path.isdir(directory) else []
+  where = (f"the last good checkpoint (step {committed[-1]}) is intact" if committed
+           else "no checkpoint was written")
+  return UserError(f"cannot write to {workdir}: {cause.strerror or cause}; {where}. Free space "
+                   f"or fix permissions, then rerun the same command to resume")
 
 
 def _position(ds, step: int, stage: str, steps_per_epoch: int) -> dict[str, int]:
@@ -649,13 +801,30 @@ def _position(ds, step: int, stage: str, steps_per_epoch: int) -> dict[str, int]
 
 
 def _check_same_run(saved: dict[str, Any], current: dict[str, Any], workdir: str) -> None:
-  """Refuses to resume a workdir with a different model, head or classes."""
-  for key in ("model", "head", "outputs", "class_names", "image_size", "optimizer", "trainable",
-              "lr_mults"):
-    if saved.get(key) != current.get(key):
-      raise UserError(f"{workdir} holds a run with {key}={saved.get(key)!r}, this config has "
-                      f"{current.get(key)!r}; use another --workdir, or "
-                      f"--config.init_from={workdir} to start from its params")
+  """Refuses to resume a checkpoint whose model, head, classes or optimizer structure differ.
+
+  The config check (`runs.check_rerun`) comes first; this one reads the checkpoint's own record,
+  so it also holds for a workdir whose config.json was lost.
+  """
+  keys = ("model", "head", "head_hidden", "outputs", "class_names", "image_size", "optimizer",
+          "trainable", "lr_mults", "preprocessing")
+  changed = {k: (saved[k], current.get(k)) for k in keys
+             if k in saved and saved[k] != current.get(k)}
+  if changed:
+    raise UserError(f"{workdir} holds a different run: {runs.format_changes(changed)}; nothing "
+                    f"was changed there. Use another --workdir, or --config.init_from={workdir} "
+                    "to start a new run from its params")
+
+
+def _check_same_data(saved: dict[str, Any] | None, current: dict[str, Any] | None,
+                     what: str) -> None:
+  """Refuses data whose split differs from the one a checkpoint was trained on."""
+  if not saved or not current:
+    return
+  from transfer import data as data_lib
+  check = getattr(data_lib, "check_same_data", None)
+  if check is not None:
+    check(saved, current, what)
 
 
 class NonFiniteLossError(UserError):
@@ -663,11 +832,13 @@ class NonFiniteLossError(UserError):
 
 
 class Preempted(Exception):
-  """Raised after a signal-triggered checkpoint; the CLI exits cleanly."""
+  """Raised after a signal-triggered checkpoint; the CLI exits with 128 + the signal number."""
 
-  def __init__(self, step: int):
+  def __init__(self, step: int, signum: int = signal.SIGTERM):
     super().__init__(f"preempted at step {step}")
     self.step = step
+    self.signum = int(signum)
+    self.exit_status = 128 + self.signum
 
 
 def _log(enabled: bool, message: str) -> None:
@@ -705,17 +876,24 @@ def _plot_curves(workdir: str) -> str | None:
   return path
 
 
-def main(config, workdir: str | None, config_name: str, distributed: dict[str, Any]) -> None:
-  """CLI entry: set up logging and the distributed runtime, then train."""
+def main(config, workdir: str | None, config_name: str, distributed: dict[str, Any]) -> int:
+  """CLI entry: set up the distributed runtime, then train.
+
+  Returns:
+    The exit status: 0 when training finished (or had finished), 128 + the signal number when a
+    signal stopped it after saving a checkpoint (143 for SIGTERM, 130 for Ctrl-C).
+  """
   from transfer import distributed as dist
   dist.initialize(**distributed)
   workdir = workdir or default_workdir(config_name)
   try:
-    train_and_evaluate(config, workdir)
-  except Preempted:
-    sys.exit(0)
-  if config_name == "quickstart" and jax.process_index() == 0:
+    summary = train_and_evaluate(config, workdir)
+  except Preempted as stopped:
+    return stopped.exit_status
+  demo = config_name == "quickstart" and config.dataset == "synthetic"
+  if demo and summary["trained_steps"] and jax.process_index() == 0:
     print(_NEXT_STEPS.format(workdir=workdir), file=sys.stderr)
+  return 0
 
 
 _NEXT_STEPS = """
