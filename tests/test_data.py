@@ -1,6 +1,8 @@
 """Tests for transfer.data: sources, bad files, determinism, resume, sharding and prefetch."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,6 +15,7 @@ from PIL import Image
 
 import transfer.data
 from transfer.configs.default import get_config
+from transfer.data.sources import folder_sources
 from transfer.errors import UserError
 
 RED, BLUE = (220, 30, 40), (30, 40, 220)
@@ -212,13 +215,6 @@ def test_folder_train_val_layout(tmp_path):
   assert len(ds.skipped) == 10
 
 
-def test_folder_hold_out_is_stable_across_seeds(tmp_path):
-  write_folder(tmp_path)
-  make = lambda seed: transfer.data.create(
-      make_config(dataset=f"folder:{tmp_path}", batch_size=4, seed=seed), preprocess_source="unit")
-  np.testing.assert_array_equal(all_examples(make(0), "val")[0], all_examples(make(3), "val")[0])
-
-
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist"),
     ("empty_class", "is empty"),
@@ -254,6 +250,220 @@ def test_cache_gives_the_same_batches(tmp_path, cache):
     assert_batches_equal(list(plain.eval_batches()), list(ds.eval_batches()))
   if cache == "disk":
     assert len(os.listdir(tmp_path / "cache")) == 4  # train and val: data + metadata each.
+
+
+# Folder layouts, stable splits and the data's fingerprint.
+
+def write_images(folder, names, colour=RED):
+  """Tiny valid PNGs `folder/name` (names may contain `/`)."""
+  for name in names:
+    path = folder / name
+    os.makedirs(path.parent, exist_ok=True)
+    Image.new("RGB", (8, 8), colour).save(path, format="PNG")
+  return folder
+
+
+def write_classes(folder, counts=None):
+  """`folder/<class>/<i>.png` for {class: count} (default cat 10, dog 10)."""
+  for cls, n in (counts or {"cat": 10, "dog": 10}).items():
+    write_images(folder, [f"{cls}/{i}.png" for i in range(n)], RED if cls == "cat" else BLUE)
+  return folder
+
+
+def folder_data(path, **overrides):
+  overrides = {"batch_size": 4, "augment": "none", **overrides}
+  return transfer.data.create(make_config(dataset=f"folder:{path}", **overrides),
+                              preprocess_source="unit")
+
+
+def split_names(ds, split):
+  return ds._splits[split].names()
+
+
+def test_folder_split_and_fingerprint_do_not_depend_on_the_spelling(tmp_path, monkeypatch):
+  write_classes(tmp_path / "data")
+  os.symlink(tmp_path / "data", tmp_path / "link")
+  monkeypatch.chdir(tmp_path)
+  spellings = ["data", "./data", str(tmp_path / "data"), "data/", "link"]
+  datasets = [folder_data(p) for p in spellings]
+  monkeypatch.chdir(tmp_path / "data" / "cat")  # Another working directory, relative again.
+  datasets.append(folder_data("../../data"))
+  first = datasets[0].identity()
+  assert first["dataset"] == f"folder:{os.path.realpath(tmp_path / 'data')}"
+  assert (first["num_train"], first["num_val"]) == (16, 4)  # 20% of each class held out.
+  for ds in datasets[1:]:
+    assert ds.identity() == first
+  # A copy elsewhere holds out the same files and keeps the fingerprint; only the root differs.
+  shutil.copytree(tmp_path / "data", tmp_path / "copy")
+  copy = folder_data(tmp_path / "copy")
+  assert split_names(copy, "val") == split_names(datasets[0], "val")
+  assert copy.identity()["fingerprint"] == first["fingerprint"]
+  assert copy.root != datasets[0].root
+  transfer.data.check_same_data(first, copy.identity(), "resume of w")
+
+
+def test_folder_hold_out_is_a_function_of_relative_path_and_seed(tmp_path):
+  write_classes(tmp_path, {"cat": 30, "dog": 30})
+  val = lambda seed: split_names(folder_data(tmp_path, seed=seed), "val")
+  assert val(0) == val(0) and len(val(0)) == 12
+  assert all(name.split("/")[0] in ("cat", "dog") for name in val(0))  # Relative names.
+  assert val(0) != val(1)  # The seed is mixed into the hold-out order.
+  assert sum(name.startswith("cat/") for name in val(1)) == 6  # Still per class.
+
+
+def test_fingerprint_changes_when_files_change(tmp_path):
+  root = write_classes(tmp_path / "data")
+  before = folder_data(root, val_fraction=0.0).identity()
+  write_images(root, ["cat/new.png"])
+  added = folder_data(root, val_fraction=0.0).identity()
+  assert added["fingerprint"] != before["fingerprint"]
+  with pytest.raises(UserError, match=r"^resume of /w: .*train: 20 -> 21 examples.*"
+                                      r"point --config.dataset at .*folder:"):
+    transfer.data.check_same_data(before, added, "resume of /w")
+  os.remove(root / "cat" / "new.png")
+  os.remove(root / "dog" / "3.png")
+  removed = folder_data(root, val_fraction=0.0).identity()
+  assert removed["fingerprint"] not in (before["fingerprint"], added["fingerprint"])
+  os.rename(root / "dog" / "4.png", root / "dog" / "3.png")  # Back to 19, other names.
+  write_images(root, ["dog/4b.png"])
+  renamed = folder_data(root, val_fraction=0.0).identity()
+  with pytest.raises(UserError, match="train: other files, same count"):
+    transfer.data.check_same_data(before, renamed, "eval", hint="evaluate on the run's data")
+  os.rename(root / "dog", root / "wolf")
+  with pytest.raises(UserError, match=r"classes \['cat', 'dog'\] -> \['cat', 'wolf'\]"):
+    transfer.data.check_same_data(before, folder_data(root, val_fraction=0.0).identity(), "eval")
+  other = folder_data(write_classes(tmp_path / "other", {"cat": 10, "dog": 10, "fox": 2}),
+                      val_fraction=0.0).identity()
+  real = os.path.realpath(tmp_path)
+  with pytest.raises(UserError, match=f"root {real}/data -> {real}/other with different "
+                                      "files; classes .*train: 20 -> 22 examples"):
+    transfer.data.check_same_data(before, other, "eval")
+  for saved in (None, {}):  # Runs from before fingerprints: nothing to compare.
+    transfer.data.check_same_data(saved, other, "eval")
+
+
+def test_synthetic_identity_covers_its_parameters():
+  ds = transfer.data.create(make_config(), preprocess_source="unit")
+  ident = ds.identity()
+  assert (ident["dataset"], ident["root"], ident["num_train"], ident["num_val"]) == \
+      ("synthetic", "", 40, 13)
+  assert json.loads(json.dumps(ident)) == ident
+  other = transfer.data.create(make_config(seed=1), preprocess_source="unit").identity()
+  with pytest.raises(UserError, match="parameters .*seed=0 -> .*seed=1"):
+    transfer.data.check_same_data(ident, other, "eval")
+
+
+@pytest.mark.parametrize("val_dir", ["val", "valid", "validation"])
+def test_folder_train_and_named_validation_folder(tmp_path, val_dir):
+  write_classes(tmp_path / "train")
+  write_classes(tmp_path / val_dir, {"cat": 3, "dog": 2})
+  write_classes(tmp_path / "test", {"cat": 4, "dog": 4})
+  ds = folder_data(tmp_path)
+  assert (ds.class_names, ds.num_train, ds.num_val) == (["cat", "dog"], 20, 5)
+  assert split_names(ds, "val")[0] == f"{val_dir}/cat/0.png"
+  assert any("test ignored" in note for note in ds.notes)
+
+
+def test_folder_kaggle_train_and_test_holds_out_of_train(tmp_path):
+  # Kaggle: labelled train/, unlabelled test/; this used to train a "test vs train" classifier.
+  write_classes(tmp_path / "train")
+  write_images(tmp_path, [f"test/{i}.jpg" for i in range(5)])
+  ds = folder_data(tmp_path)
+  assert (ds.class_names, ds.num_train, ds.num_val) == (["cat", "dog"], 16, 4)
+  assert all(name.startswith("train/") for name in split_names(ds, "val"))
+  assert f"{os.path.realpath(tmp_path)}/test ignored" in ds.describe()
+
+
+def test_folder_test_beside_class_folders_is_not_a_class(tmp_path):
+  flat = write_classes(tmp_path / "flat")
+  write_classes(flat / "test", {"cat": 2, "dog": 3})
+  ds = folder_data(flat)
+  assert (ds.class_names, ds.num_train + ds.num_val) == (["cat", "dog"], 20)
+  assert len(ds.notes) == 1 and "test ignored" in ds.notes[0]
+  # Named explicitly, test/ is the validation split, beside class folders or beside train/.
+  nested = write_classes(tmp_path / "nested" / "train").parent
+  write_classes(nested / "test", {"cat": 2, "dog": 3})
+  for root in (flat, nested):
+    ds = folder_data(root, val_split="test")
+    assert (ds.num_train, ds.num_val, ds.notes) == (20, 5, [])
+    assert split_names(ds, "val")[-1] == "test/dog/2.png"
+
+
+def test_folder_val_split_test_needs_the_folder(tmp_path):
+  write_classes(tmp_path)
+  with pytest.raises(UserError, match="val_split='test' but .*/test does not exist"):
+    folder_data(tmp_path, val_split="test")
+
+
+@pytest.mark.parametrize("under", ["", "train"])
+def test_folder_labels_from_filename(tmp_path, under):
+  names = [f"cat.{i}.jpg" for i in range(6)] + [f"dog.{i}.jpg" for i in range(4)]
+  write_images(tmp_path / under if under else tmp_path, names + ["README.txt"])
+  if under:
+    write_images(tmp_path, [f"test1/{i}.jpg" for i in range(3)])
+  with pytest.raises(UserError, match="no class folders; .*--config.labels_from=filename"):
+    folder_data(tmp_path)
+  ds = folder_data(tmp_path, labels_from="filename", val_fraction=0.25)
+  assert (ds.class_names, ds.num_train, ds.num_val) == (["cat", "dog"], 7, 3)
+  assert "2 classes: cat 4, dog 3" in ds.describe()
+  assert any("README.txt" in note for note in ds.notes)
+  if under:
+    assert any("test1/" in note for note in ds.notes)
+
+
+def test_labels_from_is_checked(tmp_path):
+  write_classes(tmp_path)
+  with pytest.raises(UserError, match="unknown labels_from 'name'.*'folders', 'filename'"):
+    folder_data(tmp_path, labels_from="name")
+  with pytest.raises(UserError, match="applies to folder:PATH datasets only"):
+    transfer.data.create(make_config(labels_from="filename"), preprocess_source="unit")
+  with pytest.raises(UserError, match="no files named LABEL.ID.EXT.*labels_from=folders"):
+    folder_data(tmp_path, labels_from="filename")
+
+
+def test_describe_lists_classes_with_counts_and_skipped_files(tmp_path):
+  write_classes(tmp_path, {"cat": 5, "dog": 4})
+  (tmp_path / "dog" / "bad.png").write_bytes(b"junk")
+  line = folder_data(tmp_path, val_fraction=0.0).describe()
+  assert "9 train / no val examples; 2 classes: cat 5, dog 4; 2 steps per epoch of 4" in line
+  assert "1 unreadable file(s) skipped: dog/bad.png" in line
+  many = transfer.data.create(make_config(**{"synthetic.num_classes": 23,
+                                             "synthetic.train_size": 46}),
+                              preprocess_source="unit").describe()
+  assert "23 classes: class_0 2, class_1 2," in many
+  assert "class_19 2, ... and 3 more" in many and "class_20" not in many
+
+
+def test_dangling_symlink_is_skipped_and_named(tmp_path):
+  write_classes(tmp_path)
+  os.symlink(tmp_path / "gone.png", tmp_path / "cat" / "link.png")
+  ds = folder_data(tmp_path, val_fraction=0.0)
+  assert ds.num_train == 20
+  real = os.path.realpath(tmp_path)  # Names are under the resolved root.
+  assert ds.skipped == [(os.path.join(real, "cat", "link.png"),
+                         f"FileNotFoundError: dangling symbolic link to {tmp_path / 'gone.png'}")]
+  with pytest.raises(UserError, match="1 unreadable image.*link.png.*dangling"):
+    folder_data(tmp_path, val_fraction=0.0, strict_data=True)
+
+
+def test_empty_validation_split(tmp_path):
+  write_classes(tmp_path / "data", {"cat": 4, "dog": 4})
+  ds = folder_data(tmp_path / "data", val_fraction=0.0)
+  assert (ds.num_train, ds.num_val) == (8, 0)
+  assert list(ds.eval_batches("val")) == []
+  assert ds.identity()["num_val"] == 0
+  # Too few images for any to be held out, and a class is never held out entirely.
+  write_classes(tmp_path / "small", {"cat": 1, "dog": 3})
+  ds = folder_data(tmp_path / "small", val_fraction=0.1)
+  assert (ds.num_train, ds.num_val) == (4, 0)
+  found = folder_sources(str(tmp_path / "small"), 0.9)
+  assert (len(found.train), len(found.val)) == (2, 2)
+  assert found.train.labels.tolist() == [0, 1]
+  synthetic = transfer.data.create(make_config(**{"synthetic.val_size": 0}),
+                                   preprocess_source="unit")
+  assert synthetic.num_val == 0 and list(synthetic.eval_batches()) == []
+  with pytest.raises(UserError, match=r"val_fraction must be in \[0, 1\)"):
+    folder_data(tmp_path / "data", val_fraction=1.0)
 
 
 # Batch sizes, evaluation and processes.
@@ -338,6 +548,8 @@ def test_tfds_cats_vs_dogs_holds_out_part_of_train(mock_tfds, monkeypatch):
   assert calls == ["train[:80%]", "train[80%:]"]
   assert ds.class_names == ["cat", "dog"]
   assert ds.num_train == ds.num_val == 10  # mock_data yields num_examples for any split.
+  ident = ds.identity()
+  assert (ident["dataset"], ident["root"], ident["num_val"]) == ("tfds:cats_vs_dogs", "", 10)
   batches = take(ds.train_batches(), 3)
   assert batches[0]["image"].shape == (8, 16, 16, 3) and batches[0]["image"].dtype == np.float32
   assert_batches_equal(batches[1:], take(transfer.data.create(

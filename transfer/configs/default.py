@@ -24,6 +24,7 @@ def get_config():
   c.train_split = "train"
   c.val_split = "validation"
   c.val_fraction = 0.2              # held out when the dataset has no validation split
+  c.labels_from = "folders"         # folder labels: folders (PATH/cat/x.jpg) | filename (cat.0.jpg)
   c.image_size = 224
   c.augment = "flip"                # none | flip | crop_flip
   c.eval_crop = 1.0                 # center-crop fraction at eval (1.0 = plain resize)

@@ -7,11 +7,14 @@
 `config.dataset` picks the source: `tfds:NAME`, `folder:PATH` or `synthetic`. Only `tfds:` imports
 TensorFlow (lazily); folders and synthetic data use PIL, numpy and a thread pool. Batches are a pure
 function of (seed, step), so resuming at a step reproduces an uninterrupted run exactly, and each
-process reads only its rows of every global batch.
+process reads only its rows of every global batch. `Dataset.identity()` records which data a run
+saw; `check_same_data` refuses to resume or evaluate a run on other data.
 """
 
 from transfer.data.device import input_throughput, prefetch_to_device
+from transfer.data.identity import check_same_data
 from transfer.data.pipeline import AUGMENTS, CACHES, Dataset, check_batch_size, create
+from transfer.data.sources import LABELS_FROM
 
-__all__ = ["AUGMENTS", "CACHES", "Dataset", "check_batch_size", "create", "input_throughput",
-           "prefetch_to_device"]
+__all__ = ["AUGMENTS", "CACHES", "LABELS_FROM", "Dataset", "check_batch_size", "check_same_data",
+           "create", "input_throughput", "prefetch_to_device"]

@@ -15,6 +15,13 @@ import numpy as np
 from PIL import Image, ImageOps
 
 _WHITE = (255, 255, 255)
+# Only for hints about a folder's layout: any file is decoded, whatever its name.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def is_image_name(name: str) -> bool:
+  """Whether a file name has a common image extension (any case)."""
+  return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def open_file(path: str, min_side: int = 0) -> Image.Image:

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import functools
 import os
 from typing import Iterator
 
 import numpy as np
 
-from transfer.data import images, store
-from transfer.data.sources import Source
+from transfer.data import identity, images, store
+from transfer.data.sources import LABELS_FROM, Source
 from transfer.errors import UserError
 from transfer.weights.preprocess import mode_for, preprocess
 
@@ -27,6 +28,7 @@ CACHES = ("", "memory", "disk")
 # Stream tags keep the shuffle and augmentation generators apart: numpy's SeedSequence pads short
 # keys with zeros, so (seed, epoch) and (seed, epoch, 0) would otherwise be the same stream.
 _SHUFFLE, _AUGMENT = 1, 2
+_LISTED_CLASSES, _LISTED_SKIPPED = 20, 5  # Names `describe` lists before "... and N more".
 
 
 @functools.lru_cache(maxsize=4)
@@ -48,6 +50,11 @@ class _Split:
   def __len__(self) -> int:
     return len(self._index)
 
+  def names(self) -> list[str]:
+    """The location-independent names of the readable examples, in order."""
+    names = self._source.identities()
+    return [names[i] for i in self._index]
+
   def images(self, rows: np.ndarray, size: int) -> np.ndarray:
     """uint8 (len(rows), size, size, 3) for the split's examples `rows`."""
     idx = self._index[rows]
@@ -64,13 +71,32 @@ class _Split:
       raise RuntimeError(f"cannot decode {self._source.names[i]}: {e}") from e
 
 
+@dataclasses.dataclass(frozen=True)
+class Origin:
+  """Where a dataset's examples come from, as `Dataset.identity` records it.
+
+  Attributes:
+    dataset: canonical dataset string: `folder:/abs/root`, `tfds:NAME`, `synthetic`.
+    root: a folder's absolute root, else "".
+    params: what else decides the examples (synthetic data's parameters), else "".
+    notes: what the source ignored on purpose (a `test/` folder, loose files), one line each.
+  """
+  dataset: str
+  root: str = ""
+  params: str = ""
+  notes: tuple[str, ...] = ()
+
+
 class Dataset:
   """Train and validation splits, batched for this process. Build it with `create`.
 
   Attributes:
     class_names: one name per class id.
-    num_classes, num_train, num_val: counts after unreadable files were dropped.
+    num_classes, num_train, num_val: counts after unreadable files were dropped (num_val may be
+      0: no validation data, and `eval_batches("val")` yields nothing).
     skipped: [(name, reason)] of the files that were dropped.
+    notes: what the source ignored on purpose, one line each (also in `describe()`).
+    dataset, root: the canonical dataset string and a folder's absolute root ("" otherwise).
     batch_size: the global batch size; local_batch_size is this process's share.
     steps_per_epoch: num_train // batch_size (the train remainder is dropped each epoch).
     image_size: side of the output images.
@@ -80,8 +106,11 @@ class Dataset:
                skipped: list[tuple[str, str]], *, image_size: int, batch_size: int,
                augment: str, eval_crop: float, train_crop: float, seed: int,
                preprocess_source: str | None, process_index: int, process_count: int,
-               local_device_count: int, ahead: int):
+               local_device_count: int, ahead: int, origin: Origin | None = None):
     self._splits = {"train": train, "val": val}
+    self._origin = origin or Origin(dataset="")
+    self.dataset, self.root = self._origin.dataset, self._origin.root
+    self.notes = list(self._origin.notes)
     self.class_names = list(class_names)
     self.num_classes = len(class_names)
     self.num_train, self.num_val = len(train), len(val)
@@ -99,10 +128,41 @@ class Dataset:
     self._ahead = max(1, ahead)
 
   def describe(self) -> str:
-    """One line for the start of training: sizes, classes and how many files were skipped."""
-    skipped = f", {len(self.skipped)} unreadable file(s) skipped" if self.skipped else ""
-    return (f"{self.num_train} train / {self.num_val} val examples, {self.num_classes} classes, "
-            f"{self.steps_per_epoch} steps per epoch of {self.batch_size}{skipped}")
+    """One line for the start of training: sizes, classes with their training counts, steps,
+    the skipped files and what the source ignored, so a wrong layout shows before any compiling.
+
+    E.g. `1600 train / 400 val examples; 2 classes: cat 800, dog 800; 50 steps per epoch of 32`.
+    """
+    counts = np.bincount(self._splits["train"].labels, minlength=self.num_classes)
+    classes = ", ".join(f"{name} {n}" for name, n in
+                        zip(self.class_names[:_LISTED_CLASSES], counts))
+    val = f"{self.num_val} val" if self.num_val else "no val"
+    parts = [f"{self.num_train} train / {val} examples",
+             f"{self.num_classes} classes: {classes}{_more(self.class_names, _LISTED_CLASSES)}",
+             f"{self.steps_per_epoch} steps per epoch of {self.batch_size}"]
+    if self.skipped:
+      shown = [self._display(name) for name, _ in self.skipped[:_LISTED_SKIPPED]]
+      parts.append(f"{len(self.skipped)} unreadable file(s) skipped: {', '.join(shown)}"
+                   f"{_more(self.skipped, _LISTED_SKIPPED)}")
+    return "; ".join(parts + self.notes)
+
+  def _display(self, name: str) -> str:
+    """A file's name relative to the dataset root when it lies under it."""
+    prefix = self.root.rstrip(os.sep) + os.sep
+    return name[len(prefix):] if self.root and name.startswith(prefix) else name
+
+  def identity(self) -> dict:
+    """What `transfer.data.check_same_data` compares: this data's JSON-able record.
+
+    Returns:
+      {"dataset": canonical string, "root": absolute folder root or "", "fingerprint": hex
+       digest of the class names and each split's readable examples (location-independent name,
+       label) in order, "num_train", "num_val", "class_names", "params",
+       "split_fingerprints": {"train", "val"}}. See `transfer.data.identity`.
+    """
+    splits = {name: (split.names(), split.labels) for name, split in self._splits.items()}
+    return identity.make_identity(self.dataset, self.root, self.class_names, self._origin.params,
+                                  splits)
 
   def position(self, step: int) -> dict[str, int]:
     """Where training step `step` lies: {"epoch": e, "index": batch index within the epoch}."""
@@ -255,7 +315,7 @@ def create(config, *, preprocess_source: str | None, process_index: int | None =
   check_batch_size(int(config.batch_size), process_count, local_devices)
   mode_for(preprocess_source)
   _check_options(config)
-  train, val, class_names = _sources(config)
+  train, val, class_names, origin = _sources(config)
 
   cache = config.cache_images
   cache_dir = config.get("cache_dir", "") or store.default_cache_dir()
@@ -284,7 +344,7 @@ def create(config, *, preprocess_source: str | None, process_index: int | None =
                  eval_crop=float(config.eval_crop), train_crop=train_crop, seed=int(config.seed),
                  preprocess_source=preprocess_source, process_index=process_index,
                  process_count=process_count, local_device_count=local_devices,
-                 ahead=int(config.get("prefetch", 2)))
+                 ahead=int(config.get("prefetch", 2)), origin=origin)
 
 
 def _check_options(config) -> None:
@@ -301,25 +361,45 @@ def _check_options(config) -> None:
     raise UserError(f"image_size must be positive, got {config.image_size}")
   if int(config.seed) < 0:
     raise UserError(f"seed must be non-negative, got {config.seed}")
+  if not 0.0 <= float(config.val_fraction) < 1.0:
+    raise UserError(f"val_fraction must be in [0, 1), got {config.val_fraction}")
+  labels_from = config.get("labels_from", "folders")
+  if labels_from not in LABELS_FROM:
+    raise UserError(f"unknown labels_from {labels_from!r}; expected one of {LABELS_FROM}")
+  if labels_from != "folders" and not str(config.dataset).startswith("folder:"):
+    raise UserError(f"labels_from={labels_from!r} applies to folder:PATH datasets only, not "
+                    f"{config.dataset!r}; leave it at 'folders'")
 
 
-def _sources(config) -> tuple[Source, Source, list[str]]:
-  """(train, val, class_names) for `config.dataset`."""
+def _sources(config) -> tuple[Source, Source, list[str], Origin]:
+  """(train, val, class_names, origin) for `config.dataset`."""
   kind, _, arg = str(config.dataset).partition(":")
   if kind == "synthetic" and not arg:
     from transfer.data.synthetic import synthetic_sources
     s = config.synthetic
-    return synthetic_sources(int(s.num_classes), int(s.train_size), int(s.val_size),
-                             int(s.base_size), int(config.seed))
+    sizes = [int(s.num_classes), int(s.train_size), int(s.val_size), int(s.base_size)]
+    params = ("num_classes={} train_size={} val_size={} base_size={}".format(*sizes)
+              + f" seed={int(config.seed)}")
+    return (*synthetic_sources(*sizes, int(config.seed)), Origin("synthetic", params=params))
   if kind == "folder" and arg:
     from transfer.data.sources import folder_sources
-    return folder_sources(os.path.expanduser(arg), float(config.val_fraction))
+    found = folder_sources(os.path.expanduser(arg), float(config.val_fraction),
+                           seed=int(config.seed), val_split=str(config.val_split),
+                           labels_from=config.get("labels_from", "folders"))
+    return (found.train, found.val, found.class_names,
+            Origin(f"folder:{found.root}", root=found.root, notes=tuple(found.notes)))
   if kind == "tfds" and arg:
     from transfer.data.tfds_source import tfds_sources  # The only path that imports TensorFlow.
-    return tfds_sources(arg, data_dir=config.data_dir, train_split=config.train_split,
-                        val_split=config.val_split, val_fraction=float(config.val_fraction))
+    return (*tfds_sources(arg, data_dir=config.data_dir, train_split=config.train_split,
+                          val_split=config.val_split, val_fraction=float(config.val_fraction)),
+            Origin(f"tfds:{arg}"))
   raise UserError(f"unknown dataset {config.dataset!r}; expected tfds:NAME, folder:PATH or "
                   "synthetic")
+
+
+def _more(items: list, shown: int) -> str:
+  """", ... and N more" when `items` is longer than the `shown` listed."""
+  return f", ... and {len(items) - shown} more" if len(items) > shown else ""
 
 
 def _check_classes(train: _Split, class_names: list[str]) -> None:
