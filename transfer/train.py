@@ -546,8 +546,6 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
   weights_source = _weights_source(config.weights)
   ds = data_lib.create(config, preprocess_source=weights_source or "none")
   _log(is_main, f"data: {config.dataset}: {ds.describe()}")
-  for note in getattr(ds, "notes", ()):
-    _log(is_main, f"data: {note}")
   num_classes = config.num_classes if config.num_classes > 0 else ds.num_classes
   if num_classes != ds.num_classes:
     raise UserError(f"num_classes={num_classes} but the dataset has {ds.num_classes} classes "
@@ -558,7 +556,7 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
   model = models.get(config.model, head=config.head, num_classes=outputs,
                      head_hidden=config.head_hidden, head_dropout=config.head_dropout,
                      dtype=models.resolve_dtype(config.dtype), conv=config.conv)
-  data_identity = ds.identity() if hasattr(ds, "identity") else None
+  data_identity = ds.identity()
   meta_run = run_metadata(config, ds.class_names, outputs, data_identity)
   has_val = ds.num_val > 0
   if not has_val:
@@ -822,9 +820,7 @@ def _check_same_data(saved: dict[str, Any] | None, current: dict[str, Any] | Non
   if not saved or not current:
     return
   from transfer import data as data_lib
-  check = getattr(data_lib, "check_same_data", None)
-  if check is not None:
-    check(saved, current, what)
+  data_lib.check_same_data(saved, current, what)
 
 
 class NonFiniteLossError(UserError):
