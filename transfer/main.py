@@ -1,7 +1,7 @@
 """The `transfer` command line: parse, then call one library function per subcommand.
 
     transfer train   [--workdir DIR] [--config FILE|NAME] [--config.KEY=VALUE ...]
-    transfer eval    --workdir DIR [--json]
+    transfer eval    --workdir DIR [--checkpoint best|latest|STEP] [--json]
     transfer predict (--workdir DIR [--checkpoint ...] | --model vgg16 --weights SRC) [--top K]
                      [--batch_size N] [--json] IMAGE|FOLDER...
     transfer weights info SRC | download ID | list
@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
 
   ev = sub.add_parser("eval", help="evaluate a trained run on its validation split")
   ev.add_argument("--workdir", required=True)
+  ev.add_argument("--checkpoint", default="latest",
+                  help="latest (the newest that restores), best (highest val_accuracy) or a step")
   ev.add_argument("--json", action="store_true", help="print metrics as one JSON object")
 
   pred = sub.add_parser("predict", help="classify images with ImageNet weights or a trained run")
@@ -95,7 +97,7 @@ def run(argv: list[str]) -> int:
                                 num_processes=args.num_processes, process_id=args.process_id))
   elif args.command == "eval":
     from transfer import evaluate
-    evaluate.main(args.workdir, as_json=args.json)
+    evaluate.main(args.workdir, as_json=args.json, checkpoint=args.checkpoint)
   elif args.command == "predict":
     from transfer import predict
     failed = predict.main(args.images, workdir=args.workdir, model=args.model,
