@@ -6,6 +6,7 @@ config stored with it, so the original config file is not needed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -14,17 +15,22 @@ from typing import Any
 import jax
 import ml_collections
 
-from transfer import checkpoint, parallel, train
+from transfer import checkpoint as checkpoint_lib
+from transfer import parallel, train
 
 
-def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, Any]:
-  """Evaluates the latest (or given) checkpoint of `workdir` on its validation split.
+def evaluate_workdir(workdir: str, checkpoint: str | int | None = "latest") -> dict[str, Any]:
+  """Evaluates one checkpoint of `workdir` on its validation split.
+
+  Args:
+    workdir: the run directory (relative paths are to the current directory).
+    checkpoint: "latest" (or None), "best" or a step (see `checkpoint.load_trained`).
 
   Returns:
     `{"step", "val_loss", "val_accuracy", "val_count", "confusion", "class_names"}`.
   """
   from transfer import data as data_lib
-  params, meta = checkpoint.load_trained(workdir, step)
+  params, meta = checkpoint_lib.load_trained(workdir, checkpoint)
   run = meta["run"]
   config = ml_collections.ConfigDict(meta["config"])
   model = train.model_from_meta(run)
@@ -47,7 +53,11 @@ def format_confusion(confusion, class_names) -> str:
 
 
 def plot_confusion(confusion, class_names, path: str) -> str:
-  """Writes the confusion matrix as a PNG heat map."""
+  """Writes the confusion matrix as a PNG heat map (whole or not at all: via a temporary file).
+
+  Raises:
+    OSError: the file cannot be written; no partial PNG is left behind.
+  """
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -62,26 +72,45 @@ def plot_confusion(confusion, class_names, path: str) -> str:
     for j in range(n):
       ax.text(j, i, str(confusion[i][j]), ha="center", va="center")
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  partial = path + ".partial"
+  try:
+    fig.savefig(partial, dpi=80, format="png")
+    os.replace(partial, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(partial)
+    raise
+  finally:
+    plt.close(fig)
   return path
 
 
-def main(workdir: str, as_json: bool = False) -> dict[str, Any]:
-  """CLI entry: print metrics (or one JSON object) and write `confusion.png` in the workdir."""
-  result = evaluate_workdir(workdir)
+def main(workdir: str, as_json: bool = False,
+         checkpoint: str | int | None = "latest") -> dict[str, Any]:
+  """CLI entry: print metrics (or one JSON object) and write `confusion.png` in the workdir.
+
+  The metrics are the result; the plot is a by-product. A workdir that cannot be written
+  (read-only mount, full disk) costs a one-line warning, never the metrics.
+  """
+  result = evaluate_workdir(workdir, checkpoint)
   names = result["class_names"]
   confusion = result["confusion"][:len(names)]
   confusion = [row[:len(names)] for row in confusion]
   result["confusion"] = confusion
   if jax.process_index() == 0:
-    result["confusion_png"] = plot_confusion(confusion, names,
-                                             os.path.join(workdir, "confusion.png"))
+    path = os.path.join(workdir, "confusion.png")
+    try:
+      result["confusion_png"] = plot_confusion(confusion, names, path)
+    except OSError as e:
+      result["confusion_png"] = None
+      print(f"transfer: warning: could not write {path} ({e.strerror or e}); "
+            f"the metrics are reported all the same", file=sys.stderr)
   if as_json:
     print(json.dumps(result))
   else:
     print(f"step {result['step']}: val_loss {result['val_loss']:.4f}  "
           f"val_accuracy {result['val_accuracy']:.4f}  ({result['val_count']} examples)")
     print(format_confusion(confusion, names))
-    print(f"confusion matrix plot: {result.get('confusion_png')}", file=sys.stderr)
+    if result.get("confusion_png"):
+      print(f"confusion matrix plot: {result['confusion_png']}", file=sys.stderr)
   return result

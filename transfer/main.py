@@ -1,12 +1,14 @@
 """The `transfer` command line: parse, then call one library function per subcommand.
 
     transfer train   [--workdir DIR] [--config FILE|NAME] [--config.KEY=VALUE ...]
-    transfer eval    --workdir DIR [--json]
-    transfer predict (--workdir DIR | --model vgg16 --weights SRC) [--top K] [--json] IMAGE...
+    transfer eval    --workdir DIR [--checkpoint best|latest|STEP] [--json]
+    transfer predict (--workdir DIR [--checkpoint ...] | --model vgg16 --weights SRC) [--top K]
+                     [--batch_size N] [--json] IMAGE|FOLDER...
     transfer weights info SRC | download ID | list
     transfer bench   [--mode train|forward|eval|input] [--json] [--config.KEY=VALUE ...]
 
-Errors the user can fix (bad flag, unknown name, wrong file) print one line and exit 2.
+Errors the user can fix (bad flag, unknown name, wrong file) print one line and exit 2;
+`predict` exits 1 when some images could not be read (the others are still classified).
 """
 
 from __future__ import annotations
@@ -34,16 +36,22 @@ def _parser() -> argparse.ArgumentParser:
 
   ev = sub.add_parser("eval", help="evaluate a trained run on its validation split")
   ev.add_argument("--workdir", required=True)
+  ev.add_argument("--checkpoint", default="latest",
+                  help="latest (the newest that restores), best (highest val_accuracy) or a step")
   ev.add_argument("--json", action="store_true", help="print metrics as one JSON object")
 
   pred = sub.add_parser("predict", help="classify images with ImageNet weights or a trained run")
-  pred.add_argument("images", nargs="+", metavar="IMAGE")
+  pred.add_argument("images", nargs="+", metavar="IMAGE",
+                    help="image files, or folders (walked recursively)")
   pred.add_argument("--workdir", help="a trained run (its classes and weights)")
+  pred.add_argument("--checkpoint", default=None,
+                    help="with --workdir: latest (default), best (highest val_accuracy) or a step")
   pred.add_argument("--model", default="vgg16", help="ImageNet model (without --workdir)")
   pred.add_argument("--weights", default="keras:vgg16",
                     help="registry id or file with the ImageNet top (without --workdir)")
   pred.add_argument("--top", type=int, default=5, help="classes to print per image")
   pred.add_argument("--json", action="store_true", help="one JSON object per image per line")
+  pred.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
 
   weights = sub.add_parser("weights", help="inspect and download pretrained weights")
   wsub = weights.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
@@ -91,11 +99,13 @@ def run(argv: list[str]) -> int:
                                        process_id=args.process_id))
   elif args.command == "eval":
     from transfer import evaluate
-    evaluate.main(args.workdir, as_json=args.json)
+    evaluate.main(args.workdir, as_json=args.json, checkpoint=args.checkpoint)
   elif args.command == "predict":
     from transfer import predict
-    predict.main(args.images, workdir=args.workdir, model=args.model, weights=args.weights,
-                 top=args.top, as_json=args.json)
+    failed = predict.main(args.images, workdir=args.workdir, model=args.model,
+                          weights=args.weights, top=args.top, as_json=args.json,
+                          batch_size=args.batch_size, checkpoint=args.checkpoint)
+    return 1 if failed else 0
   elif args.command == "weights":
     from transfer import weights
     weights.cli(args.weights_command, args)

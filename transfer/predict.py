@@ -1,10 +1,13 @@
 """`transfer predict`: classify image files.
 
-    transfer predict --model vgg16 --weights keras:vgg16 [--top 5] [--json] cat.jpg dog.png
+    transfer predict --model vgg16 --weights keras:vgg16 [--top 5] [--json] cat.jpg photos/
 
 The ImageNet path runs a pretrained network with its 1000-class top. The helpers (`load_images`,
 `top_k`, `format_predictions`) are shared with the trained-run path (`--workdir`), which only
 differs in where the model, its weights and its class names come from.
+
+Each image is decoded on its own, a batch at a time: one unreadable file among thousands costs
+its own line, not the whole run, and only `batch_size` decoded images are in memory at once.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import functools
 import json
 import os
 import sys
-from typing import Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -23,28 +26,65 @@ IMAGENET_CLASSES_FILE = os.path.join(os.path.dirname(__file__), "imagenet_classe
 BATCH = 8
 
 
+class Prediction(NamedTuple):
+  """One image's result: its top classes, or why it could not be read (exactly one is set)."""
+  image: str
+  top: list[dict] | None
+  error: str | None = None
+
+
+class UnreadableImage(UserError):
+  """An image file that is missing or does not decode; `reason` is one line."""
+
+  def __init__(self, path: str, reason: str):
+    super().__init__(f"cannot read image {path}: {reason}")
+    self.path, self.reason = path, reason
+
+
 def main(images: Sequence[str], workdir: str | None = None, model: str = "vgg16",
-         weights: str = "keras:vgg16", top: int = 5, as_json: bool = False) -> None:
-  """Prints the top classes of each image.
+         weights: str = "keras:vgg16", top: int = 5, as_json: bool = False,
+         batch_size: int = BATCH, checkpoint: str | int | None = None) -> int:
+  """Prints the top classes of each image, in input order, as soon as its batch is done.
+
+  An image that cannot be read is reported in its place (text: a `transfer: error:` line on
+  stderr; JSON: `{"image", "error"}` on stdout) and the others are still classified.
 
   Args:
-    images: image file paths (anything Pillow reads).
+    images: image files and folders (walked recursively, see `expand_images`).
     workdir: a trained run; None = ImageNet classes with `model` and `weights`.
     model: registry name of the ImageNet model (without `workdir`).
     weights: registry id or file with the ImageNet top (without `workdir`).
     top: classes to print per image.
     as_json: one JSON object per image per line instead of a table.
+    batch_size: images decoded and classified per forward pass.
+    checkpoint: which checkpoint of `workdir`: "latest" (None), "best" or a step.
+
+  Returns:
+    The number of images that could not be read.
   """
+  paths = expand_images(images)
   if workdir is not None:
-    results = predict_trained(images, workdir, top=top)
+    results = _trained_predictions(paths, workdir, top, batch_size, checkpoint)
+  elif checkpoint is not None:
+    raise UserError("--checkpoint picks a checkpoint of a trained run; add --workdir DIR")
   else:
-    results = predict_imagenet(images, model=model, weights=weights, top=top)
-  for path, best in results:
-    print(format_predictions(path, best, as_json=as_json), flush=True)
+    results = _imagenet_predictions(paths, model, weights, top, batch_size)
+  failed = 0
+  for result in results:
+    if result.error is None:
+      print(format_predictions(result.image, result.top, as_json=as_json), flush=True)
+      continue
+    failed += 1
+    if as_json:
+      print(json.dumps({"image": result.image, "error": result.error}), flush=True)
+    else:
+      print(f"transfer: error: cannot read image {result.image}: {result.error}",
+            file=sys.stderr, flush=True)
+  return failed
 
 
 def predict_imagenet(images: Sequence[str], *, model: str = "vgg16", weights: str = "keras:vgg16",
-                     top: int = 5) -> list[tuple[str, list[dict]]]:
+                     top: int = 5, batch_size: int = BATCH) -> list[Prediction]:
   """Top-`top` ImageNet classes of each image.
 
   Args:
@@ -52,28 +92,19 @@ def predict_imagenet(images: Sequence[str], *, model: str = "vgg16", weights: st
     model: registry name; built with the ImageNet top.
     weights: weights with the ImageNet top; they also decide the preprocessing.
     top: classes per image.
+    batch_size: images decoded and classified per forward pass.
 
   Returns:
-    `[(path, [{"class": int, "label": str, "prob": float}, ...]), ...]` in input order.
+    One `Prediction` per image in input order: `top` is
+    `[{"class": int, "label": str, "prob": float}, ...]`, or None with `error` saying why the
+    file could not be read.
   """
-  from transfer import models
-  from transfer import weights as weights_lib
-
-  if top < 1:
-    raise UserError(f"--top must be >= 1, got {top}")
-  net = models.get(model, include_top=True)
-  size = models.spec(model).top_image_size
-  pixels = load_images(images, size)  # Before the weights: a bad image fails fast.
-  params, report = weights_lib.load(weights, net, image_size=size, return_report=True)
-  if report.fresh:
-    print(f"transfer: warning: {report.summary()}; predictions are meaningless", file=sys.stderr)
-  probs = predict_probs(net, params, weights_lib.preprocess(pixels, weights))
-  labels = imagenet_labels() if probs.shape[-1] == 1000 else None
-  return list(zip(images, top_k(probs, top, labels)))
+  return list(_imagenet_predictions(list(images), model, weights, top, batch_size))
 
 
 def predict_trained(images: Sequence[str], workdir: str, *, top: int = 5,
-                    step: int | None = None) -> list[tuple[str, list[dict]]]:
+                    checkpoint: str | int | None = "latest",
+                    batch_size: int = BATCH) -> list[Prediction]:
   """Top classes of each image under a run trained by `transfer train`.
 
   The model, class names, input size, eval crop and preprocessing come from the checkpoint's
@@ -83,41 +114,136 @@ def predict_trained(images: Sequence[str], workdir: str, *, top: int = 5,
     images: image file paths.
     workdir: the run directory.
     top: classes per image (capped at the run's class count).
-    step: a checkpoint step; default the latest.
+    checkpoint: "latest" (or None), "best" or a step (see `checkpoint.load_trained`).
+    batch_size: images decoded and classified per forward pass.
 
   Returns:
-    `[(path, [{"class": int, "label": str, "prob": float}, ...]), ...]` in input order.
+    One `Prediction` per image in input order, as `predict_imagenet`.
   """
-  from transfer import checkpoint, train
-  from transfer.data import images as image_ops
+  return list(_trained_predictions(list(images), workdir, top, batch_size, checkpoint))
+
+
+def _imagenet_predictions(paths, model, weights, top, batch_size) -> Iterator[Prediction]:
+  """`predict_imagenet`, one result at a time (checks and loading happen before the first)."""
+  from transfer import models
   from transfer import weights as weights_lib
 
-  if top < 1:
-    raise UserError(f"--top must be >= 1, got {top}")
-  params, meta = checkpoint.load_trained(workdir, step)
+  _check_counts(top, batch_size)
+  net = models.get(model, include_top=True)
+  size = models.spec(model).top_image_size
+  params, report = weights_lib.load(weights, net, image_size=size, return_report=True)
+  if report.fresh:
+    print(f"transfer: warning: {report.summary()}; predictions are meaningless", file=sys.stderr)
+  forward = make_forward(net)
+  width = min(batch_size, len(paths))
+  return _in_batches(
+      paths, batch_size, lambda p: load_image(p, size),
+      lambda x: forward(params, _pad(weights_lib.preprocess(x, weights), width))[:len(x)],
+      top, lambda classes: imagenet_labels() if classes == 1000 else None)
+
+
+def _trained_predictions(paths, workdir, top, batch_size, checkpoint) -> Iterator[Prediction]:
+  """`predict_trained`, one result at a time (checks and loading happen before the first)."""
+  from transfer import checkpoint as checkpoint_lib
+  from transfer import train
+  from transfer import weights as weights_lib
+  from transfer.data import images as image_ops
+
+  _check_counts(top, batch_size)
+  params, meta = checkpoint_lib.load_trained(workdir, checkpoint)
   run = meta["run"]
   size = run["image_size"]
   stored = image_ops.stored_size(size, float(run["eval_crop"]))
-  pixels = image_ops.center_crop(load_images(images, stored), size)
   net = train.model_from_meta(run, dtype="float32")
-  probs = predict_probs(net, params, weights_lib.preprocess(pixels, run["preprocessing"]))
-  return list(zip(images, top_k(probs, top, run["class_names"])))
+  forward = make_forward(net)
+  width = min(batch_size, len(paths))
+
+  def classify(x):
+    x = weights_lib.preprocess(image_ops.center_crop(x, size), run["preprocessing"])
+    return forward(params, _pad(x, width))[:len(x)]
+
+  return _in_batches(paths, batch_size, lambda p: load_image(p, stored), classify, top,
+                     lambda classes: run["class_names"])
 
 
-def predict_probs(net, params, x: np.ndarray, batch: int = BATCH) -> np.ndarray:
-  """Class probabilities of `net` on preprocessed images, in batches of `batch`.
+def _check_counts(top: int, batch_size: int) -> None:
+  if top < 1:
+    raise UserError(f"--top must be >= 1, got {top}")
+  if batch_size < 1:
+    raise UserError(f"--batch_size must be >= 1, got {batch_size}")
+
+
+def _in_batches(paths: Sequence[str], batch_size: int, decode: Callable[[str], np.ndarray],
+                classify: Callable[[np.ndarray], np.ndarray], top: int,
+                labels: Callable[[int], Sequence[str] | None]) -> Iterator[Prediction]:
+  """Decodes, classifies and yields `batch_size` paths at a time; unreadable ones carry why.
+
+  `labels` maps the number of classes to their names (None: name classes by index).
+  """
+  for start in range(0, len(paths), batch_size):
+    chunk = paths[start:start + batch_size]
+    decoded, errors = [], []
+    for path in chunk:
+      try:
+        decoded.append(decode(path))
+        errors.append(None)
+      except UnreadableImage as e:
+        errors.append(e.reason)
+    best = iter(())
+    if decoded:
+      probs = np.asarray(classify(np.stack(decoded)))
+      best = iter(top_k(probs, top, labels(probs.shape[-1])))
+    for path, error in zip(chunk, errors):
+      yield Prediction(path, None, error) if error is not None else Prediction(path, next(best))
+
+
+def expand_images(args: Sequence[str]) -> list[str]:
+  """The image files named by IMAGE arguments: files as given, folders walked recursively.
+
+  A folder contributes, in sorted path order, every file under it whose extension Pillow reads,
+  skipping hidden files and folders (`.DS_Store`, `.git`, ...). Files given by name are kept
+  whatever their extension, missing ones too: they are reported in their place, not here.
+
+  Raises:
+    UserError: a folder holds no image files.
+  """
+  paths = []
+  for arg in args:
+    if not os.path.isdir(arg):
+      paths.append(arg)
+      continue
+    found = _images_under(arg)
+    if not found:
+      raise UserError(f"no image files under {arg}; pass image files or a folder holding "
+                      f".jpg, .png, ... files")
+    paths += found
+  return paths
+
+
+def _images_under(root: str) -> list[str]:
+  extensions = image_extensions()
+  found = []
+  for folder, subfolders, files in os.walk(root):
+    subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+    found += [os.path.join(folder, f) for f in files
+              if not f.startswith(".") and os.path.splitext(f)[1].lower() in extensions]
+  return sorted(found)
+
+
+@functools.lru_cache(maxsize=1)
+def image_extensions() -> frozenset[str]:
+  """File extensions (`.jpg`, ...) Pillow can open; save-only formats (PDF) are left out."""
+  from PIL import Image
+  # MPO (multi-picture JPEG) has no opener of its own: the JPEG plugin opens it.
+  return frozenset(ext for ext, fmt in Image.registered_extensions().items()
+                   if fmt in Image.OPEN or fmt == "MPO")
+
+
+def make_forward(net) -> Callable:
+  """A jitted `(params, images) -> (N, classes) numpy probabilities` for `net`.
 
   Softmax over the logits; a single logit (binary sigmoid head) gives two columns,
-  [P(class 0), P(class 1)].
-
-  Args:
-    net: a model returning logits.
-    params: its params.
-    x: preprocessed NHWC float images.
-    batch: images per forward pass (bounds memory; the last batch is padded to keep one shape).
-
-  Returns:
-    (N, classes) float32 numpy probabilities.
+  [P(class 0), P(class 1)]. Built once per run so every batch reuses one compilation.
   """
   import jax
 
@@ -128,34 +254,56 @@ def predict_probs(net, params, x: np.ndarray, batch: int = BATCH) -> np.ndarray:
       return jax.numpy.concatenate([1.0 - positive, positive], axis=-1)
     return jax.nn.softmax(logits, axis=-1)
 
-  forward = jax.jit(probabilities)
-  out = []
-  for start in range(0, len(x), batch):
-    chunk = x[start:start + batch]
-    padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:],
-                                             chunk.dtype)]) if len(x) > batch else chunk
-    out.append(np.asarray(forward(params, padded))[:len(chunk)])
-  return np.concatenate(out).astype(np.float32)
+  jitted = jax.jit(probabilities)
+  return lambda params, x: np.asarray(jitted(params, x), np.float32)
+
+
+def predict_probs(net, params, x: np.ndarray, batch: int = BATCH) -> np.ndarray:
+  """Class probabilities of `net` on preprocessed images, in batches of `batch`.
+
+  Args:
+    net: a model returning logits.
+    params: its params.
+    x: preprocessed NHWC float images.
+    batch: images per forward pass (bounds memory; the last batch is padded to keep one shape).
+
+  Returns:
+    (N, classes) float32 numpy probabilities (see `make_forward`).
+  """
+  forward = make_forward(net)
+  width = min(batch, len(x))
+  return np.concatenate([forward(params, _pad(x[i:i + batch], width))[:len(x[i:i + batch])]
+                         for i in range(0, len(x), batch)])
+
+
+def _pad(x: np.ndarray, n: int) -> np.ndarray:
+  """`x` with zero images appended up to `n`, so every batch has one shape (one compilation)."""
+  if len(x) >= n:
+    return x
+  return np.concatenate([x, np.zeros((n - len(x),) + x.shape[1:], x.dtype)])
 
 
 def load_images(paths: Sequence[str], size: int) -> np.ndarray:
-  """Decodes image files to RGB and resizes them to `size` x `size`.
-
-  Args:
-    paths: image files; grayscale, palette and RGBA images are converted to RGB.
-    size: output side; images of another size are resized (bilinear), without keeping the
-      aspect ratio, as Keras' `load_img(target_size=...)` does.
+  """Decodes image files to RGB and resizes them to `size` x `size` (see `load_image`).
 
   Returns:
     uint8 array of shape (N, size, size, 3).
 
   Raises:
-    UserError: a file is missing or not a readable image (the message names it).
+    UnreadableImage: a file is missing or not a readable image (the message names it).
   """
-  return np.stack([_load_image(p, size) for p in paths])
+  return np.stack([load_image(p, size) for p in paths])
 
 
-def _load_image(path: str, size: int) -> np.ndarray:
+def load_image(path: str, size: int) -> np.ndarray:
+  """One image file as a (size, size, 3) uint8 RGB array.
+
+  Grayscale, palette and RGBA images are converted to RGB; images of another size are resized
+  (bilinear), without keeping the aspect ratio, as Keras' `load_img(target_size=...)` does.
+
+  Raises:
+    UnreadableImage: the file is missing or not a readable image; `reason` says which.
+  """
   from PIL import Image, UnidentifiedImageError
   try:
     with Image.open(path) as image:
@@ -164,10 +312,13 @@ def _load_image(path: str, size: int) -> np.ndarray:
         image = image.resize((size, size), Image.BILINEAR)
       return np.asarray(image, np.uint8)
   except FileNotFoundError:
-    raise UserError(f"no image file {path}") from None
-  except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    raise UnreadableImage(path, "no such file") from None
+  except IsADirectoryError:
+    raise UnreadableImage(path, "is a directory") from None
+  except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
+          SyntaxError) as e:
     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise UserError(f"cannot read image {path}: {reason}") from None
+    raise UnreadableImage(path, reason) from None
 
 
 def top_k(probs: np.ndarray, k: int, labels: Sequence[str] | None = None) -> list[list[dict]]:
