@@ -248,3 +248,57 @@ def test_a_read_only_workdir_is_one_error_before_anything(small_disk):
   subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
   with pytest.raises(UserError, match="is not writable"):
     train.train_and_evaluate(tiny_config(num_steps=6), workdir)
+
+
+def _folder(root, per_class=10):
+  """`root/<class>/*.png`: two classes of small distinct images."""
+  import numpy as np
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for name in ("cat", "dog"):
+    os.makedirs(root / name, exist_ok=True)
+    for i in range(per_class):
+      Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+          root / name / f"{i}.png")
+  return root
+
+
+def test_a_folder_run_resumes_and_evaluates_under_any_spelling_of_its_path(tmp_path,
+                                                                             monkeypatch):
+  from transfer import evaluate
+  _folder(tmp_path / "data" / "flat")
+  monkeypatch.chdir(tmp_path)
+  config = lambda steps, path: tiny_config(num_steps=steps, dataset=f"folder:{path}",
+                                           val_fraction=0.2, batch_size=8)
+  train.train_and_evaluate(config(2, "data/flat"), "run")
+  recorded = json.load(open(tmp_path / "run" / "config.json"))["dataset"]
+  assert recorded == "folder:" + os.path.realpath(tmp_path / "data" / "flat")
+  summary = train.train_and_evaluate(config(4, "./data/flat"), "run")
+  assert summary["trained_steps"] == 2
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  monkeypatch.chdir(elsewhere)
+  assert evaluate.evaluate_workdir("../run")["val_count"] == 4  # 20% of 10 per class
+  # The folder copied elsewhere: the same files, the same run.
+  shutil.copytree(tmp_path / "data" / "flat", tmp_path / "copy")
+  assert train.train_and_evaluate(config(6, tmp_path / "copy"), str(tmp_path / "run"))["step"] == 6
+  # Files added: another split, refused before anything is touched.
+  _folder(tmp_path / "copy", per_class=12)
+  before = _snapshot(tmp_path / "run")
+  with pytest.raises(UserError, match=r"data differs .*train: 16 -> 20"):
+    train.train_and_evaluate(config(8, tmp_path / "copy"), str(tmp_path / "run"))
+  assert _snapshot(tmp_path / "run") == before
+
+
+def test_init_from_a_run_on_the_same_data_with_another_split_is_refused(tmp_path):
+  data = _folder(tmp_path / "data")
+  first = str(tmp_path / "first")
+  train.train_and_evaluate(tiny_config(num_steps=2, dataset=f"folder:{data}"), first)
+  with pytest.raises(UserError, match=f"init_from={first}: the data differs"):
+    train.train_and_evaluate(tiny_config(num_steps=2, dataset=f"folder:{data}", seed=3,
+                                         init_from=first), str(tmp_path / "second"))
+  assert not os.path.exists(tmp_path / "second")
+  # The same split: accepted.
+  summary = train.train_and_evaluate(tiny_config(num_steps=2, dataset=f"folder:{data}",
+                                                 init_from=first), str(tmp_path / "third"))
+  assert summary["step"] == 2

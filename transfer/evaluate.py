@@ -33,9 +33,14 @@ def evaluate_workdir(workdir: str, checkpoint: str | int | None = "latest") -> d
   params, meta = checkpoint_lib.load_trained(workdir, checkpoint)
   run = meta["run"]
   config = ml_collections.ConfigDict(meta["config"])
+  recorded = run.get("data") or {}
+  if recorded.get("dataset"):  # absolute: eval works from any working directory
+    config.dataset = recorded["dataset"]
   model = train.model_from_meta(run)
   mesh = parallel.make_mesh()
   ds = data_lib.create(config, preprocess_source=train._weights_source(run["weights"]) or "none")
+  data_lib.check_same_data(recorded, ds.identity(), f"eval of {workdir}",
+                           hint="restore the run's data there, or train a new run on this data")
   eval_step = train.make_eval_step(model, mesh, len(run["class_names"]), config.parallel)
   params = parallel.replicate(params, mesh)
   metrics = train._evaluate(eval_step, params, ds.eval_batches("val", config.batch_size), mesh)

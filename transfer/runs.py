@@ -34,6 +34,29 @@ BOOKKEEPING = frozenset({
 _LENGTH_KEYS = ("num_epochs", "num_steps")
 
 
+def canonical_config(config):
+  """A copy of `config` whose folder dataset is an absolute, resolved path.
+
+  The run's record then names the same folder from any working directory and however the path
+  was spelled (`data/x`, `./data/x`, `~/data/x`).
+  """
+  config = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") \
+      else config
+  kind, _, path = str(config.dataset).partition(":")
+  if kind == "folder" and path:
+    with config.unlocked() if hasattr(config, "unlocked") else _nothing():
+      config.dataset = "folder:" + os.path.realpath(os.path.expanduser(path))
+  return config
+
+
+class _nothing:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+
 def flat_config(config) -> dict[str, Any]:
   """`{"key": value, "synthetic.base_size": value, ...}`: a ConfigDict or dict as JSON values."""
   if hasattr(config, "to_json_best_effort"):
@@ -65,7 +88,14 @@ def identity_changes(changes: dict[str, tuple[Any, Any]], schedule: str) -> dict
   """The changes that make a different run (see `BOOKKEEPING`)."""
   length_matters = schedule != "constant"
   return {k: v for k, v in changes.items()
-          if k not in BOOKKEEPING or (length_matters and k in _LENGTH_KEYS)}
+          if (k not in BOOKKEEPING or (length_matters and k in _LENGTH_KEYS))
+          and not _moved_folder(k, v)}
+
+
+def _moved_folder(key: str, change: tuple[Any, Any]) -> bool:
+  """A folder dataset at another path: the same run if its files are the same, which the split
+  fingerprint decides when the checkpoint is read (`transfer.data.check_same_data`)."""
+  return key == "dataset" and all(str(v).startswith("folder:") for v in change)
 
 
 def _relevant(flat: dict[str, Any], dataset: str) -> dict[str, Any]:

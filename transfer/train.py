@@ -499,6 +499,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     Preempted: a signal stopped training after a checkpoint was saved.
   """
   workdir = os.path.abspath(workdir)
+  config = runs.canonical_config(config)
   created = runs.prepare_workdir(workdir)
   before = set(os.listdir(workdir))
   saved_config = _saved_config(workdir)
