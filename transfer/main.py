@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
   train = sub.add_parser("train", help="train (or resume) a run in a workdir")
   train.add_argument("--workdir", help="run directory; resumes if it holds checkpoints "
                                        "(default: a new ./workdirs/<config>-<time>)")
-  train.add_argument("--config", help="config name (quickstart, cats_vs_dogs, ...) or .py file "
+  train.add_argument("--config", help="config name (quickstart, cats_vs_dogs, ...), .py file, or "
+                                      "a run's config.json or workdir to reproduce it "
                                       "(default: quickstart)")
   _add_distributed_flags(train)
 
@@ -83,7 +84,7 @@ def run(argv: list[str]) -> int:
 
   if args.command == "train":
     from transfer import train
-    config = configs.apply_overrides(configs.load(args.config), overrides)
+    config = configs.validate(configs.apply_overrides(configs.load(args.config), overrides))
     train.main(config, workdir=args.workdir, config_name=args.config or configs.DEFAULT,
                distributed=dict(coordinator_address=args.coordinator_address,
                                 num_processes=args.num_processes, process_id=args.process_id))
@@ -99,7 +100,8 @@ def run(argv: list[str]) -> int:
     weights.cli(args.weights_command, args)
   elif args.command == "bench":
     from transfer import bench
-    config = configs.apply_overrides(configs.load(args.config or "bench"), overrides)
+    config = configs.validate(configs.apply_overrides(configs.load(args.config or "bench"),
+                                                      overrides))
     bench.main(config, mode=args.mode, steps=args.steps, warmup=args.warmup,
                as_json=args.json, peak_tflops=args.peak_tflops)
   return 0
