@@ -6,7 +6,9 @@
     transfer weights info SRC | download ID | list
     transfer bench   [--mode train|forward|eval|input] [--json] [--config.KEY=VALUE ...]
 
-Errors the user can fix (bad flag, unknown name, wrong file) print one line and exit 2.
+Errors the user can fix (bad flag, unknown name, wrong file) print one line and exit 2. Output
+cut short by its reader (`transfer weights list | head`) exits 141 without a traceback, as a
+command killed by SIGPIPE does, so `set -o pipefail` scripts see it like any other tool's.
 """
 
 from __future__ import annotations
@@ -116,7 +118,14 @@ def main(argv: list[str] | None = None) -> None:
     hugepages.restart_if_wanted()
   argv = sys.argv[1:] if argv is None else argv
   try:
-    sys.exit(run(argv))
+    status = run(argv)
+    sys.stdout.flush()  # Here, not at interpreter exit, so a closed pipe is caught below.
+    sys.exit(status)
+  except BrokenPipeError:
+    # The reader went away (`| head`). Point stdout at /dev/null so the flush at exit cannot
+    # fail again, and exit as a command killed by SIGPIPE would (128 + 13).
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(141)
   except (UserError, FileNotFoundError) as e:
     if os.environ.get("TRANSFER_DEBUG"):
       raise
