@@ -179,7 +179,8 @@ def test_config_json_reads_back_the_same_config(tmp_path, as_dir):
   loaded = configs.load(str(workdir) if as_dir else str(workdir / "config.json"))
   assert loaded.to_dict() == original.to_dict()
   assert loaded.trainable == ["^head/", "^block4_"] and isinstance(loaded.trainable, list)
-  assert isinstance(loaded.synthetic, ml_collections.ConfigDict) and loaded.synthetic.train_size == 99
+  assert isinstance(loaded.synthetic, ml_collections.ConfigDict)
+  assert loaded.synthetic.train_size == 99
   assert isinstance(loaded.lr_mults, ml_collections.ConfigDict)
   assert loaded.lr_mults.to_dict() == {"^block5_": 0.1}
   configs.validate(loaded)

@@ -1,9 +1,9 @@
 """The allowed values of every config key that has a range or a fixed set of choices.
 
-One table, beside `default.py`, read by `transfer.configs.validate` when a config is loaded, so a bad
-value fails before any data is read or anything is compiled, with one line that names the key, the
-value and what is allowed. The name lists must match the code that consumes them (optim.py,
-models, parallel.py, data/pipeline.py); tests/test_configs.py checks that they do.
+One table, beside `default.py`, read by `transfer.configs.validate` when a config is loaded, so a
+bad value fails before any data is read or anything is compiled, with one line that names the
+key, the value and what is allowed. The name lists must match the code that consumes them
+(optim.py, models, parallel.py, data/pipeline.py); tests/test_configs.py checks that they do.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ RANGES: dict[str, Range] = {
     "weight_decay": NON_NEGATIVE,
     "grad_clip_norm": NON_NEGATIVE,    # 0 = no clipping
     "warmup_steps": NON_NEGATIVE,
-    "image_size": AT_LEAST_ONE,        # the model's own minimum is checked by models.check_image_size
+    "image_size": AT_LEAST_ONE,        # the model's own minimum: models.check_image_size
     "keep_checkpoints": AT_LEAST_ONE,
     "keep_best_checkpoints": NON_NEGATIVE,
     "prefetch": AT_LEAST_ONE,

@@ -93,8 +93,8 @@ def _prepare(builder, name: str) -> None:
   """Downloads and prepares the dataset if it is not there yet, with one actionable error."""
   root = os.fspath(getattr(builder, "data_dir_root", None) or builder.data_dir)
   elsewhere = (f"On a machine with network run `python -c \"import tensorflow_datasets as tfds; "
-               f"tfds.builder('{name}', data_dir='DIR').download_and_prepare()\"`, copy DIR to this "
-               f"machine and set --config.data_dir=DIR")
+               f"tfds.builder('{name}', data_dir='DIR').download_and_prepare()\"`, copy DIR to "
+               f"this machine and set --config.data_dir=DIR")
   if not builder.is_prepared() and not network_reachable():
     raise UserError(f"tfds:{name} is not prepared in {root} and there is no network to download "
                     f"it ({PROBE_HOST} does not answer). {elsewhere}")
