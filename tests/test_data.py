@@ -577,3 +577,81 @@ def test_tfds_errors(mock_tfds, monkeypatch):
   with pytest.raises(UserError, match="could not download.*no network.*data_dir"):
     transfer.data.create(make_config(dataset="tfds:cats_vs_dogs", data_dir=mock_tfds),
                          preprocess_source="unit")
+
+
+# TFDS set-up errors: missing packages, no network, a data_dir that does not hold the dataset.
+
+def _no_download(self, *args, **kwargs):
+  pytest.fail("download_and_prepare must not run")
+
+
+def test_tfds_without_tensorflow_datasets_says_how_to_install(monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # `import` now raises ImportError
+  with pytest.raises(UserError) as e:
+    transfer.data.create(make_config(dataset="tfds:beans"), preprocess_source="unit")
+  message = str(e.value)
+  assert message.startswith("tfds:beans needs TensorFlow and TensorFlow Datasets")
+  assert "pip install -e '.[tfds]'" in message and "\n" not in message
+
+
+def test_tfds_not_prepared_and_offline_fails_at_once(tmp_path, monkeypatch):
+  import tensorflow_datasets as tfds
+  from transfer.data import tfds_source
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", _no_download)
+  monkeypatch.setattr(tfds_source, "network_reachable", lambda: False)
+  empty = str(tmp_path / "empty")
+  with pytest.raises(UserError) as e:
+    transfer.data.create(make_config(dataset="tfds:beans", data_dir=empty),
+                         preprocess_source="unit")
+  message = str(e.value)
+  assert message.startswith(f"tfds:beans is not prepared in {empty} and there is no network")
+  assert "--config.data_dir=DIR" in message and "\n" not in message
+
+
+def test_tfds_errors_name_the_data_dir_tfds_uses(tmp_path, monkeypatch):
+  # data_dir="" means TFDS's default: $TFDS_DATA_DIR (read when TFDS is imported), not always ~.
+  import tensorflow_datasets as tfds
+  from transfer.data import tfds_source
+  monkeypatch.setattr(tfds.core.constants, "DATA_DIR", str(tmp_path / "from_env"))
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", _no_download)
+  monkeypatch.setattr(tfds_source, "network_reachable", lambda: False)
+  with pytest.raises(UserError, match=f"not prepared in {tmp_path / 'from_env'} and"):
+    transfer.data.create(make_config(dataset="tfds:beans", data_dir=""), preprocess_source="unit")
+
+
+def test_tfds_prepared_dataset_does_not_probe_the_network(mock_tfds, monkeypatch):
+  from transfer.data import tfds_source
+  monkeypatch.setattr(tfds_source, "network_reachable", lambda: pytest.fail("probed"))
+  ds = transfer.data.create(make_config(dataset="tfds:beans", data_dir=mock_tfds),
+                            preprocess_source="unit")
+  assert ds.num_train == 10
+
+
+def test_tfds_module_missing_while_preparing_says_how_to_install(mock_tfds, monkeypatch):
+  import tensorflow_datasets as tfds
+
+  def missing(self, *args, **kwargs):
+    raise ModuleNotFoundError("No module named 'importlib_resources'")
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", missing)
+  with pytest.raises(UserError) as e:
+    transfer.data.create(make_config(dataset="tfds:beans", data_dir=mock_tfds),
+                         preprocess_source="unit")
+  assert str(e.value) == ("preparing tfds:beans needs a module that is not installed (No module "
+                          "named 'importlib_resources'); install it with pip install -e '.[tfds]'")
+
+
+def test_network_probe(monkeypatch):
+  from transfer.data import tfds_source
+  for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+    monkeypatch.delenv(var, raising=False)
+  import socket
+  with socket.socket() as listening:
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(1)
+    assert tfds_source.network_reachable("127.0.0.1", listening.getsockname()[1], 30.0)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    closed = s.getsockname()[1]  # Nothing listens once the block ends.
+  assert not tfds_source.network_reachable("127.0.0.1", closed, 30.0)
+  monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")  # Downloads would go through it.
+  assert tfds_source.network_reachable("127.0.0.1", closed, 30.0)

@@ -368,3 +368,20 @@ def test_convert_script_round_trips(tiny_top, tmp_path):
   assert weights.info(out)["format"] == "safetensors"
   params = weights.load(out, models.get(TINY, include_top=True))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), params, tiny_top[1])
+
+
+def test_output_cut_short_by_its_reader_is_not_a_traceback(tmp_path):
+  # `transfer weights list | head -0`: the reader is gone before anything is written.
+  import subprocess
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+      repo, os.environ.get("PYTHONPATH")]))}
+  read_end, write_end = os.pipe()
+  os.close(read_end)
+  try:
+    proc = subprocess.run([sys.executable, "-m", "transfer.main", "weights", "list"],
+                          stdout=write_end, stderr=subprocess.PIPE, env=env, timeout=600)
+  finally:
+    os.close(write_end)
+  assert "Traceback" not in proc.stderr.decode() and "BrokenPipeError" not in proc.stderr.decode()
+  assert proc.returncode == 141

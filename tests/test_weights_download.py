@@ -188,3 +188,72 @@ def test_cli_download_fills_the_cache(server, tiny_entry, capsys):
   path = capsys.readouterr().out.strip()
   assert path == sources.cached_path(entry) and os.path.isfile(path)
   assert os.listdir(os.path.dirname(path)) == [entry.filename]
+
+
+# A file already in the cache is checked, not trusted.
+
+def place(entry, data):
+  path = sources.cached_path(entry)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "wb") as f:
+    f.write(data)
+  return path
+
+
+def test_download_replaces_a_cached_file_that_fails_its_hash(server, tiny_entry, capsys):
+  entry, _ = tiny_entry
+  served = server.files["/mirror/vgg16_tiny_weights.h5"][0]
+  path = place(entry, served[:len(served) // 2])
+  before = len(server.requests)
+  assert cli_main.run(["weights", "download", entry.id]) == 0
+  assert open(path, "rb").read() == served and len(server.requests) == before + 1
+  captured = capsys.readouterr()
+  assert captured.out.strip() == path
+  said = [line for line in captured.err.splitlines() if "fails its" in line]
+  assert len(said) == 1 and said[0].startswith(f"transfer: cached file {path} fails its md5 check")
+  assert said[0].endswith("downloading it again") and f"expected {entry.hash}" in said[0]
+  assert os.listdir(os.path.dirname(path)) == [entry.filename]
+
+
+def test_download_keeps_a_good_file_placed_by_hand(server, tiny_entry, capsys):
+  entry, _ = tiny_entry
+  path = place(entry, server.files["/mirror/vgg16_tiny_weights.h5"][0])
+  mtime = os.stat(path).st_mtime_ns
+  before = len(server.requests)
+  assert cli_main.run(["weights", "download", entry.id]) == 0
+  assert len(server.requests) == before and os.stat(path).st_mtime_ns == mtime
+  assert "fails" not in capsys.readouterr().err
+
+
+def test_info_says_when_the_cached_file_fails_its_hash(server, tiny_entry, capsys):
+  entry, _ = tiny_entry
+  path = place(entry, b"not the weights")
+  before = len(server.requests)
+  with pytest.raises(SystemExit) as e:
+    cli_main.main(["weights", "info", entry.id])
+  assert e.value.code == 2 and len(server.requests) == before
+  err = capsys.readouterr().err
+  assert err == (f"transfer: error: cached file {path} fails its md5 check (got "
+                 f"{md5(b'not the weights')}, expected {entry.hash}); run transfer weights "
+                 f"download {entry.id}\n")
+
+
+def test_load_blames_an_unreadable_cached_file_on_its_hash(server, tiny_entry):
+  entry, _ = tiny_entry
+  served = server.files["/mirror/vgg16_tiny_weights.h5"][0]
+  path = place(entry, served[:len(served) // 3])
+  with pytest.raises(UserError) as e:
+    weights.load(entry.id, models.get("vgg16_tiny", include_top=True))
+  message = str(e.value)
+  assert message.startswith(f"cached file {path} fails its md5 check") and "\n" not in message
+  assert message.endswith(f"run transfer weights download {entry.id}")
+
+
+def test_hash_mismatch_names_both_digests(tmp_path):
+  path = tmp_path / "w.pth"
+  path.write_bytes(BODY)
+  sha = hashlib.sha256(BODY).hexdigest()
+  assert downloader.hash_mismatch(str(path), hash_kind="sha256_prefix", expected=sha[:8]) is None
+  assert downloader.hash_mismatch(str(path), hash_kind="md5", expected=md5(BODY)) is None
+  assert downloader.hash_mismatch(str(path), hash_kind="sha256_prefix", expected="deadbeef") == (
+      f"fails its sha256 check (got {sha}, expected deadbeef...)")

@@ -7,8 +7,11 @@
     transfer weights info SRC | download ID | list
     transfer bench   [--mode train|forward|eval|input] [--json] [--config.KEY=VALUE ...]
 
-Errors the user can fix (bad flag, unknown name, wrong file) print one line and exit 2;
-`predict` exits 1 when some images could not be read (the others are still classified).
+Exit statuses: 0 done; 2 an error the user can fix (bad flag, unknown name, wrong file: one
+line); 1 from `predict` when some images could not be read (the others are still classified);
+128 + the signal number (143 SIGTERM, 130 Ctrl-C) when a signal stopped `train` after it saved a
+checkpoint; 141 when the reader closed the output early (`transfer weights list | head`), as a
+command killed by SIGPIPE does, so `set -o pipefail` scripts see it like any other tool's.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
   train = sub.add_parser("train", help="train (or resume) a run in a workdir")
   train.add_argument("--workdir", help="run directory; resumes if it holds checkpoints "
                                        "(default: a new ./workdirs/<config>-<time>)")
-  train.add_argument("--config", help="config name (quickstart, cats_vs_dogs, ...) or .py file "
+  train.add_argument("--config", help="config name (quickstart, cats_vs_dogs, ...), .py file, or "
+                                      "a run's config.json or workdir to reproduce it "
                                       "(default: quickstart)")
   _add_distributed_flags(train)
 
@@ -92,7 +96,7 @@ def run(argv: list[str]) -> int:
   if args.command == "train":
     from transfer import train
     config_name = _train_config_name(args.config, args.workdir)
-    config = configs.apply_overrides(configs.load(config_name), overrides)
+    config = configs.validate(configs.apply_overrides(configs.load(config_name), overrides))
     return train.main(config, workdir=args.workdir, config_name=config_name,
                       distributed=dict(coordinator_address=args.coordinator_address,
                                        num_processes=args.num_processes,
@@ -111,7 +115,8 @@ def run(argv: list[str]) -> int:
     weights.cli(args.weights_command, args)
   elif args.command == "bench":
     from transfer import bench
-    config = configs.apply_overrides(configs.load(args.config or "bench"), overrides)
+    config = configs.validate(configs.apply_overrides(configs.load(args.config or "bench"),
+                                                      overrides))
     bench.main(config, mode=args.mode, steps=args.steps, warmup=args.warmup,
                as_json=args.json, peak_tflops=args.peak_tflops)
   return 0
@@ -139,7 +144,14 @@ def main(argv: list[str] | None = None) -> None:
     hugepages.restart_if_wanted()
   argv = sys.argv[1:] if argv is None else argv
   try:
-    sys.exit(run(argv))
+    status = run(argv)
+    sys.stdout.flush()  # Here, not at interpreter exit, so a closed pipe is caught below.
+    sys.exit(status)
+  except BrokenPipeError:
+    # The reader went away (`| head`). Point stdout at /dev/null so the flush at exit cannot
+    # fail again, and exit as a command killed by SIGPIPE would (128 + 13).
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(141)
   except (UserError, FileNotFoundError) as e:
     if os.environ.get("TRANSFER_DEBUG"):
       raise

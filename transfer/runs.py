@@ -35,7 +35,7 @@ _LENGTH_KEYS = ("num_epochs", "num_steps")
 
 
 def canonical_config(config):
-  """A copy of `config` whose folder dataset is an absolute, resolved path.
+  """A copy of `config` whose folder dataset and `init_from` are absolute, resolved paths.
 
   The run's record then names the same folder from any working directory and however the path
   was spelled (`data/x`, `./data/x`, `~/data/x`).
@@ -43,9 +43,11 @@ def canonical_config(config):
   config = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") \
       else config
   kind, _, path = str(config.dataset).partition(":")
-  if kind == "folder" and path:
-    with config.unlocked() if hasattr(config, "unlocked") else _nothing():
+  with config.unlocked() if hasattr(config, "unlocked") else _nothing():
+    if kind == "folder" and path:
       config.dataset = "folder:" + os.path.realpath(os.path.expanduser(path))
+    if config.get("init_from"):
+      config.init_from = os.path.realpath(os.path.expanduser(config.init_from))
   return config
 
 

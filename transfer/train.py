@@ -472,8 +472,13 @@ def _evaluate(eval_step, params, batches, mesh) -> dict[str, Any]:
 
 
 def default_workdir(config_name: str) -> str:
+  """`workdirs/<config>-<time>`; a run's own record (`W/config.json`) gives W's name."""
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-  return os.path.join("workdirs", f"{os.path.basename(config_name).removesuffix('.py')}-{stamp}")
+  path = os.path.normpath(config_name.partition(":")[0])
+  name = os.path.basename(path).removesuffix(".py").removesuffix(".json")
+  if path.endswith(".json") and name == "config":
+    name = os.path.basename(os.path.dirname(os.path.abspath(path))) or name
+  return os.path.join("workdirs", f"{name}-{stamp}")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -498,8 +503,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     UserError: bad config or data; `NonFiniteLossError` when the loss becomes NaN/inf.
     Preempted: a signal stopped training after a checkpoint was saved.
   """
+  from transfer import configs
   workdir = os.path.abspath(workdir)
-  config = runs.canonical_config(config)
+  config = runs.canonical_config(configs.validate(config))
   created = runs.prepare_workdir(workdir)
   before = set(os.listdir(workdir))
   saved_config = _saved_config(workdir)

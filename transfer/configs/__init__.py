@@ -1,8 +1,11 @@
-"""Config files (`get_config()` returning an `ml_collections.ConfigDict`) and overrides.
+"""Config files (`get_config()` returning an `ml_collections.ConfigDict`), overrides, validation.
 
-A config is named by a file path or by the name of a shipped config (`quickstart`,
-`cats_vs_dogs`, ...). `--config.KEY=VALUE` overrides are parsed against the type of the existing
-value; an unknown key is an error that lists the valid ones, never silently ignored.
+A config is named by a file path, by the name of a shipped config (`quickstart`,
+`cats_vs_dogs`, ...), or by a run's own record (`workdir/config.json`, or the workdir itself), so
+a run can be reproduced from what it wrote. `--config.KEY=VALUE` overrides are parsed against the
+type of the existing value; an unknown key is an error that lists the valid ones, never silently
+ignored. `validate` then checks every value with a range or a fixed set of names against one table
+(`_schema.py`), so a bad value fails at load with one line, not deep inside a run.
 """
 
 from __future__ import annotations
@@ -12,9 +15,14 @@ from transfer.errors import UserError
 import ast
 import importlib
 import importlib.util
+import json
+import numbers
 import os
 
 import ml_collections
+import numpy as np
+
+from transfer.configs import _schema
 
 DEFAULT = "quickstart"
 
@@ -25,13 +33,26 @@ def shipped() -> list[str]:
   return sorted(f[:-3] for f in os.listdir(here) if f.endswith(".py") and not f.startswith("_"))
 
 
-def load(name_or_path: str | None = None) -> ml_collections.ConfigDict:
-  """Loads `get_config()` from a shipped config name or a `.py` file path.
+RUN_RECORD = "config.json"  # What `transfer train` writes into its workdir.
 
-  A path may carry one argument after a colon (`configs/x.py:arg`), passed to `get_config(arg)`,
-  as with `ml_collections.config_flags`.
+
+def load(name_or_path: str | None = None) -> ml_collections.ConfigDict:
+  """Loads a config from a shipped name, a `.py` file, a `.json` run record or a workdir.
+
+  A `.py` path may carry one argument after a colon (`configs/x.py:arg`), passed to
+  `get_config(arg)`, as with `ml_collections.config_flags`. A `.json` file (the `config.json` a
+  training run writes) or a directory holding one is read back over the defaults (see
+  `load_json`), which reproduces that run.
   """
   name_or_path = name_or_path or DEFAULT
+  if os.path.isdir(name_or_path):
+    record = os.path.join(name_or_path, RUN_RECORD)
+    if not os.path.isfile(record):
+      raise UserError(f"config directory {name_or_path} has no {RUN_RECORD}; give a workdir "
+                      f"written by `transfer train`, a .py or .json file, or a config name")
+    return load_json(record)
+  if name_or_path.endswith(".json"):
+    return load_json(name_or_path)
   path, _, arg = name_or_path.partition(":")
   if path.endswith(".py") or os.sep in path:
     if not os.path.exists(path):
@@ -46,6 +67,134 @@ def load(name_or_path: str | None = None) -> ml_collections.ConfigDict:
     module = importlib.import_module(f"transfer.configs.{path}")
   config = module.get_config(arg) if arg else module.get_config()
   return config
+
+
+def load_json(path: str) -> ml_collections.ConfigDict:
+  """Reads a config saved as JSON (`config.to_json_best_effort()`) back over the defaults.
+
+  Starting from `default.get_config()` keeps every value's type (JSON has no tuples, and an
+  override must still parse as an int where the default is one) and the nested `synthetic` and
+  `lr_mults` dicts. A key the defaults do not have is an error, never silently dropped.
+
+  Args:
+    path: a `.json` file, e.g. a workdir's `config.json`.
+
+  Returns:
+    The config.
+
+  Raises:
+    FileNotFoundError: no such file.
+    UserError: not JSON, not an object, an unknown key or a value of the wrong type.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path} does not exist")
+  with open(path) as f:
+    try:
+      data = json.load(f)
+    except json.JSONDecodeError as e:
+      raise UserError(f"config file {path} is not valid JSON ({e})") from None
+  if not isinstance(data, dict):
+    raise UserError(f"config file {path} holds a JSON {type(data).__name__}, not an object of "
+                    f"config keys")
+  from transfer.configs import default
+  config = default.get_config()
+  _merge_json(config, data, path, prefix="")
+  return config
+
+
+def _merge_json(node: ml_collections.ConfigDict, data: dict, path: str, prefix: str) -> None:
+  """Sets `data`'s values on `node` in place, recursing into nested ConfigDicts."""
+  for key, value in data.items():
+    name = f"{prefix}{key}"
+    if key not in node:
+      raise UserError(f"config file {path}: unknown config key {name!r}; valid keys: "
+                      f"{', '.join(sorted(node.keys()))}")
+    current = node[key]
+    if isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict):
+      if len(current):  # A fixed set of keys (synthetic): strict, key by key.
+        _merge_json(current, value, path, prefix=f"{name}.")
+        continue
+      value = ml_collections.ConfigDict(value)  # A free-form map (lr_mults): taken whole.
+    elif isinstance(current, (list, tuple)) and isinstance(value, list):
+      value = type(current)(value)
+    try:
+      node[key] = value
+    except TypeError:
+      raise UserError(f"config file {path}: {name}={value!r} has the wrong type; expected "
+                      f"{type(current).__name__} like the default {current!r}") from None
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks the types, ranges and names of a config's values; returns `config` unchanged.
+
+  Every key with a range or a fixed set of names is listed once in `transfer/configs/_schema.py`.
+  Keys the config does not have are skipped (so partial configs built in Python still work), and
+  so are keys the table does not list (free text such as `dataset` is checked where it is used).
+
+  Args:
+    config: a config as from `load` plus `apply_overrides`.
+
+  Returns:
+    `config`.
+
+  Raises:
+    UserError: one line naming the key, the bad value and what is allowed, e.g.
+      `learning_rate=-0.001 is out of range: must be > 0`.
+  """
+  _check_types(config)
+  for key, choices in _schema.CHOICES.items():
+    if key in config and config[key] not in choices:
+      shown = ", ".join(c if c else "''" for c in choices)
+      raise UserError(f"{key}={config[key]!r} is not valid: must be one of {shown}")
+  for key, rule in _schema.RANGES.items():
+    if key not in config:
+      continue
+    waiver = config.get(rule.waived_by) if rule.waived_by else None
+    if isinstance(waiver, (int, float)) and waiver > 0:
+      continue
+    if not rule.allows(config[key]):
+      raise UserError(f"{key}={config[key]!r} is out of range: must be {rule.describe()}")
+  return config
+
+
+def _check_types(config, defaults=None, prefix: str = "") -> None:
+  """Rejects a value whose type differs from its default's (e.g. `batch_size="32"` in a file)."""
+  if defaults is None:
+    from transfer.configs import default
+    defaults = default.get_config()
+  for key, default_value in defaults.items():
+    if key not in config:
+      continue
+    value, name = config[key], f"{prefix}{key}"
+    if isinstance(default_value, ml_collections.ConfigDict):
+      if not hasattr(value, "items"):
+        raise UserError(f"{name}={value!r} has the wrong type: expected a dict of keys")
+      if len(default_value):
+        _check_types(value, default_value, prefix=f"{name}.")
+      continue
+    expected = _type_name(default_value)
+    if expected and _type_name(value) not in _ACCEPTS[expected]:
+      raise UserError(f"{name}={value!r} has the wrong type: expected {expected} "
+                      f"(like the default {default_value!r})")
+
+
+# For each default's type, the value types that may stand in for it (an int is a fine float).
+_ACCEPTS = {"bool": ("bool",), "int": ("int",), "float": ("float", "int"), "str": ("str",),
+            "list": ("list", "tuple"), "tuple": ("list", "tuple")}
+
+
+def _type_name(value) -> str | None:
+  """`bool`, `int`, `float`, `str`, `list` or `tuple`; numpy scalars count as int or float."""
+  if isinstance(value, (bool, np.bool_)):
+    return "bool"
+  if isinstance(value, numbers.Integral):
+    return "int"
+  if isinstance(value, numbers.Real):
+    return "float"
+  for t in (str, list, tuple):
+    if isinstance(value, t):
+      return t.__name__
+  return None
 
 
 def parse_value(text: str, current):

@@ -5,12 +5,20 @@ images in host memory, which is about the dataset's size on disk. Decoding and r
 through the same thread pool as image folders. Holding the encoded bytes is what gives random
 access: every process can compute the same global permutation, read only its rows, and a resumed
 run can start at any step, none of which a streaming `shuffle` buffer allows.
+
+A dataset that is not prepared in its data_dir is downloaded only when the network answers: TFDS
+itself retries an unreachable host for minutes before it gives up, so without network this module
+fails at once, naming the data_dir TFDS actually uses (`data_dir`, else `$TFDS_DATA_DIR`, else
+`~/tensorflow_datasets`) and how to prepare the dataset elsewhere.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import socket
+import threading
 
 import numpy as np
 
@@ -25,7 +33,7 @@ def tfds_sources(name: str, *, data_dir: str, train_split: str, val_split: str,
 
   Args:
     name: TFDS name, optionally with config and version (`oxford_iiit_pet:4.*.*`).
-    data_dir: TFDS data_dir ("" = the TFDS default, usually ~/tensorflow_datasets).
+    data_dir: TFDS data_dir ("" = the TFDS default: $TFDS_DATA_DIR, else ~/tensorflow_datasets).
     train_split: split for training; may use TFDS slicing (`train[:90%]`).
     val_split: validation split. When the dataset has no such split (cats_vs_dogs has only
       `train`), the last `val_fraction` of `train_split` is held out instead.
@@ -33,10 +41,14 @@ def tfds_sources(name: str, *, data_dir: str, train_split: str, val_split: str,
 
   Returns:
     (train, val, class_names).
+
+  Raises:
+    UserError: TensorFlow or TFDS not installed, an unknown name, a dataset that is not prepared
+      while there is no network, a failed download, or splits that do not fit.
   """
-  tf, tfds = _import_tf()
+  tf, tfds = _import_tf(name)
   builder = _builder(tfds, name, data_dir)
-  _prepare(builder, name, data_dir)
+  _prepare(builder, name)
   image_key, label_key = builder.info.supervised_keys or ("image", "label")
   label_feature = builder.info.features[label_key]
   if not hasattr(label_feature, "names"):
@@ -46,14 +58,22 @@ def tfds_sources(name: str, *, data_dir: str, train_split: str, val_split: str,
   return read(train_split), read(val_split), list(label_feature.names)
 
 
-def _import_tf():
+INSTALL_HINT = "pip install -e '.[tfds]'"
+
+
+def _import_tf(name: str):
   """Imports TensorFlow without letting it reserve accelerator memory that JAX needs."""
-  import tensorflow as tf
   try:
-    tf.config.set_visible_devices([], "GPU")
-  except RuntimeError:  # TF was initialised elsewhere first; its devices can no longer change.
-    pass
-  import tensorflow_datasets as tfds
+    import tensorflow as tf
+    try:
+      tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TF was initialised elsewhere first; its devices can no longer change.
+      pass
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise UserError(f"tfds:{name} needs TensorFlow and TensorFlow Datasets, which are not "
+                    f"installed ({e}); install them with {INSTALL_HINT}, or use "
+                    f"dataset='folder:PATH'") from None
   return tf, tfds
 
 
@@ -69,18 +89,54 @@ def _builder(tfds, name: str, data_dir: str):
     raise UserError(f"unknown TFDS dataset {name!r}{hint}") from None
 
 
-def _prepare(builder, name: str, data_dir: str) -> None:
+def _prepare(builder, name: str) -> None:
   """Downloads and prepares the dataset if it is not there yet, with one actionable error."""
+  root = os.fspath(getattr(builder, "data_dir_root", None) or builder.data_dir)
+  elsewhere = (f"On a machine with network run `python -c \"import tensorflow_datasets as tfds; "
+               f"tfds.builder('{name}', data_dir='DIR').download_and_prepare()\"`, copy DIR to "
+               f"this machine and set --config.data_dir=DIR")
+  if not builder.is_prepared() and not network_reachable():
+    raise UserError(f"tfds:{name} is not prepared in {root} and there is no network to download "
+                    f"it ({PROBE_HOST} does not answer). {elsewhere}")
   try:
     builder.download_and_prepare()
+  except ImportError as e:  # TFDS imports some modules only to prepare (importlib_resources).
+    raise UserError(f"preparing tfds:{name} needs a module that is not installed ({e}); "
+                    f"install it with {INSTALL_HINT}") from None
   except Exception as e:  # Network, manual-download and disk errors all need the same advice.
-    where = data_dir or "~/tensorflow_datasets"
     raise UserError(
-        f"could not download or prepare tfds:{name} into {where} ({type(e).__name__}: "
-        f"{str(e).splitlines()[0] if str(e) else ''}). On a machine with network run "
-        f"`python -c \"import tensorflow_datasets as tfds; "
-        f"tfds.builder('{name}', data_dir='DIR').download_and_prepare()\"`, copy DIR here and "
-        f"set --config.data_dir=DIR") from None
+        f"could not download or prepare tfds:{name} into {root} ({type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else ''}). {elsewhere}") from None
+
+
+# TFDS's own bucket, where it also fetches many datasets' source files; answering means online.
+PROBE_HOST, PROBE_PORT, PROBE_TIMEOUT_S = "storage.googleapis.com", 443, 5.0
+_PROXY_VARS = ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY")
+
+
+def network_reachable(host: str = PROBE_HOST, port: int = PROBE_PORT,
+                      timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+  """Whether a TCP connection to `host:port` opens within `timeout_s` (name lookup included).
+
+  Behind a proxy a direct connection says nothing about downloads, so the answer is then True
+  and TFDS finds out itself.
+  """
+  if any(os.environ.get(var) for var in _PROXY_VARS):
+    return True
+  answered = []
+
+  def probe():
+    try:
+      socket.create_connection((host, port), timeout=timeout_s).close()
+      answered.append(True)
+    except OSError:
+      pass
+
+  # A thread, because the name lookup inside create_connection ignores the timeout.
+  thread = threading.Thread(target=probe, daemon=True)
+  thread.start()
+  thread.join(timeout_s)
+  return bool(answered)
 
 
 def _splits(builder, train_split: str, val_split: str, val_fraction: float) -> tuple[str, str]:

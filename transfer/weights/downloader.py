@@ -116,3 +116,19 @@ def file_digest(path: str, hash_kind: str) -> str:
     while chunk := f.read(CHUNK):
       hasher.update(chunk)
   return hasher.hexdigest()
+
+
+def hash_mismatch(path: str, *, hash_kind: str, expected: str) -> str | None:
+  """Why the file at `path` is not the expected one, or None when its hash matches.
+
+  A cached file can be cut short by a full disk or copied in by hand from a bad source; the
+  caller decides whether to download again or to say so.
+
+  Returns:
+    None, or e.g. `"fails its md5 check (got 9e10..., expected 6d6b...)"`.
+  """
+  digest = file_digest(path, hash_kind)
+  if _matches(hash_kind, digest, expected):
+    return None
+  return (f"fails its {_algorithm(hash_kind)} check (got {digest}, expected "
+          f"{expected}{'...' if hash_kind == 'sha256_prefix' else ''})")

@@ -8,8 +8,10 @@ a local file in any format `transfer.weights.formats` reads.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import sys
 from typing import Any
 
 import jax
@@ -109,7 +111,7 @@ def load(source: str, model, *, image_size: int | None = None, rng: jax.Array | 
                              f"{entry.id}` to use the pretrained weights")
     return (params, report) if return_report else params
 
-  with formats.open_weights(path) as wf:
+  with _open_cached(path, entry) as wf:
     view = port.model_view(wf, spec)
     plan = port.plan_merge(shapes, view, fresh=fresh, ignorable=ignorable)
     if plan.problems:
@@ -174,7 +176,11 @@ def resolve(source: str, cache_dir: str | os.PathLike | None = None,
 
 def download(source_id: str, cache_dir: str | os.PathLike | None = None, *,
              url_base: str | None = None, progress: bool = True) -> str:
-  """Puts the file of a registry id into the cache (verified) unless it is already there.
+  """Puts the file of a registry id into the cache, verified, unless a good copy is there.
+
+  A file already in the cache is hash-checked first: a good one (also one placed by hand) is
+  used as is; a bad one (cut short, or the wrong file) is downloaded again and replaced, with one
+  line on stderr saying so.
 
   Args:
     source_id: e.g. `keras:vgg16_notop`.
@@ -189,7 +195,10 @@ def download(source_id: str, cache_dir: str | os.PathLike | None = None, *,
   entry = sources.get(source_id)
   path = sources.cached_path(entry, cache_dir)
   if os.path.isfile(path):
-    return path
+    problem = downloader.hash_mismatch(path, hash_kind=entry.hash_kind, expected=entry.hash)
+    if problem is None:
+      return path
+    print(f"transfer: cached file {path} {problem}; downloading it again", file=sys.stderr)
   return downloader.fetch(sources.url_for(entry, url_base), path, hash_kind=entry.hash_kind,
                             expected=entry.hash, progress=progress)
 
@@ -206,7 +215,12 @@ def info(source: str, cache_dir: str | os.PathLike | None = None) -> dict[str, A
     "model_name", "weights": [{"name", "shape"}]}]}`; `arch` is the registered architecture whose
     backbone the file matches (None if none), `model_name` our name for the layer under it.
   """
-  path, entry = resolve(source.rstrip(sources.OPTIONAL_SUFFIX), cache_dir)
+  name = source.rstrip(sources.OPTIONAL_SUFFIX)
+  if sources.is_id(name):  # `info` is where one looks when a file misbehaves: check it first.
+    cached = sources.cached_path(sources.get(name), cache_dir)
+    if os.path.isfile(cached):
+      check_cached(sources.get(name), cached)
+  path, entry = resolve(name, cache_dir)
   with formats.open_weights(path) as wf:
     arch = port.guess_arch(lambda s: port.model_view(wf, s))
     names = {}
@@ -224,6 +238,35 @@ def info(source: str, cache_dir: str | os.PathLike | None = None) -> dict[str, A
   mode = entry.preprocess if entry else ("caffe" if fmt.startswith("keras") else "torch")
   return {"source": source, "path": path, "format": fmt, "preprocess": mode, "arch": arch,
           "num_params": num_params, "layers": layers}
+
+
+def check_cached(entry: sources.WeightSource, path: str) -> None:
+  """Raises a one-line UserError when the cached file of `entry` fails its hash check.
+
+  Args:
+    entry: the registry record.
+    path: its cached file.
+  """
+  problem = downloader.hash_mismatch(path, hash_kind=entry.hash_kind, expected=entry.hash)
+  if problem:
+    raise UserError(f"cached file {path} {problem}; run transfer weights download {entry.id}")
+
+
+@contextlib.contextmanager
+def _open_cached(path: str, entry: sources.WeightSource | None):
+  """`formats.open_weights`, but a cached registry file that cannot be read is hash-checked.
+
+  Loading does not hash every file on every run (hundreds of MB); only when reading fails (at
+  open, or later for a file cut short) is the hash checked, so the error says to download the
+  file again rather than only "corrupt".
+  """
+  try:
+    with formats.open_weights(path) as wf:
+      yield wf
+  except UserError:
+    if entry is not None:
+      check_cached(entry, path)
+    raise
 
 
 def _size(shape) -> int:
