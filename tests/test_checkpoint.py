@@ -174,8 +174,8 @@ def test_training_resumes_on_fewer_devices_with_the_same_result(tmp_path):
 def test_resuming_a_different_run_is_refused_and_init_from_starts_fresh(tmp_path):
   first = str(tmp_path / "first")
   train.train_and_evaluate(tiny_config(num_steps=3), first)
-  with pytest.raises(UserError, match=r"holds a run with head='flatten_dense', this config has "
-                                      r"'gap'.*init_from"):
+  with pytest.raises(UserError, match=r"holds a different run: head 'flatten_dense' -> 'gap'"
+                                      r".*init_from"):
     train.train_and_evaluate(tiny_config(num_steps=6, head="gap"), first)
 
   # init_from: the other run's params, a fresh optimizer (SGD at lr 0 keeps them) and step 0.

@@ -193,7 +193,7 @@ def test_cli_trains_from_a_run_record(tmp_path, monkeypatch):
   from transfer import train
   original, workdir = written_run_record(tmp_path)
   seen = []
-  monkeypatch.setattr(train, "main", lambda config, **kw: seen.append(config))
+  monkeypatch.setattr(train, "main", lambda config, **kw: seen.append(config) or 0)
   assert cli_main.run(["train", "--config", str(workdir / "config.json"),
                        "--config.seed=3"]) == 0
   assert seen[0].seed == 3 and seen[0].batch_size == 16 and seen[0].lr_mults["^block5_"] == 0.1

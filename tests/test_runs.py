@@ -302,3 +302,23 @@ def test_init_from_a_run_on_the_same_data_with_another_split_is_refused(tmp_path
   summary = train.train_and_evaluate(tiny_config(num_steps=2, dataset=f"folder:{data}",
                                                  init_from=first), str(tmp_path / "third"))
   assert summary["step"] == 2
+
+
+def test_train_with_only_a_workdir_resumes_it_with_its_own_config(run_copy, capsys):
+  """`transfer train --workdir W`, no --config: W's config.json, not the demo's."""
+  status = main.run(["train", "--workdir", run_copy, "--config.num_steps=5"])
+  assert status == 0
+  err = capsys.readouterr().err
+  assert "resumed from step 3" in err and "offline demo" not in err
+  assert checkpoint.Checkpointer(run_copy).latest_step() == 5
+  # The run's record reproduces it elsewhere: --config W/config.json.
+  other = os.path.join(os.path.dirname(run_copy), "again")
+  assert main.run(["train", "--workdir", other, "--config",
+                   os.path.join(run_copy, "config.json"), "--config.num_steps=1"]) == 0
+  assert json.load(open(os.path.join(other, "config.json")))["model"] == "vgg16_tiny"
+
+
+def test_config_range_errors_come_before_the_workdir_is_made(tmp_path):
+  with pytest.raises(UserError, match=r"learning_rate=-0\.001 .*> 0"):
+    train.train_and_evaluate(tiny_config(learning_rate=-0.001), str(tmp_path / "neg"))
+  assert not os.path.exists(tmp_path / "neg")

@@ -14,6 +14,7 @@ the previous step.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -58,8 +59,28 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
     self.directory = checkpoint_dir(workdir)
+    self.manager = None
+    self._set_aside_unreadable_records()
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=(STATE, META))
+
+  def _set_aside_unreadable_records(self) -> None:
+    """Sets aside steps whose commit record (`_CHECKPOINT_METADATA`) is not JSON.
+
+    Orbax reads every step's record when a manager opens (for the metrics of BestN) and fails
+    outright on one damaged file; such a step is unusable anyway.
+    """
+    if not os.path.isdir(self.directory):
+      return
+    for name in sorted(os.listdir(self.directory)):
+      record = os.path.join(self.directory, name, "_CHECKPOINT_METADATA")
+      if not name.isdigit() or not os.path.isfile(record):
+        continue
+      try:
+        with open(record) as f:
+          json.load(f)
+      except (OSError, ValueError) as e:
+        self._report_damaged(int(name), e)
 
   def steps(self) -> list[int]:
     """Committed steps, oldest first."""
@@ -196,7 +217,8 @@ class Checkpointer:
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"transfer_set_aside_{step}")
-    self.manager.reload()
+    if self.manager is not None:
+      self.manager.reload()
     return target
 
   def local_target(self, step: int):
