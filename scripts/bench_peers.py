@@ -137,7 +137,7 @@ def _transfer_step(dtype: str, batch: int, size: int, options: dict):
   config.batch_size, config.image_size, config.dtype = batch, size, dtype
   config.conv = options.get("conv", config.conv)
   setup = bench.Setup(config, dtype)
-  step = train.make_train_step(setup.model, setup.tx, setup.labels, setup.mesh, config.parallel)
+  step = steps.make_train_step(setup.model, setup.tx, setup.labels, setup.mesh, config.parallel)
   batch_arrays = {"image": setup.images(), "label": setup.labels_batch()}
   holder = {"state": setup.state()}
   step = step.lower(holder["state"], batch_arrays).compile()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transfer import checkpoint, evaluate, main, train
+from transfer import checkpoint, evaluate, main, metrics, train
 from transfer.errors import UserError
 from test_train import tiny_config
 
@@ -90,7 +90,7 @@ def test_eval_and_predict_checkpoint_flag(trained, tmp_path, capsys):
   assert main.run(["eval", "--workdir", trained, "--checkpoint", "2", "--json"]) == 0
   assert json.loads(capsys.readouterr().out)["step"] == 2
 
-  evals = {r["step"]: r["val_accuracy"] for r in train.read_metrics(trained)
+  evals = {r["step"]: r["val_accuracy"] for r in metrics.read_metrics(trained)
            if "val_accuracy" in r}
   main.run(["eval", "--workdir", trained, "--checkpoint", "best", "--json"])
   best = json.loads(capsys.readouterr().out)

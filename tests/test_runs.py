@@ -10,7 +10,7 @@ import signal
 import jax
 import pytest
 
-from transfer import checkpoint, main, runs, train
+from transfer import checkpoint, main, metrics, runs, steps, train
 from transfer.errors import UserError
 from test_train import tiny_config
 
@@ -131,13 +131,13 @@ def test_an_empty_validation_split_trains_without_evaluating(tmp_path, capsys):
   assert summary["step"] == 4 and summary["best_val_accuracy"] is None
   assert "training without evaluation" in capsys.readouterr().err
   assert checkpoint.Checkpointer(str(tmp_path / "noval")).latest_step() == 4
-  assert not [r for r in train.read_metrics(str(tmp_path / "noval")) if "val_accuracy" in r]
+  assert not [r for r in metrics.read_metrics(str(tmp_path / "noval")) if "val_accuracy" in r]
 
 
 def test_a_failing_eval_keeps_the_trained_steps(tmp_path, monkeypatch):
   def broken(*args, **kwargs):
     raise RuntimeError("eval exploded")
-  monkeypatch.setattr(train, "_evaluate", broken)
+  monkeypatch.setattr(steps, "evaluate", broken)
   workdir = str(tmp_path / "run")
   with pytest.raises(RuntimeError, match="eval exploded"):
     train.train_and_evaluate(tiny_config(num_steps=6, eval_every_steps=3,

@@ -1,6 +1,6 @@
 """`transfer bench`: time the real train step, forward pass, eval step or input pipeline.
 
-The steps timed are the ones training runs (`transfer.train.make_train_step` and friends, with the
+The steps timed are the ones training runs (`transfer.steps.make_train_step` and friends, with the
 optimizer and freeze labels of `transfer.optim`) on batches generated on the device, so the figures
 measure the accelerator and not the disk, and nothing but `--mode=input` touches the input pipeline
 (TensorFlow is never imported otherwise). Each measurement compiles first and reports the compile
@@ -191,7 +191,7 @@ class Setup:
 
   def __init__(self, config, dtype: str):
     import jax
-    from transfer import models, optim, parallel
+    from transfer import optim, parallel, runs
 
     self.config, self.dtype = config, dtype
     if config.parallel not in parallel.MODES:
@@ -202,24 +202,10 @@ class Setup:
     num_classes = (config.num_classes if config.num_classes > 0
                    else int(config.synthetic.num_classes))
     self.num_classes = num_classes
-    self.outputs = (1 if num_classes == 2 and config.binary_sigmoid and config.head != "imagenet"
-                    else num_classes)
-    models.check_image_size(config.model, config.head, config.image_size)
-    self.model = models.get(config.model, head=config.head, num_classes=self.outputs,
-                            head_hidden=config.head_hidden, head_dropout=config.head_dropout,
-                            dtype=dtype, conv=config.conv)
-    self.params = jax.device_get(self._params())
+    self.model, self.outputs = runs.build_model(config, num_classes, dtype=dtype)
+    self.params = jax.device_get(runs.initial_params(config, self.model)[0])
     self.tx, self.labels = optim.make_optimizer(config, self.params, 1000)
     self.batch = config.batch_size
-
-  def _params(self):
-    from transfer import models
-    source = self.config.weights
-    if not source or source == "none":
-      return models.init_params(self.model, self.config.image_size, self.config.seed)
-    from transfer import weights
-    return weights.load(source, self.model, image_size=self.config.image_size,
-                        rng=self.config.seed)
 
   def images(self, shape=None, dtype="float32", seed: int = 1):
     """A batch of normal noise made on the devices, sharded over `data` like real batches."""
@@ -238,9 +224,9 @@ class Setup:
     return make(jax.random.PRNGKey(seed))
 
   def state(self, params=None):
-    from transfer import parallel, train
+    from transfer import parallel, steps
     return parallel.replicate(
-        train.create_train_state(self.params if params is None else params, self.tx,
+        steps.create_train_state(self.params if params is None else params, self.tx,
                                  self.config.seed), self.mesh)
 
 
@@ -267,9 +253,9 @@ class Prepared:
 
 
 def prepare_train(setup: Setup, warmup: int, stage: str = "full", batch=None) -> Prepared:
-  """The real train step (`transfer.train.make_train_step`) on an on-device batch."""
-  from transfer import train
-  step = train.make_train_step(setup.model, setup.tx, setup.labels, setup.mesh,
+  """The real train step (`transfer.steps.make_train_step`) on an on-device batch."""
+  from transfer import steps
+  step = steps.make_train_step(setup.model, setup.tx, setup.labels, setup.mesh,
                                setup.config.parallel, stage)
   batch = batch or {"image": setup.images(), "label": setup.labels_batch()}
   holder = {"state": setup.state()}
@@ -305,12 +291,12 @@ def prepare_eval(setup: Setup, warmup: int) -> Prepared:
   """The eval step (loss, accuracy and confusion sums over a masked batch)."""
   import jax
   import jax.numpy as jnp
-  from transfer import parallel, train
+  from transfer import parallel, steps
   params = parallel.replicate(setup.params, setup.mesh)
   batch = {"image": setup.images(), "label": setup.labels_batch(),
            "mask": jax.device_put(jnp.ones((setup.batch,), bool),
                                   parallel.batch_sharding(setup.mesh))}
-  step = train.make_eval_step(setup.model, setup.mesh, setup.num_classes, setup.config.parallel)
+  step = steps.make_eval_step(setup.model, setup.mesh, setup.num_classes, setup.config.parallel)
   return _warm(Prepared(lambda: step(params, batch), None, None, None), warmup)
 
 
@@ -374,27 +360,27 @@ def bench_cached_epoch(setup: Setup, train_step_s: float, warmup: int) -> dict[s
   Returns:
     `epoch_images`, `feature_pass_s`, `head_epoch_s`, `backbone_epoch_s`, `head_epoch_speedup`.
   """
-  from transfer import data, parallel, train
+  from transfer import data, features, parallel, steps
   config = setup.config
   steps_per_epoch = max(1, int(config.get("epoch_images", 512)) // setup.batch)
   n = steps_per_epoch * setup.batch
   params = parallel.replicate(setup.params, setup.mesh)
   images = setup.images()
-  features_fn = train.make_feature_step(setup.model, setup.mesh)
+  features_fn = steps.make_feature_step(setup.model, setup.mesh)
   jax_block(features_fn(params, images))  # compile
   start = time.perf_counter()
   feats = [np.asarray(features_fn(params, images)) for _ in range(steps_per_epoch)]
   feature_pass_s = time.perf_counter() - start
-  features = np.concatenate(feats)
+  cached = np.concatenate(feats)
   labels = np.random.default_rng(config.seed).integers(0, setup.num_classes, n).astype(np.int32)
 
-  head_step = train.make_train_step(setup.model, setup.tx, setup.labels, setup.mesh,
+  head_step = steps.make_train_step(setup.model, setup.tx, setup.labels, setup.mesh,
                                     config.parallel, stage="head")
   state = setup.state()
   sharding = parallel.batch_sharding(setup.mesh)
 
   def epoch(state, first_step):
-    host = train.feature_batches(features, labels, setup.batch, config.seed, first_step)
+    host = features.feature_batches(cached, labels, setup.batch, config.seed, first_step)
     batches = data.prefetch_to_device((next(host) for _ in range(steps_per_epoch)), sharding,
                                       size=config.prefetch)
     metrics = None
@@ -412,7 +398,7 @@ def bench_cached_epoch(setup: Setup, train_step_s: float, warmup: int) -> dict[s
   return {"epoch_images": n, "feature_pass_s": feature_pass_s, "head_epoch_s": head_epoch_s,
           "backbone_epoch_s": backbone_epoch_s,
           "head_epoch_speedup": backbone_epoch_s / max(head_epoch_s, 1e-12),
-          "feature_mib": features.nbytes / 2**20}
+          "feature_mib": cached.nbytes / 2**20}
 
 
 # ----------------------------------------------------------------------------- input pipeline
@@ -420,10 +406,9 @@ def bench_cached_epoch(setup: Setup, train_step_s: float, warmup: int) -> dict[s
 
 def bench_input(config, batches: int) -> dict[str, Any]:
   """Images/s of the host input pipeline for `config.dataset` (decode, augment, preprocess)."""
-  from transfer import data
-  source = config.weights if config.weights and config.weights != "none" else None
+  from transfer import data, runs
   start = time.perf_counter()
-  ds = data.create(config, preprocess_source=source.rstrip("?") if source else "none")
+  ds = data.create(config, preprocess_source=runs.weights_source(config.weights) or "none")
   prepare_s = time.perf_counter() - start
   rate = data.input_throughput(ds, max(1, batches))
   return {"input_images_per_sec": rate, "input_prepare_s": prepare_s,

@@ -221,6 +221,17 @@ class Checkpointer:
       self.manager.reload()
     return target
 
+  def restore_params(self, step: int) -> tuple[Any, dict[str, Any]]:
+    """The params and metadata of `step`, whole on this process's first device.
+
+    For `init_from`, eval, predict and export: it works whatever devices or processes wrote the
+    checkpoint, and needs no optimizer or config to describe the state.
+    """
+    restored = self.manager.restore(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardRestore(self.local_target(step)),
+        META: ocp.args.JsonRestore()}))
+    return restored[STATE]["params"], dict(restored[META])
+
   def local_target(self, step: int):
     """The saved state's shapes and dtypes, placed whole on this process's first device.
 
@@ -296,10 +307,7 @@ def load_trained(workdir: str, checkpoint: str | int | None = "latest"):
     steps = select_steps(checkpointer, checkpoint)
     for s in reversed(steps):
       try:
-        restored = checkpointer.manager.restore(s, args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardRestore(checkpointer.local_target(s)),
-            META: ocp.args.JsonRestore()}))
-        return restored[STATE]["params"], dict(restored[META])
+        return checkpointer.restore_params(s)
       except Exception as e:  # pylint: disable=broad-except
         if checkpoint not in (None, "latest"):
           raise UserError(f"checkpoint at step {s} in {checkpointer.directory} cannot be restored "

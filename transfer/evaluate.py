@@ -16,7 +16,7 @@ import jax
 import ml_collections
 
 from transfer import checkpoint as checkpoint_lib
-from transfer import parallel, train
+from transfer import parallel, runs, steps
 
 
 def evaluate_workdir(workdir: str, checkpoint: str | int | None = "latest") -> dict[str, Any]:
@@ -36,14 +36,14 @@ def evaluate_workdir(workdir: str, checkpoint: str | int | None = "latest") -> d
   recorded = run.get("data") or {}
   if recorded.get("dataset"):  # absolute: eval works from any working directory
     config.dataset = recorded["dataset"]
-  model = train.model_from_meta(run)
+  model = runs.model_from_meta(run)
   mesh = parallel.make_mesh()
-  ds = data_lib.create(config, preprocess_source=train._weights_source(run["weights"]) or "none")
+  ds = data_lib.create(config, preprocess_source=runs.weights_source(run["weights"]) or "none")
   data_lib.check_same_data(recorded, ds.identity(), f"eval of {workdir}",
                            hint="restore the run's data there, or train a new run on this data")
-  eval_step = train.make_eval_step(model, mesh, len(run["class_names"]), config.parallel)
+  eval_step = steps.make_eval_step(model, mesh, len(run["class_names"]), config.parallel)
   params = parallel.replicate(params, mesh)
-  metrics = train._evaluate(eval_step, params, ds.eval_batches("val", config.batch_size), mesh)
+  metrics = steps.evaluate(eval_step, params, ds.eval_batches("val", config.batch_size), mesh)
   return {"step": meta["step"], **metrics, "class_names": run["class_names"]}
 
 

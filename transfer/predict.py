@@ -145,7 +145,7 @@ def _imagenet_predictions(paths, model, weights, top, batch_size) -> Iterator[Pr
 def _trained_predictions(paths, workdir, top, batch_size, checkpoint) -> Iterator[Prediction]:
   """`predict_trained`, one result at a time (checks and loading happen before the first)."""
   from transfer import checkpoint as checkpoint_lib
-  from transfer import train
+  from transfer import runs
   from transfer import weights as weights_lib
   from transfer.data import images as image_ops
 
@@ -154,7 +154,7 @@ def _trained_predictions(paths, workdir, top, batch_size, checkpoint) -> Iterato
   run = meta["run"]
   size = run["image_size"]
   stored = image_ops.stored_size(size, float(run["eval_crop"]))
-  net = train.model_from_meta(run, dtype="float32")
+  net = runs.model_from_meta(run, dtype="float32")
   forward = make_forward(net)
   width = min(batch_size, len(paths))
 

@@ -1,5 +1,10 @@
-"""A run directory's record of what it is: its original config, the changes made on reruns, and
-the check that keeps a rerun from mixing two runs.
+"""What a run is: its model and initial params built from a config, the metadata stored with every
+checkpoint, and the workdir's record of the run (its original config and the changes made on
+reruns), with the checks that keep a rerun from mixing two runs.
+
+Train, eval, predict and bench build a run's model here (`build_model`, `initial_params`,
+`model_from_meta`), so the rules (two classes train one sigmoid logit, `weights=none` is random
+init, `?` means use-if-cached) are written once.
 
 A run's identity is every config value that changes its math or the structure of its state.
 Rerunning a workdir with a different identity is refused before anything in it is touched;
@@ -16,6 +21,7 @@ import os
 import shutil
 from typing import Any
 
+from transfer import models
 from transfer.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -205,3 +211,154 @@ def remove_failed_start(workdir: str, created: bool, before: set[str]) -> None:
         os.remove(target)
       except OSError:
         pass
+
+
+# ----------------------------------------------------------------------------- model and params
+
+
+def weights_source(weights: str) -> str | None:
+  """The weight source without the `?` (use-if-cached) marker; None for random init."""
+  from transfer.weights import sources
+  return sources.parse(weights)[0]
+
+
+def output_count(config, num_classes: int) -> int:
+  """Model outputs: one sigmoid logit for two classes (`binary_sigmoid`), else one per class."""
+  if num_classes == 2 and config.binary_sigmoid and config.head != "imagenet":
+    return 1
+  return num_classes
+
+
+def build_model(config, num_classes: int, dtype: str | None = None):
+  """The run's model for a dataset of `num_classes` classes.
+
+  Args:
+    config: the run config (model, head, head_hidden, head_dropout, image_size, dtype, conv).
+    num_classes: classes in the data.
+    dtype: compute dtype override (default: `config.dtype`, resolved for this backend).
+
+  Returns:
+    `(model, outputs)`: the unbound Flax module and its number of outputs.
+  """
+  outputs = output_count(config, num_classes)
+  models.check_image_size(config.model, config.head, config.image_size)
+  model = models.get(config.model, head=config.head, num_classes=outputs,
+                     head_hidden=config.head_hidden, head_dropout=config.head_dropout,
+                     dtype=dtype or models.resolve_dtype(config.dtype), conv=config.conv)
+  return model, outputs
+
+
+def initial_params(config, model, shapes=None, data_identity=None):
+  """Params before training: another run's (`init_from`), pretrained weights, or random.
+
+  Args:
+    config: the run config (init_from, weights, image_size, seed).
+    model: the module from `build_model`.
+    shapes: its params tree of `jax.ShapeDtypeStruct`s (computed when not given).
+    data_identity: this run's `Dataset.identity()`, checked against an `init_from` run's.
+
+  Returns:
+    `(params, note)`: the params tree and one line saying where it came from.
+  """
+  import jax
+  if config.init_from:
+    if shapes is None:
+      shapes = jax.eval_shape(lambda: models.init_params(model, config.image_size, config.seed))
+    params = params_from_workdir(config.init_from, shapes, data_identity)
+    return params, f"params from run {config.init_from} (init_from)"
+  source = weights_source(config.weights)
+  if source is None:
+    return (models.init_params(model, config.image_size, config.seed),
+            "random initialisation (weights=none)")
+  from transfer import weights as weights_lib
+  params, report = weights_lib.load(config.weights, model, image_size=config.image_size,
+                                    rng=config.seed, return_report=True)
+  return params, report.summary()
+
+
+def params_from_workdir(other: str, shapes, data_identity=None):
+  """The latest params of another run, merged strictly into the tree described by `shapes`.
+
+  When the other run trained on the same dataset, its split must be this run's split: a
+  different hold-out would put its validation images into this run's training data.
+  """
+  import jax.numpy as jnp
+  from flax import traverse_util
+  from transfer import checkpoint as ckpt_lib
+  if not os.path.isdir(ckpt_lib.checkpoint_dir(other)):
+    raise UserError(f"init_from={other}: no checkpoint there; train that run first")
+  checkpointer = ckpt_lib.Checkpointer(other, async_save=False)
+  try:
+    step = checkpointer.latest_step()
+    if step is None:
+      raise UserError(f"init_from={other}: no checkpoint there; train that run first")
+    meta = checkpointer.restore_meta(step)
+    theirs_data = meta["run"].get("data") or {}
+    if data_identity and theirs_data.get("dataset") == data_identity.get("dataset"):
+      check_same_data(theirs_data, data_identity, f"init_from={other}")
+    theirs, _ = checkpointer.restore_params(step)
+  finally:
+    checkpointer.close()
+  fresh_flat, their_flat = traverse_util.flatten_dict(shapes), traverse_util.flatten_dict(theirs)
+  problems = [("/".join(k), v.shape, their_flat[k].shape) for k, v in fresh_flat.items()
+              if k in their_flat and tuple(their_flat[k].shape) != tuple(v.shape)]
+  missing = ["/".join(k) for k in fresh_flat if k not in their_flat]
+  if problems or missing:
+    raise UserError(f"init_from={other} (model {meta['run']['model']}, head {meta['run']['head']}) "
+                    f"does not fit this model: missing {missing[:5]}, mis-shaped {problems[:5]}")
+  return traverse_util.unflatten_dict({k: jnp.asarray(their_flat[k]) for k in fresh_flat})
+
+
+# ----------------------------------------------------------------------------- checkpoint metadata
+
+
+def run_metadata(config, class_names: list[str], outputs: int,
+                 data: dict[str, Any] | None = None) -> dict[str, Any]:
+  """The JSON metadata, stored with every checkpoint, that rebuilds the model without the config.
+
+  `data` is the dataset's identity (`Dataset.identity()`: absolute root and split fingerprint),
+  which resume, `init_from` and eval compare against the data they are given.
+  """
+  from transfer.weights.preprocess import mode_for
+  return {"model": config.model, "head": config.head, "head_hidden": config.head_hidden,
+          "head_dropout": config.head_dropout, "outputs": outputs,
+          "class_names": list(class_names), "weights": config.weights,
+          "preprocessing": mode_for(weights_source(config.weights)),
+          "image_size": config.image_size, "eval_crop": config.eval_crop,
+          "dtype": models.resolve_dtype(config.dtype),
+          "dataset": config.dataset, "optimizer": config.optimizer,
+          # The optimizer's state structure follows these, so resuming needs them unchanged.
+          "trainable": list(config.trainable), "lr_mults": dict(config.lr_mults),
+          "data": data}
+
+
+def model_from_meta(meta: dict[str, Any], dtype: str | None = None):
+  """Rebuilds the trained model from checkpoint metadata (`run_metadata`)."""
+  return models.get(meta["model"], head=meta["head"], num_classes=meta["outputs"],
+                    head_hidden=meta["head_hidden"], head_dropout=meta["head_dropout"],
+                    dtype=dtype or meta["dtype"])
+
+
+def check_same_run(saved: dict[str, Any], current: dict[str, Any], workdir: str) -> None:
+  """Refuses to resume a checkpoint whose model, head, classes or optimizer structure differ.
+
+  `check_rerun` compares configs first; this reads the checkpoint's own record, so it also holds
+  for a workdir whose config.json was lost.
+  """
+  keys = ("model", "head", "head_hidden", "outputs", "class_names", "image_size", "optimizer",
+          "trainable", "lr_mults", "preprocessing")
+  changed = {k: (saved[k], current.get(k)) for k in keys
+             if k in saved and saved[k] != current.get(k)}
+  if changed:
+    raise UserError(f"{workdir} holds a different run: {format_changes(changed)}; nothing "
+                    f"was changed there. Use another --workdir, or --config.init_from={workdir} "
+                    "to start a new run from its params")
+
+
+def check_same_data(saved: dict[str, Any] | None, current: dict[str, Any] | None,
+                    what: str) -> None:
+  """Refuses data whose split differs from the one a checkpoint was trained on."""
+  if not saved or not current:
+    return
+  from transfer import data as data_lib
+  data_lib.check_same_data(saved, current, what)

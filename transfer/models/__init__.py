@@ -47,6 +47,15 @@ class ModelSpec:
   min_image_size: int = 32
   feature_stride: int = 32
 
+  def is_head(self, path: str) -> bool:
+    """Whether a param path (`head/logits/kernel`, `fc1/kernel`) is classifier, not backbone.
+
+    Cached features, freezing reports and the like ask the spec, so a new backbone states its
+    own top layers instead of every caller knowing VGG's.
+    """
+    first = path.split("/")[0]
+    return first == "head" or first in self.top_layers
+
 
 def _vgg_spec(name: str, stage_sizes: tuple[int, ...], widths=(64, 128, 256, 512, 512),
               top_hidden: int = 4096) -> ModelSpec:

@@ -169,7 +169,7 @@ def resolve(source: str, cache_dir: str | os.PathLike | None = None,
   path = sources.cached_path(entry, cache_dir)
   if os.path.isfile(path):
     return path, entry
-  if source.endswith(sources.OPTIONAL_SUFFIX):
+  if sources.parse(source)[1]:
     return None, entry
   return download(entry.id, cache_dir=cache_dir), entry
 
@@ -215,7 +215,7 @@ def info(source: str, cache_dir: str | os.PathLike | None = None) -> dict[str, A
     "model_name", "weights": [{"name", "shape"}]}]}`; `arch` is the registered architecture whose
     backbone the file matches (None if none), `model_name` our name for the layer under it.
   """
-  name = source.rstrip(sources.OPTIONAL_SUFFIX)
+  name = sources.parse(source)[0] or source
   if sources.is_id(name):  # `info` is where one looks when a file misbehaves: check it first.
     cached = sources.cached_path(sources.get(name), cache_dir)
     if os.path.isfile(cached):

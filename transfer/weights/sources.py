@@ -97,6 +97,18 @@ def is_id(source: str) -> bool:
   return ":" in source and source.split(":", 1)[0] in frameworks
 
 
+def parse(weights: str | None) -> tuple[str | None, bool]:
+  """A config's `weights` as `(source, optional)`: the one place `none` and `?` are read.
+
+  `""` or `"none"` is random initialisation, `(None, False)`; a trailing `?` marks a registry id
+  used only if it is already cached (`optional`), and is stripped from `source`.
+  """
+  if not weights or weights == "none":
+    return None, False
+  optional = weights.endswith(OPTIONAL_SUFFIX)
+  return weights.rstrip(OPTIONAL_SUFFIX), optional
+
+
 def get(source_id: str) -> WeightSource:
   """The entry for `source_id` (a trailing `?` is ignored); one-line error listing valid ids."""
   key = source_id.rstrip(OPTIONAL_SUFFIX)
