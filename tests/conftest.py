@@ -19,7 +19,7 @@ def write_tfds_metadata(data_dir, name, splits):
   The pip package of TFDS does not ship the metadata that mock_data looks for, and without it
   mock_data accepts any split name; with it, a missing validation split is really missing.
   """
-  import tensorflow_datasets as tfds
+  tfds = pytest.importorskip("tensorflow_datasets", reason="tfds extra not installed")
   builder = tfds.builder(name, data_dir=str(data_dir))
   builder.info.set_splits(tfds.core.SplitDict([
       tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=0)

@@ -539,7 +539,7 @@ def test_unknown_options_are_user_errors():
 
 def test_tfds_cats_vs_dogs_holds_out_part_of_train(mock_tfds, monkeypatch):
   calls = []
-  import tensorflow_datasets as tfds
+  tfds = pytest.importorskip("tensorflow_datasets", reason="tfds extra not installed")
   real = tfds.core.DatasetBuilder.as_dataset
   record = lambda self, split, **kw: calls.append(split) or real(self, split=split, **kw)
   monkeypatch.setattr(tfds.core.DatasetBuilder, "as_dataset", record)
@@ -569,7 +569,7 @@ def test_tfds_uses_an_existing_validation_split(mock_tfds):
 def test_tfds_errors(mock_tfds, monkeypatch):
   with pytest.raises(UserError, match="unknown TFDS dataset.*cats_vs_dogs"):
     transfer.data.create(make_config(dataset="tfds:cats_vs_dogz"), preprocess_source="unit")
-  import tensorflow_datasets as tfds
+  tfds = pytest.importorskip("tensorflow_datasets", reason="tfds extra not installed")
 
   def offline(self, *args, **kwargs):
     raise ConnectionError("no network")
@@ -595,7 +595,7 @@ def test_tfds_without_tensorflow_datasets_says_how_to_install(monkeypatch):
 
 
 def test_tfds_not_prepared_and_offline_fails_at_once(tmp_path, monkeypatch):
-  import tensorflow_datasets as tfds
+  tfds = pytest.importorskip("tensorflow_datasets", reason="tfds extra not installed")
   from transfer.data import tfds_source
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", _no_download)
   monkeypatch.setattr(tfds_source, "network_reachable", lambda: False)
@@ -610,7 +610,7 @@ def test_tfds_not_prepared_and_offline_fails_at_once(tmp_path, monkeypatch):
 
 def test_tfds_errors_name_the_data_dir_tfds_uses(tmp_path, monkeypatch):
   # data_dir="" means TFDS's default: $TFDS_DATA_DIR (read when TFDS is imported), not always ~.
-  import tensorflow_datasets as tfds
+  tfds = pytest.importorskip("tensorflow_datasets", reason="tfds extra not installed")
   from transfer.data import tfds_source
   monkeypatch.setattr(tfds.core.constants, "DATA_DIR", str(tmp_path / "from_env"))
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", _no_download)
@@ -628,7 +628,7 @@ def test_tfds_prepared_dataset_does_not_probe_the_network(mock_tfds, monkeypatch
 
 
 def test_tfds_module_missing_while_preparing_says_how_to_install(mock_tfds, monkeypatch):
-  import tensorflow_datasets as tfds
+  tfds = pytest.importorskip("tensorflow_datasets", reason="tfds extra not installed")
 
   def missing(self, *args, **kwargs):
     raise ModuleNotFoundError("No module named 'importlib_resources'")

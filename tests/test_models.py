@@ -51,7 +51,7 @@ def test_layer_names_are_keras_names():
 
 @pytest.mark.parametrize("name", ["vgg16", "vgg19"])
 def test_layer_names_and_shapes_match_keras_applications(name):
-  import keras
+  keras = pytest.importorskip("keras", reason="keras not installed")
   build = {"vgg16": keras.applications.VGG16, "vgg19": keras.applications.VGG19}[name]
   ref = build(weights=None, include_top=False, input_shape=(32, 32, 3))
   theirs = {l.name: [tuple(w.shape) for w in l.weights] for l in ref.layers if l.weights}

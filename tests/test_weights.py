@@ -194,7 +194,7 @@ def test_truncated_file(tmp_path, fmt):
     if fmt == "safetensors":
       export.write_safetensors(path, state)
     else:
-      import torch
+      torch = pytest.importorskip("torch", reason="torch extra not installed")
       torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
   data = path.read_bytes()
   path.write_bytes(data[:len(data) // 2])

@@ -68,7 +68,7 @@ def forward(model_name, params, x, **kw):
 
 @pytest.fixture(scope="module")
 def keras():
-  import keras as keras_module
+  keras_module = pytest.importorskip("keras", reason="keras not installed")
   return keras_module
 
 
@@ -146,7 +146,7 @@ def test_legacy_file_is_read_through_its_attributes(keras_notop, tmp_path):
 
 def torch_vgg(arch: str, seed: int):
   """A torch VGG with torchvision's module layout and state-dict keys, random weights."""
-  import torch
+  torch = pytest.importorskip("torch", reason="torch extra not installed")
   from torch import nn
 
   torch.manual_seed(seed)
@@ -181,14 +181,14 @@ def torch_vgg(arch: str, seed: int):
 
 
 def torch_logits(model, x_nhwc):
-  import torch
+  torch = pytest.importorskip("torch", reason="torch extra not installed")
   with torch.no_grad():
     return model(torch.from_numpy(x_nhwc.transpose(0, 3, 1, 2).copy())).numpy()
 
 
 @pytest.mark.parametrize("fmt", ["pth", "safetensors"])
 def test_torch_tiny_matches(tmp_path, fmt):
-  import torch
+  torch = pytest.importorskip("torch", reason="torch extra not installed")
   model = torch_vgg("vgg16_tiny", seed=0)
   path = tmp_path / f"vgg16_tiny.{fmt}"
   state = model.state_dict()
@@ -207,7 +207,7 @@ def test_torch_tiny_matches(tmp_path, fmt):
 @pytest.mark.slow
 def test_torch_vgg16_matches(tmp_path):
   """The full network, as torchvision publishes it (.pth)."""
-  import torch
+  torch = pytest.importorskip("torch", reason="torch extra not installed")
   model = torch_vgg("vgg16", seed=1)
   path = tmp_path / "vgg16-random.pth"
   torch.save(model.state_dict(), path)

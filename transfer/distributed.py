@@ -87,11 +87,6 @@ def heartbeat_timeout() -> int:
   return seconds
 
 
-def is_multiprocess() -> bool:
-  """Whether this run spans several processes (only valid after `initialize`)."""
-  return jax.process_count() > 1
-
-
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, timeout_s: int = 300) -> bool:
   """Initialises `jax.distributed` if this is a multi-process run; returns whether it did.

@@ -16,15 +16,15 @@ import numpy as np
 from transfer import models, optim, parallel
 
 
-def cache_features_reason(config, labels) -> str | None:
+def cache_features_reason(config, param_labels) -> str | None:
   """None if features can be cached, else why not (logged)."""
   if not config.cache_features:
     return "cache_features=False"
   if config.augment != "none":
     return f"augment={config.augment!r} changes the backbone's input every epoch"
   spec = models.spec(config.model)
-  paths = optim.param_paths(labels)
-  trained_backbone = [p for p, l in zip(paths, jax.tree_util.tree_leaves(labels))
+  paths = optim.param_paths(param_labels)
+  trained_backbone = [p for p, l in zip(paths, jax.tree_util.tree_leaves(param_labels))
                       if l != optim.FROZEN and not spec.is_head(p)]
   if trained_backbone:
     return f"backbone layers are trainable ({trained_backbone[0]}, ...)"

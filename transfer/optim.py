@@ -1,4 +1,4 @@
-"""Optimizers with freezing as structure: parameter paths -> labels -> `optax.multi_transform`.
+"""Optimizers with freezing as structure: parameter paths -> labels -> `optax.partition`.
 
 Frozen parameters get `optax.set_to_zero()`, which keeps no state, so a frozen VGG16 conv base
 costs no optimizer memory. Trainable parameters are grouped by learning-rate multiplier
@@ -13,7 +13,6 @@ import re
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from transfer.errors import UserError
@@ -133,7 +132,7 @@ def make_optimizer(config, params, total_steps: int):
     total_steps: for decaying schedules.
 
   Returns:
-    `(tx, labels)`: an `optax.multi_transform` over the label groups, and the label tree.
+    `(tx, param_labels)`: an `optax.partition` over the label groups, and the label tree.
   """
   lr_mults = {k: float(v) for k, v in dict(config.lr_mults).items()}
   labels = param_labels(params, list(config.trainable), lr_mults)
@@ -144,7 +143,7 @@ def make_optimizer(config, params, total_steps: int):
     transforms[_group_label(mult)] = _base_optimizer(config, scaled)
   used = set(jax.tree_util.tree_leaves(labels))
   transforms = {k: v for k, v in transforms.items() if k in used or k == FROZEN}
-  return optax.multi_transform(transforms, labels), labels
+  return optax.partition(transforms, labels), labels
 
 
 def trainable_mask(labels) -> Any:
@@ -169,7 +168,3 @@ def describe(params, labels) -> str:
   return (f"params: {trainable:,} trainable, {frozen:,} frozen; "
           f"training {', '.join(layers) or 'nothing'}")
 
-
-def learning_rate_at(config, total_steps: int, step) -> jnp.ndarray:
-  """The base (multiplier 1) learning rate at `step`, for logging."""
-  return make_schedule(config, total_steps)(step)

@@ -5,9 +5,9 @@ chooses. Each step is compiled once, with the state donated. Freezing comes from
 labels (see `transfer.optim`): the train step differentiates only the trainable parameters, so a
 frozen conv base costs a forward pass and no backward pass.
 
-    tx, labels = transfer.optim.make_optimizer(config, params, total_steps)
+    tx, param_labels = transfer.optim.make_optimizer(config, params, total_steps)
     state = parallel.replicate(create_train_state(params, tx, seed), mesh)
-    train_step = make_train_step(model, tx, labels, mesh)
+    train_step = make_train_step(model, tx, param_labels, mesh)
     state, metrics = train_step(state, {"image": images, "label": labels})
 """
 
@@ -93,19 +93,19 @@ def _split(params, mask):
   return trainable, frozen
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels, mesh,
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, param_labels, mesh,
                     parallel_mode: str = "shard_map", stage: str = "full") -> Callable:
   """Builds the jitted data-parallel `train_step(state, batch) -> (state, metrics)`.
 
   Gradients are taken only with respect to the trainable parameters (those not labelled
   `frozen`), so JAX never builds the backward pass of a frozen backbone; frozen leaves still go
-  through `tx` (as zeros, which `set_to_zero` drops), keeping `optax.multi_transform` the single
+  through `tx` (as zeros, which `set_to_zero` drops), keeping `optax.partition` the single
   source of truth for what trains.
 
   Args:
     model: the Flax module.
     tx: the optimizer from `optim.make_optimizer`.
-    labels: its label tree.
+    param_labels: its label tree (which parameters are frozen).
     mesh: the `data` mesh.
     parallel_mode: `"shard_map"` or `"pmap"`.
     stage: `"full"` (batches hold images) or `"head"` (batches hold cached backbone features).
@@ -114,7 +114,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels, 
     A function taking the replicated state and a batch `{"image", "label"}` sharded over `data`;
     the returned metrics are device scalars (pull them only when logging).
   """
-  mask = optim.trainable_mask(labels)
+  mask = optim.trainable_mask(param_labels)
 
   def per_device(state: TrainState, batch):
     local_batch = batch["label"].shape[0]

@@ -195,7 +195,7 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
   try:
     # Shapes only: a resumed run never initialises, a fresh one initialises once below.
     shapes = jax.eval_shape(lambda: models.init_params(model, config.image_size, config.seed))
-    tx, labels = optim.make_optimizer(config, shapes, total_steps)
+    tx, param_labels = optim.make_optimizer(config, shapes, total_steps)
     abstract = jax.eval_shape(lambda p: steps.create_train_state(p, tx, config.seed), shapes)
     abstract = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)),
@@ -228,10 +228,10 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
                   f"{runs.HISTORY_FILE}): {runs.format_changes(changes)}")
   _log(is_main, f"{config.model} + {config.head} head, {outputs} output(s), "
                 f"{num_classes} classes; {init_note}")
-  _log(is_main, optim.describe(state.params, labels))
+  _log(is_main, optim.describe(state.params, param_labels))
 
   # Input: images, or backbone features computed once.
-  no_cache_reason = features.cache_features_reason(config, labels)
+  no_cache_reason = features.cache_features_reason(config, param_labels)
   stage = "full" if no_cache_reason else "head"
   if stage == "head":
     _log(is_main, "cache_features: running the frozen backbone once over train and val")
@@ -247,7 +247,7 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
   batches = data_lib.prefetch_to_device(train_iter, parallel.batch_sharding(mesh),
                                         size=config.prefetch)
 
-  train_step = steps.make_train_step(model, tx, labels, mesh, config.parallel, stage)
+  train_step = steps.make_train_step(model, tx, param_labels, mesh, config.parallel, stage)
   eval_step = steps.make_eval_step(model, mesh, num_classes, config.parallel, stage)
   schedule = optim.make_schedule(config, total_steps)
 
