@@ -10,7 +10,7 @@ import signal
 import jax
 import pytest
 
-from transfer import checkpoint, main, metrics, runs, steps, train
+from transfer import checkpoint, main, metrics, preemption, runs, steps, train
 from transfer.errors import UserError
 from test_train import tiny_config
 
@@ -173,7 +173,7 @@ def test_an_interrupted_run_exits_with_128_plus_the_signal(tmp_path, monkeypatch
       self.signal = signal.SIGINT
       return True
     return False
-  monkeypatch.setattr(train._Preemption, "stop_at", stop_after_two)
+  monkeypatch.setattr(preemption.Preemption, "stop_at", stop_after_two)
   status = train.main(tiny_config(), str(tmp_path / "run"), "quickstart", {})
   assert status == 128 + signal.SIGINT
   last = capsys.readouterr().err.strip().splitlines()[-1]

@@ -16,6 +16,7 @@ once, by the run's first start, and never rewritten: it stays the record of what
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import os
 import shutil
@@ -177,6 +178,47 @@ def _write_atomic(path: str, text: str) -> None:
   with open(tmp, "w") as f:
     f.write(text)
   os.replace(tmp, path)
+
+
+def saved_config(workdir: str) -> dict[str, Any] | None:
+  """The run's original config: `config.json`, else the latest checkpoint's copy of it."""
+  from transfer import checkpoint as ckpt_lib
+  saved = read_config(workdir)
+  if saved is not None or not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
+    return saved
+  checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
+  try:
+    for step in reversed(checkpointer.steps()):
+      try:
+        return checkpointer.restore_meta(step).get("config")
+      except Exception:  # pylint: disable=broad-except  (damage is handled at restore)
+        continue
+    return None
+  finally:
+    checkpointer.close()
+
+
+_DISK_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO)
+
+
+def disk_error(error: BaseException, workdir: str) -> UserError | None:
+  """A `UserError` for a failed write to the workdir (disk full, read-only), else None."""
+  seen, cause = set(), error
+  while cause is not None and id(cause) not in seen:
+    seen.add(id(cause))
+    if isinstance(cause, OSError) and cause.errno in _DISK_ERRNOS:
+      break
+    cause = cause.__cause__ or cause.__context__
+  else:
+    return None
+  from transfer import checkpoint as ckpt_lib
+  directory = ckpt_lib.checkpoint_dir(workdir)
+  committed = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) \
+      if os.path.isdir(directory) else []
+  where = (f"the last good checkpoint (step {committed[-1]}) is intact" if committed
+           else "no checkpoint was written")
+  return UserError(f"cannot write to {workdir}: {cause.strerror or cause}; {where}. Free space "
+                   f"or fix permissions, then rerun the same command to resume")
 
 
 def prepare_workdir(workdir: str) -> bool:

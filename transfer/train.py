@@ -13,14 +13,13 @@ Python API for research:
 from __future__ import annotations
 
 import datetime
-import errno
 import json
 import logging
 import os
 import signal
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +27,7 @@ import ml_collections
 
 from transfer import checkpoint as ckpt_lib
 from transfer import features, metrics as metrics_lib, models, optim, parallel, runs, steps
+from transfer import preemption as preemption_lib
 from transfer.errors import UserError
 
 log = logging.getLogger("transfer")
@@ -42,51 +42,6 @@ def _total_steps(config, steps_per_epoch: int) -> int:
 def _is_due(step: int, every: int, total: int) -> bool:
   """Whether a periodic action (log/eval/checkpoint) happens after `step` (1-based)."""
   return step == total or (every > 0 and step % every == 0)
-
-
-class _Preemption:
-  """Turns SIGTERM/SIGINT into a stop the loop checks after each step (then saves and exits).
-
-  With several processes every one must save at the same step, or the collective save waits
-  forever. There `sync` is Orbax's `reached_preemption`: SIGTERM is left to JAX's preemption
-  notifier, which agrees on a step with the other processes, and SIGINT is passed on to it.
-  """
-
-  def __init__(self, sync: Callable[[int], bool] | None = None):
-    self.signal: int | None = None
-    self._sync = sync
-    self._previous = {}
-
-  def __enter__(self):
-    signals = (signal.SIGINT,) if self._sync else (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-      try:
-        self._previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread: leave signals alone
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.signal is not None:  # a second signal: stop now
-      raise KeyboardInterrupt
-    self.signal = signum
-    if self._sync:  # JAX's notifier (installed by jax.distributed) owns SIGTERM
-      os.kill(os.getpid(), signal.SIGTERM)
-
-  def stop_at(self, step: int) -> bool:
-    """Whether to checkpoint and stop after `step` (call once per step, on every process)."""
-    if self._sync is None:
-      return self.signal is not None
-    if not self._sync(step):
-      return False
-    self.signal = self.signal or signal.SIGTERM
-    return True
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    return False
 
 
 def default_workdir(config_name: str) -> str:
@@ -119,14 +74,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   Raises:
     UserError: bad config or data; `NonFiniteLossError` when the loss becomes NaN/inf.
-    Preempted: a signal stopped training after a checkpoint was saved.
+    preemption.Preempted: a signal stopped training after a checkpoint was saved.
   """
   from transfer import configs
   workdir = os.path.abspath(workdir)
   config = runs.canonical_config(configs.validate(config))
   created = runs.prepare_workdir(workdir)
   before = set(os.listdir(workdir))
-  saved_config = _saved_config(workdir)
+  saved_config = runs.saved_config(workdir)
   changes = runs.check_rerun(workdir, config, saved_config)
   progress = {"started": False}
   try:
@@ -134,27 +89,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   except BaseException as error:
     if not progress["started"] and saved_config is None:
       runs.remove_failed_start(workdir, created, before)
-    disk = _disk_error(error, workdir)
+    disk = runs.disk_error(error, workdir)
     if disk is not None:
       raise disk from None
     raise
-
-
-def _saved_config(workdir: str) -> dict[str, Any] | None:
-  """The run's original config: `config.json`, else the latest checkpoint's copy of it."""
-  saved = runs.read_config(workdir)
-  if saved is not None or not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
-    return saved
-  checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
-  try:
-    for step in reversed(checkpointer.steps()):
-      try:
-        return checkpointer.restore_meta(step).get("config")
-      except Exception:  # pylint: disable=broad-except  (damage is handled at restore)
-        continue
-    return None
-  finally:
-    checkpointer.close()
 
 
 def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) -> dict[str, Any]:
@@ -164,8 +102,6 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
   is_main = jax.process_index() == 0
   mesh = parallel.make_mesh(devices)
   parallel.check_batch_size(config.batch_size, mesh)
-  if config.parallel not in parallel.MODES:
-    raise UserError(f"unknown parallel mode {config.parallel!r}; valid: {', '.join(parallel.MODES)}")
 
   # Data first: bad input fails before any compilation.
   weights_source = runs.weights_source(config.weights)
@@ -276,7 +212,7 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
   sums, count, window_start, window_time = None, 0, start_step, time.perf_counter()
   step = saved_step = start_step
   sync = checkpointer.manager.reached_preemption if jax.process_count() > 1 else None
-  with _Preemption(sync) as preemption:
+  with preemption_lib.Preemption(sync) as preemption:
     try:
       while step < total_steps:
         batch = next(batches)
@@ -322,10 +258,10 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
           name = signal.Signals(preemption.signal).name
           _log(is_main, f"{name}: saved a checkpoint at step {step} in {workdir}; rerun the same "
                         f"command to resume (exit status {128 + preemption.signal})")
-          raise Preempted(step, preemption.signal)
-    except (Preempted, NonFiniteLossError):
+          raise preemption_lib.Preempted(step, preemption.signal)
+    except (preemption_lib.Preempted, NonFiniteLossError):
       raise
-    except BaseException as error:
+    except BaseException:
       # Whatever failed (eval, metrics, a signal handler, the disk), steps already trained are
       # saved first when they can be; the error is then reported as it is.
       if step > saved_step and int(jax.device_get(state.nonfinite_step)) < 0:
@@ -384,28 +320,6 @@ def _already_finished(workdir: str, step: int, total_steps: int, is_main: bool) 
           "trained_steps": 0}
 
 
-_DISK_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO)
-
-
-def _disk_error(error: BaseException, workdir: str) -> UserError | None:
-  """A `UserError` for a failed write to the workdir (disk full, read-only), else None."""
-  seen, cause = set(), error
-  while cause is not None and id(cause) not in seen:
-    seen.add(id(cause))
-    if isinstance(cause, OSError) and cause.errno in _DISK_ERRNOS:
-      break
-    cause = cause.__cause__ or cause.__context__
-  else:
-    return None
-  directory = ckpt_lib.checkpoint_dir(workdir)
-  committed = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) \
-      if os.path.isdir(directory) else []
-  where = (f"the last good checkpoint (step {committed[-1]}) is intact" if committed
-           else "no checkpoint was written")
-  return UserError(f"cannot write to {workdir}: {cause.strerror or cause}; {where}. Free space "
-                   f"or fix permissions, then rerun the same command to resume")
-
-
 def _position(ds, step: int, stage: str, steps_per_epoch: int) -> dict[str, int]:
   if stage == "full" and hasattr(ds, "position"):
     return dict(ds.position(step))
@@ -415,16 +329,6 @@ def _position(ds, step: int, stage: str, steps_per_epoch: int) -> dict[str, int]
 
 class NonFiniteLossError(UserError):
   """The loss became NaN or inf."""
-
-
-class Preempted(Exception):
-  """Raised after a signal-triggered checkpoint; the CLI exits with 128 + the signal number."""
-
-  def __init__(self, step: int, signum: int = signal.SIGTERM):
-    super().__init__(f"preempted at step {step}")
-    self.step = step
-    self.signum = int(signum)
-    self.exit_status = 128 + self.signum
 
 
 def _log(enabled: bool, message: str) -> None:
@@ -450,7 +354,7 @@ def main(config, workdir: str | None, config_name: str, distributed: dict[str, A
   workdir = workdir or default_workdir(config_name)
   try:
     summary = train_and_evaluate(config, workdir)
-  except Preempted as stopped:
+  except preemption_lib.Preempted as stopped:
     return stopped.exit_status
   demo = config_name == "quickstart" and config.dataset == "synthetic"
   if demo and summary["trained_steps"] and jax.process_index() == 0:
