@@ -29,6 +29,17 @@ from transfer.errors import UserError
 
 log = logging.getLogger("transfer")
 
+
+class _WithoutMetricNotice(logging.Filter):
+  """Drops Orbax's notice for every step saved without a val metric: saves between evaluations
+  are meant to have none (BestN then keeps them only as latest)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_WithoutMetricNotice())
+
 STATE, META = "state", "meta"
 
 
@@ -298,7 +309,8 @@ def load_trained(workdir: str, checkpoint: str | int | None = "latest"):
   Raises:
     UserError: no checkpoints, an unknown step, no val metric for "best", or nothing restores.
   """
-  from transfer.errors import UserError
+  if os.path.isfile(workdir):
+    raise UserError(f"--workdir {workdir} is a file, not a run directory")
   if not os.path.isdir(checkpoint_dir(workdir)):  # don't let the manager create it
     raise UserError(f"no checkpoint in {checkpoint_dir(workdir)}; train there first "
                     f"(transfer train --workdir {workdir})")

@@ -17,6 +17,7 @@ import ml_collections
 
 from transfer import checkpoint as checkpoint_lib
 from transfer import parallel, runs, steps
+from transfer.errors import UserError
 
 
 def evaluate_workdir(workdir: str, checkpoint: str | int | None = "latest") -> dict[str, Any]:
@@ -39,6 +40,9 @@ def evaluate_workdir(workdir: str, checkpoint: str | int | None = "latest") -> d
   model = runs.model_from_meta(run)
   mesh = parallel.make_mesh()
   ds = data_lib.create(config, preprocess_source=runs.weights_source(run["weights"]) or "none")
+  if not ds.num_val:
+    raise UserError(f"{workdir} was trained without a validation split ({config.dataset}, "
+                    f"val_fraction={config.val_fraction}); there is nothing to evaluate on")
   data_lib.check_same_data(recorded, ds.identity(), f"eval of {workdir}",
                            hint="restore the run's data there, or train a new run on this data")
   eval_step = steps.make_eval_step(model, mesh, len(run["class_names"]), config.parallel)

@@ -96,7 +96,12 @@ def run(argv: list[str]) -> int:
   if args.command == "train":
     from transfer import train
     config_name = _train_config_name(args.config, args.workdir)
-    config = configs.validate(configs.apply_overrides(configs.load(config_name), overrides))
+    if args.config is None and config_name != configs.DEFAULT:  # the run's own record
+      from transfer import runs
+      base = runs.recorded_config(args.workdir)
+    else:
+      base = configs.load(config_name)
+    config = configs.validate(configs.apply_overrides(base, overrides))
     return train.main(config, workdir=args.workdir, config_name=config_name,
                       distributed=dict(coordinator_address=args.coordinator_address,
                                        num_processes=args.num_processes,
@@ -142,7 +147,13 @@ def main(argv: list[str] | None = None) -> None:
     # tunables at start-up only, so restart once with huge pages (transfer/hugepages.py).
     from transfer import hugepages
     hugepages.restart_if_wanted()
+  command_line = argv is None
   argv = sys.argv[1:] if argv is None else argv
+  if not os.environ.get("TRANSFER_DEBUG"):
+    # Orbax's writer threads log every failed future of a write that already failed (a full
+    # disk): the one-line error below says it, thousands of lines of asyncio noise do not.
+    import logging
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
   try:
     status = run(argv)
     sys.stdout.flush()  # Here, not at interpreter exit, so a closed pipe is caught below.
@@ -156,10 +167,36 @@ def main(argv: list[str] | None = None) -> None:
     if os.environ.get("TRANSFER_DEBUG"):
       raise
     print(f"transfer: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _exit(2, command_line)
   except KeyboardInterrupt:
     print("transfer: interrupted", file=sys.stderr)
-    sys.exit(130)
+    _exit(130, command_line)
+  except Exception:  # pylint: disable=broad-except
+    # Not one of ours: keep the traceback (a bug to report), but do not leave it to threads.
+    if os.environ.get("TRANSFER_DEBUG") or not command_line:
+      raise
+    import traceback
+    traceback.print_exc()
+    _exit(1, command_line)
+  except BaseException as e:  # `preemption.Terminated`: SIGTERM before training started
+    if not hasattr(e, "exit_status"):
+      raise
+    print(f"transfer: {e}; nothing was trained or saved", file=sys.stderr)
+    _exit(e.exit_status, command_line)
+
+
+def _exit(status: int, command_line: bool) -> None:
+  """Exits with `status`; from the command line without waiting for worker threads.
+
+  An error can stop the program while XLA compiles or Orbax writes on other threads, and
+  interpreter shutdown under live threads can crash (a segfault instead of the message and
+  status). Everything the run must keep is saved before the error reaches here.
+  """
+  if not command_line:
+    sys.exit(status)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ checkpoint and raises `Preempted`, which the CLI turns into exit status 128 + th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-from typing import Callable
+import threading
+from typing import Callable, Iterator
 
 
 class Preemption:
@@ -65,3 +67,34 @@ class Preempted(Exception):
     self.step = step
     self.signum = int(signum)
     self.exit_status = 128 + self.signum
+
+
+class Terminated(BaseException):
+  """SIGTERM before the loop took over signals: nothing to save, so the start is undone.
+
+  A BaseException, like KeyboardInterrupt, so no `except Exception` on the way swallows it.
+  """
+
+  def __init__(self, signum: int = signal.SIGTERM):
+    super().__init__(f"terminated by {signal.Signals(signum).name} before training started")
+    self.exit_status = 128 + int(signum)
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+  """SIGTERM raises `Terminated` in the main thread (set-up and compilation are not a step the
+  loop can finish, so the run stops at once and undoes its start). The loop's `Preemption`
+  replaces this handler while it runs and restores it afterwards."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def handle(signum, frame):
+    del frame
+    raise Terminated(signum)
+
+  previous = signal.signal(signal.SIGTERM, handle)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)

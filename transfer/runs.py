@@ -19,6 +19,7 @@ import datetime
 import errno
 import json
 import os
+import re
 import shutil
 from typing import Any
 
@@ -162,15 +163,49 @@ def check_rerun(workdir: str, config, saved: dict[str, Any] | None) -> dict[str,
 
 
 def record_start(workdir: str, config, changes: dict[str, tuple], step: int) -> None:
-  """Writes `config.json` on a run's first start; appends accepted changes to the history."""
+  """Writes `config.json` on a run's first start; appends accepted changes to the history.
+
+  Each history record holds the whole difference from `config.json` at that start, so the last
+  one says what the run's config is now (`recorded_config`); a start that changes nothing since
+  the last record writes none.
+  """
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     _write_atomic(path, config.to_json_best_effort(indent=2) + "\n")
-  if changes:
-    record = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "step": step,
-              "changes": {k: [old, new] for k, (old, new) in sorted(changes.items())}}
-    with open(os.path.join(workdir, HISTORY_FILE), "a") as f:
-      f.write(json.dumps(record) + "\n")
+  diff = {k: [old, new] for k, (old, new) in sorted(changes.items())}
+  history = read_history(workdir)
+  if diff == (history[-1]["changes"] if history else {}):
+    return
+  record = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "step": step,
+            "changes": diff}
+  _write_atomic(os.path.join(workdir, HISTORY_FILE),
+                "".join(json.dumps(r) + "\n" for r in [*history, record]))
+
+
+def read_history(workdir: str) -> list[dict[str, Any]]:
+  """The records of `config_history.jsonl`, oldest first (none for a run never changed)."""
+  path = os.path.join(workdir, HISTORY_FILE)
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def recorded_config(workdir: str):
+  """The run's config as of its last start: `config.json` with the last recorded changes.
+
+  What `transfer train --workdir W` without `--config` continues with.
+  """
+  from transfer import configs
+  config = configs.load(os.path.join(workdir, CONFIG_FILE))
+  history = read_history(workdir)
+  for key, (_, new) in (history[-1]["changes"] if history else {}).items():
+    node, leaf = config, key
+    for part in key.split(".")[:-1] if key != "lr_mults" else ():
+      node, leaf = node[part], key.split(".")[-1]
+    with node.unlocked():
+      node[leaf] = new
+  return config
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -202,14 +237,13 @@ _DISK_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQU
 
 
 def disk_error(error: BaseException, workdir: str) -> UserError | None:
-  """A `UserError` for a failed write to the workdir (disk full, read-only), else None."""
-  seen, cause = set(), error
-  while cause is not None and id(cause) not in seen:
-    seen.add(id(cause))
-    if isinstance(cause, OSError) and cause.errno in _DISK_ERRNOS:
-      break
-    cause = cause.__cause__ or cause.__context__
-  else:
+  """A `UserError` for a failed write to the workdir (disk full, read-only), else None.
+
+  Python's own writes raise `OSError`; Orbax's writer (TensorStore) raises a `ValueError` whose
+  text carries the OS error code, so both are recognised.
+  """
+  reason = _disk_reason(error)
+  if reason is None:
     return None
   from transfer import checkpoint as ckpt_lib
   directory = ckpt_lib.checkpoint_dir(workdir)
@@ -217,8 +251,22 @@ def disk_error(error: BaseException, workdir: str) -> UserError | None:
       if os.path.isdir(directory) else []
   where = (f"the last good checkpoint (step {committed[-1]}) is intact" if committed
            else "no checkpoint was written")
-  return UserError(f"cannot write to {workdir}: {cause.strerror or cause}; {where}. Free space "
-                   f"or fix permissions, then rerun the same command to resume")
+  return UserError(f"cannot write to {workdir}: {reason}; {where}. Free space or fix "
+                   f"permissions, then rerun the same command to resume")
+
+
+def _disk_reason(error: BaseException) -> str | None:
+  """The OS's words for a failed write somewhere in `error`'s chain, else None."""
+  seen, cause = set(), error
+  while cause is not None and id(cause) not in seen:
+    seen.add(id(cause))
+    if isinstance(cause, OSError) and cause.errno in _DISK_ERRNOS:
+      return cause.strerror or str(cause)
+    code = re.search(r"os_error_code='?(\d+)", str(cause))
+    if code and int(code.group(1)) in _DISK_ERRNOS:
+      return os.strerror(int(code.group(1)))
+    cause = cause.__cause__ or cause.__context__
+  return None
 
 
 def prepare_workdir(workdir: str) -> bool:

@@ -12,6 +12,7 @@ Python API for research:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -84,8 +85,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   saved_config = runs.saved_config(workdir)
   changes = runs.check_rerun(workdir, config, saved_config)
   progress = {"started": False}
+  # Several processes leave SIGTERM to JAX's preemption notifier (see `Preemption`).
+  signals = (preemption_lib.sigterm_raises() if jax.process_count() == 1
+             else contextlib.nullcontext())
   try:
-    return _train(config, workdir, devices, changes, progress)
+    with signals:
+      return _train(config, workdir, devices, changes, progress)
   except BaseException as error:
     if not progress["started"] and saved_config is None:
       runs.remove_failed_start(workdir, created, before)

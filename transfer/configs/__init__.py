@@ -234,10 +234,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
     node = config
     for part in parent.split(".") if parent else []:
       if part not in node:
-        raise UserError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(node.keys()))}")
+        raise UserError(_unknown_key(key, part, node))
       node = node[part]
     if leaf not in node:
-      raise UserError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(node.keys()))}")
+      raise UserError(_unknown_key(key, leaf, node))
     current = node[leaf]
     try:
       value = parse_value(text, current) if current is not None else _parse_untyped(text)
@@ -246,6 +246,14 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
     with node.unlocked() if hasattr(node, "unlocked") else _nullcontext():
       node[leaf] = value
   return config
+
+
+def _unknown_key(key: str, name: str, node) -> str:
+  """One line for a key the config does not have: the likely meant key first, then them all."""
+  import difflib
+  close = difflib.get_close_matches(name, list(node.keys()), n=1)
+  meant = f"did you mean {close[0]!r}? " if close else ""
+  return f"unknown config key {key!r}; {meant}valid keys: {', '.join(sorted(node.keys()))}"
 
 
 def _parse_untyped(text: str):

@@ -68,7 +68,8 @@ class _Split:
     try:
       return images.resize(self._source.open_image(i, size), size)
     except Exception as e:  # Only an untrusted-but-unchecked source can get here.
-      raise RuntimeError(f"cannot decode {self._source.names[i]}: {e}") from e
+      raise UserError(f"cannot decode {self._source.names[i]} ({e}); it was readable when the "
+                      "run started: restore the file, then rerun to resume") from e
 
 
 @dataclasses.dataclass(frozen=True)
