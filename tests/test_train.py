@@ -11,6 +11,7 @@ from PIL import Image
 
 from transfer import checkpoint, configs, main, models, train
 from transfer.weights import export
+from conftest import assert_trained_alike
 
 
 def tiny_config(**overrides):
@@ -91,15 +92,18 @@ def test_frozen_backbone_is_bit_identical_to_the_weight_file(tmp_path):
 
 
 def test_cached_features_match_the_streaming_path(tmp_path):
-  """Same data, no augmentation: training on cached backbone features gives the same run."""
-  config = tiny_config(augment="none", head_dropout=0.0)
+  """Same data, no augmentation: training on cached backbone features gives the same run.
+
+  The two paths are different programs (the backbone jitted apart from the head), so the head's
+  params agree up to round-off; SGD keeps that linear (see test_train_step)."""
+  config = tiny_config(augment="none", head_dropout=0.0, optimizer="sgd", learning_rate=0.05)
   streamed = train.train_and_evaluate(config, str(tmp_path / "stream"))
   config.cache_features = True
   cached = train.train_and_evaluate(config, str(tmp_path / "cache"))
   a, _ = checkpoint.load_trained(str(tmp_path / "stream"))
   b, _ = checkpoint.load_trained(str(tmp_path / "cache"))
-  np.testing.assert_allclose(np.asarray(a["head"]["logits"]["kernel"]),
-                             np.asarray(b["head"]["logits"]["kernel"]), rtol=1e-4, atol=1e-6)
+  # Only the head trains: each gradient element sums one term per example of the batch of 8.
+  assert_trained_alike(b["head"], a["head"], terms=config.batch_size, steps=config.num_steps)
   assert cached["final"]["val_accuracy"] == pytest.approx(streamed["final"]["val_accuracy"])
 
 

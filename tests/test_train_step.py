@@ -7,6 +7,7 @@ import pytest
 
 from transfer import models, optim, parallel, train
 from transfer.configs import default
+from conftest import F32_U, assert_trained_alike
 
 IMAGE = 32
 BATCH = 8
@@ -82,11 +83,15 @@ def test_same_parameters_on_any_device_count(mode, num_devices, conv):
   kw = dict(trainable=("^head/", "^block5_conv3"), optimizer="sgd", lr=0.1, conv=conv)
   _, ref, ref_metrics, _ = _run(jax.devices()[:1], "shard_map", **kw)
   _, got, got_metrics, _ = _run(jax.devices()[:num_devices], mode, **kw)
-  for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(ref.params)),
-                  jax.tree_util.tree_leaves(jax.device_get(got.params))):
-    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
-  np.testing.assert_allclose([m["loss"] for m in ref_metrics], [m["loss"] for m in got_metrics],
-                             rtol=1e-5)
+  # The most terms in one gradient element: block5_conv3's kernel, over 8 examples x 2x2
+  # positions (32 / 2**4 after four pools).
+  terms = BATCH * (IMAGE // 16) ** 2
+  assert_trained_alike(got.params, ref.params, terms=terms, steps=3)
+  # The batch mean of 8 positive per-example losses, summed in another order; 4x slack for
+  # the forward pass on another per-device batch.
+  loss_rtol = 4 * (BATCH - 1) * F32_U
+  np.testing.assert_allclose([m["loss"] for m in got_metrics], [m["loss"] for m in ref_metrics],
+                             rtol=loss_rtol)
 
 
 def test_step_compiles_once():
