@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transfer import checkpoint, parallel, train
+from transfer import checkpoint, metrics, parallel, train
 from transfer.errors import UserError
 from conftest import HANG_S, assert_trained_alike, wait_for
 from test_train import tiny_config
@@ -89,7 +89,7 @@ def reference(tmp_path_factory):
   proc = _cli(workdir)
   out = _finish(proc, workdir)
   assert proc.returncode == 0, out[-3000:]
-  return _final_params(workdir)[0], train.read_metrics(str(workdir))
+  return _final_params(workdir)[0], metrics.read_metrics(str(workdir))
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, reference):
@@ -99,7 +99,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, reference):
   _wait_for_checkpoint(workdir, 30, proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  killed_at = max(r["step"] for r in train.read_metrics(str(workdir)))
+  killed_at = max(r["step"] for r in metrics.read_metrics(str(workdir)))
   assert killed_at < 120, "the run finished before it could be killed"
 
   proc = _cli(workdir)
@@ -110,11 +110,11 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, reference):
   assert meta["step"] == 120
   _assert_trees_equal(params, ref_params)  # bitwise: same program, steps, data and RNG
 
-  metrics = train.read_metrics(str(workdir))
-  steps = [r["step"] for r in metrics if "train_loss" in r]
+  records = metrics.read_metrics(str(workdir))
+  steps = [r["step"] for r in records if "train_loss" in r]
   assert steps == list(range(1, 121))  # no step missing or logged twice around the resume
   ref_losses = {r["step"]: r["train_loss"] for r in ref_metrics if "train_loss" in r}
-  assert all(r["train_loss"] == ref_losses[r["step"]] for r in metrics if "train_loss" in r)
+  assert all(r["train_loss"] == ref_losses[r["step"]] for r in records if "train_loss" in r)
 
 
 def _interrupt(workdir, sig) -> int:
@@ -183,7 +183,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
   with caplog.at_level("WARNING", logger="transfer"):
     train.train_and_evaluate(config, workdir)
   assert any("checkpoint at step 6 is damaged" in r.message for r in caplog.records)
-  assert [r["step"] for r in train.read_metrics(workdir) if "train_loss" in r] == [2, 4, 6, 8, 9]
+  assert [r["step"] for r in metrics.read_metrics(workdir) if "train_loss" in r] == [2, 4, 6, 8, 9]
   _assert_trees_equal(_final_params(workdir)[0], _final_params(tmp_path / "ref")[0])
 
 

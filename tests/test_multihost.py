@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from transfer import checkpoint, configs, distributed, train
+from transfer import checkpoint, configs, distributed, metrics, train
 from transfer.errors import UserError
 from conftest import F32_U, HANG_S, assert_trained_alike, wait_for
 
@@ -147,7 +147,7 @@ def test_kill_fails_fast_then_rerun_resumes_and_matches_one_process(tmp_path):
   assert meta["step"] == total
   # Only the head trains: each gradient element sums one term per example of the batch of 8.
   assert_trained_alike(multi, single, terms=TINY["batch_size"], steps=total)
-  records, ref_records = train.read_metrics(str(workdir)), train.read_metrics(reference)
+  records, ref_records = metrics.read_metrics(str(workdir)), metrics.read_metrics(reference)
   # Metrics come from process 0 alone: one record per step, none left over from the killed run.
   assert [r["step"] for r in records if "train_loss" in r] == list(range(1, total + 1))
   val, ref_val = records[-1], ref_records[-1]

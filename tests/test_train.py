@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transfer import checkpoint, configs, main, models, train
+from transfer import checkpoint, configs, main, metrics, models, runs, train
 from transfer.weights import export
 from conftest import assert_trained_alike
 
@@ -35,7 +35,7 @@ def trained(tmp_path_factory):
 
 def test_loop_writes_metrics_config_curves_and_checkpoints(trained):
   workdir, summary = trained
-  records = train.read_metrics(workdir)
+  records = metrics.read_metrics(workdir)
   train_steps = [r["step"] for r in records if "train_loss" in r]
   eval_steps = [r["step"] for r in records if "val_accuracy" in r]
   assert train_steps == [2, 4, 6] and eval_steps == [3, 6]
@@ -66,7 +66,7 @@ def test_checkpoint_metadata_rebuilds_the_model(trained):
   assert (run["model"], run["head"], run["outputs"]) == ("vgg16_tiny", "flatten_dense", 1)
   assert run["class_names"] == ["class_0", "class_1"] and run["preprocessing"] == "unit"
   assert meta["data_position"] == {"epoch": 1, "index": 0}  # 6 steps of 8 over 48 examples
-  model = train.model_from_meta(run)
+  model = runs.model_from_meta(run)
   out = model.apply({"params": params}, np.zeros((2, 32, 32, 3), np.float32))
   assert out.shape == (2, 1)
 
