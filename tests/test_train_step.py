@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transfer import models, optim, parallel, steps
+from transfer import models, optim, parallel
+from transfer import steps as steps_lib
 from transfer.configs import default
 from conftest import F32_U, assert_trained_alike
 
@@ -36,8 +37,8 @@ def _run(devices, mode, steps=3, **kw):
   model, params, tx, labels = _setup(**kw)
   params = jax.device_get(params)  # host copy: the device buffers get donated to the step
   mesh = parallel.make_mesh(devices)
-  step = steps.make_train_step(model, tx, labels, mesh, mode)
-  state = parallel.replicate(steps.create_train_state(params, tx, 0), mesh)
+  step = steps_lib.make_train_step(model, tx, labels, mesh, mode)
+  state = parallel.replicate(steps_lib.create_train_state(params, tx, 0), mesh)
   metrics = []
   for batch in _batches(steps):
     state, m = step(state, jax.device_put(batch, parallel.batch_sharding(mesh)))
@@ -57,7 +58,7 @@ def test_frozen_parameters_stay_bit_identical_and_the_head_trains():
 
 def test_optimizer_state_has_no_moments_for_frozen_leaves():
   _, params, tx, labels = _setup()
-  state = steps.create_train_state(params, tx, 0)
+  state = steps_lib.create_train_state(params, tx, 0)
   n_trainable, _ = optim.count_params(params, labels)
   moments = [x for x in jax.tree_util.tree_leaves(state.opt_state) if x.ndim > 0]
   assert sum(x.size for x in moments) == 2 * n_trainable
@@ -104,8 +105,8 @@ def test_nonfinite_loss_freezes_state_and_records_the_step():
   NaN: XLA's CPU max/relu would quietly drop a NaN pixel)."""
   model, params, tx, labels = _setup(optimizer="sgd", lr=1e36)
   mesh = parallel.make_mesh(jax.devices()[:2])
-  step = steps.make_train_step(model, tx, labels, mesh)
-  state = parallel.replicate(steps.create_train_state(jax.device_get(params), tx, 0), mesh)
+  step = steps_lib.make_train_step(model, tx, labels, mesh)
+  state = parallel.replicate(steps_lib.create_train_state(jax.device_get(params), tx, 0), mesh)
   history, losses = [], []
   for batch in _batches(4):
     state, metrics = step(state, jax.device_put(batch, parallel.batch_sharding(mesh)))
@@ -127,7 +128,7 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
 def test_eval_step_counts_masked_examples_once():
   model, params, _, _ = _setup()
   mesh = parallel.make_mesh(jax.devices()[:4])
-  eval_step = steps.make_eval_step(model, mesh, 2)
+  eval_step = steps_lib.make_eval_step(model, mesh, 2)
   batch = next(_batches(1))
   batch["mask"] = np.arange(BATCH) < 5
   sums = jax.device_get(eval_step(parallel.replicate(params, mesh),
