@@ -424,7 +424,7 @@ def environment(dtype: str) -> dict[str, Any]:
   import jax
   import jaxlib
 
-  from transfer import hugepages
+  from transfer.platform import hugepages
   devices = jax.devices()
   return {"device_kind": devices[0].device_kind, "platform": devices[0].platform,
           "devices": len(devices), "processes": jax.process_count(),
@@ -451,20 +451,18 @@ def run(config, mode: str = "train", steps: int = 20, warmup: int = 2,
   if steps < 1 or warmup < 0:
     raise UserError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
   from transfer import models
-  from transfer.models import winograd
   dtype = models.resolve_dtype(config.dtype, jax.devices()[0].platform)
   env = environment(dtype)
   peak = peak or peak_tflops(env["device_kind"], dtype)
-  head = {"mode": mode, "model": config.model, "head": config.head, "weights": config.weights,
-          "batch_size": int(config.batch_size), "image_size": int(config.image_size),
-          "parallel": config.parallel, "trainable": list(config.trainable),
-          "conv": winograd.describe(models.check_conv(config.conv)),
-          "steps": steps, "warmup": warmup, **env}
-
   extra: dict[str, Any] = {}
   if mode == "input":
     extra.update(bench_input(config, steps))
   setup = Setup(config, dtype)
+  head = {"mode": mode, "model": config.model, "head": config.head, "weights": config.weights,
+          "batch_size": int(config.batch_size), "image_size": int(config.image_size),
+          "parallel": config.parallel, "trainable": list(config.trainable),
+          "conv": setup.model.conv,  # the concrete choice this program compiled with
+          "steps": steps, "warmup": warmup, **env}
   prepare = {"train": prepare_train, "input": prepare_train, "forward": prepare_forward,
              "eval": prepare_eval}[mode]
   steps_to_time = [prepare(setup, warmup)]
@@ -558,8 +556,8 @@ def main(config, mode: str = "train", steps: int = 20, warmup: int = 2, as_json:
     `train_forward_ratio`, `flops_ratio_train_forward`; input: `input_images_per_sec`,
     `limited_by`; cache_features: the epoch comparison).
   """
-  from transfer import parallel
-  parallel.configure_cpu_xla_flags()  # no-op after the CLI did it; for calls from Python
+  from transfer import platform
+  platform.setup()  # nothing new after the CLI did it; for calls from Python
   result = run(config, mode, steps, warmup, peak_tflops)
   table = format_table(result)
   if as_json:
