@@ -39,12 +39,33 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch_size") -> int:
-  """Per-device batch size; a clear error when `batch_size` does not split evenly."""
-  n = mesh.devices.size
-  if batch_size <= 0 or batch_size % n:
-    raise UserError(f"{what}={batch_size} does not divide over {n} devices; use a multiple of {n}")
-  return batch_size // n
+def check_batch_size(batch_size: int, mesh: Mesh | None = None, *,
+                     process_count: int | None = None, local_devices: int | None = None) -> int:
+  """Per-device batch size; a one-line error unless `batch_size` splits evenly.
+
+  The global batch must split over the processes and each process's share over its devices.
+  Every check of a batch size (the train loop, bench, the data pipeline) comes here.
+
+  Args:
+    batch_size: the global batch size.
+    mesh: the devices the batch is split over; or, before a mesh exists (the data pipeline, and
+      tests that simulate hosts), `process_count` and `local_devices` (devices per process).
+
+  Returns:
+    The examples each device gets.
+  """
+  if mesh is not None:
+    process_count = len({d.process_index for d in mesh.devices.flat})
+    local_devices = mesh.devices.size // process_count
+  total = process_count * local_devices
+  if batch_size < 1 or batch_size % process_count:
+    raise UserError(f"batch_size {batch_size} does not divide evenly over {process_count} "
+                    f"processes; use a multiple of {total}")
+  if (batch_size // process_count) % local_devices:
+    raise UserError(f"batch_size {batch_size} gives {batch_size // process_count} examples per "
+                    f"process, which does not divide over {local_devices} local devices; use a "
+                    f"multiple of {total}")
+  return batch_size // total
 
 
 def replicate(tree, mesh: Mesh):
