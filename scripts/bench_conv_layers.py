@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from transfer import hugepages, parallel  # noqa: E402
+from transfer import platform  # noqa: E402  (imports nothing heavy)
 
 # (input side, input channels, output channels, how many such layers VGG16 has)
 LAYERS = ((224, 3, 64, 1), (224, 64, 64, 1), (112, 64, 128, 1), (112, 128, 128, 1),
@@ -61,7 +61,7 @@ def tf_times(batch: int, repeats: int) -> list[float]:
 
 
 def main() -> None:
-  hugepages.restart_if_wanted()  # as the `transfer` command does
+  platform.hugepages.restart_if_wanted()  # as the `transfer` command does
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--repeats", type=int, default=3)
@@ -78,7 +78,7 @@ def main() -> None:
                           capture_output=True, text=True, check=True)
     tf_seconds = json.loads(done.stdout.strip().splitlines()[-1])
 
-  parallel.configure_cpu_xla_flags()
+  platform.setup()  # as every `transfer` command does, before JAX has a backend
   import jax
   import jax.numpy as jnp
   from jax import lax

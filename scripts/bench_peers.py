@@ -34,7 +34,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from transfer import hugepages  # noqa: E402  (imports nothing heavy)
+from transfer.platform import hugepages  # noqa: E402  (imports nothing heavy)
 
 # name -> (framework, dtype, options). The first entry is the reference for the ratios.
 CONTESTANTS = {
@@ -130,9 +130,10 @@ def _torch_step(dtype: str, batch: int, size: int, options: dict):
 
 
 def _transfer_step(dtype: str, batch: int, size: int, options: dict):
-  from transfer import bench, configs, parallel, train
-  parallel.configure_cpu_xla_flags()  # as every `transfer` command does, before JAX has a backend
+  import transfer.platform
+  transfer.platform.setup()  # as every `transfer` command does, before JAX has a backend
   import jax
+  from transfer import bench, configs, steps
   config = configs.load("bench")
   config.batch_size, config.image_size, config.dtype = batch, size, dtype
   config.conv = options.get("conv", config.conv)
@@ -148,7 +149,7 @@ def _transfer_step(dtype: str, batch: int, size: int, options: dict):
 
   return run, {"jax": jax.__version__, "devices": f"{jax.device_count()} x "
                                                    f"{jax.devices()[0].device_kind}",
-               "xla_flags": os.environ.get("XLA_FLAGS", ""), "conv": config.conv,
+               "xla_flags": os.environ.get("XLA_FLAGS", ""), "conv": setup.model.conv,
                "hugepages": hugepages.active()}
 
 

@@ -123,16 +123,17 @@ def test_dispatch_takes_winograd_only_where_exact(kwargs, takes_winograd):
   np.testing.assert_allclose(got, want, rtol=0, atol=rtol * float(jnp.abs(want).max()))
 
 
-@pytest.mark.parametrize("huge_pages", [True, False])
-def test_use_for_follows_the_setting_backend_and_huge_pages(monkeypatch, huge_pages):
-  from transfer import hugepages
-  monkeypatch.setattr(hugepages, "active", lambda environ=None: huge_pages)
-  least = winograd.MIN_CHANNELS if huge_pages else winograd.MIN_CHANNELS_WITHOUT_HUGEPAGES
-  assert winograd.min_channels() == least
+@pytest.mark.parametrize("least", [64, 256])
+def test_use_for_reads_only_the_concrete_choice(least):
+  """Which layers a choice sends to Winograd; `auto` is the platform's to resolve, not ours."""
   assert winograd.use_for("winograd", 3) and not winograd.use_for("xla", 512)
-  assert jax.default_backend() == "cpu"  # conftest pins the tests to CPU
-  assert not winograd.use_for("auto", least - 1) and winograd.use_for("auto", least)
-  assert winograd.describe("auto") == f"auto: winograd from {least} input channels"
+  choice = winograd.choice(least)
+  assert choice == f"winograd_from_{least}" and winograd.min_channels(choice) == least
+  assert not winograd.use_for(choice, least - 1) and winograd.use_for(choice, least)
+  assert winograd.choice(None) == "xla" and winograd.choice(0) == "winograd"
+  for not_concrete in ("auto", "winograd_from_0", "winograd_from_064", "winograd_from_x"):
+    with pytest.raises(ValueError):
+      winograd.use_for(not_concrete, 512)
   with pytest.raises(UserError, match="unknown conv 'fast'"):
     models.get("vgg16_tiny", include_top=True, conv="fast")
 

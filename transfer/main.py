@@ -85,9 +85,9 @@ def _add_distributed_flags(p: argparse.ArgumentParser) -> None:
 
 def run(argv: list[str]) -> int:
   """Runs one subcommand; returns the exit status."""
-  from transfer import configs, parallel
+  from transfer import configs, platform
 
-  parallel.configure_cpu_xla_flags()  # before anything creates a JAX backend
+  platform.setup()  # XLA flags, before anything creates a JAX backend
   args_only, overrides = configs.split_overrides(argv)
   args = _parser().parse_args(args_only)
   if overrides and args.command not in ("train", "bench"):
@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> None:
   """Console-script entry point."""
   if argv is None and sys.argv[1:2] in (["train"], ["eval"], ["predict"], ["bench"]):
     # The real command line (not a call from Python), about to compute: glibc reads its
-    # tunables at start-up only, so restart once with huge pages (transfer/hugepages.py).
-    from transfer import hugepages
+    # tunables at start-up only, so restart once with huge pages (transfer/platform/hugepages.py).
+    from transfer.platform import hugepages
     hugepages.restart_if_wanted()
   command_line = argv is None
   argv = sys.argv[1:] if argv is None else argv

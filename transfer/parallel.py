@@ -9,7 +9,6 @@ replicated train state, so the loop does not care which one runs:
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import jax
@@ -21,35 +20,7 @@ from transfer.errors import UserError
 
 AXIS = "data"
 
-# XLA:CPU in jaxlib 0.10/0.11 hands convolutions to YNNPACK fusions; its own Eigen kernels run the
-# VGG16 train step 1.2-1.3x faster on CPU (docs/BENCHMARKS.md). An empty list turns YNN fusions
-# off altogether: allowing only dots ("=dot") still let a dot fusion swallow the whole conv base of
-# a forward pass (1.26x slower than none). The flag only affects CPU compilation. It is set only
-# for jaxlib versions known to have it: XLA aborts on unknown flags.
-CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
-_CPU_XLA_FLAGS_JAXLIB = ((0, 10), (0, 11))
 MODES = ("shard_map", "pmap")
-
-
-def configure_cpu_xla_flags() -> bool:
-  """Adds `CPU_XLA_FLAGS` to `XLA_FLAGS` before the first backend exists; whether they apply.
-
-  XLA reads its flags once, when the first backend is created, so the CLI calls this first. A
-  flag the user already set (any value) is left alone; `TRANSFER_CPU_XLA_FLAGS=0` turns it off.
-  """
-  import jaxlib
-  from jax._src import xla_bridge
-  if os.environ.get("TRANSFER_CPU_XLA_FLAGS", "1") == "0":
-    return False
-  current = os.environ.get("XLA_FLAGS", "")
-  if getattr(xla_bridge, "_backends", None):
-    return all(flag in current for flag in CPU_XLA_FLAGS)
-  if tuple(int(p) for p in jaxlib.__version__.split(".")[:2]) not in _CPU_XLA_FLAGS_JAXLIB:
-    return False
-  added = [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in current]
-  if added:
-    os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
-  return True
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -68,12 +39,33 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch_size") -> int:
-  """Per-device batch size; a clear error when `batch_size` does not split evenly."""
-  n = mesh.devices.size
-  if batch_size <= 0 or batch_size % n:
-    raise UserError(f"{what}={batch_size} does not divide over {n} devices; use a multiple of {n}")
-  return batch_size // n
+def check_batch_size(batch_size: int, mesh: Mesh | None = None, *,
+                     process_count: int | None = None, local_devices: int | None = None) -> int:
+  """Per-device batch size; a one-line error unless `batch_size` splits evenly.
+
+  The global batch must split over the processes and each process's share over its devices.
+  Every check of a batch size (the train loop, bench, the data pipeline) comes here.
+
+  Args:
+    batch_size: the global batch size.
+    mesh: the devices the batch is split over; or, before a mesh exists (the data pipeline, and
+      tests that simulate hosts), `process_count` and `local_devices` (devices per process).
+
+  Returns:
+    The examples each device gets.
+  """
+  if mesh is not None:
+    process_count = len({d.process_index for d in mesh.devices.flat})
+    local_devices = mesh.devices.size // process_count
+  total = process_count * local_devices
+  if batch_size < 1 or batch_size % process_count:
+    raise UserError(f"batch_size {batch_size} does not divide evenly over {process_count} "
+                    f"processes; use a multiple of {total}")
+  if (batch_size // process_count) % local_devices:
+    raise UserError(f"batch_size {batch_size} gives {batch_size // process_count} examples per "
+                    f"process, which does not divide over {local_devices} local devices; use a "
+                    f"multiple of {total}")
+  return batch_size // total
 
 
 def replicate(tree, mesh: Mesh):

@@ -403,11 +403,13 @@ def params_from_workdir(other: str, shapes, data_identity=None):
 
 
 def run_metadata(config, class_names: list[str], outputs: int,
-                 data: dict[str, Any] | None = None) -> dict[str, Any]:
+                 data: dict[str, Any] | None = None, *, conv: str) -> dict[str, Any]:
   """The JSON metadata, stored with every checkpoint, that rebuilds the model without the config.
 
   `data` is the dataset's identity (`Dataset.identity()`: absolute root and split fingerprint),
-  which resume, `init_from` and eval compare against the data they are given.
+  which resume, `init_from` and eval compare against the data they are given. `conv` is the
+  concrete conv choice the run's model compiled with (`build_model(...)[0].conv`), on record
+  only: `model_from_meta` resolves `auto` again for the machine that evaluates.
   """
   from transfer.weights.preprocess import mode_for
   return {"model": config.model, "head": config.head, "head_hidden": config.head_hidden,
@@ -415,7 +417,7 @@ def run_metadata(config, class_names: list[str], outputs: int,
           "class_names": list(class_names), "weights": config.weights,
           "preprocessing": mode_for(weights_source(config.weights)),
           "image_size": config.image_size, "eval_crop": config.eval_crop,
-          "dtype": models.resolve_dtype(config.dtype),
+          "dtype": models.resolve_dtype(config.dtype), "conv": conv,
           "dataset": config.dataset, "optimizer": config.optimizer,
           # The optimizer's state structure follows these, so resuming needs them unchanged.
           "trainable": list(config.trainable), "lr_mults": dict(config.lr_mults),
@@ -423,7 +425,11 @@ def run_metadata(config, class_names: list[str], outputs: int,
 
 
 def model_from_meta(meta: dict[str, Any], dtype: str | None = None):
-  """Rebuilds the trained model from checkpoint metadata (`run_metadata`)."""
+  """Rebuilds the trained model from checkpoint metadata (`run_metadata`).
+
+  The conv choice is resolved again (`auto`) for this machine: it changes speed and float32
+  rounding, not the params.
+  """
   return models.get(meta["model"], head=meta["head"], num_classes=meta["outputs"],
                     head_hidden=meta["head_hidden"], head_dropout=meta["head_dropout"],
                     dtype=dtype or meta["dtype"])

@@ -118,7 +118,7 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
                     f"({', '.join(ds.class_names[:10])}); use num_classes=-1")
   model, outputs = runs.build_model(config, num_classes)
   data_identity = ds.identity()
-  meta_run = runs.run_metadata(config, ds.class_names, outputs, data_identity)
+  meta_run = runs.run_metadata(config, ds.class_names, outputs, data_identity, conv=model.conv)
   has_val = ds.num_val > 0
   if not has_val:
     _log(is_main, "no validation examples: training without evaluation (raise val_fraction or "

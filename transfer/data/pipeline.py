@@ -281,13 +281,8 @@ def _take(iterator, n: int) -> list:
 
 def check_batch_size(batch_size: int, process_count: int, local_devices: int) -> None:
   """Fails unless the global batch splits evenly over processes and each process's devices."""
-  if batch_size < 1 or batch_size % process_count:
-    raise UserError(f"batch_size {batch_size} does not divide evenly over {process_count} "
-                    f"processes; use a multiple of {process_count * local_devices}")
-  if (batch_size // process_count) % local_devices:
-    raise UserError(f"batch_size {batch_size} gives {batch_size // process_count} examples per "
-                    f"process, which does not divide over {local_devices} local devices; use a "
-                    f"multiple of {process_count * local_devices}")
+  from transfer import parallel  # the one check; deferred: it imports jax
+  parallel.check_batch_size(batch_size, process_count=process_count, local_devices=local_devices)
 
 
 def create(config, *, preprocess_source: str | None, process_index: int | None = None,

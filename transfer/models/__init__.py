@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from transfer.models import vgg
 from transfer.models.heads import HEADS
+from transfer.platform import resolve_conv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,14 +113,7 @@ def resolve_dtype(dtype: str, platform: str | None = None) -> str:
   return "float32" if platform == "cpu" else "bfloat16"
 
 
-CONVS = ("auto", "xla", "winograd")
-
-
-def check_conv(conv: str) -> str:
-  """`conv` if it names a convolution algorithm (see `winograd.use_for`), else a one-line error."""
-  if conv not in CONVS:
-    raise UserError(f"unknown conv {conv!r}; valid values: {', '.join(CONVS)}")
-  return conv
+CONVS = ("auto", "xla", "winograd")  # what a config's `conv` may say (the schema lists these)
 
 
 def as_dtype(dtype: Any):
@@ -150,9 +144,12 @@ def get(name: str, *, include_top: bool | None = None, head: str | None = None,
     dtype: compute dtype (`"bfloat16"` for mixed precision; `"auto"` = bfloat16 on GPU/TPU,
       float32 on CPU).
     param_dtype: parameter dtype.
-    conv: convolution algorithm, `"xla"`, `"winograd"` or `"auto"` (Winograd on CPU, XLA on
-      GPU/TPU, decided when the model is traced; see `transfer.models.winograd.use_for`). It
-      changes speed and float32 rounding, not the parameters.
+    conv: convolution algorithm: `"auto"`, resolved here, once, for this machine
+      (`transfer.platform.resolve_conv`: Winograd on CPU for the layers where it is faster, XLA
+      on GPU/TPU), or a concrete choice (`"xla"`, `"winograd"`, `"winograd_from_N"`; see
+      `transfer.models.winograd`). The module's `conv` holds the concrete choice, so the same
+      choice gives the same program anywhere. It changes speed and float32 rounding, not the
+      parameters.
 
   Returns:
     An unbound `flax.linen.Module`; `module.apply({"params": p}, x)` gives float32 logits.
@@ -172,7 +169,7 @@ def get(name: str, *, include_top: bool | None = None, head: str | None = None,
     raise UserError(f"num_classes must be >= 1, got {num_classes}")
   return model_spec.build(head=head, num_classes=num_classes, head_hidden=head_hidden,
                           head_dropout=head_dropout, dtype=as_dtype(dtype),
-                          param_dtype=as_dtype(param_dtype), conv=check_conv(conv))
+                          param_dtype=as_dtype(param_dtype), conv=resolve_conv(conv))
 
 
 def init_params(model: nn.Module, image_size: int, rng: jax.Array | int = 0):

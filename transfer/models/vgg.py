@@ -38,9 +38,9 @@ class VGG(nn.Module):
     top_hidden: width of fc1/fc2 in the ImageNet top (4096 for the real network).
     dtype: compute dtype (e.g. bfloat16); logits are always returned in float32.
     param_dtype: parameter dtype (float32 for training, even when computing in bfloat16).
-    conv: `"xla"` (XLA's convolution), `"winograd"` (`transfer.models.winograd` for every conv
-      layer) or `"auto"` (Winograd on CPU for the layers where it is faster, XLA on GPU/TPU; see
-      `winograd.use_for`). The parameters are the same either way.
+    conv: a concrete choice of the layers that run by Winograd: `"xla"` (none), `"winograd"`
+      (all) or `"winograd_from_N"` (those with at least N input channels); `transfer.models.get`
+      resolves a config's `"auto"` to one of them. The parameters are the same either way.
   """
 
   stage_sizes: Sequence[int]
@@ -53,7 +53,7 @@ class VGG(nn.Module):
   top_hidden: int = 4096
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  conv: str = "auto"
+  conv: str = "xla"
 
   @nn.compact
   def __call__(self, x, train: bool = False, stage: str = "full", example_ids=None):

@@ -24,42 +24,45 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# Layers with fewer input channels keep XLA's convolution under `conv="auto"`: there the
-# transforms outweigh the saved multiplies. Measured at batch 16 on VGG16's layers with huge pages
-# (`transfer.hugepages`): 3 -> 64 channels runs 0.55-0.65x as fast, 64 -> 64 1.0-1.2x, 512 -> 512
-# 1.7-1.9x. Without huge pages the transforms' large temporaries are page-faulted in on every
-# call and Winograd only wins from 256 input channels (1.1-1.4x; 0.5-0.9x below).
-MIN_CHANNELS = 64
-MIN_CHANNELS_WITHOUT_HUGEPAGES = 256
 _NHWC = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
+# A model's `conv` is one of these concrete choices of which 3x3 layers run by Winograd:
+#   "xla"              none (XLA's convolution everywhere),
+#   "winograd"         every one,
+#   "winograd_from_N"  those with at least N input channels (N > 0).
+# Which one a config's `conv="auto"` means on this machine is `transfer.platform.resolve_conv`'s
+# decision, made once when the model is built.
+XLA, ALL, _FROM = "xla", "winograd", "winograd_from_"
 
-def min_channels() -> int:
-  """The fewest input channels for which `conv="auto"` takes Winograd in this process."""
-  from transfer import hugepages
-  return MIN_CHANNELS if hugepages.active() else MIN_CHANNELS_WITHOUT_HUGEPAGES
+
+def choice(min_channels: int | None) -> str:
+  """The choice that runs Winograd from `min_channels` input channels up (None: no layer)."""
+  if min_channels is None:
+    return XLA
+  return ALL if min_channels <= 0 else f"{_FROM}{int(min_channels)}"
+
+
+def min_channels(conv: str) -> int | None:
+  """The fewest input channels that take Winograd under the concrete choice `conv` (None: none).
+
+  Raises:
+    ValueError: `conv` is not a concrete choice in its one spelling (`"auto"` included).
+  """
+  if conv == XLA:
+    return None
+  if conv == ALL:
+    return 0
+  if conv.startswith(_FROM) and conv[len(_FROM):].isdigit():
+    n = int(conv[len(_FROM):])
+    if choice(n) == conv:
+      return n
+  raise ValueError(f"not a concrete conv choice: {conv!r}")
 
 
 def use_for(conv: str, in_channels: int) -> bool:
-  """Whether a 3x3 conv layer with `in_channels` inputs runs by Winograd under a model's `conv`.
-
-  `"winograd"` means every such layer, `"xla"` none. `"auto"` takes Winograd on CPU for layers
-  with at least `min_channels()` inputs, where it wins, and XLA's convolution on GPU and TPU:
-  cuDNN picks its own algorithms (Winograd among them) and the TPU's MXU runs plain convolutions
-  at full rate. Called while tracing, when the backend exists.
-  """
-  if conv == "auto":
-    return jax.default_backend() == "cpu" and in_channels >= min_channels()
-  return conv == "winograd"
-
-
-def describe(conv: str) -> str:
-  """What `conv` means in this process, for reports."""
-  if conv != "auto":
-    return conv
-  if jax.default_backend() != "cpu":
-    return "auto: xla"
-  return f"auto: winograd from {min_channels()} input channels"
+  """Whether a 3x3 conv layer with `in_channels` inputs runs by Winograd under the choice `conv`."""
+  least = min_channels(conv)
+  return least is not None and in_channels >= least
 
 
 def _input_transform(d0, d1, d2, d3):

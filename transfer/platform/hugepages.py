@@ -15,7 +15,8 @@ process id). It does so only on Linux with glibc, when the kernel's transparent 
 `never`, when no GPU/TPU plugin for JAX is installed, and not with `TRANSFER_CPU_MALLOC=0`. A Python
 program gets the same by starting with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` in its environment.
 
-This module imports nothing heavy: it runs before JAX is imported.
+`explain` says in one line whether this process has them and, if not, why. This module imports
+nothing heavy: it runs before JAX is imported.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ _ACCELERATOR_PACKAGES = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu
 _RESTARTED = "TRANSFER_HUGEPAGES_RESTARTED"  # set in the restarted process: never loop
 
 
-@functools.cache  # read once: `winograd.use_for` asks for every conv layer it traces
+@functools.cache  # read once: the setting does not change while a process runs
 def kernel_allows() -> bool:
   """Whether the kernel hands out transparent huge pages to a process that asks (`madvise`)."""
   try:
@@ -68,6 +69,24 @@ def wanted(environ: Mapping[str, str]) -> bool:
           and sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
           and TUNABLE not in _tunables(environ) and kernel_allows()
           and not accelerator_installed(environ))
+
+
+def explain(environ: Mapping[str, str] | None = None) -> str:
+  """One line: whether this process's malloc uses huge pages and, if not, why and how to get them."""
+  environ = os.environ if environ is None else environ
+  if active(environ):
+    return f"on (GLIBC_TUNABLES has {TUNABLE})"
+  if not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"):
+    return "off: glibc's huge-page tunable needs Linux with glibc"
+  if not kernel_allows():
+    return f"off: the kernel's transparent huge pages are 'never' ({THP_SETTING})"
+  if accelerator_installed(environ):
+    return "off: JAX runs on a GPU/TPU here, so the host allocator is left alone"
+  if environ.get("TRANSFER_CPU_MALLOC", "1") == "0":
+    return "off: TRANSFER_CPU_MALLOC=0"
+  return (f"off: glibc reads its tunables at start-up only; start Python with "
+          f"GLIBC_TUNABLES={TUNABLE} in its environment (the transfer command restarts itself "
+          f"with it)")
 
 
 def restart_environment(environ: Mapping[str, str]) -> dict[str, str]:

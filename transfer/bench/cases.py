@@ -1,0 +1,167 @@
+"""What a benchmark runs: the run's model, params and optimizer on on-device batches (`Setup`),
+and each kind of step compiled and warmed up, ready to time (`prepare_*`), plus the two measures
+that are epochs rather than steps (cached features, the input pipeline)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from transfer.bench.timing import Prepared, block, compile_step, warm
+
+
+class Setup:
+  """The model, params, optimizer and on-device batch a benchmark runs on."""
+
+  def __init__(self, config, dtype: str):
+    import jax
+    from transfer import optim, parallel, runs
+
+    self.config, self.dtype = config, dtype
+    self.mesh = parallel.make_mesh()
+    self.num_devices = self.mesh.devices.size
+    parallel.check_batch_size(config.batch_size, self.mesh)
+    num_classes = (config.num_classes if config.num_classes > 0
+                   else int(config.synthetic.num_classes))
+    self.num_classes = num_classes
+    self.model, self.outputs = runs.build_model(config, num_classes, dtype=dtype)
+    self.params = jax.device_get(runs.initial_params(config, self.model)[0])
+    self.tx, self.labels = optim.make_optimizer(config, self.params, 1000)
+    self.batch = config.batch_size
+
+  def images(self, shape=None, dtype="float32", seed: int = 1):
+    """A batch of normal noise made on the devices, sharded over `data` like real batches."""
+    import jax
+    from transfer import parallel
+    shape = shape or (self.batch, self.config.image_size, self.config.image_size, 3)
+    make = jax.jit(lambda key: jax.random.normal(key, shape, dtype),
+                   out_shardings=parallel.batch_sharding(self.mesh))
+    return make(jax.random.PRNGKey(seed))
+
+  def labels_batch(self, seed: int = 2):
+    """Random labels made on the devices, sharded like `images`."""
+    import jax
+    from transfer import parallel
+    make = jax.jit(lambda key: jax.random.randint(key, (self.batch,), 0, self.num_classes),
+                   out_shardings=parallel.batch_sharding(self.mesh))
+    return make(jax.random.PRNGKey(seed))
+
+  def state(self, params=None):
+    """A fresh train state of `params` (default: the set-up's), replicated over the mesh."""
+    from transfer import parallel, steps
+    return parallel.replicate(
+        steps.create_train_state(self.params if params is None else params, self.tx,
+                                 self.config.seed), self.mesh)
+
+
+def prepare_train(setup: Setup, warmup: int, stage: str = "full", batch=None) -> Prepared:
+  """The real train step (`transfer.steps.make_train_step`) on an on-device batch."""
+  from transfer import steps
+  step = steps.make_train_step(setup.model, setup.tx, setup.labels, setup.mesh,
+                               setup.config.parallel, stage)
+  batch = batch or {"image": setup.images(), "label": setup.labels_batch()}
+  holder = {"state": setup.state()}
+  step, compile_s, compiled = compile_step(step, holder["state"], batch)
+
+  def run():
+    holder["state"], metrics = step(holder["state"], batch)
+    return metrics
+
+  return warm(Prepared(run, compile_s, compiled, setup.labels, stage), warmup)
+
+
+def forward_fn(setup: Setup):
+  """The jitted inference forward pass (logits), batch sharded over `data`."""
+  import jax
+  from transfer import parallel
+  model = setup.model
+  return jax.jit(lambda params, images: model.apply({"params": params}, images),
+                 in_shardings=(parallel.replicated(setup.mesh), parallel.batch_sharding(setup.mesh)),
+                 out_shardings=parallel.batch_sharding(setup.mesh))
+
+
+def prepare_forward(setup: Setup, warmup: int) -> Prepared:
+  """The inference forward pass on a batch like the train step's."""
+  from transfer import parallel
+  params = parallel.replicate(setup.params, setup.mesh)
+  images = setup.images()
+  fn, compile_s, compiled = compile_step(forward_fn(setup), params, images)
+  return warm(Prepared(lambda: fn(params, images), compile_s, compiled, None), warmup)
+
+
+def prepare_eval(setup: Setup, warmup: int) -> Prepared:
+  """The eval step (loss, accuracy and confusion sums over a masked batch)."""
+  import jax
+  import jax.numpy as jnp
+  from transfer import parallel, steps
+  params = parallel.replicate(setup.params, setup.mesh)
+  batch = {"image": setup.images(), "label": setup.labels_batch(),
+           "mask": jax.device_put(jnp.ones((setup.batch,), bool),
+                                  parallel.batch_sharding(setup.mesh))}
+  step = steps.make_eval_step(setup.model, setup.mesh, setup.num_classes, setup.config.parallel)
+  return warm(Prepared(lambda: step(params, batch), None, None, None), warmup)
+
+
+def bench_cached_epoch(setup: Setup, train_step_s: float, warmup: int) -> dict[str, Any]:
+  """One epoch of head training on cached features against one epoch through the backbone.
+
+  Runs what `config.cache_features=True` runs: the backbone once over `epoch_images` images
+  (device -> host feature maps), then one epoch of the head-only train step on batches of host
+  features (`stage="head"`). The backbone epoch is `steps_per_epoch` train steps at the measured
+  median step time, so the comparison does not need a second full epoch on slow devices.
+
+  Returns:
+    `epoch_images`, `feature_pass_s`, `head_epoch_s`, `backbone_epoch_s`, `head_epoch_speedup`.
+  """
+  from transfer import data, features, parallel, steps
+  config = setup.config
+  steps_per_epoch = max(1, int(config.get("epoch_images", 512)) // setup.batch)
+  n = steps_per_epoch * setup.batch
+  params = parallel.replicate(setup.params, setup.mesh)
+  images = setup.images()
+  features_fn = steps.make_feature_step(setup.model, setup.mesh)
+  block(features_fn(params, images))  # compile
+  start = time.perf_counter()
+  feats = [np.asarray(features_fn(params, images)) for _ in range(steps_per_epoch)]
+  feature_pass_s = time.perf_counter() - start
+  cached = np.concatenate(feats)
+  labels = np.random.default_rng(config.seed).integers(0, setup.num_classes, n).astype(np.int32)
+
+  head_step = steps.make_train_step(setup.model, setup.tx, setup.labels, setup.mesh,
+                                    config.parallel, stage="head")
+  state = setup.state()
+  sharding = parallel.batch_sharding(setup.mesh)
+
+  def epoch(state, first_step):
+    host = features.feature_batches(cached, labels, setup.batch, config.seed, first_step)
+    batches = data.prefetch_to_device((next(host) for _ in range(steps_per_epoch)), sharding,
+                                      size=config.prefetch)
+    metrics = None
+    for batch in batches:
+      state, metrics = head_step(state, batch)
+    block(metrics)
+    return state
+
+  for i in range(max(1, warmup)):  # compile, and warm the host feature path
+    state = epoch(state, i * steps_per_epoch)
+  start = time.perf_counter()
+  epoch(state, 0)
+  head_epoch_s = time.perf_counter() - start
+  backbone_epoch_s = steps_per_epoch * train_step_s
+  return {"epoch_images": n, "feature_pass_s": feature_pass_s, "head_epoch_s": head_epoch_s,
+          "backbone_epoch_s": backbone_epoch_s,
+          "head_epoch_speedup": backbone_epoch_s / max(head_epoch_s, 1e-12),
+          "feature_mib": cached.nbytes / 2**20}
+
+
+def bench_input(config, batches: int) -> dict[str, Any]:
+  """Images/s of the host input pipeline for `config.dataset` (decode, augment, preprocess)."""
+  from transfer import data, runs
+  start = time.perf_counter()
+  ds = data.create(config, preprocess_source=runs.weights_source(config.weights) or "none")
+  prepare_s = time.perf_counter() - start
+  rate = data.input_throughput(ds, max(1, batches))
+  return {"input_images_per_sec": rate, "input_prepare_s": prepare_s,
+          "input_batches": max(1, batches), "input_train_examples": ds.num_train}

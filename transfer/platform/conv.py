@@ -1,0 +1,60 @@
+"""Which convolution algorithm a model runs: the `conv` policy, decided once per model.
+
+A config says `conv="auto"`, `"xla"` or `"winograd"`; a model holds a concrete choice in the
+spelling of `transfer.models.winograd` (`"xla"`, `"winograd"` or `"winograd_from_N"`: Winograd
+for the 3x3 layers with at least N input channels). `resolve_conv` turns the first into the
+second when the model is built (`transfer.models.get`), so the choice is recorded with the run
+and in `bench`'s report, and the same config compiles to the same program from the CLI and from
+Python. Nothing decides it later, while tracing, from the state of the process.
+"""
+
+from __future__ import annotations
+
+from transfer.errors import UserError
+from transfer.platform import hugepages as hugepages_lib
+
+# The fewest input channels for which `auto` takes Winograd on CPU. Measured at batch 16 on
+# VGG16's layers with huge pages (`transfer.platform.hugepages`): 3 -> 64 channels runs 0.55-0.65x
+# as fast as XLA's convolution, 64 -> 64 1.0-1.2x, 512 -> 512 1.7-1.9x. Without huge pages the
+# transforms' large temporaries are page-faulted in on every call and Winograd only wins from 256
+# input channels (1.1-1.4x; 0.5-0.9x below). docs/BENCHMARKS.md has the tables.
+MIN_CHANNELS = 64
+MIN_CHANNELS_WITHOUT_HUGEPAGES = 256
+
+
+def resolve_conv(conv: str, backend: str | None = None, hugepages: bool | None = None) -> str:
+  """The concrete conv choice for `conv` on this machine.
+
+  `"auto"` is XLA's convolution on GPU and TPU (cuDNN picks its own algorithms, Winograd among
+  them, and the TPU's MXU runs plain convolutions at full rate) and, on CPU, Winograd from
+  `MIN_CHANNELS` input channels with huge pages or `MIN_CHANNELS_WITHOUT_HUGEPAGES` without. A
+  concrete choice is returned as it is.
+
+  Args:
+    conv: `"auto"`, or a concrete choice (`"xla"`, `"winograd"`, `"winograd_from_N"`).
+    backend: JAX's backend (`"cpu"`, `"gpu"`, `"tpu"`); default: `jax.default_backend()`, which
+      starts JAX's backend if none exists yet.
+    hugepages: whether malloc uses huge pages; default: `hugepages.active()` for this process.
+
+  Returns:
+    The concrete choice, e.g. `"winograd_from_64"`.
+
+  Raises:
+    UserError: `conv` is neither `"auto"` nor a concrete choice.
+  """
+  from transfer.models import winograd
+  if conv != "auto":
+    try:
+      winograd.min_channels(conv)
+    except (ValueError, AttributeError):
+      raise UserError(f"unknown conv {conv!r}; valid values: auto, xla, winograd, "
+                      "winograd_from_N (N input channels or more)") from None
+    return conv
+  if backend is None:
+    import jax
+    backend = jax.default_backend()
+  if backend != "cpu":
+    return winograd.choice(None)
+  if hugepages is None:
+    hugepages = hugepages_lib.active()
+  return winograd.choice(MIN_CHANNELS if hugepages else MIN_CHANNELS_WITHOUT_HUGEPAGES)
