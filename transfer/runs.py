@@ -15,6 +15,7 @@ once, by the run's first start, and never rewritten: it stays the record of what
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import json
@@ -51,20 +52,12 @@ def canonical_config(config):
   config = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") \
       else config
   kind, _, path = str(config.dataset).partition(":")
-  with config.unlocked() if hasattr(config, "unlocked") else _nothing():
+  with config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext():
     if kind == "folder" and path:
       config.dataset = "folder:" + os.path.realpath(os.path.expanduser(path))
     if config.get("init_from"):
       config.init_from = os.path.realpath(os.path.expanduser(config.init_from))
   return config
-
-
-class _nothing:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return False
 
 
 def flat_config(config) -> dict[str, Any]:

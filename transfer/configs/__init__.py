@@ -13,6 +13,7 @@ from __future__ import annotations
 from transfer.errors import UserError
 
 import ast
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -243,7 +244,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
       value = parse_value(text, current) if current is not None else _parse_untyped(text)
     except ValueError as e:
       raise UserError(f"--config.{key}: {e}") from None
-    with node.unlocked() if hasattr(node, "unlocked") else _nullcontext():
+    with node.unlocked() if hasattr(node, "unlocked") else contextlib.nullcontext():
       node[leaf] = value
   return config
 
@@ -264,14 +265,6 @@ def _parse_untyped(text: str):
     return ast.literal_eval(text)
   except (ValueError, SyntaxError):
     return text
-
-
-class _nullcontext:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return False
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
