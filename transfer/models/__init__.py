@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from transfer.models import vgg
+from transfer.models import resnet, vgg
 from transfer.models.heads import HEADS
 from transfer.platform import resolve_conv
 
@@ -34,9 +34,14 @@ class ModelSpec:
     conv_layers: backbone layer names in forward order (the frozen part).
     top_layers: ImageNet-top layer names in forward order.
     torch_names: our layer name -> torchvision state-dict prefix (e.g. `features.0`).
-    top_image_size: the input size the ImageNet top was trained for (its flatten fixes it).
+    top_image_size: the input size the ImageNet top was trained for.
     min_image_size: smallest input the backbone accepts.
     feature_stride: input side / feature-map side.
+    top_fixed_size: whether the ImageNet top takes only `top_image_size` (VGG's flatten) or any
+      size (a ResNet's global average pool).
+    variants: the architecture variants weight files need (ResNet: `keras`, `torchvision`);
+      empty when there is one. The first is the default.
+    batch_norm: whether the network has BatchNorm layers (a `batch_stats` collection).
   """
 
   name: str
@@ -47,6 +52,9 @@ class ModelSpec:
   top_image_size: int = 224
   min_image_size: int = 32
   feature_stride: int = 32
+  top_fixed_size: bool = True
+  variants: tuple[str, ...] = ()
+  batch_norm: bool = False
 
   def is_head(self, path: str) -> bool:
     """Whether a param path (`head/logits/kernel`, `fc1/kernel`) is classifier, not backbone.
@@ -78,11 +86,27 @@ def _vgg_spec(name: str, stage_sizes: tuple[int, ...], widths=(64, 128, 256, 512
                    top_layers=("fc1", "fc2", "predictions"), torch_names=torch_names)
 
 
+def _resnet_spec(name: str, stage_sizes: tuple[int, ...], width: int = 64) -> ModelSpec:
+  def build(variant=None, **kw):
+    return resnet.ResNet(stage_sizes=stage_sizes, arch=name, width=width,
+                         variant=variant or resnet.VARIANTS[1], **kw)
+
+  return ModelSpec(name=name, build=build, conv_layers=resnet.layer_names(stage_sizes),
+                   top_layers=("predictions",), torch_names=resnet.torch_names(stage_sizes),
+                   top_fixed_size=False, variants=(resnet.VARIANTS[1], resnet.VARIANTS[0]),
+                   batch_norm=True)
+
+
 _SPECS = {
     "vgg16": _vgg_spec("vgg16", (2, 2, 3, 3, 3)),
     "vgg19": _vgg_spec("vgg19", (2, 2, 4, 4, 4)),
     # Same layer names and structure as VGG16 with 1/16 of the widths: for tests and demos.
     "vgg16_tiny": _vgg_spec("vgg16_tiny", (2, 2, 3, 3, 3), widths=(4, 8, 16, 32, 32), top_hidden=64),
+    "resnet50": _resnet_spec("resnet50", (3, 4, 6, 3)),
+    "resnet101": _resnet_spec("resnet101", (3, 4, 23, 3)),
+    "resnet152": _resnet_spec("resnet152", (3, 8, 36, 3)),
+    # ResNet50's layers and names at 1/16 of the width: for tests.
+    "resnet50_tiny": _resnet_spec("resnet50_tiny", (3, 4, 6, 3), width=4),
 }
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -129,7 +153,7 @@ def as_dtype(dtype: Any):
 def get(name: str, *, include_top: bool | None = None, head: str | None = None,
         num_classes: int | None = None, head_hidden: int | None = None,
         head_dropout: float | None = None, dtype: Any = "float32",
-        param_dtype: Any = "float32", conv: str = "auto") -> nn.Module:
+        param_dtype: Any = "float32", conv: str = "auto", variant: str | None = None) -> nn.Module:
   """Builds a registered model.
 
   Args:
@@ -150,6 +174,9 @@ def get(name: str, *, include_top: bool | None = None, head: str | None = None,
       `transfer.models.winograd`). The module's `conv` holds the concrete choice, so the same
       choice gives the same program anywhere. It changes speed and float32 rounding, not the
       parameters.
+    variant: for architectures that exist in several forms (`spec(name).variants`: ResNet's
+      `"keras"` v1 and `"torchvision"` v1.5), the one to build; default the first. Weight files
+      fit one variant only (`transfer.weights` says which).
 
   Returns:
     An unbound `flax.linen.Module`; `module.apply({"params": p}, x)` gives float32 logits.
@@ -167,9 +194,18 @@ def get(name: str, *, include_top: bool | None = None, head: str | None = None,
     num_classes = 1000
   if num_classes < 1:
     raise UserError(f"num_classes must be >= 1, got {num_classes}")
+  extra = {}
+  if model_spec.variants:
+    variant = variant or model_spec.variants[0]
+    if variant not in model_spec.variants:
+      raise UserError(f"unknown variant {variant!r} of {name}; valid: "
+                      f"{', '.join(model_spec.variants)}")
+    extra["variant"] = variant
+  elif variant is not None:
+    raise UserError(f"{name} has no variants; drop variant={variant!r}")
   return model_spec.build(head=head, num_classes=num_classes, head_hidden=head_hidden,
                           head_dropout=head_dropout, dtype=as_dtype(dtype),
-                          param_dtype=as_dtype(param_dtype), conv=resolve_conv(conv))
+                          param_dtype=as_dtype(param_dtype), conv=resolve_conv(conv), **extra)
 
 
 def init_params(model: nn.Module, image_size: int, rng: jax.Array | int = 0):
@@ -179,16 +215,22 @@ def init_params(model: nn.Module, image_size: int, rng: jax.Array | int = 0):
   each initialiser op is compiled once per shape and process, whereas a fresh `jax.jit` of the
   whole init would recompile (seconds on a CPU) for every model built.
   """
+  return init_variables(model, image_size, rng)["params"]
+
+
+def init_variables(model: nn.Module, image_size: int, rng: jax.Array | int = 0) -> dict:
+  """All of a fresh model's collections: `params`, and `batch_stats` for BatchNorm networks
+  (running means 0, variances 1)."""
   if isinstance(rng, int):
     rng = jax.random.PRNGKey(rng)
   x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  return model.lazy_init(rng, x)["params"]
+  return dict(model.lazy_init(rng, x))
 
 
 def check_image_size(name: str, head: str, image_size: int) -> None:
   """Raises a one-line error for an input size the model cannot take."""
   s = spec(name)
-  if head == "imagenet" and image_size != s.top_image_size:
+  if head == "imagenet" and s.top_fixed_size and image_size != s.top_image_size:
     raise UserError(f"the ImageNet top of {name} needs {s.top_image_size}x{s.top_image_size} "
                      f"input, got {image_size}; use another head for other sizes")
   if image_size < s.min_image_size:

@@ -1,0 +1,179 @@
+"""ResNet50/101/152 (He et al., 2015) in Flax linen, in both of the forms ImageNet weights exist in.
+
+Keras' `keras.applications.ResNet50` and torchvision's `resnet50` are different networks:
+
+| | Keras ("keras", ResNet v1) | torchvision and timm ("torchvision", v1.5) |
+| --- | --- | --- |
+| stride of a stage's first block | on the first 1x1 convolution | on the 3x3 convolution |
+| convolution bias | yes | no |
+| BatchNorm epsilon | 1.001e-5 | 1e-5 |
+
+Both variants use the Keras layer names (`conv1_conv`, `conv2_block1_1_conv`, `conv2_block1_0_bn`,
+..., `predictions`), so freezing patterns such as `^conv5_` read the same for either; the weight
+porter maps torchvision's state-dict names (`layer4.0.conv1`) onto them (`ModelSpec.torch_names`).
+
+BatchNorm layers keep their running statistics in the `batch_stats` collection. They normalise
+with those statistics (inference mode) unless their name is in `batch_norm_train`, the layers
+whose statistics a train step computes from the batch and updates (see `__call__`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from transfer.errors import UserError
+from transfer.models import heads, winograd
+
+STAGES = ("full", "features", "head")
+VARIANTS = ("keras", "torchvision")
+_EPSILON = {"keras": 1.001e-5, "torchvision": 1e-5}
+# Flax's momentum weighs the old statistic: Keras' momentum=0.99, torch's momentum=0.1.
+_MOMENTUM = {"keras": 0.99, "torchvision": 0.9}
+
+
+def layer_names(stage_sizes: Sequence[int]) -> tuple[str, ...]:
+  """Every conv and BatchNorm layer of the backbone in forward order (Keras names)."""
+  names = ["conv1_conv", "conv1_bn"]
+  for s, blocks in enumerate(stage_sizes, start=2):
+    for b in range(1, blocks + 1):
+      prefix = f"conv{s}_block{b}"
+      if b == 1:
+        names += [f"{prefix}_0_conv", f"{prefix}_0_bn"]
+      for k in (1, 2, 3):
+        names += [f"{prefix}_{k}_conv", f"{prefix}_{k}_bn"]
+  return tuple(names)
+
+
+def torch_names(stage_sizes: Sequence[int]) -> dict[str, str]:
+  """Our layer name -> torchvision state-dict prefix (`conv2_block1_1_conv` -> `layer1.0.conv1`)."""
+  names = {"conv1_conv": "conv1", "conv1_bn": "bn1", "predictions": "fc"}
+  for s, blocks in enumerate(stage_sizes, start=2):
+    for b in range(1, blocks + 1):
+      ours, theirs = f"conv{s}_block{b}", f"layer{s - 1}.{b - 1}"
+      names[f"{ours}_0_conv"] = f"{theirs}.downsample.0"
+      names[f"{ours}_0_bn"] = f"{theirs}.downsample.1"
+      for k in (1, 2, 3):
+        names[f"{ours}_{k}_conv"] = f"{theirs}.conv{k}"
+        names[f"{ours}_{k}_bn"] = f"{theirs}.bn{k}"
+  return names
+
+
+class ResNet(nn.Module):
+  """A bottleneck ResNet (50, 101, 152 layers) in the Keras (v1) or torchvision (v1.5) form.
+
+  Attributes:
+    stage_sizes: bottleneck blocks per stage, e.g. (3, 4, 6, 3) for ResNet50.
+    arch: the registry name (`resnet50`, ...), for the weight porter.
+    variant: `"keras"` or `"torchvision"` (see the module docstring).
+    width: channels of the stem and of the first stage's bottleneck (64 in the real networks);
+      stage s uses width * 2**s inside its blocks and 4x that at its output.
+    head, num_classes, head_hidden, head_dropout: as for VGG (`"imagenet"` is global average
+      pooling and the 1000-way `predictions` layer).
+    dtype, param_dtype: compute and parameter dtypes; BatchNorm statistics stay float32.
+    conv: the concrete convolution choice (`xla`, `winograd`, `winograd_from_N`); Winograd runs
+      only the stride-1 3x3 convolutions, the others are XLA's.
+    batch_norm_axis: the mapped axis over which a training BatchNorm averages its batch
+      statistics (`"data"` inside the data-parallel step: global-batch statistics), or None.
+  """
+
+  stage_sizes: Sequence[int]
+  arch: str = "resnet"
+  variant: str = "torchvision"
+  width: int = 64
+  head: str = "imagenet"
+  num_classes: int = 1000
+  head_hidden: int | None = None
+  head_dropout: float | None = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  conv: str = "xla"
+  batch_norm_axis: str | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, stage: str = "full", example_ids=None,
+               batch_norm_train: Iterable[str] = ()):
+    """Runs the network (or one stage of it).
+
+    Args:
+      x: NHWC images preprocessed for the weights, or the feature map for `stage="head"`.
+      train: enables dropout in the head (needs a `"dropout"` RNG).
+      stage: `"full"`, `"features"` (the conv5 feature map) or `"head"`.
+      example_ids: (N,) global example indices for per-example dropout masks.
+      batch_norm_train: names of the BatchNorm layers that normalise with batch statistics and
+        update their running statistics (apply with `mutable=["batch_stats"]`); every other one
+        runs in inference mode. Empty (the default) is inference everywhere.
+
+    Returns:
+      float32 logits (N, num_classes), or the feature map for `head="none"`/`stage="features"`.
+    """
+    if stage not in STAGES:
+      raise UserError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
+    if self.variant not in VARIANTS:
+      raise UserError(f"unknown ResNet variant {self.variant!r}; valid: {', '.join(VARIANTS)}")
+    if stage != "head":
+      x = self.backbone(x, frozenset(batch_norm_train))
+      if stage == "features" or self.head == "none":
+        return x
+    return self.classify(x, train, example_ids).astype(jnp.float32)
+
+  def _conv(self, x, features: int, size: int, stride: int, name: str):
+    if size == 3 and stride == 1:
+      padding = "SAME"
+      fast = winograd.use_for(self.conv, x.shape[-1])
+    else:  # torch's symmetric padding (XLA's SAME pads a strided 3x3 on one side only)
+      padding = [((size - 1) // 2, (size - 1) // 2)] * 2
+      fast = False
+    return nn.Conv(features, (size, size), strides=(stride, stride), padding=padding,
+                   use_bias=self.variant == "keras", dtype=self.dtype,
+                   param_dtype=self.param_dtype, name=name,
+                   conv_general_dilated=winograd.conv_general_dilated if fast else None)(x)
+
+  def _bn(self, x, name: str, training: frozenset):
+    use_batch = name in training
+    return nn.BatchNorm(use_running_average=not use_batch, momentum=_MOMENTUM[self.variant],
+                        epsilon=_EPSILON[self.variant], dtype=self.dtype,
+                        param_dtype=self.param_dtype,
+                        axis_name=self.batch_norm_axis if use_batch else None, name=name)(x)
+
+  def backbone(self, x, training: frozenset = frozenset()):
+    """Stem and bottleneck stages; called from `__call__` inside its compact scope."""
+    x = x.astype(self.dtype)
+    x = self._conv(x, self.width, 7, 2, "conv1_conv")
+    x = nn.relu(self._bn(x, "conv1_bn", training))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for s, blocks in enumerate(self.stage_sizes):
+      inner = self.width * 2 ** s
+      for b in range(blocks):
+        stride = 2 if s > 0 and b == 0 else 1
+        x = self._bottleneck(x, inner, stride, f"conv{s + 2}_block{b + 1}", b == 0, training)
+    return x
+
+  def _bottleneck(self, x, inner: int, stride: int, prefix: str, project: bool,
+                  training: frozenset):
+    v1 = self.variant == "keras"
+    shortcut = x
+    if project:
+      shortcut = self._conv(x, 4 * inner, 1, stride, f"{prefix}_0_conv")
+      shortcut = self._bn(shortcut, f"{prefix}_0_bn", training)
+    y = self._conv(x, inner, 1, stride if v1 else 1, f"{prefix}_1_conv")
+    y = nn.relu(self._bn(y, f"{prefix}_1_bn", training))
+    y = self._conv(y, inner, 3, 1 if v1 else stride, f"{prefix}_2_conv")
+    y = nn.relu(self._bn(y, f"{prefix}_2_bn", training))
+    y = self._conv(y, 4 * inner, 1, 1, f"{prefix}_3_conv")
+    y = self._bn(y, f"{prefix}_3_bn", training)
+    return nn.relu(shortcut + y)
+
+  def classify(self, x, train: bool, example_ids=None):
+    """The head on the conv5 feature map; called inside `__call__`'s compact scope."""
+    x = x.astype(self.dtype)
+    if self.head == "imagenet":  # Keras' avg_pool + predictions, torchvision's avgpool + fc
+      x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
+      return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                      name="predictions")(x)
+    head = heads.make_head(self.head, num_classes=self.num_classes, hidden=self.head_hidden,
+                           dropout=self.head_dropout, dtype=self.dtype,
+                           param_dtype=self.param_dtype)
+    return head(x, train=train, example_ids=example_ids)
