@@ -14,6 +14,7 @@ the previous step.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -121,9 +122,23 @@ class Checkpointer:
     if problems:
       raise CheckpointMismatch(f"checkpoint {step} in {self.directory} does not fit this "
                                f"config's model/optimizer: {'; '.join(problems)}")
-    restored = self.manager.restore(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}))
-    return restored[STATE], dict(restored[META])
+    target, fill = _saved_structure(abstract_state, self._saved_keys(step))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**{
+          STATE: ocp.args.StandardRestore(target), META: ocp.args.JsonRestore()}))
+    except ValueError as e:
+      if "structures do not match" in str(e):  # the layout differs: not damage
+        raise CheckpointMismatch(f"checkpoint {step} in {self.directory} does not fit this "
+                                 f"config's state: {_first_line(e)[:200]}") from None
+      raise
+    return fill(restored[STATE]), dict(restored[META])
+
+  def _saved_keys(self, step: int) -> set[str] | None:
+    """The top-level names of the state saved at `step` (None when unknown)."""
+    path = epath.Path(self.directory) / str(step) / STATE
+    tree = ocp.StandardCheckpointHandler().metadata(path)
+    tree = tree.tree if hasattr(tree, "tree") else tree
+    return set(tree) if isinstance(tree, dict) else None
 
   def saved_shapes(self, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
     """`{"params.head.logits.bias": (shape, dtype), ...}` of the state saved at `step`.
@@ -233,7 +248,13 @@ class Checkpointer:
     return target
 
   def restore_params(self, step: int) -> tuple[Any, dict[str, Any]]:
-    """The params and metadata of `step`, whole on this process's first device.
+    """The params and metadata of `step` (see `restore_variables`)."""
+    variables, meta = self.restore_variables(step)
+    return variables["params"], meta
+
+  def restore_variables(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model variables (`params`, and `batch_stats` when the network has BatchNorm) and the
+    metadata of `step`, whole on this process's first device.
 
     For `init_from`, eval, predict and export: it works whatever devices or processes wrote the
     checkpoint, and needs no optimizer or config to describe the state.
@@ -241,7 +262,11 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**{
         STATE: ocp.args.StandardRestore(self.local_target(step)),
         META: ocp.args.JsonRestore()}))
-    return restored[STATE]["params"], dict(restored[META])
+    state = restored[STATE]
+    variables = {"params": state["params"]}
+    if state.get("batch_stats"):
+      variables["batch_stats"] = state["batch_stats"]
+    return variables, dict(restored[META])
 
   def local_target(self, step: int):
     """The saved state's shapes and dtypes, placed whole on this process's first device.
@@ -262,6 +287,27 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _saved_structure(abstract_state, saved_keys: set[str] | None):
+  """The restore target for a checkpoint that lacks empty fields of `abstract_state`.
+
+  A state field added later (`batch_stats`, empty for networks without BatchNorm) is absent
+  from checkpoints written before it existed; it holds no arrays, so such a checkpoint fits.
+  Returns the target to restore into and a function that puts the restored tree back into the
+  form of `abstract_state`.
+  """
+  unchanged = abstract_state, lambda restored: restored
+  if saved_keys is None or not dataclasses.is_dataclass(abstract_state):
+    return unchanged
+  fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
+  missing = {k for k, v in fields.items()
+             if k not in saved_keys and not jax.tree_util.tree_leaves(v)}
+  if not missing:
+    return unchanged
+  target = {k: v for k, v in fields.items() if k not in missing}
+  return target, lambda restored: type(abstract_state)(
+      **dict(restored), **{k: fields[k] for k in missing})
 
 
 class CheckpointMismatch(UserError):
@@ -293,7 +339,13 @@ def abstract_like(tree):
 
 
 def load_trained(workdir: str, checkpoint: str | int | None = "latest"):
-  """Params and metadata of a trained run, for eval/predict (no optimizer, no config needed).
+  """Params and metadata of a trained run (see `load_trained_variables`)."""
+  variables, meta = load_trained_variables(workdir, checkpoint)
+  return variables["params"], meta
+
+
+def load_trained_variables(workdir: str, checkpoint: str | int | None = "latest"):
+  """Variables and metadata of a trained run, for eval/predict (no optimizer, no config needed).
 
   Only "latest" falls back past damaged steps: a step the user named (or "best") that does not
   restore is an error naming it, never silently replaced by another step.
@@ -304,7 +356,8 @@ def load_trained(workdir: str, checkpoint: str | int | None = "latest"):
       among the kept steps) or a step number (int or digit string).
 
   Returns:
-    `(params, meta)`: host arrays, and the JSON metadata (`meta["run"]` describes the model).
+    `(variables, meta)`: `{"params"}` (and `"batch_stats"` for BatchNorm networks) as host
+    arrays, and the JSON metadata (`meta["run"]` describes the model).
 
   Raises:
     UserError: no checkpoints, an unknown step, no val metric for "best", or nothing restores.
@@ -319,7 +372,7 @@ def load_trained(workdir: str, checkpoint: str | int | None = "latest"):
     steps = select_steps(checkpointer, checkpoint)
     for s in reversed(steps):
       try:
-        return checkpointer.restore_params(s)
+        return checkpointer.restore_variables(s)
       except Exception as e:  # pylint: disable=broad-except
         if checkpoint not in (None, "latest"):
           raise UserError(f"checkpoint at step {s} in {checkpointer.directory} cannot be restored "

@@ -31,7 +31,7 @@ def evaluate_workdir(workdir: str, checkpoint: str | int | None = "latest") -> d
     `{"step", "val_loss", "val_accuracy", "val_count", "confusion", "class_names"}`.
   """
   from transfer import data as data_lib
-  params, meta = checkpoint_lib.load_trained(workdir, checkpoint)
+  variables, meta = checkpoint_lib.load_trained_variables(workdir, checkpoint)
   run = meta["run"]
   config = ml_collections.ConfigDict(meta["config"])
   recorded = run.get("data") or {}
@@ -46,8 +46,8 @@ def evaluate_workdir(workdir: str, checkpoint: str | int | None = "latest") -> d
   data_lib.check_same_data(recorded, ds.identity(), f"eval of {workdir}",
                            hint="restore the run's data there, or train a new run on this data")
   eval_step = steps.make_eval_step(model, mesh, len(run["class_names"]), config.parallel)
-  params = parallel.replicate(params, mesh)
-  metrics = steps.evaluate(eval_step, params, ds.eval_batches("val", config.batch_size), mesh)
+  variables = parallel.replicate(variables, mesh)
+  metrics = steps.evaluate(eval_step, variables, ds.eval_batches("val", config.batch_size), mesh)
   return {"step": meta["step"], **metrics, "class_names": run["class_names"]}
 
 

@@ -33,7 +33,7 @@ def cache_features_reason(config, param_labels) -> str | None:
   return None
 
 
-def cached_inputs(model, params, ds, mesh, batch_size: int, seed: int, start_step: int):
+def cached_inputs(model, variables, ds, mesh, batch_size: int, seed: int, start_step: int):
   """Runs the frozen backbone once over both splits; batches of its feature maps.
 
   Returns:
@@ -42,10 +42,11 @@ def cached_inputs(model, params, ds, mesh, batch_size: int, seed: int, start_ste
   """
   from transfer import steps
   feature_fn = steps.make_feature_step(model, mesh)
-  train_x, train_y = compute_features(feature_fn, params, ds.eval_batches("train", batch_size),
-                                      mesh)
+  train_x, train_y = compute_features(feature_fn, variables,
+                                      ds.eval_batches("train", batch_size), mesh)
   if ds.num_val:
-    val_x, val_y = compute_features(feature_fn, params, ds.eval_batches("val", batch_size), mesh)
+    val_x, val_y = compute_features(feature_fn, variables, ds.eval_batches("val", batch_size),
+                                    mesh)
   else:
     val_x, val_y = train_x[:0], train_y[:0]
   note = (f"{len(train_x)} train / {len(val_x)} val feature maps {train_x.shape[1:]} in host "
@@ -54,13 +55,13 @@ def cached_inputs(model, params, ds, mesh, batch_size: int, seed: int, start_ste
   return train_batches, lambda: feature_eval_batches(val_x, val_y, batch_size), note
 
 
-def compute_features(feature_fn, params, batches, mesh) -> tuple[np.ndarray, np.ndarray]:
+def compute_features(feature_fn, variables, batches, mesh) -> tuple[np.ndarray, np.ndarray]:
   """Runs the frozen backbone once over `batches`; returns (features, labels) of real examples."""
   from transfer.data import prefetch_to_device
   feats, labels = [], []
   for batch in prefetch_to_device(batches, parallel.batch_sharding(mesh)):
     keep = np.asarray(batch["mask"]).astype(bool)
-    feats.append(np.asarray(feature_fn(params, batch["image"]))[keep])
+    feats.append(np.asarray(feature_fn(variables, batch["image"]))[keep])
     labels.append(np.asarray(batch["label"])[keep])
   return np.concatenate(feats), np.concatenate(labels)
 

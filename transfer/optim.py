@@ -135,7 +135,10 @@ def make_optimizer(config, params, total_steps: int):
     `(tx, param_labels)`: an `optax.partition` over the label groups, and the label tree.
   """
   lr_mults = {k: float(v) for k, v in dict(config.lr_mults).items()}
-  labels = param_labels(params, list(config.trainable), lr_mults)
+  trainable = list(config.trainable)
+  if config.get("train_bn"):  # fastai's train_bn: BatchNorm keeps training in frozen blocks
+    trainable += [f"^{name}/" for name in batch_norm_layers(params)]
+  labels = param_labels(params, trainable, lr_mults)
   schedule = make_schedule(config, total_steps)
   transforms: dict[str, Any] = {FROZEN: optax.set_to_zero()}
   for mult in {1.0, *lr_mults.values()}:
@@ -144,6 +147,11 @@ def make_optimizer(config, params, total_steps: int):
   used = set(jax.tree_util.tree_leaves(labels))
   transforms = {k: v for k, v in transforms.items() if k in used or k == FROZEN}
   return optax.partition(transforms, labels), labels
+
+
+def batch_norm_layers(params) -> tuple[str, ...]:
+  """Names of the BatchNorm layers of a params (or label) tree: the layers with a `scale`."""
+  return tuple(sorted(k for k, v in params.items() if isinstance(v, dict) and "scale" in v))
 
 
 def trainable_mask(labels) -> Any:

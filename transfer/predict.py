@@ -150,7 +150,7 @@ def _trained_predictions(paths, workdir, top, batch_size, checkpoint) -> Iterato
   from transfer.data import images as image_ops
 
   _check_counts(top, batch_size)
-  params, meta = checkpoint_lib.load_trained(workdir, checkpoint)
+  params, meta = checkpoint_lib.load_trained_variables(workdir, checkpoint)  # with BN statistics
   run = meta["run"]
   size = run["image_size"]
   stored = image_ops.stored_size(size, float(run["eval_crop"]))
@@ -242,13 +242,15 @@ def image_extensions() -> frozenset[str]:
 def make_forward(net) -> Callable:
   """A jitted `(params, images) -> (N, classes) numpy probabilities` for `net`.
 
-  Softmax over the logits; a single logit (binary sigmoid head) gives two columns,
-  [P(class 0), P(class 1)]. Built once per run so every batch reuses one compilation.
+  `params` may also be the variables dict of a BatchNorm network. Softmax over the logits; a
+  single logit (binary sigmoid head) gives two columns, [P(class 0), P(class 1)]. Built once per
+  run so every batch reuses one compilation.
   """
   import jax
+  from transfer import steps
 
   def probabilities(p, x):
-    logits = net.apply({"params": p}, x)
+    logits = net.apply(steps.as_variables(p), x)
     if logits.shape[-1] == 1:  # one sigmoid logit: P(class 1) and its complement
       positive = jax.nn.sigmoid(logits)
       return jax.numpy.concatenate([1.0 - positive, positive], axis=-1)

@@ -312,6 +312,44 @@ def output_count(config, num_classes: int) -> int:
   return num_classes
 
 
+def model_variant(config) -> str | None:
+  """The architecture variant to build (ResNet: `keras` v1 or `torchvision` v1.5), else None.
+
+  `variant=auto` builds what the run's params need: the variant of the `init_from` run, or the
+  one the weight file was made for, or the model's default for random initialisation.
+  """
+  spec = models.spec(config.model)
+  if not spec.variants:
+    return None
+  chosen = config.get("variant", "auto")
+  if chosen != "auto":
+    return chosen
+  if config.get("init_from"):
+    recorded = _recorded_run(config.init_from).get("variant")
+    if recorded:
+      return recorded
+  source = weights_source(config.weights)
+  if source:
+    from transfer import weights as weights_lib
+    needed = weights_lib.variant_for(source, spec.name)
+    if needed:
+      return needed
+  return spec.variants[0]
+
+
+def _recorded_run(workdir: str) -> dict[str, Any]:
+  """The run metadata of another run's latest checkpoint ({} when it has none)."""
+  from transfer import checkpoint as ckpt_lib
+  if not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
+    return {}
+  checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
+  try:
+    step = checkpointer.latest_step()
+    return checkpointer.restore_meta(step).get("run", {}) if step is not None else {}
+  finally:
+    checkpointer.close()
+
+
 def build_model(config, num_classes: int, dtype: str | None = None):
   """The run's model for a dataset of `num_classes` classes.
 
@@ -327,12 +365,19 @@ def build_model(config, num_classes: int, dtype: str | None = None):
   models.check_image_size(config.model, config.head, config.image_size)
   model = models.get(config.model, head=config.head, num_classes=outputs,
                      head_hidden=config.head_hidden, head_dropout=config.head_dropout,
-                     dtype=dtype or models.resolve_dtype(config.dtype), conv=config.conv)
+                     dtype=dtype or models.resolve_dtype(config.dtype), conv=config.conv,
+                     variant=model_variant(config))
   return model, outputs
 
 
 def initial_params(config, model, shapes=None, data_identity=None):
-  """Params before training: another run's (`init_from`), pretrained weights, or random.
+  """`initial_variables`' params (for networks without BatchNorm, all there is)."""
+  variables, note = initial_variables(config, model, shapes, data_identity)
+  return variables["params"], note
+
+
+def initial_variables(config, model, shapes=None, data_identity=None):
+  """Variables before training: another run's (`init_from`), pretrained weights, or random.
 
   Args:
     config: the run config (init_from, weights, image_size, seed).
@@ -341,30 +386,37 @@ def initial_params(config, model, shapes=None, data_identity=None):
     data_identity: this run's `Dataset.identity()`, checked against an `init_from` run's.
 
   Returns:
-    `(params, note)`: the params tree and one line saying where it came from.
+    `(variables, note)`: `{"params"}` (and `"batch_stats"` for BatchNorm networks) and one line
+    saying where they came from.
   """
   import jax
   if config.init_from:
     if shapes is None:
       shapes = jax.eval_shape(lambda: models.init_params(model, config.image_size, config.seed))
-    params = params_from_workdir(config.init_from, shapes, data_identity)
-    return params, f"params from run {config.init_from} (init_from)"
+    variables = variables_from_workdir(config.init_from, shapes, data_identity)
+    return variables, f"params from run {config.init_from} (init_from)"
   source = weights_source(config.weights)
   if source is None:
-    return (models.init_params(model, config.image_size, config.seed),
+    return (models.init_variables(model, config.image_size, config.seed),
             "random initialisation (weights=none)")
   from transfer import weights as weights_lib
+  if models.spec(config.model).batch_norm:
+    variables, report = weights_lib.load_variables(
+        config.weights, model, image_size=config.image_size, rng=config.seed, return_report=True)
+    return dict(variables), report.summary()
   params, report = weights_lib.load(config.weights, model, image_size=config.image_size,
                                     rng=config.seed, return_report=True)
-  return params, report.summary()
+  return {"params": params}, report.summary()
 
 
-def params_from_workdir(other: str, shapes, data_identity=None):
-  """The latest params of another run, merged strictly into the tree described by `shapes`.
+def variables_from_workdir(other: str, shapes, data_identity=None):
+  """The latest variables of another run, its params merged strictly into the tree described by
+  `shapes` (its BatchNorm statistics come with their layers).
 
   When the other run trained on the same dataset, its split must be this run's split: a
   different hold-out would put its validation images into this run's training data.
   """
+  import jax
   import jax.numpy as jnp
   from flax import traverse_util
   from transfer import checkpoint as ckpt_lib
@@ -379,9 +431,10 @@ def params_from_workdir(other: str, shapes, data_identity=None):
     theirs_data = meta["run"].get("data") or {}
     if data_identity and theirs_data.get("dataset") == data_identity.get("dataset"):
       check_same_data(theirs_data, data_identity, f"init_from={other}")
-    theirs, _ = checkpointer.restore_params(step)
+    their_variables, _ = checkpointer.restore_variables(step)
   finally:
     checkpointer.close()
+  theirs = their_variables["params"]
   fresh_flat, their_flat = traverse_util.flatten_dict(shapes), traverse_util.flatten_dict(theirs)
   problems = [("/".join(k), v.shape, their_flat[k].shape) for k, v in fresh_flat.items()
               if k in their_flat and tuple(their_flat[k].shape) != tuple(v.shape)]
@@ -389,14 +442,20 @@ def params_from_workdir(other: str, shapes, data_identity=None):
   if problems or missing:
     raise UserError(f"init_from={other} (model {meta['run']['model']}, head {meta['run']['head']}) "
                     f"does not fit this model: missing {missing[:5]}, mis-shaped {problems[:5]}")
-  return traverse_util.unflatten_dict({k: jnp.asarray(their_flat[k]) for k in fresh_flat})
+  variables = {"params": traverse_util.unflatten_dict(
+      {k: jnp.asarray(their_flat[k]) for k in fresh_flat})}
+  if "batch_stats" in their_variables:
+    variables["batch_stats"] = jax.tree_util.tree_map(jnp.asarray,
+                                                      their_variables["batch_stats"])
+  return variables
 
 
 # ----------------------------------------------------------------------------- checkpoint metadata
 
 
 def run_metadata(config, class_names: list[str], outputs: int,
-                 data: dict[str, Any] | None = None, *, conv: str) -> dict[str, Any]:
+                 data: dict[str, Any] | None = None, *, conv: str,
+                 variant: str | None = None) -> dict[str, Any]:
   """The JSON metadata, stored with every checkpoint, that rebuilds the model without the config.
 
   `data` is the dataset's identity (`Dataset.identity()`: absolute root and split fingerprint),
@@ -410,7 +469,7 @@ def run_metadata(config, class_names: list[str], outputs: int,
           "class_names": list(class_names), "weights": config.weights,
           "preprocessing": mode_for(weights_source(config.weights)),
           "image_size": config.image_size, "eval_crop": config.eval_crop,
-          "dtype": models.resolve_dtype(config.dtype), "conv": conv,
+          "dtype": models.resolve_dtype(config.dtype), "conv": conv, "variant": variant,
           "dataset": config.dataset, "optimizer": config.optimizer,
           # The optimizer's state structure follows these, so resuming needs them unchanged.
           "trainable": list(config.trainable), "lr_mults": dict(config.lr_mults),
@@ -425,7 +484,7 @@ def model_from_meta(meta: dict[str, Any], dtype: str | None = None):
   """
   return models.get(meta["model"], head=meta["head"], num_classes=meta["outputs"],
                     head_hidden=meta["head_hidden"], head_dropout=meta["head_dropout"],
-                    dtype=dtype or meta["dtype"])
+                    dtype=dtype or meta["dtype"], variant=meta.get("variant"))
 
 
 def check_same_run(saved: dict[str, Any], current: dict[str, Any], workdir: str) -> None:
@@ -434,8 +493,8 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], workdir: str)
   `check_rerun` compares configs first; this reads the checkpoint's own record, so it also holds
   for a workdir whose config.json was lost.
   """
-  keys = ("model", "head", "head_hidden", "outputs", "class_names", "image_size", "optimizer",
-          "trainable", "lr_mults", "preprocessing")
+  keys = ("model", "variant", "head", "head_hidden", "outputs", "class_names", "image_size",
+          "optimizer", "trainable", "lr_mults", "preprocessing")
   changed = {k: (saved[k], current.get(k)) for k in keys
              if k in saved and saved[k] != current.get(k)}
   if changed:

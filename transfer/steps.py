@@ -37,6 +37,7 @@ class TrainState:
     rng: base PRNG key (raw uint32 key data); per-step keys are folded from it and `step`.
     nonfinite_step: -1, or the first step whose loss was NaN/inf (updates stop from then on, and
       the loop refuses to checkpoint), so a blow-up is caught without a host sync every step.
+    batch_stats: BatchNorm running statistics (float32), `{}` for networks without BatchNorm.
   """
 
   step: jax.Array
@@ -44,13 +45,44 @@ class TrainState:
   opt_state: Any
   rng: jax.Array
   nonfinite_step: jax.Array
+  batch_stats: Any = flax.struct.field(default_factory=dict)
+
+  @property
+  def variables(self) -> dict[str, Any]:
+    """The model's variables: what `model.apply` takes."""
+    return as_variables(self.params, self.batch_stats)
 
 
-def create_train_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
-  """A fresh train state at step 0 for `params` and optimizer `tx`."""
+def create_train_state(params, tx: optax.GradientTransformation, seed: int,
+                       batch_stats=None) -> TrainState:
+  """A fresh train state at step 0 for `params` (and BatchNorm `batch_stats`) and optimizer `tx`."""
   return TrainState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=tx.init(params),
                     rng=jax.random.key_data(jax.random.PRNGKey(seed)),
-                    nonfinite_step=jnp.asarray(-1, jnp.int32))
+                    nonfinite_step=jnp.asarray(-1, jnp.int32), batch_stats=batch_stats or {})
+
+
+def as_variables(params_or_variables, batch_stats=None) -> dict[str, Any]:
+  """`{"params": ..., "batch_stats": ...}` from a params tree or a variables dict.
+
+  Eval and feature steps take either, so a network without BatchNorm keeps being called with its
+  params alone. A params tree never has a top-level layer called `params`.
+  """
+  if "params" in params_or_variables:
+    return dict(params_or_variables)
+  variables = {"params": params_or_variables}
+  if batch_stats:
+    variables["batch_stats"] = batch_stats
+  return variables
+
+
+def training_batch_norm(param_labels) -> frozenset[str]:
+  """The BatchNorm layers a train step runs on batch statistics: those whose scale trains.
+
+  A frozen BatchNorm layer normalises with its running statistics and never updates them (Keras'
+  behaviour since TF 2, timm's FrozenBatchNorm), so a frozen backbone trains as VGG's does.
+  """
+  return frozenset(name for name in optim.batch_norm_layers(param_labels)
+                   if param_labels[name]["scale"] != optim.FROZEN)
 
 
 def loss_and_metrics(logits, labels, mask=None):
@@ -115,6 +147,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, param_la
     the returned metrics are device scalars (pull them only when logging).
   """
   mask = optim.trainable_mask(param_labels)
+  bn_train = training_batch_norm(param_labels) if stage == "full" else frozenset()
+  if bn_train:  # batch statistics over the global batch: mean over the `data` axis
+    model = model.clone(batch_norm_axis=parallel.AXIS)
 
   def per_device(state: TrainState, batch):
     local_batch = batch["label"].shape[0]
@@ -124,11 +159,18 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, param_la
 
     def loss_fn(trainable):
       params = traverse_util.unflatten_dict({**frozen, **trainable})
-      logits = model.apply({"params": params}, batch["image"], train=True, stage=stage,
-                           example_ids=ids, rngs={"dropout": dropout_rng})
-      return loss_and_metrics(logits, batch["label"])
+      variables = as_variables(params, state.batch_stats)
+      kwargs = dict(train=True, stage=stage, example_ids=ids, rngs={"dropout": dropout_rng})
+      if bn_train:
+        logits, updated = model.apply(variables, batch["image"], batch_norm_train=bn_train,
+                                      mutable=["batch_stats"], **kwargs)
+        batch_stats = updated["batch_stats"]
+      else:
+        logits, batch_stats = model.apply(variables, batch["image"], **kwargs), state.batch_stats
+      loss, metrics = loss_and_metrics(logits, batch["label"])
+      return loss, (metrics, batch_stats)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     grads = jax.lax.pmean(grads, parallel.AXIS)
     metrics = jax.lax.pmean(metrics, parallel.AXIS)
     full_grads = traverse_util.unflatten_dict(
@@ -143,6 +185,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, param_la
         step=state.step + 1,
         params=keep(new_params, state.params),
         opt_state=keep(opt_state, state.opt_state),
+        batch_stats=keep(batch_stats, state.batch_stats),
         nonfinite_step=jnp.where((state.nonfinite_step < 0) & ~ok, state.step,
                                  state.nonfinite_step))
     return new_state, metrics
@@ -152,7 +195,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, param_la
 
 def make_eval_step(model: nn.Module, mesh, num_classes: int, parallel_mode: str = "shard_map",
                    stage: str = "full") -> Callable:
-  """Builds `eval_step(params, batch) -> sums` over a padded batch with a `mask`.
+  """Builds `eval_step(variables, batch) -> sums` over a padded batch with a `mask`.
+
+  `variables` is the params tree, or `{"params", "batch_stats"}` for BatchNorm networks.
 
   Returns summed (not averaged) loss, correct count, example count and a confusion matrix
   (rows = true class, columns = predicted), so the loop can add them over batches and every
@@ -160,8 +205,8 @@ def make_eval_step(model: nn.Module, mesh, num_classes: int, parallel_mode: str 
   """
   classes = max(num_classes, 2)
 
-  def per_device(params, batch):
-    logits = model.apply({"params": params}, batch["image"], stage=stage)
+  def per_device(variables, batch):
+    logits = model.apply(as_variables(variables), batch["image"], stage=stage)
     mask = batch["mask"].astype(jnp.float32)
     loss, metrics = loss_and_metrics(logits, batch["label"], batch["mask"])
     count = mask.sum()
@@ -176,8 +221,8 @@ def make_eval_step(model: nn.Module, mesh, num_classes: int, parallel_mode: str 
 
 
 def make_feature_step(model: nn.Module, mesh, parallel_mode: str = "shard_map") -> Callable:
-  """Builds `features(params, batch) -> backbone feature maps`, sharded like the batch."""
-  fn = lambda params, images: model.apply({"params": params}, images, stage="features")
+  """Builds `features(variables, batch) -> backbone feature maps`, sharded like the batch."""
+  fn = lambda variables, images: model.apply(as_variables(variables), images, stage="features")
   batch_spec = parallel.batch_sharding(mesh)
   return jax.jit(fn, in_shardings=(parallel.replicated(mesh), batch_spec), out_shardings=batch_spec)
 

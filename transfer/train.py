@@ -118,7 +118,8 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
                     f"({', '.join(ds.class_names[:10])}); use num_classes=-1")
   model, outputs = runs.build_model(config, num_classes)
   data_identity = ds.identity()
-  meta_run = runs.run_metadata(config, ds.class_names, outputs, data_identity, conv=model.conv)
+  meta_run = runs.run_metadata(config, ds.class_names, outputs, data_identity, conv=model.conv,
+                               variant=getattr(model, "variant", None))
   has_val = ds.num_val > 0
   if not has_val:
     _log(is_main, "no validation examples: training without evaluation (raise val_fraction or "
@@ -135,9 +136,13 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
                                        keep_best=config.keep_best_checkpoints)
   try:
     # Shapes only: a resumed run never initialises, a fresh one initialises once below.
-    shapes = jax.eval_shape(lambda: models.init_params(model, config.image_size, config.seed))
+    variable_shapes = jax.eval_shape(
+        lambda: models.init_variables(model, config.image_size, config.seed))
+    shapes = variable_shapes["params"]
     tx, param_labels = optim.make_optimizer(config, shapes, total_steps)
-    abstract = jax.eval_shape(lambda p: steps.create_train_state(p, tx, config.seed), shapes)
+    abstract = jax.eval_shape(
+        lambda v: steps.create_train_state(v["params"], tx, config.seed, v.get("batch_stats")),
+        variable_shapes)
     abstract = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)),
         abstract)
@@ -159,11 +164,12 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
   else:
     start_step = 0
     try:
-      params, init_note = runs.initial_params(config, model, shapes, data_identity)
+      variables, init_note = runs.initial_variables(config, model, shapes, data_identity)
     except BaseException:
       checkpointer.close()
       raise
-    state = parallel.replicate(steps.create_train_state(params, tx, config.seed), mesh)
+    state = parallel.replicate(steps.create_train_state(
+        variables["params"], tx, config.seed, variables.get("batch_stats")), mesh)
   if changes:
     _log(is_main, f"config changes accepted (bookkeeping only, recorded in "
                   f"{runs.HISTORY_FILE}): {runs.format_changes(changes)}")
@@ -176,7 +182,7 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
   stage = "full" if no_cache_reason else "head"
   if stage == "head":
     _log(is_main, "cache_features: running the frozen backbone once over train and val")
-    train_iter, val_batches, note = features.cached_inputs(model, state.params, ds, mesh,
+    train_iter, val_batches, note = features.cached_inputs(model, state.variables, ds, mesh,
                                                            config.batch_size, config.seed,
                                                            start_step)
     _log(is_main, f"cache_features: {note}")
@@ -245,7 +251,7 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
         stop = preemption.stop_at(step)
         if eval_now:
           check_finite()
-          last_eval = steps.evaluate(eval_step, state.params, val_batches(), mesh)
+          last_eval = steps.evaluate(eval_step, state.variables, val_batches(), mesh)
           writer.write({"step": step, "epoch": step / steps_per_epoch,
                         **{k: v for k, v in last_eval.items() if k != "confusion"}})
           best = last_eval["val_accuracy"] if best is None else max(best, last_eval["val_accuracy"])

@@ -11,6 +11,7 @@ def get_config():
   c = ml_collections.ConfigDict()
   # Model.
   c.model = "vgg16"
+  c.variant = "auto"                # ResNet form: auto (what the weights need) | keras | torchvision
   c.weights = "keras:vgg16_notop"   # registry id, file path, or "none" (random init)
   c.head = "flatten_dense"          # imagenet | flatten_dense | gap | none
   c.head_hidden = 256
@@ -46,6 +47,7 @@ def get_config():
   c.schedule = "constant"           # constant | cosine | warmup_cosine
   c.warmup_steps = 0
   c.grad_clip_norm = 0.0
+  c.train_bn = False                # BatchNorm layers train (batch statistics) even inside frozen blocks
   c.trainable = ["^head/"]          # regexes over param paths ("block5_conv1/kernel"); rest frozen
   c.lr_mults = ml_collections.ConfigDict()  # {"pattern": multiplier}, e.g. {"^block5": 0.1}
   # Execution.

@@ -1,0 +1,135 @@
+"""BatchNorm in training (ResNet): frozen layers in inference mode, trainable ones on global-batch
+statistics, running statistics in the train state and the checkpoint, equal on any device count."""
+
+import signal
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transfer import checkpoint, models, optim, parallel, preemption, train
+from transfer import steps as steps_lib
+from test_train import tiny_config
+
+
+def _resnet(**overrides):
+  """resnet50_tiny (ResNet50's layers at 1/16 width) with a GAP head on 32x32 synthetic data."""
+  return tiny_config(model="resnet50_tiny", head="gap", **overrides)
+
+
+def _flat(tree):
+  return {"/".join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(tree).items()}
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+  """The variables every run below starts from (seed 0, random init)."""
+  model = models.get("resnet50_tiny", head="gap", num_classes=1)
+  variables = models.init_variables(model, 32, 0)
+  # Non-trivial running statistics, so that "unchanged" and "moved" are both visible.
+  rng = np.random.default_rng(0)
+  stats = {layer: {"mean": jnp.asarray(rng.normal(0.0, 0.3, s["mean"].shape), jnp.float32),
+                   "var": jnp.asarray(rng.uniform(0.5, 2.0, s["var"].shape), jnp.float32)}
+           for layer, s in variables["batch_stats"].items()}
+  # Host copies: the donated train state must not take the fixture's buffers with it.
+  return model, jax.device_get({"params": variables["params"], "batch_stats": stats})
+
+
+def _train(model, variables, trainable, devices, mode="shard_map", steps=3, seed=0, size=32,
+           lr=1e-2):
+  config = _resnet(trainable=trainable, learning_rate=lr, optimizer="sgd")
+  mesh = parallel.make_mesh(devices)
+  tx, labels = optim.make_optimizer(config, variables["params"], 10)
+  state = parallel.replicate(steps_lib.create_train_state(
+      variables["params"], tx, 0, variables["batch_stats"]), mesh)
+  step = steps_lib.make_train_step(model, tx, labels, mesh, mode)
+  rng = np.random.default_rng(seed)
+  for _ in range(steps):
+    batch = {"image": rng.normal(size=(8, size, size, 3)).astype(np.float32),
+             "label": rng.integers(0, 2, 8).astype(np.int32)}
+    state, _ = step(state, jax.device_put(batch, parallel.batch_sharding(mesh)))
+  return jax.device_get(state)
+
+
+def test_a_frozen_backbone_keeps_its_params_and_statistics_bit_for_bit(start):
+  model, variables = start
+  state = _train(model, variables, ["^head/"], jax.devices()[:2])
+  before, after = _flat(variables["params"]), _flat(state.params)
+  assert all(np.array_equal(before[k], after[k]) for k in before if not k.startswith("head/"))
+  assert not np.array_equal(before["head/logits/kernel"], after["head/logits/kernel"])
+  stats_before, stats_after = _flat(variables["batch_stats"]), _flat(state.batch_stats)
+  assert all(np.array_equal(stats_before[k], stats_after[k]) for k in stats_before)
+
+
+def test_a_trainable_block_moves_exactly_its_own_statistics(start):
+  model, variables = start
+  state = _train(model, variables, ["^head/", "^conv5_"], jax.devices()[:2])
+  before, after = _flat(variables["batch_stats"]), _flat(state.batch_stats)
+  moved = {k.split("/")[0] for k in before if not np.array_equal(before[k], after[k])}
+  conv5_bn = {k for k in optim.batch_norm_layers(variables["params"]) if k.startswith("conv5_")}
+  assert moved == conv5_bn and len(moved) == 10  # block1: 4 BN layers, blocks 2-3: 3 each
+
+
+def test_train_bn_trains_batchnorm_inside_frozen_blocks(start):
+  config = _resnet(train_bn=True)
+  _, labels = optim.make_optimizer(config, start[1]["params"], 10)
+  flat = _flat(labels)
+  assert flat["conv2_block1_1_bn/scale"] != optim.FROZEN
+  assert flat["conv2_block1_1_conv/kernel"] == optim.FROZEN
+
+
+@pytest.mark.parametrize("devices,mode", [(2, "shard_map"), (4, "shard_map"), (4, "pmap")])
+def test_trainable_batchnorm_gives_the_same_result_on_any_device_count(start, devices, mode):
+  """Batch statistics over the global batch: 1, 2 or 4 devices compute the same steps."""
+  model, variables = start
+  trainable = ["^head/", "^conv5_", "^conv4_block6_"]
+  run = lambda n, m: _train(model, variables, trainable, jax.devices()[:n], m, size=64, lr=1e-3)
+  ref, got = run(1, "shard_map"), run(devices, mode)
+  # Each statistic sums 8 x 2 x 2 (conv5) to 8 x 4 x 4 (conv4) values in another order per
+  # device count, and BatchNorm's backward divides by the batch deviation of those values and
+  # subtracts two such sums from the gradient: the round-off of the sums is amplified, not just
+  # carried. Bound by measurement rather than derivation: the largest difference seen over 3 SGD
+  # steps was 1.6e-5 of a leaf's scale (params) and 1e-6 (statistics); allow 4x.
+  for want, have, rel in ((ref.params, got.params, 6.4e-5), (ref.batch_stats, got.batch_stats, 4e-6)):
+    for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want),
+                            jax.tree_util.tree_leaves(have)):
+      np.testing.assert_allclose(g, w, rtol=0, atol=rel * float(np.abs(w).max()),
+                                 err_msg=jax.tree_util.keystr(path))
+
+
+def test_bfloat16_keeps_batchnorm_statistics_in_float32(start):
+  _, variables = start
+  model = models.get("resnet50_tiny", head="gap", num_classes=1, dtype="bfloat16")
+  state = _train(model, variables, ["^head/", "^conv5_"], jax.devices()[:2], steps=1)
+  assert {v.dtype for v in jax.tree_util.tree_leaves(state.batch_stats)} == {np.dtype("float32")}
+  assert {v.dtype for v in jax.tree_util.tree_leaves(state.params)} == {np.dtype("float32")}
+
+
+def test_resume_with_trainable_batchnorm_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+  config = lambda: _resnet(num_steps=6, trainable=["^head/", "^conv5_"], checkpoint_every_steps=2)
+  train.train_and_evaluate(config(), str(tmp_path / "ref"))
+
+  def stop_at_3(self, step):
+    if step == 3:
+      self.signal = signal.SIGTERM
+      return True
+    return False
+  with monkeypatch.context() as patch:
+    patch.setattr(preemption.Preemption, "stop_at", stop_at_3)
+    with pytest.raises(preemption.Preempted):
+      train.train_and_evaluate(config(), str(tmp_path / "run"))
+  train.train_and_evaluate(config(), str(tmp_path / "run"))
+  ref, _ = checkpoint.load_trained_variables(str(tmp_path / "ref"))
+  got, meta = checkpoint.load_trained_variables(str(tmp_path / "run"))
+  assert meta["step"] == 6 and set(got) == {"params", "batch_stats"}
+  for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got)):
+    np.testing.assert_array_equal(a, b)  # bitwise: same program, devices, data and steps
+
+
+def test_a_changed_variant_is_refused_on_resume(tmp_path):
+  from transfer.errors import UserError
+  train.train_and_evaluate(_resnet(num_steps=2), str(tmp_path / "run"))
+  with pytest.raises(UserError, match=r"variant 'auto' -> 'keras'"):
+    train.train_and_evaluate(_resnet(num_steps=4, variant="keras"), str(tmp_path / "run"))
