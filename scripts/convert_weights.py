@@ -1,4 +1,4 @@
-"""Converts a VGG weight file between layouts, checking it against the model on the way.
+"""Converts a VGG or ResNet weight file between layouts, checking it against the model on the way.
 
 Usage:
     python scripts/convert_weights.py SRC OUT [--model vgg16]
@@ -12,16 +12,19 @@ with the usual error instead of producing a half-converted copy.
 The preprocessing belongs to the original weights, not to the layout, while `mode_for` guesses it
 from the extension: Keras weights written as .safetensors still expect "caffe" input, torchvision
 weights written as .h5 still expect "torch" input. Pass the mode explicitly for converted files.
+A ResNet stays in its framework's layout: a Keras (v1) ResNet written with torchvision keys would
+be read as the torchvision (v1.5) variant, a different network, so that is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from transfer import models
 from transfer import weights
-from transfer.weights import export
+from transfer.weights import export, port
 
 
 def convert(src: str, out: str, model: str | None = None) -> str:
@@ -32,13 +35,19 @@ def convert(src: str, out: str, model: str | None = None) -> str:
     raise SystemExit(f"cannot tell which model {src} is for; pass --model")
   spec = models.spec(arch)
   has_top = any(l["model_name"] in spec.top_layers for l in meta["layers"])
-  net = models.get(arch, include_top=has_top)
-  params = weights.load(src, net, image_size=spec.top_image_size if has_top
-                        else spec.min_image_size)
+  net = models.get(arch, include_top=has_top, variant=weights.variant_for(src, arch))
+  variables = weights.load_variables(src, net, image_size=spec.top_image_size if has_top
+                                     else spec.min_image_size)
+  params = variables["params"]
+  layout = {".safetensors": "safetensors", ".h5": "keras_h5"}.get(os.path.splitext(out)[1])
+  if layout and spec.variants and port.file_variant(layout, spec) != net.variant:
+    # The file would be read as the other variant, which computes something else.
+    raise SystemExit(f"{src} holds the {net.variant} variant of {arch}; a {layout} file would "
+                     f"be read as the {port.file_variant(layout, spec)} variant")
   if out.endswith(".safetensors"):
     export.write_safetensors(out, export.torch_state_dict(params, spec))
   elif out.endswith(".h5"):
-    export.write_keras_h5(out, export.keras_layers(params, spec))
+    export.write_keras_h5(out, export.keras_layers(params, spec, variables.get("batch_stats")))
   else:
     raise SystemExit(f"unknown output layout for {out}: use .safetensors or .h5")
   return arch

@@ -212,7 +212,7 @@ def test_not_a_weight_file(tmp_path):
 
 
 @pytest.mark.parametrize("source, pattern", [
-    ("keras:vgg17", "unknown weights id 'keras:vgg17'; valid ids: keras:vgg16, "),
+    ("keras:vgg17", "unknown weights id 'keras:vgg17'; valid ids: keras:"),
     ("no/such/file.h5", "no weight file no/such/file.h5"),
 ])
 def test_unknown_source(source, pattern):
@@ -244,9 +244,9 @@ def test_pth_without_torch_says_how_to_fix(tmp_path, monkeypatch):
 
 def test_registry_records_official_files():
   entries = {e.id: e for e in weights.registry()}
-  assert sorted(entries) == weights.ids() == ["keras:vgg16", "keras:vgg16_notop", "keras:vgg19",
-                                              "keras:vgg19_notop", "torchvision:vgg16",
-                                              "torchvision:vgg19"]
+  assert sorted(entries) == weights.ids()
+  assert {"keras:vgg16", "keras:vgg16_notop", "keras:vgg19", "keras:vgg19_notop",
+          "torchvision:vgg16", "torchvision:vgg19"} <= set(entries)
   k16 = entries["keras:vgg16_notop"]
   assert k16.filename == "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
   assert k16.url.startswith("https://storage.googleapis.com/tensorflow/keras-applications/vgg16/")

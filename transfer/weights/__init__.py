@@ -1,6 +1,8 @@
-"""Pretrained weights: port Keras and torchvision VGG files into our params, download, inspect.
+"""Pretrained weights: port Keras and torchvision VGG and ResNet files into our models, download,
+inspect.
 
     params = transfer.weights.load("keras:vgg16_notop", model)     # registry id, cached download
+    variables = transfer.weights.load_variables("keras:resnet50_notop", resnet)  # + batch_stats
     params, report = transfer.weights.load("my.h5", model, return_report=True)
     x = transfer.weights.preprocess(images, "keras:vgg16_notop")   # the weights' own input scaling
 
@@ -11,7 +13,8 @@ Modules: `sources` (the registry: ids, URLs, hashes, cache paths), `downloader` 
 
 from transfer.weights.cli import cli
 from transfer.weights.preprocess import mode_for, preprocess
-from transfer.weights.pretrained import LoadReport, download, info, load, resolve
+from transfer.weights.pretrained import (LoadReport, download, info, load, load_variables, resolve,
+                                        variant_for)
 from transfer.weights.sources import WeightSource, ids
 
 
@@ -21,5 +24,5 @@ def registry() -> list[WeightSource]:
   return [sources.get(i) for i in sources.ids()]
 
 
-__all__ = ["LoadReport", "WeightSource", "cli", "download", "ids", "info", "load", "mode_for",
-           "preprocess", "registry", "resolve"]
+__all__ = ["LoadReport", "WeightSource", "cli", "download", "ids", "info", "load",
+           "load_variables", "mode_for", "preprocess", "registry", "resolve", "variant_for"]

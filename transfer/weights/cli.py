@@ -28,6 +28,8 @@ def cli(action: str, args) -> None:
 def format_info(meta: dict) -> str:
   """Human-readable `info` output: header, then one line per stored array."""
   arch = meta["arch"] or "unknown"
+  if meta.get("variant"):
+    arch += f" (variant={meta['variant']})"
   lines = [f"{meta['path']}", f"format: {meta['format']}  arch: {arch}  "
            f"preprocess: {meta['preprocess']}  params: {meta['num_params']:,}  "
            f"layers: {len(meta['layers'])}"]
@@ -47,6 +49,6 @@ def format_list() -> str:
     path = sources.cached_path(entry)
     state = f"cached at {path}" if os.path.isfile(path) else "not cached"
     top = "with top" if entry.include_top else "no top"
-    lines.append(f"{source_id:<20} {entry.arch:<6} {top:<8} preprocess={entry.preprocess:<6} "
+    lines.append(f"{source_id:<24} {entry.arch:<9} {top:<8} preprocess={entry.preprocess:<6} "
                  f"{sources.url_for(entry)}  [{state}]")
   return "\n".join(lines)

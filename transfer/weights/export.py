@@ -14,6 +14,10 @@ import numpy as np
 
 from transfer import models
 
+# Keras' BatchNormalization variables in its order, and ours for each (params, then batch_stats).
+_BATCH_NORM = ("gamma", "beta", "moving_mean", "moving_variance")
+_OURS = ("scale", "bias", "mean", "var")
+
 
 def write_keras_h5(path: str | os.PathLike, layers: Mapping[str, Sequence[np.ndarray]], *,
                    naming: str = "keras1") -> None:
@@ -21,11 +25,12 @@ def write_keras_h5(path: str | os.PathLike, layers: Mapping[str, Sequence[np.nda
 
   Args:
     path: output `.h5` file.
-    layers: layer name -> its arrays (kernel, bias) in Keras layout, in model order; layers
-      without weights (input, pooling, flatten) may be given with an empty list, as the
-      official files list them.
+    layers: layer name -> its arrays (kernel, bias; a BatchNormalization's gamma, beta,
+      moving_mean, moving_variance) in Keras layout, in model order; layers without weights
+      (input, pooling, flatten) may be given with an empty list, as the official files list them.
     naming: dataset names: `"keras1"` (`block1_conv1_W_1:0`, `block1_conv1_b_1:0`, as in the
-      official VGG files) or `"keras2"` (`block1_conv1/kernel:0`).
+      official VGG files) or `"keras2"` (`block1_conv1/kernel:0`, `conv1_bn/gamma:0`, as
+      tf_keras writes them and the official ResNet files hold them).
   """
   import h5py  # Deferred: only .h5 export needs it.
   with h5py.File(path, "w") as f:
@@ -41,18 +46,33 @@ def write_keras_h5(path: str | os.PathLike, layers: Mapping[str, Sequence[np.nda
 
 
 def _keras_weight_name(layer: str, index: int, count: int, naming: str) -> str:
-  kinds = ("W", "b") if count == 2 else tuple(str(i) for i in range(count))
+  kinds = {2: ("W", "b"), 4: _BATCH_NORM}.get(count, tuple(str(i) for i in range(count)))
   if naming == "keras1":
     return f"{layer}_{kinds[index]}_1:0"
   if naming == "keras2":
-    return f"{layer}/{('kernel', 'bias')[index] if count == 2 else index}:0"
+    return f"{layer}/{('kernel', 'bias')[index] if count == 2 else kinds[index]}:0"
   raise ValueError(f"unknown naming {naming!r}; use 'keras1' or 'keras2'")
 
 
-def keras_layers(params: Mapping, spec: models.ModelSpec) -> dict[str, list[np.ndarray]]:
-  """Our params (conv layers and, if present, the ImageNet top) as Keras layer arrays."""
+def keras_layers(params: Mapping, spec: models.ModelSpec,
+                 batch_stats: Mapping | None = None) -> dict[str, list[np.ndarray]]:
+  """Our params (conv layers and, if present, the ImageNet top) as Keras layer arrays.
+
+  Args:
+    params: the `params` collection.
+    spec: the model's spec (its layer order).
+    batch_stats: a BatchNorm model's running statistics; BatchNorm layers then get Keras' four
+      arrays (gamma, beta, moving_mean, moving_variance).
+  """
   names = [n for n in spec.conv_layers + spec.top_layers if n in params]
-  return {n: [np.asarray(params[n]["kernel"]), np.asarray(params[n]["bias"])] for n in names}
+  layers = {}
+  for n in names:
+    if "scale" in params[n]:
+      both = {**params[n], **(batch_stats or {}).get(n, {})}
+      layers[n] = [np.asarray(both[k]) for k in _OURS if k in both]
+    else:
+      layers[n] = [np.asarray(params[n][k]) for k in ("kernel", "bias") if k in params[n]]
+  return layers
 
 
 def torch_state_dict(params: Mapping, spec: models.ModelSpec) -> dict[str, np.ndarray]:

@@ -12,7 +12,12 @@ Formats:
     `block1_conv1/kernel:0`; both are read through the attributes, never guessed.
   * `keras3_h5`: Keras 3's `.weights.h5`: `layers/<key>/vars/<0,1,...>`, the layer name in the
     `name` attribute of `vars` (older Keras 3 used the layer name as the key). A whole-model
-    `.keras` archive holds the same file as its `model.weights.h5` member.
+    `.keras` archive holds the same file as its `model.weights.h5` member. Variables are stored
+    by position only, in the layer's own order (trainable, then non-trainable). For a
+    BatchNormalization layer that order is gamma, beta, moving_mean, moving_variance: four 1-D
+    arrays nothing else tells apart, so the reader names them (`BATCH_NORM_VARS`) when the key is
+    Keras' class-derived `batch_normalization[_N]`, or, for older files keyed by layer name, when
+    a layer holds exactly four 1-D arrays. Other layers keep their positions (`0`, `1`) as names.
   * `torch_pth`: a torch state dict (`features.0.weight`, ...), read with `weights_only=True`.
   * `safetensors`: the same keys in a safetensors file, read with numpy (no torch needed).
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import zipfile
 from typing import Callable, Iterator
 
@@ -30,6 +36,8 @@ import numpy as np
 from transfer.errors import UserError
 
 FORMATS = ("keras_h5", "keras3_h5", "torch_pth", "safetensors")
+# A Keras BatchNormalization layer's variables in the order Keras creates and stores them.
+BATCH_NORM_VARS = ("gamma", "beta", "moving_mean", "moving_variance")
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _ZIP_MAGIC = b"PK\x03\x04"
 _KERAS_ARCHIVE_WEIGHTS = "model.weights.h5"
@@ -177,10 +185,26 @@ def _keras3_layers(group, prefix: str = "") -> dict[str, list[Tensor]]:
     if "vars" in sub and len(sub["vars"]):
       name = prefix + _text(sub["vars"].attrs.get("name", key))
       order = sorted(sub["vars"], key=lambda k: int(k) if k.isdigit() else k)
-      layers[name] = [_h5_tensor(sub["vars"][k], k) for k in order]
+      tensors = [_h5_tensor(sub["vars"][k], k) for k in order]
+      layers[name] = _name_batch_norm(key, "name" in sub["vars"].attrs, tensors)
     if "layers" in sub:
       layers.update(_keras3_layers(sub["layers"], prefix))
   return layers
+
+
+def _name_batch_norm(key: str, keyed_by_class: bool, tensors: list[Tensor]) -> list[Tensor]:
+  """A Keras 3 BatchNormalization layer's positional variables under Keras' own names.
+
+  Files whose `vars` carry a `name` attribute key layers by class (`batch_normalization_3`), which
+  says what the layer is; older ones key them by layer name, and there four 1-D arrays are taken
+  to be a BatchNormalization (the only Keras applications layer that stores that).
+  """
+  four_vectors = (len(tensors) == len(BATCH_NORM_VARS)
+                  and all(len(t.shape) == 1 for t in tensors))
+  is_bn = re.fullmatch(r"batch_normalization(_\d+)?", key) if keyed_by_class else True
+  if not (four_vectors and is_bn):
+    return tensors
+  return [Tensor(name, t.shape, t.read) for name, t in zip(BATCH_NORM_VARS, tensors)]
 
 
 def _h5_tensor(dataset, name: str) -> Tensor:

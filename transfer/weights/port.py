@@ -4,17 +4,26 @@ Two steps, both pure apart from reading the file:
   1. `model_view` renames a `WeightFile`'s layers to our layer names and converts layouts, lazily:
      Keras already stores HWIO conv kernels and (in, out) dense kernels, as Flax does; torch stores
      OIHW and (out, in), and its first classifier layer expects torch's C,H,W flatten order, so
-     its input rows are permuted to our H,W,C order.
-  2. `plan_merge` compares that view with the model's parameter shapes and decides, layer by layer,
-     what is loaded, what stays freshly initialised (only an explicitly fresh head), what is
-     ignored (the file's ImageNet top when the model has another head) and what is wrong. Anything
-     wrong becomes one `UserError` naming every problem and the likely cause.
+     its input rows are permuted to our H,W,C order. A BatchNorm layer's four arrays become
+     `scale`, `bias` (Flax `params`) and `mean`, `var` (Flax `batch_stats`).
+  2. `plan_merge` compares that view with the model's shapes and decides, layer by layer, what is
+     loaded, what stays freshly initialised (only an explicitly fresh head), what is ignored (the
+     file's ImageNet top when the model has another head) and what is wrong. Anything wrong
+     becomes one `UserError` naming every problem and the likely cause.
+
+The merge works on layers, not collections: `by_layer` puts a BatchNorm's running statistics
+beside its scale and bias, as every weight file stores them, so a file without the statistics is
+missing part of that layer; `by_collection` splits the result back into `params`/`batch_stats`.
+
+Architectures built in several variants (ResNet: Keras v1, torchvision v1.5) take a file only in
+the variant of the file's framework; `check_variant` says which one, since shapes cannot show it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Any, Callable
 
 import jax
@@ -26,6 +35,21 @@ from transfer.errors import UserError
 from transfer.weights.formats import Tensor, WeightFile
 
 _TORCH_FORMATS = ("torch_pth", "safetensors")
+# Keras' BatchNormalization variables -> ours (Flax: params scale/bias, batch_stats mean/var).
+_KERAS_BATCH_NORM = {"gamma": "scale", "beta": "bias", "moving_mean": "mean",
+                     "moving_variance": "var"}
+# The variable's name at the end of a dataset name: `conv1_bn/gamma:0` (Keras 2, tf_keras),
+# `conv1_bn/gamma` (Keras 3's legacy writer), `bn_conv1_gamma_1:0` (Keras 1), `gamma` (our
+# reading of Keras 3's positional `.weights.h5`, see `formats`).
+_KERAS_BATCH_NORM_NAME = re.compile(r"(?:^|[/_])(gamma|beta|moving_mean|moving_variance)"
+                                    r"(?:_\d+)?(?::\d+)?$")
+# Which variant of a multi-variant architecture a file's framework publishes, and in words.
+_FORMAT_VARIANT = {"keras_h5": "keras", "keras3_h5": "keras", "torch_pth": "torchvision",
+                   "safetensors": "torchvision"}
+_VARIANT_TRAITS = {
+    "keras": "a Keras ResNet (v1: stride in the first 1x1, conv bias, eps 1.001e-5)",
+    "torchvision": "a torchvision ResNet (v1.5: stride in the 3x3, no conv bias, eps 1e-5)",
+}
 
 
 def model_view(wf: WeightFile, spec: models.ModelSpec) -> dict[str, dict[str, Tensor]]:
@@ -45,12 +69,26 @@ def model_view(wf: WeightFile, spec: models.ModelSpec) -> dict[str, dict[str, Te
 
 
 def _keras_params(tensors: list[Tensor]) -> dict[str, Tensor]:
-  """Kernel and bias by rank, since dataset names differ between Keras versions."""
+  """Kernel and bias by rank, since dataset names differ between Keras versions.
+
+  A BatchNormalization layer holds four 1-D arrays that rank cannot tell apart (and that must not
+  be confused: a swapped mean and variance still has the right shapes), so its arrays are taken
+  by their names (`gamma`, `beta`, `moving_mean`, `moving_variance`), never by position or rank.
+  """
+  names = [_KERAS_BATCH_NORM_NAME.search(t.name) for t in tensors]
+  if any(names):
+    return {_KERAS_BATCH_NORM[m.group(1)] if m else _last_name(t): t
+            for m, t in zip(names, tensors)}
   kernels = [t for t in tensors if len(t.shape) >= 2]
   biases = [t for t in tensors if len(t.shape) == 1]
   if len(kernels) <= 1 and len(biases) <= 1 and len(kernels) + len(biases) == len(tensors):
     return {**{"kernel": t for t in kernels}, **{"bias": t for t in biases}}
-  return {t.name.rsplit("/", 1)[-1].split(":")[0]: t for t in tensors}
+  return {_last_name(t): t for t in tensors}
+
+
+def _last_name(t: Tensor) -> str:
+  """`block1_conv1/kernel:0` -> `kernel`: how an unrecognised array shows up as unexpected."""
+  return t.name.rsplit("/", 1)[-1].split(":")[0]
 
 
 def _torch_view(wf: WeightFile, spec: models.ModelSpec) -> dict[str, dict[str, Tensor]]:
@@ -108,8 +146,60 @@ class Plan:
 
 def param_shapes(model, image_size: int) -> dict[str, Any]:
   """The model's params as a tree of `jax.ShapeDtypeStruct`, without allocating anything."""
+  return variable_shapes(model, image_size)["params"]
+
+
+def variable_shapes(model, image_size: int) -> dict[str, Any]:
+  """All of the model's collections (`params`, and `batch_stats` for BatchNorm networks) as
+  `jax.ShapeDtypeStruct` trees, without allocating anything."""
   x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)["params"]
+  return dict(jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x))
+
+
+def by_layer(collections: dict[str, Any]) -> dict[str, dict[str, Any]]:
+  """`{"params": {layer: ...}, "batch_stats": {layer: ...}}` -> `{layer: {scale, bias, mean,
+  var}}`, in the model's layer order: the unit a weight file stores and the merge checks.
+
+  Raises:
+    ValueError: two collections use the same name in one layer (they could not be told apart).
+  """
+  layers: dict[str, dict[str, Any]] = {}
+  for collection, tree in collections.items():
+    for layer, leaves in tree.items():
+      merged = layers.setdefault(layer, {})
+      clash = set(merged) & set(leaves)
+      if clash:
+        raise ValueError(f"{layer} has {sorted(clash)} in {collection} and another collection")
+      merged.update(leaves)
+  return layers
+
+
+def by_collection(layers: dict[str, dict[str, Any]], like: dict[str, Any]) -> dict[str, Any]:
+  """The inverse of `by_layer`: per-layer arrays back into the collections of `like`."""
+  return {collection: {layer: {name: layers[layer][name] for name in leaves}
+                       for layer, leaves in tree.items()}
+          for collection, tree in like.items()}
+
+
+def file_variant(fmt: str, spec: models.ModelSpec) -> str | None:
+  """The variant of `spec` a file of format `fmt` fits, or None when the model has one form."""
+  variant = _FORMAT_VARIANT.get(fmt)
+  return variant if variant in spec.variants else None
+
+
+def check_variant(source: str, spec: models.ModelSpec, have: str | None,
+                  need: str | None) -> None:
+  """Raises one UserError when a file needs another variant of the model than the one built.
+
+  The ResNet variants differ in where a stage's stride sits and in the BatchNorm epsilon, which
+  no shape shows; the Keras convolutions' biases would show, but as a hundred missing or
+  unexpected names instead of the one fix.
+  """
+  if need is None or have is None or have == need:
+    return
+  what = _VARIANT_TRAITS.get(need, f"for the {need!r} variant of {spec.name}")
+  raise UserError(f"{source} is {what}; the model is variant={have!r}: build it with "
+                  f"variant={need!r}")
 
 
 def head_layers(shapes: dict[str, Any], spec: models.ModelSpec) -> tuple[str, ...]:
@@ -122,7 +212,8 @@ def plan_merge(shapes: dict[str, Any], view: dict[str, dict[str, Tensor]], *,
   """Decides layer by layer how `view` (a file under our names) fills `shapes`.
 
   Args:
-    shapes: the model's param shapes (`param_shapes`).
+    shapes: the model's shapes by layer (`by_layer(variable_shapes(...))`; `param_shapes` for a
+      model without BatchNorm).
     view: `model_view` of the file.
     fresh: model layers to keep freshly initialised (a new head); a copy in the file is ignored.
     ignorable: file layers the model may lack without error (the file's ImageNet top when the
@@ -185,7 +276,8 @@ def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
 
 def read_layers(view: dict[str, dict[str, Tensor]], shapes: dict[str, Any],
                 layers: tuple[str, ...]) -> dict[str, Any]:
-  """Reads `layers` from the file into arrays of the model's dtypes, nested like the params."""
+  """Reads `layers` from the file into arrays of the model's dtypes, nested like `shapes`
+  (`by_collection` splits a BatchNorm layer's statistics off into `batch_stats`)."""
   out = {}
   for layer in layers:
     flat = _flatten(shapes[layer])
@@ -251,4 +343,4 @@ def guess_arch(view_for: Callable[[models.ModelSpec], dict[str, dict[str, Tensor
 
 @functools.lru_cache(maxsize=None)
 def _backbone_shapes(name: str) -> dict[str, Any]:
-  return param_shapes(models.get(name, head="none"), models.spec(name).min_image_size)
+  return by_layer(variable_shapes(models.get(name, head="none"), models.spec(name).min_image_size))

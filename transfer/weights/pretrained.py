@@ -1,9 +1,11 @@
 """Pretrained weights for a model: resolve a source, port it, merge strictly, report.
 
-`load("keras:vgg16_notop", model)` is the one call the rest of the package makes. A source is a
-registry id (downloaded into the cache on first use), an id with a `?` suffix (use it only if it is
-already cached, otherwise say so and start from random weights: never download, never pretend), or
-a local file in any format `transfer.weights.formats` reads.
+`load("keras:vgg16_notop", model)` is the one call the rest of the package makes; a BatchNorm
+network (ResNet) also needs its running statistics: `load_variables` gives `params` and
+`batch_stats` together. A source is a registry id (downloaded into the cache on first use), an id
+with a `?` suffix (use it only if it is already cached, otherwise say so and start from random
+weights: never download, never pretend), or a local file in any format `transfer.weights.formats`
+reads. `variant_for` says which variant of a multi-variant model (ResNet) a source fits.
 """
 
 from __future__ import annotations
@@ -69,6 +71,11 @@ def load(source: str, model, *, image_size: int | None = None, rng: jax.Array | 
          return_report: bool = False):
   """Params for `model` from pretrained weights, merged strictly into a fresh tree.
 
+  For a BatchNorm model (ResNet) this is the `params` collection only; its running statistics
+  are checked and read all the same (a file without them does not fit) but dropped here. Use
+  `load_variables` to get them: without them the network normalises with fresh statistics
+  (mean 0, variance 1) and computes something else than the pretrained network.
+
   Args:
     source: registry id (`keras:vgg16`, `torchvision:vgg19`, ...; see `transfer.weights.ids()`), the same
       with a `?` suffix (only if cached, else random init and a report saying so), or a path to a
@@ -88,63 +95,136 @@ def load(source: str, model, *, image_size: int | None = None, rng: jax.Array | 
     `(params, report)` when `return_report`.
 
   Raises:
-    UserError: unknown id, unreadable file, a download that failed, or a file that does not fit
-      the model (one message naming every missing, unexpected and mis-shaped name).
+    UserError: unknown id, unreadable file, a download that failed, a file for another variant
+      of the model, or a file that does not fit the model (one message naming every missing,
+      unexpected and mis-shaped name).
+  """
+  variables, report = load_variables(source, model, image_size=image_size, rng=rng,
+                                     fresh_head=fresh_head, cache_dir=cache_dir,
+                                     return_report=True)
+  return (variables["params"], report) if return_report else variables["params"]
+
+
+def load_variables(source: str, model, *, image_size: int | None = None,
+                   rng: jax.Array | int = 0, fresh_head: bool | None = None,
+                   cache_dir: str | os.PathLike | None = None, return_report: bool = False):
+  """All of `model`'s variables from pretrained weights, merged strictly into fresh trees.
+
+  As `load`, with the BatchNorm running statistics: a BatchNorm layer's `moving_mean` and
+  `moving_variance` (Keras) or `running_mean` and `running_var` (torch) belong to that layer,
+  so a file lacking them, or holding them mis-shaped, does not fit, and a report's `loaded`
+  counts the layer once.
+
+  Args:
+    source, model, image_size, rng, fresh_head, cache_dir, return_report: as for `load`.
+
+  Returns:
+    `{"params": ...}`, plus `"batch_stats"` for a BatchNorm model (the structure of
+    `transfer.models.init_variables(model, image_size)`), or `(variables, report)` when
+    `return_report`.
+
+  Raises:
+    UserError: as for `load`.
   """
   spec = models.spec(model.arch)
   image_size = image_size or spec.top_image_size
   models.check_image_size(model.arch, model.head, image_size)
-  shapes = port.param_shapes(model, image_size)
+  shapes = port.variable_shapes(model, image_size)
+  order = spec.conv_layers + spec.top_layers  # Reports list layers forward, not alphabetically.
+  layers = dict(sorted(port.by_layer(shapes).items(),
+                       key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
   if fresh_head is None:
     fresh_head = model.head != "imagenet"
-  fresh = port.head_layers(shapes, spec) if fresh_head else ()
+  fresh = port.head_layers(layers, spec) if fresh_head else ()
   ignorable = spec.top_layers if fresh_head or model.head != "imagenet" else ()
 
   if sources.is_id(source) and sources.get(source).arch != spec.name:
     raise UserError(f"weights {source} are for {sources.get(source).arch}, model is {spec.name}")
+  if spec.variants and (sources.is_id(source) or os.path.isfile(source)):
+    port.check_variant(source, spec, getattr(model, "variant", None),
+                       variant_for(source, spec.name))
   path, entry = resolve(source, cache_dir)
   if path is None:
-    params = models.init_params(model, image_size, rng)
-    report = LoadReport(source=source, format="none", loaded=(), fresh=tuple(shapes),
+    variables = models.init_variables(model, image_size, rng)
+    report = LoadReport(source=source, format="none", loaded=(), fresh=tuple(layers),
                         note=f"not in the cache ({sources.cached_path(entry, cache_dir)}): "
                              f"random initialisation; run `transfer weights download "
                              f"{entry.id}` to use the pretrained weights")
-    return (params, report) if return_report else params
+    return (variables, report) if return_report else variables
 
   with _open_cached(path, entry) as wf:
     view = port.model_view(wf, spec)
-    plan = port.plan_merge(shapes, view, fresh=fresh, ignorable=ignorable)
+    plan = port.plan_merge(layers, view, fresh=fresh, ignorable=ignorable)
     if plan.problems:
       cause = port.likely_cause(lambda s: port.model_view(wf, s), plan, spec, model.head)
       raise port.mismatch_error(plan, source=source, arch=spec.name, cause=cause)
-    arrays = port.read_layers(view, shapes, plan.loaded)
+    arrays = port.read_layers(view, layers, plan.loaded)
     fmt = wf.format
-  params = {**fresh_params(model, shapes, image_size, rng, plan.fresh), **arrays}
-  params = {layer: params[layer] for layer in shapes}  # The model's own layer order.
+  arrays.update(fresh_layers(model, shapes, image_size, rng, plan.fresh))
+  variables = port.by_collection(arrays, shapes)  # The model's own layer order.
   report = LoadReport(source=source, format=fmt, loaded=plan.loaded, fresh=plan.fresh,
                       ignored=plan.ignored, path=path)
-  return (params, report) if return_report else params
+  return (variables, report) if return_report else variables
 
 
-def fresh_params(model, shapes: dict[str, Any], image_size: int, rng: jax.Array | int,
+def variant_for(source: str, arch: str) -> str | None:
+  """The variant of `arch` that the weights `source` fit, so a run builds the model they need.
+
+  Keras publishes ResNet v1 and torchvision ResNet v1.5 (`transfer.models.resnet`); a file fits
+  the variant of its framework only. Nothing is downloaded or read beyond a file's first bytes.
+
+  Args:
+    source: a registry id (with or without `?`), a path to a weight file, or `""`/`"none"`.
+    arch: the model name (`resnet50`, ...).
+
+  Returns:
+    `"keras"` or `"torchvision"` (one of `transfer.models.spec(arch).variants`), or None when
+    `arch` has one form or `source` is none (the model's default variant then applies).
+
+  Raises:
+    UserError: unknown model or registry id, or a path that is no weight file.
+  """
+  spec = models.spec(arch)
+  name = sources.parse(source)[0]
+  if name is None or not spec.variants:
+    return None
+  if sources.is_id(name):
+    entry = sources.get(name)
+    variant = entry.variant or port.file_variant(entry.format, spec)
+    return variant if variant in spec.variants else None
+  path, _ = resolve(name)  # A path: says "no weight file" when there is none.
+  return port.file_variant(formats.detect_format(path), spec)
+
+
+def fresh_layers(model, shapes: dict[str, Any], image_size: int, rng: jax.Array | int,
                  layers: tuple[str, ...]) -> dict[str, Any]:
-  """Freshly initialised params for the head `layers` only.
+  """Freshly initialised variables of the head `layers` only, by layer (`port.by_layer`).
 
   Initialising just the head on a feature-map-shaped input (`stage="head"`) gives the same values
-  as a full `init_params` (Flax derives each layer's key from its name) without compiling the
+  as a full `init_variables` (Flax derives each layer's key from its name) without compiling the
   backbone, which costs seconds on CPU. Falls back to the full init for anything else.
+
+  Args:
+    model: the module.
+    shapes: its variable shapes (`port.variable_shapes`).
+    image_size: input side.
+    rng: PRNG key or seed.
+    layers: the layers to initialise.
+
+  Returns:
+    Layer name -> its variables from every collection.
   """
   if not layers:
     return {}
   if isinstance(rng, int):
     rng = jax.random.PRNGKey(rng)
   x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  feats = jax.eval_shape(lambda p, x: model.apply({"params": p}, x, stage="features"), shapes, x)
+  feats = jax.eval_shape(lambda v, x: model.apply(v, x, stage="features"), shapes, x)
   head = jax.jit(lambda r: model.init(r, jnp.zeros(feats.shape, feats.dtype), stage="head"))(rng)
-  head = head["params"]
+  head = port.by_layer(dict(head))
   if set(head) == set(layers):
-    return dict(head)
-  full = models.init_params(model, image_size, rng)
+    return head
+  full = port.by_layer(models.init_variables(model, image_size, rng))
   return {layer: full[layer] for layer in layers}
 
 
@@ -211,9 +291,10 @@ def info(source: str, cache_dir: str | os.PathLike | None = None) -> dict[str, A
     cache_dir: the download cache.
 
   Returns:
-    `{"source", "path", "format", "preprocess", "arch", "num_params", "layers": [{"name",
-    "model_name", "weights": [{"name", "shape"}]}]}`; `arch` is the registered architecture whose
-    backbone the file matches (None if none), `model_name` our name for the layer under it.
+    `{"source", "path", "format", "preprocess", "arch", "variant", "num_params", "layers":
+    [{"name", "model_name", "weights": [{"name", "shape"}]}]}`; `arch` is the registered
+    architecture whose backbone the file matches (None if none), `variant` the form of it the
+    file needs (None for single-form models), `model_name` our name for the layer under it.
   """
   name = sources.parse(source)[0] or source
   if sources.is_id(name):  # `info` is where one looks when a file misbehaves: check it first.
@@ -236,8 +317,11 @@ def info(source: str, cache_dir: str | os.PathLike | None = None) -> dict[str, A
     fmt = wf.format
   num_params = sum(_size(w["shape"]) for layer in layers for w in layer["weights"])
   mode = entry.preprocess if entry else ("caffe" if fmt.startswith("keras") else "torch")
+  variant = entry.variant if entry else None
+  if variant is None and arch:
+    variant = port.file_variant(fmt, models.spec(arch))
   return {"source": source, "path": path, "format": fmt, "preprocess": mode, "arch": arch,
-          "num_params": num_params, "layers": layers}
+          "variant": variant, "num_params": num_params, "layers": layers}
 
 
 def check_cached(entry: sources.WeightSource, path: str) -> None:

@@ -39,6 +39,8 @@ class WeightSource:
     format: `"keras_h5"` or `"torch_pth"`, the reader `transfer.weights.formats` uses.
     include_top: whether the file holds the ImageNet top (fc1, fc2, predictions).
     preprocess: the `transfer.weights.preprocess` mode the weights expect.
+    variant: for architectures built in several forms (ResNet), the one the file fits
+      (`"keras"` v1, `"torchvision"` v1.5; see `transfer.models.resnet`); None for VGG.
   """
 
   id: str
@@ -49,17 +51,26 @@ class WeightSource:
   format: str
   include_top: bool
   preprocess: str
+  variant: str | None = None
 
   @property
   def filename(self) -> str:
     return self.url.rsplit("/", 1)[-1]
 
 
-def _keras(name: str, arch: str, include_top: bool, md5: str) -> WeightSource:
+def _keras(name: str, arch: str, include_top: bool, md5: str, folder: str | None = None,
+           variant: str | None = None) -> WeightSource:
   suffix = "" if include_top else "_notop"
-  url = f"{_KERAS}/{arch}/{arch}_weights_tf_dim_ordering_tf_kernels{suffix}.h5"
+  url = f"{_KERAS}/{folder or arch}/{arch}_weights_tf_dim_ordering_tf_kernels{suffix}.h5"
   return WeightSource(id=f"keras:{name}", arch=arch, url=url, hash_kind="md5", hash=md5,
-                      format="keras_h5", include_top=include_top, preprocess="caffe")
+                      format="keras_h5", include_top=include_top, preprocess="caffe",
+                      variant=variant)
+
+
+def _keras_resnet(arch: str, md5_top: str, md5_notop: str) -> tuple[WeightSource, ...]:
+  """Both files of one Keras ResNet (v1, caffe input), which all live under `resnet/`."""
+  return (_keras(arch, arch, True, md5_top, folder="resnet", variant="keras"),
+          _keras(f"{arch}_notop", arch, False, md5_notop, folder="resnet", variant="keras"))
 
 
 def _torchvision(arch: str, sha256_prefix: str) -> WeightSource:
@@ -69,12 +80,19 @@ def _torchvision(arch: str, sha256_prefix: str) -> WeightSource:
                       preprocess="torch")
 
 
-# md5 digests as published by keras.applications (keras/src/applications/vgg16.py, vgg19.py).
+# md5 digests as published by keras.applications (keras/src/applications/vgg16.py, vgg19.py,
+# resnet.py: WEIGHTS_HASHES, top then notop).
 _SOURCES: dict[str, WeightSource] = {s.id: s for s in (
     _keras("vgg16", "vgg16", True, "64373286793e3c8b2b4e3219cbf3544b"),
     _keras("vgg16_notop", "vgg16", False, "6d6bbae143d832006294945121d1f1fc"),
     _keras("vgg19", "vgg19", True, "cbe5617147190e668d6c5d5026f83318"),
     _keras("vgg19_notop", "vgg19", False, "253f8cb515780f3b799900260a226db6"),
+    *_keras_resnet("resnet50", "2cb95161c43110f7111970584f804107",
+                   "4d473c1dd8becc155b73f8504c6f6626"),
+    *_keras_resnet("resnet101", "f1aeb4b969a6efcfb50fad2f0c20cfc5",
+                   "88cf7a10940856eca736dc7b7e228a21"),
+    *_keras_resnet("resnet152", "100835be76be38e30d865e96f2aaae62",
+                   "ee4c566cf9a93f14d82f913c2dc6dd0c"),
     _torchvision("vgg16", "397923af"),
     _torchvision("vgg19", "dcbb9e9d"),
 )}
