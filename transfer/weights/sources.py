@@ -39,6 +39,12 @@ class WeightSource:
     format: `"keras_h5"` or `"torch_pth"`, the reader `transfer.weights.formats` uses.
     include_top: whether the file holds the ImageNet top (fc1, fc2, predictions).
     preprocess: the `transfer.weights.preprocess` mode the weights expect.
+    variant: the `transfer.models` variant the file fits (ResNet: `keras` or `torchvision`), or
+      None for architectures with one form.
+    resize_size: the eval geometry the weights were validated with. None: squash the whole image
+      to the input size (Keras' loaders); a number: resize the short side to it, then center-crop
+      the 224 input (torchvision's `ImageClassification`; 256, or 232 for the V2 ResNets). See
+      `transfer.weights.preprocess.eval_resize`.
   """
 
   id: str
@@ -49,6 +55,8 @@ class WeightSource:
   format: str
   include_top: bool
   preprocess: str
+  variant: str | None = None
+  resize_size: int | None = None
 
   @property
   def filename(self) -> str:
@@ -62,14 +70,20 @@ def _keras(name: str, arch: str, include_top: bool, md5: str) -> WeightSource:
                       format="keras_h5", include_top=include_top, preprocess="caffe")
 
 
-def _torchvision(arch: str, sha256_prefix: str) -> WeightSource:
+def _torchvision(arch: str, sha256_prefix: str, name: str | None = None, resize_size: int = 256,
+                 variant: str | None = None) -> WeightSource:
+  """The torchvision file `<arch>-<sha256_prefix>.pth` (torch.hub checks that prefix), id
+  `torchvision:<name>` (default `arch`)."""
   url = f"{_TORCHVISION}/{arch}-{sha256_prefix}.pth"
-  return WeightSource(id=f"torchvision:{arch}", arch=arch, url=url, hash_kind="sha256_prefix",
-                      hash=sha256_prefix, format="torch_pth", include_top=True,
-                      preprocess="torch")
+  return WeightSource(id=f"torchvision:{name or arch}", arch=arch, url=url,
+                      hash_kind="sha256_prefix", hash=sha256_prefix, format="torch_pth",
+                      include_top=True, preprocess="torch", variant=variant,
+                      resize_size=resize_size)
 
 
 # md5 digests as published by keras.applications (keras/src/applications/vgg16.py, vgg19.py).
+# torchvision files and eval resize sizes as in torchvision/models/{vgg,resnet}.py (0.29): plain
+# ResNet ids are its current default weights (IMAGENET1K_V2, resize 232), `_v1` the originals.
 _SOURCES: dict[str, WeightSource] = {s.id: s for s in (
     _keras("vgg16", "vgg16", True, "64373286793e3c8b2b4e3219cbf3544b"),
     _keras("vgg16_notop", "vgg16", False, "6d6bbae143d832006294945121d1f1fc"),
@@ -77,6 +91,12 @@ _SOURCES: dict[str, WeightSource] = {s.id: s for s in (
     _keras("vgg19_notop", "vgg19", False, "253f8cb515780f3b799900260a226db6"),
     _torchvision("vgg16", "397923af"),
     _torchvision("vgg19", "dcbb9e9d"),
+    _torchvision("resnet50", "11ad3fa6", "resnet50", 232, "torchvision"),
+    _torchvision("resnet50", "0676ba61", "resnet50_v1", 256, "torchvision"),
+    _torchvision("resnet101", "cd907fc2", "resnet101", 232, "torchvision"),
+    _torchvision("resnet101", "63fe2227", "resnet101_v1", 256, "torchvision"),
+    _torchvision("resnet152", "f82ba261", "resnet152", 232, "torchvision"),
+    _torchvision("resnet152", "394f9c45", "resnet152_v1", 256, "torchvision"),
 )}
 
 
