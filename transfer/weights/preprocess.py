@@ -21,6 +21,8 @@ import os
 
 import numpy as np
 
+from transfer.weights import sources
+
 MODES = ("caffe", "torch", "unit")
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 TORCH_MEAN = (0.485, 0.456, 0.406)
@@ -103,7 +105,6 @@ def eval_resize(source: str | None, size: int = EVAL_CROP) -> int | None:
   Returns:
     The short side in pixels, or None for squashing the whole image to `size` x `size`.
   """
-  from transfer.weights import sources  # Deferred: the normalisation needs only numpy.
   if source is not None and sources.is_id(source):
     resize = sources.get(source).resize_size
   else:
