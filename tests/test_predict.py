@@ -97,12 +97,13 @@ def test_imagenet_labels_ship_with_the_package():
 
 
 def test_predictions_match_a_direct_forward_pass(tmp_path, images):
-  """The torch-layout file gets torch preprocessing; results equal running the model by hand."""
+  """The torch-layout file gets torch preprocessing and torchvision's eval geometry (short side
+  256, center crop 224); results equal running the model by hand."""
   path = tiny_weights(tmp_path / "w.safetensors", fmt="safetensors")
   got = predict.predict_imagenet(images[:2], model="vgg16_tiny", weights=path, top=3)
   net = models.get("vgg16_tiny", include_top=True)
   params = weights.load(path, net)
-  x = weights.preprocess(predict.load_images(images[:2], 224), "torch")
+  x = weights.preprocess(predict.load_images(images[:2], 224, resize_size=256), "torch")
   probs = np.asarray(__import__("jax").nn.softmax(net.apply({"params": params}, x)))
   for (image, best, error), row in zip(got, probs):
     assert error is None
@@ -245,7 +246,7 @@ def test_batch_size_that_does_not_divide_the_images(tmp_path, images, monkeypatc
   decoded, decoded_when_printed = [], []
   load_image = predict.load_image
   monkeypatch.setattr(predict, "load_image",
-                      lambda p, size: decoded.append(p) or load_image(p, size))
+                      lambda p, *a, **k: decoded.append(p) or load_image(p, *a, **k))
   format_predictions = predict.format_predictions
   monkeypatch.setattr(predict, "format_predictions",
                       lambda *a, **k: decoded_when_printed.append(len(decoded)) or

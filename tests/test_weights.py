@@ -246,7 +246,10 @@ def test_registry_records_official_files():
   entries = {e.id: e for e in weights.registry()}
   assert sorted(entries) == weights.ids()
   assert {"keras:vgg16", "keras:vgg16_notop", "keras:vgg19", "keras:vgg19_notop",
-          "torchvision:vgg16", "torchvision:vgg19"} <= set(entries)
+          "torchvision:vgg16", "torchvision:vgg19", "torchvision:resnet50",
+          "torchvision:resnet50_v1", "torchvision:resnet101", "torchvision:resnet101_v1",
+          "torchvision:resnet152", "torchvision:resnet152_v1", "keras:resnet50",
+          "keras:resnet50_notop"} <= set(entries)
   k16 = entries["keras:vgg16_notop"]
   assert k16.filename == "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
   assert k16.url.startswith("https://storage.googleapis.com/tensorflow/keras-applications/vgg16/")
@@ -259,6 +262,8 @@ def test_registry_records_official_files():
   for entry in entries.values():
     assert weights.mode_for(entry.id) == entry.preprocess
     assert entry.preprocess == ("caffe" if entry.id.startswith("keras") else "torch")
+    # Keras squashes; torchvision resizes the short side, then center-crops 224.
+    assert (entry.resize_size is None) == entry.id.startswith("keras")
 
 
 def test_cache_location_and_url_override(tmp_path, monkeypatch):

@@ -90,7 +90,8 @@ def predict_imagenet(images: Sequence[str], *, model: str = "vgg16", weights: st
   Args:
     images: image file paths.
     model: registry name; built with the ImageNet top.
-    weights: weights with the ImageNet top; they also decide the preprocessing.
+    weights: weights with the ImageNet top; they also decide the preprocessing and the eval
+      geometry (squash, or short-side resize and center crop: `preprocess.eval_resize`).
     top: classes per image.
     batch_size: images decoded and classified per forward pass.
 
@@ -127,17 +128,19 @@ def _imagenet_predictions(paths, model, weights, top, batch_size) -> Iterator[Pr
   """`predict_imagenet`, one result at a time (checks and loading happen before the first)."""
   from transfer import models
   from transfer import weights as weights_lib
+  from transfer.weights.preprocess import eval_resize
 
   _check_counts(top, batch_size)
-  net = models.get(model, include_top=True)
+  net = models.get(model, include_top=True, variant=weights_lib.variant_for(weights, model))
   size = models.spec(model).top_image_size
-  params, report = weights_lib.load(weights, net, image_size=size, return_report=True)
+  params, report = weights_lib.load_variables(weights, net, image_size=size, return_report=True)
   if report.fresh:
     print(f"transfer: warning: {report.summary()}; predictions are meaningless", file=sys.stderr)
+  resize = eval_resize(weights, size)  # the weights' own eval geometry
   forward = make_forward(net)
   width = min(batch_size, len(paths))
   return _in_batches(
-      paths, batch_size, lambda p: load_image(p, size),
+      paths, batch_size, lambda p: load_image(p, size, resize_size=resize),
       lambda x: forward(params, _pad(weights_lib.preprocess(x, weights), width))[:len(x)],
       top, lambda classes: imagenet_labels() if classes == 1000 else None)
 
@@ -285,8 +288,8 @@ def _pad(x: np.ndarray, n: int) -> np.ndarray:
   return np.concatenate([x, np.zeros((n - len(x),) + x.shape[1:], x.dtype)])
 
 
-def load_images(paths: Sequence[str], size: int) -> np.ndarray:
-  """Decodes image files to RGB and resizes them to `size` x `size` (see `load_image`).
+def load_images(paths: Sequence[str], size: int, resize_size: int | None = None) -> np.ndarray:
+  """Decodes image files to RGB, `size` x `size`, in one eval geometry (see `load_image`).
 
   Returns:
     uint8 array of shape (N, size, size, 3).
@@ -294,25 +297,27 @@ def load_images(paths: Sequence[str], size: int) -> np.ndarray:
   Raises:
     UnreadableImage: a file is missing or not a readable image (the message names it).
   """
-  return np.stack([load_image(p, size) for p in paths])
+  return np.stack([load_image(p, size, resize_size) for p in paths])
 
 
-def load_image(path: str, size: int) -> np.ndarray:
-  """One image file as a (size, size, 3) uint8 RGB array.
+def load_image(path: str, size: int, resize_size: int | None = None) -> np.ndarray:
+  """One image file as a (size, size, 3) uint8 RGB array, in the weights' eval geometry.
 
-  Grayscale, palette and RGBA images are converted to RGB; images of another size are resized
-  (bilinear), without keeping the aspect ratio, as Keras' `load_img(target_size=...)` does.
+  Grayscale, palette and RGBA images are converted to RGB. Then (`preprocess.eval_image`):
+  `resize_size=None` squashes the whole image to `size` x `size` with antialiased bilinear, the
+  geometry of Keras' loaders (whose `load_img` defaults to nearest neighbour: we filter, as our
+  training pipeline does); a number resizes the short side to it and center-crops, torchvision's
+  eval transform (`preprocess.eval_resize` says which one a weight source was validated with).
 
   Raises:
     UnreadableImage: the file is missing or not a readable image; `reason` says which.
   """
   from PIL import Image, UnidentifiedImageError
+
+  from transfer.weights.preprocess import eval_image
   try:
     with Image.open(path) as image:
-      image = image.convert("RGB")
-      if image.size != (size, size):
-        image = image.resize((size, size), Image.BILINEAR)
-      return np.asarray(image, np.uint8)
+      rgb = image.convert("RGB")  # Decodes; a damaged file fails here, not in the resize below.
   except FileNotFoundError:
     raise UnreadableImage(path, "no such file") from None
   except IsADirectoryError:
@@ -321,6 +326,7 @@ def load_image(path: str, size: int) -> np.ndarray:
           SyntaxError) as e:
     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise UnreadableImage(path, reason) from None
+  return eval_image(rgb, size, resize_size)
 
 
 def top_k(probs: np.ndarray, k: int, labels: Sequence[str] | None = None) -> list[list[dict]]:

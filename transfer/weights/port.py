@@ -3,9 +3,10 @@
 Two steps, both pure apart from reading the file:
   1. `model_view` renames a `WeightFile`'s layers to our layer names and converts layouts, lazily:
      Keras already stores HWIO conv kernels and (in, out) dense kernels, as Flax does; torch stores
-     OIHW and (out, in), and its first classifier layer expects torch's C,H,W flatten order, so
-     its input rows are permuted to our H,W,C order. A BatchNorm layer's four arrays become
-     `scale`, `bias` (Flax `params`) and `mean`, `var` (Flax `batch_stats`).
+     OIHW and (out, in), and the first classifier layer of a flatten top (VGG) expects torch's
+     C,H,W flatten order, so its input rows are permuted to our H,W,C order. A BatchNorm layer's
+     four arrays become `scale`, `bias` (Flax `params`) and `mean`, `var` (Flax `batch_stats`);
+     torch's `num_batches_tracked` counter is dropped.
   2. `plan_merge` compares that view with the model's shapes and decides, layer by layer, what is
      loaded, what stays freshly initialised (only an explicitly fresh head), what is ignored (the
      file's ImageNet top when the model has another head) and what is wrong. Anything wrong
@@ -50,10 +51,20 @@ _VARIANT_TRAITS = {
     "keras": "a Keras ResNet (v1: stride in the first 1x1, conv bias, eps 1.001e-5)",
     "torchvision": "a torchvision ResNet (v1.5: stride in the 3x3, no conv bias, eps 1e-5)",
 }
+# torch parameter/buffer names -> ours. A torch module is a BatchNorm when it has running
+# statistics; its `bias` stays `bias` (params) while `mean` and `var` belong in `batch_stats`.
+_TORCH_PARAMS = {"weight": "kernel", "bias": "bias"}
+_TORCH_BATCH_NORM = {"weight": "scale", "bias": "bias", "running_mean": "mean",
+                     "running_var": "var"}
+# A step counter torch keeps for momentum=None; nothing in Flax uses it, and a file may lack it.
+_TORCH_DROPPED = ("num_batches_tracked",)
 
 
 def model_view(wf: WeightFile, spec: models.ModelSpec) -> dict[str, dict[str, Tensor]]:
-  """The file's layers under our names, each as param name (`kernel`, `bias`) -> `Tensor`.
+  """The file's layers under our names, each as param name -> `Tensor`.
+
+  Param names are Flax's: `kernel`, `bias` for convs and dense layers; `scale`, `bias`, `mean`,
+  `var` for BatchNorm, where `mean` and `var` belong in the `batch_stats` collection.
 
   Args:
     wf: an open weight file.
@@ -92,18 +103,22 @@ def _last_name(t: Tensor) -> str:
 
 
 def _torch_view(wf: WeightFile, spec: models.ModelSpec) -> dict[str, dict[str, Tensor]]:
+  """A torch state dict's modules under our names, in our layouts (see `model_view`)."""
   ours = {prefix: name for name, prefix in spec.torch_names.items()}
-  first_fc = spec.top_layers[0] if spec.top_layers else None
+  # Only a flatten top (VGG) reads torch's C,H,W flatten order; after global pooling (ResNet)
+  # the fc's input rows are just channels, in the same order as ours.
+  first_fc = spec.top_layers[0] if spec.top_layers and spec.top_fixed_size else None
   side = spec.top_image_size // spec.feature_stride
   view = {}
   for prefix, tensors in wf.layers.items():
     layer = ours.get(prefix, prefix)
-    params = {}
-    for t in tensors:
-      kind = t.name.rsplit(".", 1)[-1]
-      name = {"weight": "kernel", "bias": "bias"}.get(kind, kind)
-      params[name] = _torch_tensor(t, flatten_side=side if layer == first_fc else None)
-    view[layer] = params
+    by_kind = {t.name.rsplit(".", 1)[-1]: t for t in tensors}
+    by_kind = {k: t for k, t in by_kind.items() if k not in _TORCH_DROPPED}
+    if not by_kind:
+      continue
+    names = _TORCH_BATCH_NORM if "running_mean" in by_kind else _TORCH_PARAMS
+    view[layer] = {names.get(kind, kind): _torch_tensor(
+        t, flatten_side=side if layer == first_fc else None) for kind, t in by_kind.items()}
   return view
 
 

@@ -6,6 +6,11 @@ normalised the same way, so the normalisation is a property of the weights, not 
   * `torch` (torchvision): scale to [0, 1], subtract mean and divide by std per RGB channel.
   * `unit` (random initialisation): scale to [-1, 1].
 Works on numpy arrays (host pipelines) and jax arrays (on-device augmentation) alike.
+
+The eval geometry is a property of the weights too (`eval_resize`, `eval_image`): Keras' loaders
+squash the whole image to the input size; torchvision resizes the short side (256, or 232 for its
+V2 ResNet weights) and center-crops 224. Evaluating one family's weights through the other's
+geometry shifts their probabilities and costs accuracy.
 """
 
 from __future__ import annotations
@@ -16,10 +21,17 @@ import os
 
 import numpy as np
 
+from transfer.weights import sources
+
 MODES = ("caffe", "torch", "unit")
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 TORCH_MEAN = (0.485, 0.456, 0.406)
 TORCH_STD = (0.229, 0.224, 0.225)
+
+# torchvision's `ImageClassification` crops 224 out of a short side of 256 unless the weights
+# say otherwise (its V1 weights; timm's default crop fraction 0.875 gives the same).
+EVAL_CROP = 224
+TORCH_RESIZE = 256
 
 _EXTENSION_MODES = {".h5": "caffe", ".hdf5": "caffe", ".keras": "caffe",
                     ".pth": "torch", ".pt": "torch", ".safetensors": "torch"}
@@ -78,3 +90,68 @@ def preprocess(images, source: str | None, dtype=None):
 def _jnp():
   import jax.numpy as jnp  # Deferred: host pipelines need only numpy.
   return jnp
+
+
+def eval_resize(source: str | None, size: int = EVAL_CROP) -> int | None:
+  """The short side an eval image is resized to before its center `size` crop; None = squash.
+
+  Args:
+    source: as for `mode_for`. A registry id carries its own (`WeightSource.resize_size`); a
+      torch-format file gets torchvision's default 256, since it was most likely made for that
+      pipeline; Keras weights, modes other than `torch` and random initialisation squash.
+    size: the model's input side. The recorded sizes are for a 224 crop; another input size keeps
+      the same crop fraction (`round(resize * size / 224)`).
+
+  Returns:
+    The short side in pixels, or None for squashing the whole image to `size` x `size`.
+  """
+  if source is not None and sources.is_id(source):
+    resize = sources.get(source).resize_size
+  else:
+    resize = TORCH_RESIZE if mode_for(source) == "torch" else None
+  return None if resize is None else int(round(resize * size / EVAL_CROP))
+
+
+def eval_image(image, size: int, resize_size: int | None):
+  """An RGB PIL image as the (size, size, 3) uint8 eval input, in the weights' geometry.
+
+  `resize_size=None` squashes the whole image to `size` x `size` with PIL's bilinear filter, which
+  PIL widens when shrinking (antialiasing). Keras' `load_img` squashes too, but with nearest
+  neighbour by default, and `image_dataset_from_directory` with bilinear without antialiasing.
+  We use antialiased bilinear, as our training pipeline does (`transfer.data.images.resize`), so
+  a prediction sees what training saw, and shrinking a large photo does not alias.
+
+  A number follows torchvision's `ImageClassification`: the short side becomes `resize_size`, the
+  long side `int(resize_size * long / short)`, both with PIL's bilinear filter (`reducing_gap`
+  None, so the full filter, antialiased when shrinking), then the center `size` x `size` window at
+  offset `int(round((side - size) / 2))`. Given a PIL image torchvision itself calls this same
+  PIL resize, so the result is identical to its pipeline on PIL images. On tensors (e.g. images
+  decoded with `torchvision.io`) it runs torch's `antialias=True` bilinear instead, the same
+  filter computed in float without PIL's rounding to uint8 between passes: close (a level or so
+  per pixel), not bit-identical.
+
+  Args:
+    image: an RGB `PIL.Image.Image`.
+    size: the model's input side.
+    resize_size: the short side before the crop (`eval_resize`), or None to squash.
+
+  Returns:
+    uint8 numpy array (size, size, 3).
+  """
+  from PIL import Image  # Deferred: only image decoding needs PIL.
+  if resize_size is None:
+    if image.size != (size, size):
+      image = image.resize((size, size), Image.BILINEAR, reducing_gap=None)
+    return np.asarray(image, np.uint8)
+  if resize_size < size:
+    raise UserError(f"eval resize {resize_size} is smaller than the {size} crop; use a resize "
+                    f"size >= {size}")
+  width, height = image.size
+  short, long = min(width, height), max(width, height)
+  new_long = int(resize_size * long / short)
+  new = (resize_size, new_long) if width <= height else (new_long, resize_size)
+  if new != image.size:
+    image = image.resize(new, Image.BILINEAR, reducing_gap=None)
+  top = int(round((new[1] - size) / 2.0))
+  left = int(round((new[0] - size) / 2.0))
+  return np.asarray(image.crop((left, top, left + size, top + size)), np.uint8)

@@ -39,8 +39,12 @@ class WeightSource:
     format: `"keras_h5"` or `"torch_pth"`, the reader `transfer.weights.formats` uses.
     include_top: whether the file holds the ImageNet top (fc1, fc2, predictions).
     preprocess: the `transfer.weights.preprocess` mode the weights expect.
-    variant: for architectures built in several forms (ResNet), the one the file fits
-      (`"keras"` v1, `"torchvision"` v1.5; see `transfer.models.resnet`); None for VGG.
+    variant: the `transfer.models` variant the file fits (ResNet: `keras` or `torchvision`), or
+      None for architectures with one form.
+    resize_size: the eval geometry the weights were validated with. None: squash the whole image
+      to the input size (Keras' loaders); a number: resize the short side to it, then center-crop
+      the 224 input (torchvision's `ImageClassification`; 256, or 232 for the V2 ResNets). See
+      `transfer.weights.preprocess.eval_resize`.
   """
 
   id: str
@@ -52,6 +56,7 @@ class WeightSource:
   include_top: bool
   preprocess: str
   variant: str | None = None
+  resize_size: int | None = None
 
   @property
   def filename(self) -> str:
@@ -73,15 +78,21 @@ def _keras_resnet(arch: str, md5_top: str, md5_notop: str) -> tuple[WeightSource
           _keras(f"{arch}_notop", arch, False, md5_notop, folder="resnet", variant="keras"))
 
 
-def _torchvision(arch: str, sha256_prefix: str) -> WeightSource:
+def _torchvision(arch: str, sha256_prefix: str, name: str | None = None, resize_size: int = 256,
+                 variant: str | None = None) -> WeightSource:
+  """The torchvision file `<arch>-<sha256_prefix>.pth` (torch.hub checks that prefix), id
+  `torchvision:<name>` (default `arch`)."""
   url = f"{_TORCHVISION}/{arch}-{sha256_prefix}.pth"
-  return WeightSource(id=f"torchvision:{arch}", arch=arch, url=url, hash_kind="sha256_prefix",
-                      hash=sha256_prefix, format="torch_pth", include_top=True,
-                      preprocess="torch")
+  return WeightSource(id=f"torchvision:{name or arch}", arch=arch, url=url,
+                      hash_kind="sha256_prefix", hash=sha256_prefix, format="torch_pth",
+                      include_top=True, preprocess="torch", variant=variant,
+                      resize_size=resize_size)
 
 
 # md5 digests as published by keras.applications (keras/src/applications/vgg16.py, vgg19.py,
-# resnet.py: WEIGHTS_HASHES, top then notop).
+# resnet.py: WEIGHTS_HASHES, top then notop). torchvision files and eval resize sizes as in
+# torchvision/models/{vgg,resnet}.py (0.29): plain ResNet ids are its current default weights
+# (IMAGENET1K_V2, resize 232), `_v1` the originals.
 _SOURCES: dict[str, WeightSource] = {s.id: s for s in (
     _keras("vgg16", "vgg16", True, "64373286793e3c8b2b4e3219cbf3544b"),
     _keras("vgg16_notop", "vgg16", False, "6d6bbae143d832006294945121d1f1fc"),
@@ -95,6 +106,12 @@ _SOURCES: dict[str, WeightSource] = {s.id: s for s in (
                    "ee4c566cf9a93f14d82f913c2dc6dd0c"),
     _torchvision("vgg16", "397923af"),
     _torchvision("vgg19", "dcbb9e9d"),
+    _torchvision("resnet50", "11ad3fa6", "resnet50", 232, "torchvision"),
+    _torchvision("resnet50", "0676ba61", "resnet50_v1", 256, "torchvision"),
+    _torchvision("resnet101", "cd907fc2", "resnet101", 232, "torchvision"),
+    _torchvision("resnet101", "63fe2227", "resnet101_v1", 256, "torchvision"),
+    _torchvision("resnet152", "f82ba261", "resnet152", 232, "torchvision"),
+    _torchvision("resnet152", "394f9c45", "resnet152_v1", 256, "torchvision"),
 )}
 
 
