@@ -133,3 +133,19 @@ def test_a_changed_variant_is_refused_on_resume(tmp_path):
   train.train_and_evaluate(_resnet(num_steps=2), str(tmp_path / "run"))
   with pytest.raises(UserError, match=r"variant 'auto' -> 'keras'"):
     train.train_and_evaluate(_resnet(num_steps=4, variant="keras"), str(tmp_path / "run"))
+
+
+def test_cached_features_train_a_frozen_resnet_like_streaming_images(tmp_path):
+  """Frozen BatchNorm is inference mode, so the backbone's output is fixed: the head trains on
+  the same numbers whether they are cached once or recomputed every step."""
+  config = lambda cache: _resnet(num_steps=4, augment="none", optimizer="sgd",
+                                 cache_features=cache)
+  cached = train.train_and_evaluate(config(True), str(tmp_path / "cached"))
+  streamed = train.train_and_evaluate(config(False), str(tmp_path / "streamed"))
+  assert cached["step"] == streamed["step"] == 4
+  a, _ = checkpoint.load_trained_variables(str(tmp_path / "cached"))
+  b, _ = checkpoint.load_trained_variables(str(tmp_path / "streamed"))
+  # The same operations in two programs (feature step + head step vs one step): XLA may fuse
+  # the pooling differently, a few float32 roundings over 4 SGD steps of a 64-wide GAP head.
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=0, atol=64 * 4 * 2**-24 * max(1.0, np.abs(y).max()))

@@ -150,3 +150,14 @@ def test_bench_never_imports_tensorflow():
   assert done.returncode == 0, done.stderr[-2000:]
   modes = [json.loads(l)["mode"] for l in done.stdout.splitlines() if l.startswith("{")]
   assert modes == ["train", "forward"]
+
+
+@pytest.mark.parametrize("variant,gmacs", [("torchvision", 4.09), ("keras", 3.86)])
+def test_analytic_flops_of_resnet50_follow_each_variants_strides(variant, gmacs):
+  """The published multiply-adds of ResNet50 at 224: 4.09 G for torchvision's v1.5 (the stride
+  in the 3x3 makes that convolution run at the larger resolution), about 3.86 G for Keras' v1.
+  Convolutions plus the 1000-way top; BatchNorm, pooling and additions are not counted."""
+  model = models.get("resnet50", variant=variant)
+  params = jax.eval_shape(lambda: models.init_params(model, 224))
+  flops = bench.analytic_flops(params, "resnet50", 224, 1, model=model)
+  assert flops / 2 / 1e9 == pytest.approx(gmacs, rel=0.01)

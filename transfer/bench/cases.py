@@ -27,7 +27,9 @@ class Setup:
                    else int(config.synthetic.num_classes))
     self.num_classes = num_classes
     self.model, self.outputs = runs.build_model(config, num_classes, dtype=dtype)
-    self.params = jax.device_get(runs.initial_params(config, self.model)[0])
+    variables = jax.device_get(runs.initial_variables(config, self.model)[0])
+    self.params = variables["params"]
+    self.batch_stats = variables.get("batch_stats") or {}  # BatchNorm statistics (ResNet)
     self.tx, self.labels = optim.make_optimizer(config, self.params, 1000)
     self.batch = config.batch_size
 
@@ -53,7 +55,13 @@ class Setup:
     from transfer import parallel, steps
     return parallel.replicate(
         steps.create_train_state(self.params if params is None else params, self.tx,
-                                 self.config.seed), self.mesh)
+                                 self.config.seed, self.batch_stats), self.mesh)
+
+  @property
+  def variables(self):
+    """What `model.apply` takes: the params, and the BatchNorm statistics when there are any."""
+    from transfer import steps
+    return steps.as_variables(self.params, self.batch_stats)
 
 
 def prepare_train(setup: Setup, warmup: int, stage: str = "full", batch=None) -> Prepared:
@@ -77,7 +85,7 @@ def forward_fn(setup: Setup):
   import jax
   from transfer import parallel
   model = setup.model
-  return jax.jit(lambda params, images: model.apply({"params": params}, images),
+  return jax.jit(lambda variables, images: model.apply(variables, images),
                  in_shardings=(parallel.replicated(setup.mesh), parallel.batch_sharding(setup.mesh)),
                  out_shardings=parallel.batch_sharding(setup.mesh))
 
@@ -85,7 +93,7 @@ def forward_fn(setup: Setup):
 def prepare_forward(setup: Setup, warmup: int) -> Prepared:
   """The inference forward pass on a batch like the train step's."""
   from transfer import parallel
-  params = parallel.replicate(setup.params, setup.mesh)
+  params = parallel.replicate(setup.variables, setup.mesh)
   images = setup.images()
   fn, compile_s, compiled = compile_step(forward_fn(setup), params, images)
   return warm(Prepared(lambda: fn(params, images), compile_s, compiled, None), warmup)
@@ -96,7 +104,7 @@ def prepare_eval(setup: Setup, warmup: int) -> Prepared:
   import jax
   import jax.numpy as jnp
   from transfer import parallel, steps
-  params = parallel.replicate(setup.params, setup.mesh)
+  params = parallel.replicate(setup.variables, setup.mesh)
   batch = {"image": setup.images(), "label": setup.labels_batch(),
            "mask": jax.device_put(jnp.ones((setup.batch,), bool),
                                   parallel.batch_sharding(setup.mesh))}
@@ -119,7 +127,7 @@ def bench_cached_epoch(setup: Setup, train_step_s: float, warmup: int) -> dict[s
   config = setup.config
   steps_per_epoch = max(1, int(config.get("epoch_images", 512)) // setup.batch)
   n = steps_per_epoch * setup.batch
-  params = parallel.replicate(setup.params, setup.mesh)
+  params = parallel.replicate(setup.variables, setup.mesh)
   images = setup.images()
   features_fn = steps.make_feature_step(setup.model, setup.mesh)
   block(features_fn(params, images))  # compile

@@ -39,22 +39,25 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
 
 
 def analytic_flops(params, model_name: str, image_size: int, batch: int, labels=None,
-                   stage: str = "full") -> float:
+                   stage: str = "full", model=None) -> float:
   """Multiply-add FLOPs (2 per MAC) of one step, counted from the parameter shapes.
 
   The forward pass costs 2*MACs for every conv and dense layer. With `labels` (a train step) the
   backward pass adds, for each layer from the first trainable one on, the input gradient
   (another forward's worth; not needed by the first trainable layer itself) and, for trainable
   layers, the weight gradient (one more). A frozen conv base therefore adds nothing, and a trainable
-  block5 adds block5's backward only. Bias adds, activations and pooling are not counted.
+  block5 adds block5's backward only. Bias adds, normalisation, activations and pooling are not
+  counted.
 
   Args:
     params: the params tree (its shapes are read).
     model_name: registry name, for the backbone's layer order.
-    image_size: input side; block b runs at image_size / 2**(b-1).
+    image_size: input side.
     batch: global batch size.
     labels: the optimizer's label tree for a train step; None for a forward pass.
     stage: `"full"` or `"head"` (cached features: only the head runs).
+    model: the module, whose conv output sizes are traced (default: the registry's default
+      variant of `model_name`; strides differ between variants).
   """
   from flax import traverse_util
   from transfer import models, optim
@@ -62,18 +65,17 @@ def analytic_flops(params, model_name: str, image_size: int, batch: int, labels=
   flat = traverse_util.flatten_dict(params)
   trainable = (traverse_util.flatten_dict(optim.trainable_mask(labels)) if labels is not None
                else {})
-  conv_layers = list(models.spec(model_name).conv_layers)
   layers = {k[:-1] for k in flat if k[-1] == "kernel"}
+  conv_layers = [n for n in models.spec(model_name).conv_layers if (n,) in layers]
   order = [(name,) for name in conv_layers] + sorted(l for l in layers if l[0] not in conv_layers)
+  sides = conv_output_positions(model or models.get(model_name, head="none"), image_size)
   total, seen_trainable = 0.0, False
   for layer in order:
     kernel = flat[layer + ("kernel",)]
     if layer[0] in conv_layers:
       if stage == "head":
         continue
-      block = int(re.match(r"block(\d+)_", layer[0]).group(1))
-      side = image_size // 2 ** (block - 1)
-      forward = 2.0 * batch * side * side * int(np.prod(kernel.shape))
+      forward = 2.0 * batch * sides[layer[0]] * int(np.prod(kernel.shape))
     else:
       forward = 2.0 * batch * int(np.prod(kernel.shape))
     total += forward
@@ -84,6 +86,28 @@ def analytic_flops(params, model_name: str, image_size: int, batch: int, labels=
       total += forward  # weight gradient
       seen_trainable = True
   return total
+
+
+def conv_output_positions(model, image_size: int) -> dict[str, int]:
+  """Output positions (H x W) of every convolution of `model` on one `image_size` input.
+
+  Traced with shapes only (Flax's method interception), so strides and paddings are the model's
+  own rather than a rule per architecture.
+  """
+  import flax.linen as nn
+  import jax
+  positions = {}
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if isinstance(context.module, nn.Conv) and context.method_name == "__call__":
+      positions[context.module.name] = int(out.shape[1] * out.shape[2])
+    return out
+
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32)
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)
+  return positions
 
 
 def xla_flops(compiled, num_devices: int) -> float | None:

@@ -46,7 +46,7 @@ def step_result(setup: Setup, prepared: Prepared, durations: np.ndarray) -> dict
   result["compile_s"] = prepared.compile_s
   result["flops_per_step_analytic"] = analytic_flops(
       setup.params, setup.config.model, setup.config.image_size, setup.batch, prepared.labels,
-      prepared.stage)
+      prepared.stage, model=setup.model)
   counted = (xla_flops(prepared.compiled, setup.num_devices) if prepared.compiled is not None
              else None)
   result["flops_per_step_xla"] = counted
