@@ -344,20 +344,32 @@ def test_orbax_write_errors_count_as_disk_errors(tmp_path):
   assert runs.disk_error(ValueError("shape mismatch"), str(tmp_path)) is None
 
 
-def test_sigterm_before_the_first_step_undoes_the_start(tmp_path, monkeypatch):
-  real = runs.initial_params
-
-  def terminated_while_setting_up(*args, **kwargs):
-    out = real(*args, **kwargs)
-    os.kill(os.getpid(), signal.SIGTERM)
-    return out
-
-  monkeypatch.setattr(runs, "initial_params", terminated_while_setting_up)
-  with pytest.raises(preemption.Terminated) as stop:
-    train.train_and_evaluate(tiny_config(), str(tmp_path / "run"))
-  assert stop.value.exit_status == 128 + signal.SIGTERM
-  assert not os.path.exists(tmp_path / "run")
-  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+def test_sigterm_before_the_first_step_undoes_the_start(tmp_path):
+  """A real SIGTERM while the run sets up, in a process of its own: signal handlers belong to a
+  process's main thread, which a pytest-xdist worker does not give its tests."""
+  import subprocess
+  import sys
+  workdir = tmp_path / "run"
+  code = f"""
+import os, signal, sys
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from test_train import tiny_config
+from transfer import main, runs, train
+real = runs.initial_variables
+def terminated_while_setting_up(*args, **kwargs):
+  out = real(*args, **kwargs)
+  os.kill(os.getpid(), signal.SIGTERM)
+  return out
+runs.initial_variables = terminated_while_setting_up
+try:
+  train.train_and_evaluate(tiny_config(), {str(workdir)!r})
+except BaseException as e:
+  print(type(e).__name__, getattr(e, "exit_status", None), signal.getsignal(signal.SIGTERM))
+"""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+  assert done.stdout.split() == ["Terminated", "143", str(signal.SIG_DFL)], done.stderr[-2000:]
+  assert not os.path.exists(workdir)
 
 
 def test_eval_of_a_run_without_validation_is_one_error(tmp_path):
