@@ -10,7 +10,8 @@ import signal
 import jax
 import pytest
 
-from transfer import checkpoint, main, metrics, preemption, runs, steps, train
+from transfer import checkpoint, main, metrics, preemption, steps, train
+from transfer import workdir as workdir_lib
 from transfer.errors import UserError
 from test_train import tiny_config
 
@@ -81,7 +82,8 @@ def test_bookkeeping_changes_resume_and_are_recorded_not_overwritten(run_copy, c
       tiny_config(num_steps=6, log_every_steps=1, keep_checkpoints=3), run_copy)
   assert summary["step"] == 6 and summary["trained_steps"] == 3
   assert open(os.path.join(run_copy, "config.json")).read() == original
-  history = [json.loads(line) for line in open(os.path.join(run_copy, runs.HISTORY_FILE))]
+  history = [json.loads(line)
+             for line in open(os.path.join(run_copy, workdir_lib.HISTORY_FILE))]
   assert len(history) == 1 and history[0]["step"] == 3
   assert history[0]["changes"] == {"keep_checkpoints": [2, 3], "log_every_steps": [2, 1],
                                    "num_steps": [3, 6]}
@@ -339,9 +341,9 @@ def test_config_range_errors_come_before_the_workdir_is_made(tmp_path):
 
 def test_orbax_write_errors_count_as_disk_errors(tmp_path):
   error = ValueError("RESOURCE_EXHAUSTED: Error writing file [os_error_code='28'] ...")
-  message = str(runs.disk_error(error, str(tmp_path)))
+  message = str(workdir_lib.disk_error(error, str(tmp_path)))
   assert "No space left on device" in message and "no checkpoint was written" in message
-  assert runs.disk_error(ValueError("shape mismatch"), str(tmp_path)) is None
+  assert workdir_lib.disk_error(ValueError("shape mismatch"), str(tmp_path)) is None
 
 
 def test_sigterm_before_the_first_step_undoes_the_start(tmp_path):
@@ -393,7 +395,7 @@ def test_train_with_only_a_workdir_continues_the_last_accepted_changes(run_copy,
     assert main.run(["train", "--workdir", run_copy, "--config.num_steps=6"]) == 143
   assert main.run(["train", "--workdir", run_copy]) == 0
   assert checkpoint.Checkpointer(run_copy).latest_step() == 6
-  history = runs.read_history(run_copy)
+  history = workdir_lib.read_history(run_copy)
   assert [r["changes"] for r in history] == [{"num_steps": [3, 6]}]  # no duplicate record
 
 

@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 _SUBMODULES = frozenset({
     "bench", "checkpoint", "configs", "data", "distributed", "errors", "evaluate", "features",
     "main", "metrics", "models", "optim", "parallel", "platform", "predict", "runs", "steps",
-    "train", "weights",
+    "train", "weights", "workdir",
 })
 
 

@@ -97,8 +97,8 @@ def run(argv: list[str]) -> int:
     from transfer import train
     config_name = _train_config_name(args.config, args.workdir)
     if args.config is None and config_name != configs.DEFAULT:  # the run's own record
-      from transfer import runs
-      base = runs.recorded_config(args.workdir)
+      from transfer import workdir as workdir_lib
+      base = workdir_lib.recorded_config(args.workdir)
     else:
       base = configs.load(config_name)
     config = configs.validate(configs.apply_overrides(base, overrides))
@@ -132,8 +132,8 @@ def _train_config_name(config: str | None, workdir: str | None) -> str:
   if config:
     return config
   if workdir:
-    from transfer import runs
-    recorded = os.path.join(workdir, runs.CONFIG_FILE)
+    from transfer import workdir as workdir_lib
+    recorded = os.path.join(workdir, workdir_lib.CONFIG_FILE)
     if os.path.isfile(recorded):
       return recorded
   from transfer import configs

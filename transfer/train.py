@@ -29,6 +29,7 @@ import ml_collections
 from transfer import checkpoint as ckpt_lib
 from transfer import features, metrics as metrics_lib, models, optim, parallel, runs, steps
 from transfer import preemption as preemption_lib
+from transfer import workdir as workdir_lib
 from transfer.errors import UserError
 
 log = logging.getLogger("transfer")
@@ -79,11 +80,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   from transfer import configs
   workdir = os.path.abspath(workdir)
-  config = runs.canonical_config(configs.validate(config))
-  created = runs.prepare_workdir(workdir)
+  config = workdir_lib.canonical_config(configs.validate(config))
+  created = workdir_lib.prepare_workdir(workdir)
   before = set(os.listdir(workdir))
-  saved_config = runs.saved_config(workdir)
-  changes = runs.check_rerun(workdir, config, saved_config)
+  saved_config = workdir_lib.saved_config(workdir)
+  changes = workdir_lib.check_rerun(workdir, config, saved_config)
   progress = {"started": False}
   # Several processes leave SIGTERM to JAX's preemption notifier (see `Preemption`).
   signals = (preemption_lib.sigterm_raises() if jax.process_count() == 1
@@ -93,8 +94,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       return _train(config, workdir, devices, changes, progress)
   except BaseException as error:
     if not progress["started"] and saved_config is None:
-      runs.remove_failed_start(workdir, created, before)
-    disk = runs.disk_error(error, workdir)
+      workdir_lib.remove_failed_start(workdir, created, before)
+    disk = workdir_lib.disk_error(error, workdir)
     if disk is not None:
       raise disk from None
     raise
@@ -172,7 +173,7 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
         variables["params"], tx, config.seed, variables.get("batch_stats")), mesh)
   if changes:
     _log(is_main, f"config changes accepted (bookkeeping only, recorded in "
-                  f"{runs.HISTORY_FILE}): {runs.format_changes(changes)}")
+                  f"{workdir_lib.HISTORY_FILE}): {workdir_lib.format_changes(changes)}")
   _log(is_main, f"{config.model} + {config.head} head, {outputs} output(s), "
                 f"{num_classes} classes; {init_note}")
   _log(is_main, optim.describe(state.params, param_labels))
@@ -199,7 +200,7 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
   schedule = optim.make_schedule(config, total_steps)
 
   if is_main:
-    runs.record_start(workdir, config, changes, start_step)
+    workdir_lib.record_start(workdir, config, changes, start_step)
   writer = metrics_lib.MetricsWriter(workdir, start_step, is_main)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
   ckpt_every = (config.checkpoint_every_steps if config.checkpoint_every_steps > 0
