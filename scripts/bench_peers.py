@@ -8,6 +8,11 @@ parent asks each in turn for a few timed steps, round after round, so load from 
 machine falls on all of them alike. Reported: median step time over all rounds, images/s, and the
 ratio to `transfer` in float32.
 
+`--model resnet50`: the same frozen-backbone step on ResNet50 (BatchNorm in inference mode) with a
+global-average-pool head (Dense 1 sigmoid): `transfer` runs the torchvision (v1.5) variant, Keras
+its `keras.applications.ResNet50` (v1: stride on the first 1x1 convolution), torch a v1.5 ResNet50
+built here from torch.nn.
+
 The end-to-end job (`--e2e`): the blog recipe's head training on the same generated JPEGs, wall
 time of `transfer train` with `cache_features=True` (the backbone runs once) against Keras `fit`
 with frozen layers (the backbone runs every epoch, validation included).
@@ -15,6 +20,8 @@ with frozen layers (the backbone runs every epoch, validation included).
     python scripts/bench_peers.py                       # ~10-15 min on 2 CPU cores
     python scripts/bench_peers.py --write docs/BENCHMARKS.md
     python scripts/bench_peers.py --only jax-fp32,torch-eager-fp32 --batch_sizes 16 --no-e2e
+    python scripts/bench_peers.py --model resnet50 --batch_sizes 16 --no-e2e \
+        --only jax-fp32,jax-fp32-xlaconv,keras-tf-fp32,torch-eager-fp32
 
 Each timed step ends synchronously (`block_until_ready`, `train_on_batch`'s returned loss, eager
 torch), after untimed warm-up steps that include compilation.
@@ -52,11 +59,14 @@ CONTESTANTS = {
                                      {"conv": "xla", "env": {"TRANSFER_CPU_MALLOC": "0"}}),
     "jax-fp32-plain": ("transfer", "float32", {"conv": "xla", "env": {
         "TRANSFER_CPU_MALLOC": "0", "TRANSFER_CPU_XLA_FLAGS": "0"}}),
+    # --model resnet50 only: Keras' network (v1, stride on the first 1x1), not torchvision's.
+    "jax-fp32-kerasvariant": ("transfer", "float32", {"variant": "keras"}),
     "keras-tf-bf16": ("keras-tensorflow", "bfloat16", {}),
     "torch-eager-bf16": ("torch", "bfloat16", {}),
     "torch-compile-bf16": ("torch", "bfloat16", {"compile": True}),
 }
 REFERENCE = "jax-fp32"
+MODELS = ("vgg16", "resnet50")
 DEFAULT = [n for n in CONTESTANTS if not n.startswith("jax-fp32-")]
 
 
@@ -65,16 +75,21 @@ DEFAULT = [n for n in CONTESTANTS if not n.startswith("jax-fp32-")]
 # lines on the stdout it was started with; everything the libraries print goes to stderr.
 
 
-def _keras_step(dtype: str, batch: int, size: int, options: dict):
+def _keras_step(model_name: str, dtype: str, batch: int, size: int, options: dict):
   import keras
   import numpy as np
   if dtype == "bfloat16":
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
-  base = keras.applications.VGG16(weights=None, include_top=False, input_shape=(size, size, 3))
+  if model_name == "resnet50":  # frozen: Keras runs its BatchNorm layers in inference mode
+    base = keras.applications.ResNet50(weights=None, include_top=False, pooling="avg",
+                                       input_shape=(size, size, 3))
+    head = []
+  else:
+    base = keras.applications.VGG16(weights=None, include_top=False, input_shape=(size, size, 3))
+    head = [keras.layers.Flatten(), keras.layers.Dense(256, activation="relu"),
+            keras.layers.Dropout(0.6)]
   base.trainable = False
-  model = keras.Sequential([keras.Input((size, size, 3)), base, keras.layers.Flatten(),
-                            keras.layers.Dense(256, activation="relu"),
-                            keras.layers.Dropout(0.6),
+  model = keras.Sequential([keras.Input((size, size, 3)), base, *head,
                             keras.layers.Dense(1, activation="sigmoid", dtype="float32")])
   model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="binary_crossentropy",
                 jit_compile=options.get("jit_compile", "auto"))
@@ -102,13 +117,41 @@ def _torch_vgg16_blog(size: int):
   return features, head
 
 
-def _torch_step(dtype: str, batch: int, size: int, options: dict):
+def _torch_resnet50():
+  """torchvision's ResNet50 (v1.5: stride on the 3x3 convolution) and a GAP -> Linear(1) head."""
+  import torch.nn as tnn
+
+  def conv_bn(cin, cout, k, stride=1, relu=True):
+    layers = [tnn.Conv2d(cin, cout, k, stride, k // 2, bias=False), tnn.BatchNorm2d(cout)]
+    return tnn.Sequential(*layers, *([tnn.ReLU(inplace=True)] if relu else []))
+
+  class Bottleneck(tnn.Module):
+    def __init__(self, cin, inner, stride):
+      super().__init__()
+      self.body = tnn.Sequential(conv_bn(cin, inner, 1), conv_bn(inner, inner, 3, stride),
+                                 conv_bn(inner, 4 * inner, 1, relu=False))
+      self.shortcut = (conv_bn(cin, 4 * inner, 1, stride, relu=False)
+                       if stride != 1 or cin != 4 * inner else tnn.Identity())
+
+    def forward(self, x):
+      return (self.body(x) + self.shortcut(x)).relu_()
+
+  layers, cin = [conv_bn(3, 64, 7, 2), tnn.MaxPool2d(3, 2, 1)], 64
+  for s, blocks in enumerate((3, 4, 6, 3)):
+    for b in range(blocks):
+      layers.append(Bottleneck(cin, 64 * 2 ** s, 2 if s > 0 and b == 0 else 1))
+      cin = 4 * 64 * 2 ** s
+  return tnn.Sequential(*layers), tnn.Sequential(tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(cin, 1))
+
+
+def _torch_step(model_name: str, dtype: str, batch: int, size: int, options: dict):
   import torch
   import torch.nn.functional as F
-  features, head = _torch_vgg16_blog(size)
+  features, head = _torch_resnet50() if model_name == "resnet50" else _torch_vgg16_blog(size)
   for p in features.parameters():
     p.requires_grad_(False)
   model = torch.nn.Sequential(features, head).to(memory_format=torch.channels_last)
+  features.eval()  # frozen: ResNet's BatchNorm in inference mode (the head keeps its dropout)
   opt = torch.optim.Adam(head.parameters(), lr=1e-4)
   forward = torch.compile(model) if options.get("compile") else model
   gen = torch.Generator().manual_seed(0)
@@ -129,7 +172,7 @@ def _torch_step(dtype: str, batch: int, size: int, options: dict):
                 "compile": bool(options.get("compile")), "memory_format": "channels_last"}
 
 
-def _transfer_step(dtype: str, batch: int, size: int, options: dict):
+def _transfer_step(model_name: str, dtype: str, batch: int, size: int, options: dict):
   import transfer.platform
   transfer.platform.setup()  # as every `transfer` command does, before JAX has a backend
   import jax
@@ -137,6 +180,9 @@ def _transfer_step(dtype: str, batch: int, size: int, options: dict):
   config = configs.load("bench")
   config.batch_size, config.image_size, config.dtype = batch, size, dtype
   config.conv = options.get("conv", config.conv)
+  if model_name == "resnet50":  # the frozen backbone's BatchNorm layers run in inference mode
+    config.model, config.variant, config.head, config.head_dropout = (
+        "resnet50", options.get("variant", "torchvision"), "gap", 0.0)
   setup = bench.Setup(config, dtype)
   step = steps.make_train_step(setup.model, setup.tx, setup.labels, setup.mesh, config.parallel)
   batch_arrays = {"image": setup.images(), "label": setup.labels_batch()}
@@ -167,7 +213,8 @@ def worker(name: str) -> None:
     request = json.loads(line)
     if request["cmd"] == "setup":
       start = time.perf_counter()
-      step, info = _BUILDERS[framework](dtype, request["batch"], request["size"], options)
+      step, info = _BUILDERS[framework](request["model"], dtype, request["batch"],
+                                        request["size"], options)
       for _ in range(request["warmup"]):
         step()
       steps[request["batch"]] = step
@@ -222,7 +269,7 @@ class Worker:
 
 
 def step_benchmark(names, batch_sizes, size, steps, repeats, warmup, log,
-                   save=lambda rows: None) -> list[dict]:
+                   save=lambda rows: None, model: str = "vgg16") -> list[dict]:
   """Interleaved step timings: for each batch size, every contestant, round after round.
 
   `save(rows)` is called after each batch size, so a long run that is stopped keeps its results.
@@ -233,7 +280,8 @@ def step_benchmark(names, batch_sizes, size, steps, repeats, warmup, log,
     for batch in batch_sizes:
       infos, durations = {}, {name: [] for name in names}
       for name in names:
-        reply = workers[name].ask(cmd="setup", batch=batch, size=size, warmup=warmup)
+        reply = workers[name].ask(cmd="setup", model=model, batch=batch, size=size,
+                                  warmup=warmup)
         infos[name] = reply
         log(f"batch {batch}: {name} ready in {reply['setup_s']:.1f}s {reply['info']}")
       for r in range(repeats):
@@ -244,7 +292,8 @@ def step_benchmark(names, batch_sizes, size, steps, repeats, warmup, log,
       for name in names:
         median = statistics.median(durations[name])
         framework, dtype, options = CONTESTANTS[name]
-        rows.append({"name": name, "framework": framework, "dtype": dtype, "batch": batch,
+        rows.append({"name": name, "model": model, "framework": framework, "dtype": dtype,
+                     "batch": batch,
                      "step_s_median": median, "images_per_sec": batch / median,
                      "step_s_all": durations[name], "setup_s": infos[name]["setup_s"],
                      "info": infos[name]["info"]})
@@ -364,7 +413,7 @@ def machine() -> str:
 
 def markdown(rows, e2e, args, elapsed_s: float) -> str:
   """The tables for docs/BENCHMARKS.md."""
-  lines = [f"Machine: {machine()}; Python {platform.python_version()}. "
+  lines = [f"Model: {args.model}. Machine: {machine()}; Python {platform.python_version()}. "
            f"{args.steps} timed steps x {args.repeats} interleaved rounds per contestant after "
            f"{args.warmup} warm-up step(s); whole run {elapsed_s / 60:.1f} min.", "",
            "| contestant | dtype | batch | median step (s) | images/s | vs jax-fp32 | notes |",
@@ -414,6 +463,8 @@ def main() -> None:
   parser.add_argument("--only", default=",".join(DEFAULT),
                       help=f"contestants (default: all but the jax-fp32-* ablations): "
                            f"{','.join(CONTESTANTS)}")
+  parser.add_argument("--model", choices=MODELS, default="vgg16",
+                      help="the frozen backbone: VGG16 + blog head, or ResNet50 + GAP head")
   parser.add_argument("--batch_sizes", default="16,32")
   parser.add_argument("--image_size", type=int, default=224)
   parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
@@ -439,6 +490,8 @@ def main() -> None:
   unknown = [n for n in names if n not in CONTESTANTS]
   if unknown:
     raise SystemExit(f"unknown contestants {unknown}; valid: {', '.join(CONTESTANTS)}")
+  if args.e2e and args.model != "vgg16":
+    raise SystemExit("--e2e runs the VGG16 blog job only; add --no-e2e")
   start = time.perf_counter()
   def save(rows, e2e=None):
     if args.json:
@@ -446,7 +499,7 @@ def main() -> None:
         json.dump({"rows": rows, "e2e": e2e, "machine": machine()}, f, indent=1)
 
   rows = step_benchmark(names, [int(b) for b in args.batch_sizes.split(",")], args.image_size,
-                        args.steps, args.repeats, args.warmup, log, save)
+                        args.steps, args.repeats, args.warmup, log, save, args.model)
   e2e = (e2e_benchmark(args.e2e_images, args.image_size, 16, args.e2e_epochs,
                        args.e2e_keras_epochs, log) if args.e2e else None)
   text = markdown(rows, e2e, args, time.perf_counter() - start)
