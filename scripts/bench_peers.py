@@ -141,7 +141,8 @@ def _torch_resnet50():
     for b in range(blocks):
       layers.append(Bottleneck(cin, 64 * 2 ** s, 2 if s > 0 and b == 0 else 1))
       cin = 4 * 64 * 2 ** s
-  return tnn.Sequential(*layers), tnn.Sequential(tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(cin, 1))
+  head = tnn.Sequential(tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(cin, 1))
+  return tnn.Sequential(*layers), head
 
 
 def _torch_step(model_name: str, dtype: str, batch: int, size: int, options: dict):
