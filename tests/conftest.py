@@ -38,6 +38,15 @@ def wait_for(predicate, what: str, timeout: float = HANG_S, poll: float = 0.1):
     time.sleep(poll)
 
 
+def assert_close_to_scale(ours, ref, rtol: float):
+  """Max abs difference within `rtol` of the reference's scale (element-wise rtol is meaningless
+  for values near zero). For outputs of a ported network against its reference framework."""
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  assert ours.shape == ref.shape
+  err = np.abs(ours - ref).max()
+  assert err <= rtol * np.abs(ref).max(), f"max error {err} vs scale {np.abs(ref).max()}"
+
+
 def assert_trained_alike(got, want, *, terms: int, steps: int, slack: float = 4.0):
   """Asserts two param trees trained by different programs agree up to float32 round-off.
 

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import assert_close_to_scale
 from transfer import models
 from transfer import weights
 from transfer.errors import UserError
@@ -42,12 +43,7 @@ def _home(tmp_path, monkeypatch):
 
 
 def assert_close(ours, ref, rtol=RTOL):
-  """Max abs difference within `rtol` of the reference's scale (element-wise rtol is meaningless
-  for values near zero)."""
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  assert ours.shape == ref.shape
-  err = np.abs(ours - ref).max()
-  assert err <= rtol * np.abs(ref).max(), f"max error {err} vs scale {np.abs(ref).max()}"
+  assert_close_to_scale(ours, ref, rtol)
 
 
 def one_line_error(excinfo):

@@ -122,6 +122,10 @@ class Checkpointer:
     if problems:
       raise CheckpointMismatch(f"checkpoint {step} in {self.directory} does not fit this "
                                f"config's model/optimizer: {'; '.join(problems)}")
+    return self._read(step, abstract_state)
+
+  def _read(self, step: int, abstract_state) -> tuple[Any, dict[str, Any]]:
+    """`restore` once the saved arrays are known to fit `abstract_state`."""
     target, fill = _saved_structure(abstract_state, self._saved_keys(step))
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**{
@@ -133,11 +137,15 @@ class Checkpointer:
       raise
     return fill(restored[STATE]), dict(restored[META])
 
+  def _saved_tree(self, step: int):
+    """Orbax's metadata tree of the state saved at `step` (shapes and dtypes, no array data)."""
+    path = epath.Path(self.directory) / str(step) / STATE
+    saved = ocp.StandardCheckpointHandler().metadata(path)
+    return saved.tree if hasattr(saved, "tree") else saved
+
   def _saved_keys(self, step: int) -> set[str] | None:
     """The top-level names of the state saved at `step` (None when unknown)."""
-    path = epath.Path(self.directory) / str(step) / STATE
-    tree = ocp.StandardCheckpointHandler().metadata(path)
-    tree = tree.tree if hasattr(tree, "tree") else tree
+    tree = self._saved_tree(step)
     return set(tree) if isinstance(tree, dict) else None
 
   def saved_shapes(self, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -145,9 +153,7 @@ class Checkpointer:
 
     Reads only Orbax's tree metadata, so it works on a checkpoint whose array data is damaged.
     """
-    path = epath.Path(self.directory) / str(step) / STATE
-    saved = ocp.StandardCheckpointHandler().metadata(path)
-    leaves = jax.tree_util.tree_flatten_with_path(saved.tree if hasattr(saved, "tree") else saved)[0]
+    leaves = jax.tree_util.tree_flatten_with_path(self._saved_tree(step))[0]
     return {_dotted(p): (tuple(m.shape), str(m.dtype)) for p, m in leaves}
 
   def fit_problems(self, step: int, abstract_state) -> list[str]:
@@ -202,7 +208,7 @@ class Checkpointer:
         raise CheckpointMismatch(f"checkpoint {step} in {self.directory} does not fit this "
                                  f"config's model/optimizer: {'; '.join(problems)}")
       try:
-        state, meta = self.restore(step, abstract_state)
+        state, meta = self._read(step, abstract_state)  # its fit was checked above
         return step, state, meta
       except CheckpointMismatch:
         raise

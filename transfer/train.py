@@ -153,6 +153,8 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
       runs.check_same_data(meta["run"].get("data"), data_identity, f"resuming {workdir}")
 
     resumed = checkpointer.restore_latest(abstract, check_meta=check_meta)
+    if resumed is None:
+      variables, init_note = runs.initial_variables(config, model, shapes, data_identity)
   except BaseException:
     checkpointer.close()
     raise
@@ -164,11 +166,6 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
       return _already_finished(workdir, start_step, total_steps, is_main)
   else:
     start_step = 0
-    try:
-      variables, init_note = runs.initial_variables(config, model, shapes, data_identity)
-    except BaseException:
-      checkpointer.close()
-      raise
     state = parallel.replicate(steps.create_train_state(
         variables["params"], tx, config.seed, variables.get("batch_stats")), mesh)
   if changes:
