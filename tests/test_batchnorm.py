@@ -135,6 +135,24 @@ def test_a_changed_variant_is_refused_on_resume(tmp_path):
     train.train_and_evaluate(_resnet(num_steps=4, variant="keras"), str(tmp_path / "run"))
 
 
+def test_a_variant_mismatch_from_the_config_names_the_config_key(tmp_path):
+  """A torchvision file into `--config.variant=keras`: the fix is spelled as the flag to pass."""
+  from transfer.errors import UserError
+  from transfer.weights import export, port
+  shapes = port.variable_shapes(models.get("resnet50_tiny", head="none"), 32)
+  variables = jax.tree.map(lambda s: np.ones(s.shape, np.float32), shapes)
+  path = str(tmp_path / "tv.safetensors")
+  export.write_safetensors(path, export.torch_state_dict(
+      variables["params"], models.spec("resnet50_tiny"), variables["batch_stats"]))
+  with pytest.raises(UserError) as e:
+    train.train_and_evaluate(_resnet(num_steps=1, variant="keras", weights=path),
+                             str(tmp_path / "run"))
+  message = str(e.value)
+  assert message.startswith(f"{path} is a torchvision ResNet (v1.5") and "\n" not in message
+  assert message.endswith("the model is --config.variant=keras: build it with "
+                          "--config.variant=torchvision (or auto, which follows the weights)")
+
+
 def test_cached_features_train_a_frozen_resnet_like_streaming_images(tmp_path):
   """Frozen BatchNorm is inference mode, so the backbone's output is fixed: the head trains on
   the same numbers whether they are cached once or recomputed every step."""

@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import assert_close_to_scale
 from transfer import models
 from transfer import weights
-from transfer.weights import formats, port, sources
+from transfer.weights import export, formats, port, sources
 # `transfer.weights.preprocess` is also the name of a function the package exports.
 from transfer.weights.preprocess import eval_image, eval_resize, preprocess
 
@@ -194,6 +194,31 @@ def test_tiny_fits_strictly_and_matches(tmp_path):
   assert set(variables) == {"params", "batch_stats"}
   x = random_images(2, 64, seed=0)
   assert_close(forward(net, variables, x), run_torch(model, x))
+
+
+def test_export_loads_strictly_into_torch_and_computes_the_same(tmp_path):
+  """Our variables (with running statistics far from 0 and 1) -> `export.torch_state_dict` ->
+  torch's `load_state_dict(strict=True)`: every key torch expects, BN buffers included."""
+  net = models.get("resnet50_tiny", include_top=True, variant="torchvision")
+  variables = jax.device_get(models.init_variables(net, 64, 5))
+  rng = np.random.default_rng(5)
+  variables["batch_stats"] = jax.tree.map(
+      lambda v: rng.uniform(0.5, 2.0, v.shape).astype(np.float32), variables["batch_stats"])
+  for layer in variables["batch_stats"]:  # BN affine parameters away from 1 and 0 too
+    bn = variables["params"][layer]
+    bn["scale"] = rng.uniform(0.5, 1.5, bn["scale"].shape).astype(np.float32)
+    bn["bias"] = rng.normal(0, 0.2, bn["bias"].shape).astype(np.float32)
+  fc = variables["params"]["predictions"]  # Flax's fresh bias is 0; the kernel is random
+  fc["bias"] = rng.normal(0, 0.1, fc["bias"].shape).astype(np.float32)
+  state = export.torch_state_dict(variables["params"], models.spec("resnet50_tiny"),
+                                  variables["batch_stats"])
+  model = TorchResNet(RESNET50, width=4)
+  model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()},
+                        strict=True)
+  x = random_images(2, 64, seed=6)
+  ref = run_torch(model.eval(), x)
+  assert np.abs(ref).max() > 0.1
+  assert_close(forward(net, variables, x), ref)
 
 
 # --- full-size parity ----------------------------------------------------------------------------

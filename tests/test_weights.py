@@ -390,3 +390,40 @@ def test_output_cut_short_by_its_reader_is_not_a_traceback(tmp_path):
     os.close(write_end)
   assert "Traceback" not in proc.stderr.decode() and "BrokenPipeError" not in proc.stderr.decode()
   assert proc.returncode == 141
+
+
+@pytest.mark.parametrize("variant, layout", [("torchvision", "safetensors"),
+                                             ("keras", "keras1"), ("keras", "keras2")])
+def test_a_resnet_round_trips_with_its_batch_norm(tmp_path, variant, layout):
+  """export -> file -> strict load gives back every param and running statistic bit for bit."""
+  arch = "resnet50_tiny"
+  shapes = port.variable_shapes(models.get(arch, include_top=True, variant=variant), 32)
+  rng = np.random.default_rng(2)
+  variables = jax.tree.map(lambda s: rng.uniform(0.5, 2.0, s.shape).astype(np.float32), shapes)
+  spec = models.spec(arch)
+  if layout == "safetensors":
+    state = export.torch_state_dict(variables["params"], spec, variables["batch_stats"])
+    bn = "layer4.0.downsample.1"
+    assert [k for k in state if k.startswith(bn + ".")] == [
+        f"{bn}.{k}" for k in ("weight", "bias", "running_mean", "running_var",
+                              "num_batches_tracked")]
+    assert state[f"{bn}.num_batches_tracked"].dtype == np.int64
+    assert "conv1.bias" not in state  # torchvision's convolutions have no bias
+    assert state["fc.weight"].shape == (1000, 128)
+    path = tmp_path / "r.safetensors"
+    export.write_safetensors(path, state)
+  else:
+    layers = export.keras_layers(variables["params"], spec, variables["batch_stats"])
+    assert len(layers["conv5_block3_3_bn"]) == 4 and len(layers["conv1_conv"]) == 2
+    path = tmp_path / "r.h5"
+    export.write_keras_h5(path, layers, naming=layout)
+  model = models.get(arch, include_top=True, variant=variant)
+  loaded = weights.load_variables(str(path), model, image_size=32)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), variables)
+
+
+def test_torch_export_of_batch_norm_needs_the_statistics():
+  shapes = port.variable_shapes(models.get("resnet50_tiny", head="none"), 32)
+  params = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes["params"])
+  with pytest.raises(ValueError, match="conv1_bn is a BatchNorm layer: pass batch_stats"):
+    export.torch_state_dict(params, models.spec("resnet50_tiny"))

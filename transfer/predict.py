@@ -91,7 +91,8 @@ def predict_imagenet(images: Sequence[str], *, model: str = "vgg16", weights: st
     images: image file paths.
     model: registry name; built with the ImageNet top.
     weights: weights with the ImageNet top; they also decide the preprocessing and the eval
-      geometry (squash, or short-side resize and center crop: `preprocess.eval_resize`).
+      geometry (squash, or short-side resize and center crop, and the input size and filter:
+      `preprocess.eval_geometry`).
     top: classes per image.
     batch_size: images decoded and classified per forward pass.
 
@@ -128,19 +129,24 @@ def _imagenet_predictions(paths, model, weights, top, batch_size) -> Iterator[Pr
   """`predict_imagenet`, one result at a time (checks and loading happen before the first)."""
   from transfer import models
   from transfer import weights as weights_lib
-  from transfer.weights.preprocess import eval_resize
+  from transfer.weights.preprocess import eval_geometry
 
   _check_counts(top, batch_size)
   net = models.get(model, include_top=True, variant=weights_lib.variant_for(weights, model))
-  size = models.spec(model).top_image_size
+  spec = models.spec(model)
+  # The weights' own eval geometry, at their own input size where the top takes any (timm's
+  # A1 ResNets: 288); a VGG's flatten top takes 224 only.
+  geometry = eval_geometry(weights, spec.top_image_size if spec.top_fixed_size else None)
+  size = geometry.size
   params, report = weights_lib.load_variables(weights, net, image_size=size, return_report=True)
   if report.fresh:
     print(f"transfer: warning: {report.summary()}; predictions are meaningless", file=sys.stderr)
-  resize = eval_resize(weights, size)  # the weights' own eval geometry
   forward = make_forward(net)
   width = min(batch_size, len(paths))
   return _in_batches(
-      paths, batch_size, lambda p: load_image(p, size, resize_size=resize),
+      paths, batch_size,
+      lambda p: load_image(p, size, resize_size=geometry.resize,
+                           interpolation=geometry.interpolation),
       lambda x: forward(params, _pad(weights_lib.preprocess(x, weights), width))[:len(x)],
       top, lambda classes: imagenet_labels() if classes == 1000 else None)
 
@@ -288,7 +294,8 @@ def _pad(x: np.ndarray, n: int) -> np.ndarray:
   return np.concatenate([x, np.zeros((n - len(x),) + x.shape[1:], x.dtype)])
 
 
-def load_images(paths: Sequence[str], size: int, resize_size: int | None = None) -> np.ndarray:
+def load_images(paths: Sequence[str], size: int, resize_size: int | None = None,
+                interpolation: str = "bilinear") -> np.ndarray:
   """Decodes image files to RGB, `size` x `size`, in one eval geometry (see `load_image`).
 
   Returns:
@@ -297,17 +304,19 @@ def load_images(paths: Sequence[str], size: int, resize_size: int | None = None)
   Raises:
     UnreadableImage: a file is missing or not a readable image (the message names it).
   """
-  return np.stack([load_image(p, size, resize_size) for p in paths])
+  return np.stack([load_image(p, size, resize_size, interpolation) for p in paths])
 
 
-def load_image(path: str, size: int, resize_size: int | None = None) -> np.ndarray:
+def load_image(path: str, size: int, resize_size: int | None = None,
+               interpolation: str = "bilinear") -> np.ndarray:
   """One image file as a (size, size, 3) uint8 RGB array, in the weights' eval geometry.
 
   Grayscale, palette and RGBA images are converted to RGB. Then (`preprocess.eval_image`):
   `resize_size=None` squashes the whole image to `size` x `size` with antialiased bilinear, the
   geometry of Keras' loaders (whose `load_img` defaults to nearest neighbour: we filter, as our
   training pipeline does); a number resizes the short side to it and center-crops, torchvision's
-  eval transform (`preprocess.eval_resize` says which one a weight source was validated with).
+  eval transform (`preprocess.eval_geometry` says which one a weight source was validated with,
+  and its filter: `interpolation`, bilinear or timm's bicubic).
 
   Raises:
     UnreadableImage: the file is missing or not a readable image; `reason` says which.
@@ -326,7 +335,7 @@ def load_image(path: str, size: int, resize_size: int | None = None) -> np.ndarr
           SyntaxError) as e:
     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise UnreadableImage(path, reason) from None
-  return eval_image(rgb, size, resize_size)
+  return eval_image(rgb, size, resize_size, interpolation)
 
 
 def top_k(probs: np.ndarray, k: int, labels: Sequence[str] | None = None) -> list[list[dict]]:

@@ -120,7 +120,8 @@ def initial_variables(config, model, shapes=None, data_identity=None):
   from transfer import weights as weights_lib
   if models.spec(config.model).batch_norm:
     variables, report = weights_lib.load_variables(
-        config.weights, model, image_size=config.image_size, rng=config.seed, return_report=True)
+        config.weights, model, image_size=config.image_size, rng=config.seed, return_report=True,
+        variant_option="--config.variant")
     return dict(variables), report.summary()
   params, report = weights_lib.load(config.weights, model, image_size=config.image_size,
                                     rng=config.seed, return_report=True)

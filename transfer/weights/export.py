@@ -75,25 +75,51 @@ def keras_layers(params: Mapping, spec: models.ModelSpec,
   return layers
 
 
-def torch_state_dict(params: Mapping, spec: models.ModelSpec) -> dict[str, np.ndarray]:
-  """Our params as a torchvision-keyed state dict of numpy arrays (OIHW, (out, in), C,H,W rows)."""
+def torch_state_dict(params: Mapping, spec: models.ModelSpec,
+                     batch_stats: Mapping | None = None) -> dict[str, np.ndarray]:
+  """Our params as a torchvision-keyed state dict of numpy arrays (OIHW, (out, in), C,H,W rows).
+
+  A BatchNorm layer becomes torch's `BatchNorm2d` entries: `weight` (our scale), `bias`,
+  `running_mean`, `running_var` (from `batch_stats`) and `num_batches_tracked` (0: we do not
+  count steps, and torch reads the counter only with `momentum=None`). Convolutions without a
+  bias (the torchvision ResNet) get no `bias` entry, as in torchvision's files.
+
+  Args:
+    params: the `params` collection.
+    spec: the model's spec (its layer order and torch names).
+    batch_stats: a BatchNorm model's running statistics; required when `params` has BatchNorm
+      layers, since a file without them would not load (nor compute what the model computes).
+
+  Raises:
+    ValueError: BatchNorm layers without their statistics.
+  """
   side = spec.top_image_size // spec.feature_stride
   state = {}
   for layer in spec.conv_layers + spec.top_layers:
     if layer not in params:
       continue
+    prefix = spec.torch_names[layer]
+    if "scale" in params[layer]:
+      stats = (batch_stats or {}).get(layer)
+      if stats is None:
+        raise ValueError(f"{layer} is a BatchNorm layer: pass batch_stats")
+      for theirs, value in (("weight", params[layer]["scale"]), ("bias", params[layer]["bias"]),
+                            ("running_mean", stats["mean"]), ("running_var", stats["var"])):
+        state[f"{prefix}.{theirs}"] = np.asarray(value, np.float32)
+      state[f"{prefix}.num_batches_tracked"] = np.asarray(0, np.int64)
+      continue
     kernel = np.asarray(params[layer]["kernel"], np.float32)
     if kernel.ndim == 4:
       weight = kernel.transpose(3, 2, 0, 1)
-    elif layer == spec.top_layers[0]:
+    elif layer == spec.top_layers[0] and spec.top_fixed_size:
       inp, out = kernel.shape
       channels = inp // (side * side)
       weight = kernel.T.reshape(out, side, side, channels).transpose(0, 3, 1, 2).reshape(out, inp)
-    else:
+    else:  # a dense layer after global pooling (ResNet's fc) reads channels, not C,H,W rows
       weight = kernel.T
-    prefix = spec.torch_names[layer]
     state[f"{prefix}.weight"] = np.ascontiguousarray(weight)
-    state[f"{prefix}.bias"] = np.asarray(params[layer]["bias"], np.float32)
+    if "bias" in params[layer]:
+      state[f"{prefix}.bias"] = np.asarray(params[layer]["bias"], np.float32)
   return state
 
 

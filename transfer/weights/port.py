@@ -203,18 +203,27 @@ def file_variant(fmt: str, spec: models.ModelSpec) -> str | None:
 
 
 def check_variant(source: str, spec: models.ModelSpec, have: str | None,
-                  need: str | None) -> None:
+                  need: str | None, option: str = "variant") -> None:
   """Raises one UserError when a file needs another variant of the model than the one built.
 
   The ResNet variants differ in where a stage's stride sits and in the BatchNorm epsilon, which
   no shape shows; the Keras convolutions' biases would show, but as a hundred missing or
   unexpected names instead of the one fix.
+
+  Args:
+    source, spec: the weights and the model's spec.
+    have, need: the variant built and the one the file needs.
+    option: how the caller names the setting, so the fix reads as the user would type it:
+      `variant` (Python: `variant='keras'`) or a flag (`--config.variant`: `--config.variant=keras`).
   """
   if need is None or have is None or have == need:
     return
   what = _VARIANT_TRAITS.get(need, f"for the {need!r} variant of {spec.name}")
-  raise UserError(f"{source} is {what}; the model is variant={have!r}: build it with "
-                  f"variant={need!r}")
+  flag = option.startswith("--")
+  spell = lambda v: f"{option}={v}" if flag else f"{option}={v!r}"
+  hint = " (or auto, which follows the weights)" if flag else ""
+  raise UserError(f"{source} is {what}; the model is {spell(have)}: build it with "
+                  f"{spell(need)}{hint}")
 
 
 def head_layers(shapes: dict[str, Any], spec: models.ModelSpec) -> tuple[str, ...]:
@@ -359,3 +368,35 @@ def guess_arch(view_for: Callable[[models.ModelSpec], dict[str, dict[str, Tensor
 @functools.lru_cache(maxsize=None)
 def _backbone_shapes(name: str) -> dict[str, Any]:
   return by_layer(variable_shapes(models.get(name, head="none"), models.spec(name).min_image_size))
+
+
+# ------------------------------------------------------------------ torch ResNets we do not build
+
+# timm's ResNet-D family (`resnet50d`, `resnet101d`, ...: `stem_type='deep'`, `avg_down=True`)
+# replaces the 7x7 stem by three 3x3 convs (`conv1.0`, `conv1.1` BN, `conv1.3`, ...) and puts an
+# average pool before each shortcut conv (`downsample.0` pool, `.1` conv, `.2` BN). Their keys
+# overlap torchvision's enough that the strict merge would list dozens of names instead of
+# saying what the file is.
+_DEEP_STEM = re.compile(r"^conv1\.\d+$")
+_AVG_DOWN = re.compile(r"^layer\d+\.\d+\.downsample\.2$")
+
+
+def unsupported_structure(wf: WeightFile) -> str | None:
+  """Why a torch state dict is a ResNet form we do not build (timm's ResNet-D), or None.
+
+  Returns:
+    A phrase for the error, e.g. `"deep-stem ResNet-D is not supported; ..."`.
+  """
+  if wf.format not in _TORCH_FORMATS:
+    return None
+  deep_stem = any(_DEEP_STEM.match(layer) for layer in wf.layers)
+  avg_down = any(_AVG_DOWN.match(layer) for layer in wf.layers)
+  if not (deep_stem or avg_down):
+    return None
+  what = ("a three-conv stem (conv1.0, conv1.3, ...)" if deep_stem else "") + \
+         (" and " if deep_stem and avg_down else "") + \
+         ("average-pool shortcuts (downsample.1 conv, downsample.2 BN)" if avg_down else "")
+  kind = "deep-stem ResNet-D" if deep_stem else "average-pool-shortcut ResNet-D"
+  return (f"{kind} is not supported; the file has {what}, as timm's resnet50d/101d/152d; use "
+          f"plain ResNet weights (torchvision's, or timm's resnet50/101/152.* tags such as "
+          f"timm:resnet50.a1_in1k)")

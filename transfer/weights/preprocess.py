@@ -7,16 +7,19 @@ normalised the same way, so the normalisation is a property of the weights, not 
   * `unit` (random initialisation): scale to [-1, 1].
 Works on numpy arrays (host pipelines) and jax arrays (on-device augmentation) alike.
 
-The eval geometry is a property of the weights too (`eval_resize`, `eval_image`): Keras' loaders
-squash the whole image to the input size; torchvision resizes the short side (256, or 232 for its
-V2 ResNet weights) and center-crops 224. Evaluating one family's weights through the other's
-geometry shifts their probabilities and costs accuracy.
+The eval geometry is a property of the weights too (`eval_geometry`, `eval_image`): Keras'
+loaders squash the whole image to the input size; torchvision resizes the short side (256, or 232
+for its V2 ResNet weights) and center-crops 224, bilinear; timm's recipes evaluate at their own
+test size and crop fraction, mostly bicubic (288 from a short side of 288 for the A1 ResNets).
+Evaluating one family's weights through another's geometry shifts their probabilities and costs
+accuracy.
 """
 
 from __future__ import annotations
 
 from transfer.errors import UserError
 
+import dataclasses
 import os
 
 import numpy as np
@@ -33,6 +36,8 @@ TORCH_STD = (0.229, 0.224, 0.225)
 EVAL_CROP = 224
 TORCH_RESIZE = 256
 
+INTERPOLATIONS = ("bilinear", "bicubic")
+_PREFIX_MODES = {"keras": "caffe", "torchvision": "torch", "timm": "torch"}
 _EXTENSION_MODES = {".h5": "caffe", ".hdf5": "caffe", ".keras": "caffe",
                     ".pth": "torch", ".pt": "torch", ".safetensors": "torch"}
 
@@ -41,7 +46,8 @@ def mode_for(source: str | None) -> str:
   """The preprocessing mode of a weight source.
 
   Args:
-    source: a registry id (`keras:vgg16`, `torchvision:vgg16`), a weight file path (by format:
+    source: a registry id (`keras:vgg16`, `torchvision:vgg16`, `timm:resnet50.a1_in1k`: timm's
+      mean/std are torchvision's), a weight file path (by format:
       `.h5` = Keras, `.pth`/`.safetensors` = torchvision), a mode name itself, or `None`/`"none"`
       for random initialisation.
 
@@ -53,10 +59,8 @@ def mode_for(source: str | None) -> str:
   if source in MODES:
     return source
   prefix = source.split(":", 1)[0] if ":" in source and not os.path.exists(source) else None
-  if prefix == "keras":
-    return "caffe"
-  if prefix == "torchvision":
-    return "torch"
+  if prefix in _PREFIX_MODES:
+    return _PREFIX_MODES[prefix]
   for ext, mode in _EXTENSION_MODES.items():
     if source.lower().endswith(ext):
       return mode
@@ -92,27 +96,56 @@ def _jnp():
   return jnp
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalGeometry:
+  """How an image becomes a weight source's eval input (see `eval_image`).
+
+  Attributes:
+    size: the input side (the center crop).
+    resize: the short side before the crop, or None to squash the whole image to `size`.
+    interpolation: the resize filter, one of `INTERPOLATIONS`.
+  """
+
+  size: int
+  resize: int | None
+  interpolation: str = "bilinear"
+
+
+def eval_geometry(source: str | None, size: int | None = None) -> EvalGeometry:
+  """The eval geometry the weights `source` were validated with.
+
+  Args:
+    source: as for `mode_for`. A registry id carries its own (`WeightSource.resize_size`,
+      `input_size`, `interpolation`); a torch-format file gets torchvision's default (256 for a
+      224 crop, bilinear), since it was most likely made for that pipeline; Keras weights, modes
+      other than `torch` and random initialisation squash.
+    size: the model's input side; None = the source's own (`WeightSource.input_size`, 224 for
+      files). Another size keeps the source's crop fraction: `round(resize * size / input_size)`.
+
+  Returns:
+    An `EvalGeometry`.
+  """
+  if source is not None and sources.is_id(source):
+    entry = sources.get(source)
+    resize, native, interpolation = entry.resize_size, entry.input_size, entry.interpolation
+  else:
+    resize = TORCH_RESIZE if mode_for(source) == "torch" else None
+    native, interpolation = EVAL_CROP, "bilinear"
+  size = size or native
+  scaled = None if resize is None else int(round(resize * size / native))
+  return EvalGeometry(size=size, resize=scaled, interpolation=interpolation)
+
+
 def eval_resize(source: str | None, size: int = EVAL_CROP) -> int | None:
   """The short side an eval image is resized to before its center `size` crop; None = squash.
 
-  Args:
-    source: as for `mode_for`. A registry id carries its own (`WeightSource.resize_size`); a
-      torch-format file gets torchvision's default 256, since it was most likely made for that
-      pipeline; Keras weights, modes other than `torch` and random initialisation squash.
-    size: the model's input side. The recorded sizes are for a 224 crop; another input size keeps
-      the same crop fraction (`round(resize * size / 224)`).
-
-  Returns:
-    The short side in pixels, or None for squashing the whole image to `size` x `size`.
+  `eval_geometry(source, size).resize`: e.g. 232 for `torchvision:resnet50`, 256 for a `.pth`
+  file, None for Keras weights; the recorded sizes keep their crop fraction at other sizes.
   """
-  if source is not None and sources.is_id(source):
-    resize = sources.get(source).resize_size
-  else:
-    resize = TORCH_RESIZE if mode_for(source) == "torch" else None
-  return None if resize is None else int(round(resize * size / EVAL_CROP))
+  return eval_geometry(source, size).resize
 
 
-def eval_image(image, size: int, resize_size: int | None):
+def eval_image(image, size: int, resize_size: int | None, interpolation: str = "bilinear"):
   """An RGB PIL image as the (size, size, 3) uint8 eval input, in the weights' geometry.
 
   `resize_size=None` squashes the whole image to `size` x `size` with PIL's bilinear filter, which
@@ -128,20 +161,26 @@ def eval_image(image, size: int, resize_size: int | None):
   PIL resize, so the result is identical to its pipeline on PIL images. On tensors (e.g. images
   decoded with `torchvision.io`) it runs torch's `antialias=True` bilinear instead, the same
   filter computed in float without PIL's rounding to uint8 between passes: close (a level or so
-  per pixel), not bit-identical.
+  per pixel), not bit-identical. timm's eval transform is the same torchvision `Resize` (short
+  side `floor(size / crop_pct)`) and `CenterCrop`, with its cfg's filter: `"bicubic"` is PIL's
+  bicubic, as torchvision calls it on PIL images.
 
   Args:
     image: an RGB `PIL.Image.Image`.
     size: the model's input side.
-    resize_size: the short side before the crop (`eval_resize`), or None to squash.
+    resize_size: the short side before the crop (`eval_geometry`), or None to squash.
+    interpolation: `"bilinear"` or `"bicubic"` (`EvalGeometry.interpolation`).
 
   Returns:
     uint8 numpy array (size, size, 3).
   """
   from PIL import Image  # Deferred: only image decoding needs PIL.
+  if interpolation not in INTERPOLATIONS:
+    raise UserError(f"unknown interpolation {interpolation!r}; valid: {', '.join(INTERPOLATIONS)}")
+  resample = Image.BICUBIC if interpolation == "bicubic" else Image.BILINEAR
   if resize_size is None:
     if image.size != (size, size):
-      image = image.resize((size, size), Image.BILINEAR, reducing_gap=None)
+      image = image.resize((size, size), resample, reducing_gap=None)
     return np.asarray(image, np.uint8)
   if resize_size < size:
     raise UserError(f"eval resize {resize_size} is smaller than the {size} crop; use a resize "
@@ -151,7 +190,7 @@ def eval_image(image, size: int, resize_size: int | None):
   new_long = int(resize_size * long / short)
   new = (resize_size, new_long) if width <= height else (new_long, resize_size)
   if new != image.size:
-    image = image.resize(new, Image.BILINEAR, reducing_gap=None)
+    image = image.resize(new, resample, reducing_gap=None)
   top = int(round((new[1] - size) / 2.0))
   left = int(round((new[0] - size) / 2.0))
   return np.asarray(image.crop((left, top, left + size, top + size)), np.uint8)

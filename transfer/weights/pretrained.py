@@ -107,7 +107,8 @@ def load(source: str, model, *, image_size: int | None = None, rng: jax.Array | 
 
 def load_variables(source: str, model, *, image_size: int | None = None,
                    rng: jax.Array | int = 0, fresh_head: bool | None = None,
-                   cache_dir: str | os.PathLike | None = None, return_report: bool = False):
+                   cache_dir: str | os.PathLike | None = None, return_report: bool = False,
+                   variant_option: str = "variant"):
   """All of `model`'s variables from pretrained weights, merged strictly into fresh trees.
 
   As `load`, with the BatchNorm running statistics: a BatchNorm layer's `moving_mean` and
@@ -117,6 +118,8 @@ def load_variables(source: str, model, *, image_size: int | None = None,
 
   Args:
     source, model, image_size, rng, fresh_head, cache_dir, return_report: as for `load`.
+    variant_option: how a variant mismatch error names the setting to change: `variant` (this
+      API, `models.get(..., variant=...)`) or `--config.variant` (a run's config).
 
   Returns:
     `{"params": ...}`, plus `"batch_stats"` for a BatchNorm model (the structure of
@@ -142,7 +145,7 @@ def load_variables(source: str, model, *, image_size: int | None = None,
     raise UserError(f"weights {source} are for {sources.get(source).arch}, model is {spec.name}")
   if spec.variants and (sources.is_id(source) or os.path.isfile(source)):
     port.check_variant(source, spec, getattr(model, "variant", None),
-                       variant_for(source, spec.name))
+                       variant_for(source, spec.name), variant_option)
   path, entry = resolve(source, cache_dir)
   if path is None:
     variables = models.init_variables(model, image_size, rng)
@@ -153,6 +156,9 @@ def load_variables(source: str, model, *, image_size: int | None = None,
     return (variables, report) if return_report else variables
 
   with _open_cached(path, entry) as wf:
+    unsupported = port.unsupported_structure(wf)
+    if unsupported:
+      raise UserError(f"weights {source}: {unsupported}")
     view = port.model_view(wf, spec)
     plan = port.plan_merge(layers, view, fresh=fresh, ignorable=ignorable)
     if plan.problems:

@@ -13,6 +13,7 @@ in tests); the file names stay the official ones.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 from transfer.errors import UserError
@@ -43,8 +44,14 @@ class WeightSource:
       None for architectures with one form.
     resize_size: the eval geometry the weights were validated with. None: squash the whole image
       to the input size (Keras' loaders); a number: resize the short side to it, then center-crop
-      the 224 input (torchvision's `ImageClassification`; 256, or 232 for the V2 ResNets). See
-      `transfer.weights.preprocess.eval_resize`.
+      `input_size` (torchvision's `ImageClassification`: 256, or 232 for the V2 ResNets; timm's
+      `floor(test_input_size / test_crop_pct)`). See `transfer.weights.preprocess.eval_geometry`.
+    input_size: the input side that geometry crops (224; timm's `test_input_size`, e.g. 288).
+    interpolation: the resize filter of that geometry, `"bilinear"` or `"bicubic"` (timm's
+      recipes).
+    hub_url: where the publisher's own library loads the weights from today, when that is
+      another file than `url` (timm: the Hugging Face Hub `model.safetensors`, the same tensors
+      as `url`'s `.pth`). Shown for reference, never downloaded: no published hash verifies it.
   """
 
   id: str
@@ -57,6 +64,9 @@ class WeightSource:
   preprocess: str
   variant: str | None = None
   resize_size: int | None = None
+  input_size: int = 224
+  interpolation: str = "bilinear"
+  hub_url: str | None = None
 
   @property
   def filename(self) -> str:
@@ -113,6 +123,51 @@ _SOURCES: dict[str, WeightSource] = {s.id: s for s in (
     _torchvision("resnet152", "f82ba261", "resnet152", 232, "torchvision"),
     _torchvision("resnet152", "394f9c45", "resnet152_v1", 256, "torchvision"),
 )}
+
+
+# timm (huggingface/pytorch-image-models `timm/models/resnet.py` `default_cfgs`, read at
+# aa4b5850). Plain `resnet50/101/152` weights use torchvision's key names and the v1.5 structure,
+# so they load into variant `torchvision`. `url` is the cfg's legacy `url` (a GitHub release or
+# download.pytorch.org), whose file name carries the first hex digits of the file's sha256 in
+# torch.hub's `<name>-<sha256 prefix>.pth` convention: that prefix is the check (timm itself
+# skips it by default, `_CHECK_HASH = False`). timm now loads `hf_hub_id='timm/'` + tag from the
+# Hugging Face Hub instead (`hub_url`, a `model.safetensors` with the same tensors); no hash of
+# that file is published anywhere in timm's sources, so it is recorded but not downloaded.
+# Eval geometry: timm's `validate.py` evaluates at `test_input_size` / `test_crop_pct`
+# (`use_test_size=not args.use_train_size`), short side `floor(size / crop_pct)`, center crop,
+# with the cfg's interpolation; mean/std are IMAGENET_DEFAULT_MEAN/STD, torchvision's.
+_TIMM_HUB = "https://huggingface.co/timm"
+_TIMM_RSB = "https://github.com/{owner}/pytorch-image-models/releases/download/v0.1-rsb-weights"
+
+
+def _timm(tag: str, url: str, test_size: int, test_crop_pct: float,
+          interpolation: str) -> WeightSource:
+  """timm's `<arch>.<tag>` weights (id `timm:<arch>.<tag>`) from its legacy `url`."""
+  return WeightSource(id=f"timm:{tag}", arch=tag.split(".")[0], url=url,
+                      hash_kind="sha256_prefix", hash=url.rsplit("-", 1)[1].split(".")[0],
+                      format="torch_pth", include_top=True, preprocess="torch",
+                      variant="torchvision", resize_size=math.floor(test_size / test_crop_pct),
+                      input_size=test_size, interpolation=interpolation,
+                      hub_url=f"{_TIMM_HUB}/{tag}/resolve/main/model.safetensors")
+
+
+_SOURCES.update({s.id: s for s in (
+    # ResNet Strikes Back recipe A1 (`_rcfg`: test 288, test_crop_pct 1.0, bicubic); timm's
+    # default `resnet50` weights.
+    _timm("resnet50.a1_in1k", f"{_TIMM_RSB.format(owner='rwightman')}/resnet50_a1_0-14fe96d1.pth",
+          288, 1.0, "bicubic"),
+    # A1 with heavier augmentation, trained at 176 (`test_input_size=224`, `test_crop_pct=1.0`).
+    _timm("resnet50.a1h_in1k",
+          f"{_TIMM_RSB.format(owner='huggingface')}/resnet50_a1h2_176-001a1197.pth",
+          224, 1.0, "bicubic"),
+    # torchvision's IMAGENET1K_V2 file under timm's cfg (`test_crop_pct=0.965`: floor(224 / 0.965)
+    # = 232, torchvision's own resize), bilinear.
+    _timm("resnet50.tv2_in1k", f"{_TORCHVISION}/resnet50-11ad3fa6.pth", 224, 0.965, "bilinear"),
+    _timm("resnet101.a1h_in1k",
+          f"{_TIMM_RSB.format(owner='rwightman')}/resnet101_a1h-36d3f2aa.pth", 288, 1.0, "bicubic"),
+    _timm("resnet152.a1h_in1k",
+          f"{_TIMM_RSB.format(owner='rwightman')}/resnet152_a1h-dc400468.pth", 288, 1.0, "bicubic"),
+)})
 
 
 def ids() -> list[str]:
