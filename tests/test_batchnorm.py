@@ -88,11 +88,14 @@ def test_trainable_batchnorm_gives_the_same_result_on_any_device_count(start, de
   run = lambda n, m: _train(model, variables, trainable, jax.devices()[:n], m, size=64, lr=1e-3)
   ref, got = run(1, "shard_map"), run(devices, mode)
   # Each statistic sums 8 x 2 x 2 (conv5) to 8 x 4 x 4 (conv4) values in another order per
-  # device count, and BatchNorm's backward divides by the batch deviation of those values and
-  # subtracts two such sums from the gradient: the round-off of the sums is amplified, not just
-  # carried. Bound by measurement rather than derivation: the largest difference seen over 3 SGD
-  # steps was 1.6e-5 of a leaf's scale (params) and 1e-6 (statistics); allow 4x.
-  for want, have, rel in ((ref.params, got.params, 6.4e-5), (ref.batch_stats, got.batch_stats, 4e-6)):
+  # device count, and BatchNorm's backward divides by the batch deviation and subtracts two such
+  # sums from the gradient, so round-off is amplified, not just carried: the bound is measured,
+  # not derived. With the variance as E[x^2] - E[x]^2 (Flax's default, one cross-device mean)
+  # params differed by up to 1.6e-5 of a leaf's scale over 3 SGD steps; with the centered
+  # variance the model uses (global mean first, then the mean of squared deviations), at most
+  # 5.8e-6 (params) and 3.1e-7 (statistics) over three seeds and 2/4 devices, shard_map and
+  # pmap: within the 1e-5 asked for.
+  for want, have, rel in ((ref.params, got.params, 1e-5), (ref.batch_stats, got.batch_stats, 1e-5)):
     for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want),
                             jax.tree_util.tree_leaves(have)):
       np.testing.assert_allclose(g, w, rtol=0, atol=rel * float(np.abs(w).max()),
