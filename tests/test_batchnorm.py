@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transfer import checkpoint, models, optim, parallel, preemption, train
+from transfer import checkpoint, metrics, models, optim, parallel, preemption, train
 from transfer import steps as steps_lib
+from test_checkpoint import _cli, _finish, _wait_for_checkpoint
 from test_train import tiny_config
 
 
@@ -129,6 +130,43 @@ def test_resume_with_trainable_batchnorm_matches_an_uninterrupted_run(tmp_path, 
   assert meta["step"] == 6 and set(got) == {"params", "batch_stats"}
   for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got)):
     np.testing.assert_array_equal(a, b)  # bitwise: same program, devices, data and steps
+
+
+# test_checkpoint's CLI run (4 devices), as resnet50_tiny with conv5 and every BatchNorm layer
+# training (`train_bn`): all running statistics update, on the global batch. 60 steps, a
+# checkpoint every 10: the kill after checkpoint 20 leaves 40 steps of margin.
+_TRAINABLE_BN = {"model": "resnet50_tiny", "head": "gap", "trainable": "^head/,^conv5_",
+                 "train_bn": True, "num_steps": 60, "eval_every_steps": 30}
+
+
+def test_resume_after_sigkill_with_trainable_batchnorm_matches_an_uninterrupted_run(tmp_path):
+  ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+  ref = _cli(ref_dir, **_TRAINABLE_BN)  # runs beside the one to be killed
+  proc = _cli(run_dir, **_TRAINABLE_BN)
+  _wait_for_checkpoint(run_dir, 20, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = max(r["step"] for r in metrics.read_metrics(str(run_dir)))
+  assert killed_at < 60, "the run finished before it could be killed"
+  out = _finish(ref, ref_dir)
+  assert ref.returncode == 0, out[-3000:]
+
+  proc = _cli(run_dir, **_TRAINABLE_BN)
+  out = _finish(proc, run_dir)
+  assert proc.returncode == 0, out[-3000:]
+  assert "resumed from step" in out
+  want, _ = checkpoint.load_trained_variables(str(ref_dir))
+  got, meta = checkpoint.load_trained_variables(str(run_dir))
+  assert meta["step"] == 60 and set(got) == {"params", "batch_stats"}
+  records = metrics.read_metrics(str(run_dir))
+  assert [r["step"] for r in records if "train_loss" in r] == list(range(1, 61))
+  fresh = models.init_variables(models.get("resnet50_tiny", head="gap", num_classes=1), 32)
+  moved = {k.split("/")[0] for k, v in _flat(fresh["batch_stats"]).items()
+           if not np.array_equal(v, _flat(got["batch_stats"])[k])}
+  assert moved == set(got["batch_stats"])  # every layer's statistics trained
+  assert _flat(want).keys() == _flat(got).keys()
+  for path, value in _flat(want).items():  # bitwise: same program, devices, data and steps
+    np.testing.assert_array_equal(_flat(got)[path], value, err_msg=path)
 
 
 def test_a_changed_variant_is_refused_on_resume(tmp_path):

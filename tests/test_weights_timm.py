@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from transfer import main as cli_main
 from transfer import models
 from transfer import predict
 from transfer import weights
@@ -66,6 +67,14 @@ def test_timm_registry_follows_the_pretrained_cfg(tag):
   assert entry.variant == weights.variant_for(entry.id, entry.arch) == "torchvision"
   assert mode_for(entry.id) == entry.preprocess == "torch"  # IMAGENET_DEFAULT_MEAN/STD
   assert eval_geometry(entry.id) == EvalGeometry(size, math.floor(size / crop_pct), interpolation)
+
+
+def test_weights_list_shows_the_hub_file_as_unverified(capsys):
+  assert cli_main.run(["weights", "list"]) == 0
+  [line] = [l for l in capsys.readouterr().out.splitlines() if l.startswith(A1 + " ")]
+  assert "resnet50_a1_0-14fe96d1.pth  [not cached]" in line
+  assert line.endswith("(publisher's hub copy, unverified: "
+                       "https://huggingface.co/timm/resnet50.a1_in1k/resolve/main/model.safetensors)")
 
 
 def test_timm_tv2_is_torchvisions_v2_file_and_eval_geometry():

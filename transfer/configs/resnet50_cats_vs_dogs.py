@@ -10,7 +10,9 @@ features, which are computed once (`cache_features`).
     transfer train --config resnet50_cats_vs_dogs --workdir workdirs/resnet50_cats_vs_dogs
 
 `--config.weights=keras:resnet50_notop` takes Keras' ResNet50 instead (v1, caffe preprocessing);
-the model builds the variant the weights need (`variant=auto`).
+`--config.weights=timm:resnet50.a1_in1k` timm's stronger ResNet Strikes Back weights (v1.5, same
+keys and preprocessing as torchvision's); the model builds the variant the weights need
+(`variant=auto`).
 
 Data: TFDS `cats_vs_dogs` as in `cats_vs_dogs.py`. Expected: validation accuracy of about 97-98%
 (ResNet50 features are stronger than VGG16's on this task); not measured on this project's

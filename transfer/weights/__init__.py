@@ -1,5 +1,5 @@
-"""Pretrained weights: port Keras and torchvision VGG and ResNet files into our models, download,
-inspect.
+"""Pretrained weights: port Keras, torchvision and timm VGG and ResNet files into our models,
+download, inspect, export.
 
     params = transfer.weights.load("keras:vgg16_notop", model)     # registry id, cached download
     variables = transfer.weights.load_variables("keras:resnet50_notop", resnet)  # + batch_stats

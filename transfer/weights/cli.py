@@ -42,13 +42,15 @@ def format_info(meta: dict) -> str:
 
 
 def format_list() -> str:
-  """Registry ids with what they hold, their URL and whether they are cached."""
+  """Registry ids with what they hold, their URL and whether they are cached (and, for timm, the
+  Hugging Face Hub file timm itself loads, which no published hash verifies)."""
   lines = []
   for source_id in sources.ids():
     entry = sources.get(source_id)
     path = sources.cached_path(entry)
     state = f"cached at {path}" if os.path.isfile(path) else "not cached"
     top = "with top" if entry.include_top else "no top"
+    hub = f"  (publisher's hub copy, unverified: {entry.hub_url})" if entry.hub_url else ""
     lines.append(f"{source_id:<24} {entry.arch:<9} {top:<8} preprocess={entry.preprocess:<6} "
-                 f"{sources.url_for(entry)}  [{state}]")
+                 f"{sources.url_for(entry)}  [{state}]{hub}")
   return "\n".join(lines)
