@@ -45,7 +45,8 @@ def convert(src: str, out: str, model: str | None = None) -> str:
     raise SystemExit(f"{src} holds the {net.variant} variant of {arch}; a {layout} file would "
                      f"be read as the {port.file_variant(layout, spec)} variant")
   if out.endswith(".safetensors"):
-    export.write_safetensors(out, export.torch_state_dict(params, spec))
+    state = export.torch_state_dict(params, spec, variables.get("batch_stats"))
+    export.write_safetensors(out, state)
   elif out.endswith(".h5"):
     export.write_keras_h5(out, export.keras_layers(params, spec, variables.get("batch_stats")))
   else:

@@ -375,6 +375,26 @@ def test_convert_script_round_trips(tiny_top, tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), params, tiny_top[1])
 
 
+def test_convert_script_turns_a_torchvision_resnet_pth_into_safetensors(tmp_path):
+  """A ResNet with its BatchNorm statistics: .pth -> .safetensors, every array unchanged."""
+  torch = pytest.importorskip("torch", reason="torch extra not installed")
+  import runpy
+  script = os.path.join(os.path.dirname(__file__), "..", "scripts", "convert_weights.py")
+  convert = runpy.run_path(script)["convert"]
+  model = models.get("resnet50_tiny", include_top=True, variant="torchvision")
+  rng = np.random.default_rng(3)
+  variables = jax.tree.map(lambda s: rng.uniform(0.5, 2.0, s.shape).astype(np.float32),
+                           port.variable_shapes(model, 224))
+  state = export.torch_state_dict(variables["params"], models.spec("resnet50_tiny"),
+                                  variables["batch_stats"])
+  src = str(tmp_path / "r.pth")
+  torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, src)
+  out = str(tmp_path / "r.safetensors")
+  assert convert(src, out) == "resnet50_tiny"
+  loaded = weights.load_variables(out, model, image_size=224)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), variables)
+
+
 def test_output_cut_short_by_its_reader_is_not_a_traceback(tmp_path):
   # `transfer weights list | head -0`: the reader is gone before anything is written.
   import subprocess
