@@ -393,9 +393,9 @@ def unsupported_structure(wf: WeightFile) -> str | None:
   avg_down = any(_AVG_DOWN.match(layer) for layer in wf.layers)
   if not (deep_stem or avg_down):
     return None
-  what = ("a three-conv stem (conv1.0, conv1.3, ...)" if deep_stem else "") + \
-         (" and " if deep_stem and avg_down else "") + \
-         ("average-pool shortcuts (downsample.1 conv, downsample.2 BN)" if avg_down else "")
+  what = " and ".join(part for part, present in (
+      ("a three-conv stem (conv1.0, conv1.3, ...)", deep_stem),
+      ("average-pool shortcuts (downsample.1 conv, downsample.2 BN)", avg_down)) if present)
   kind = "deep-stem ResNet-D" if deep_stem else "average-pool-shortcut ResNet-D"
   return (f"{kind} is not supported; the file has {what}, as timm's resnet50d/101d/152d; use "
           f"plain ResNet weights (torchvision's, or timm's resnet50/101/152.* tags such as "
