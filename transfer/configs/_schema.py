@@ -85,6 +85,11 @@ RANGES: dict[str, Range] = {
     "weight_decay": NON_NEGATIVE,
     "grad_clip_norm": NON_NEGATIVE,    # 0 = no clipping
     "warmup_steps": NON_NEGATIVE,
+    "pct_start": Range(low=0, high=1, low_open=True, high_open=True),
+    "div_factor": Range(low=1),
+    "final_div_factor": Range(low=1),
+    "max_momentum": FRACTION,
+    "base_momentum": FRACTION,
     "image_size": AT_LEAST_ONE,        # the model's own minimum: models.check_image_size
     "keep_checkpoints": AT_LEAST_ONE,
     "keep_best_checkpoints": NON_NEGATIVE,
@@ -100,7 +105,7 @@ RANGES: dict[str, Range] = {
 # Keys with a fixed set of names. `labels_from` is checked only where a config has it.
 CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("adam", "adamw", "sgd", "rmsprop"),           # optim._base_optimizer
-    "schedule": ("constant", "cosine", "warmup_cosine"),        # optim.make_schedule
+    "schedule": ("constant", "cosine", "warmup_cosine", "one_cycle"),  # optim.SCHEDULES
     "head": ("imagenet", "flatten_dense", "gap", "none"),       # models.heads.HEADS
     "dtype": ("auto", "float32", "bfloat16", "float16"),        # models.as_dtype
     "conv": ("auto", "xla", "winograd"),                        # models.CONVS
