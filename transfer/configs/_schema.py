@@ -115,3 +115,24 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "labels_from": ("folders", "filename"),
     "variant": ("auto", "keras", "torchvision"),                # models.resnet.VARIANTS
 }
+
+
+def check_stages(config, check) -> None:
+  """Checks `config.stages`: each a dict of known stage keys whose whole config passes `check`.
+
+  Raises:
+    UserError: one line naming the stage (`stages[1]`, 0-based as in the config) and the problem.
+  """
+  from transfer import stages
+  from transfer.errors import UserError
+  if not config.get("stages"):
+    return
+  try:
+    stage_configs = stages.stage_configs(config)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  for i, stage_config in enumerate(stage_configs):
+    try:
+      check(stage_config)
+    except UserError as e:
+      raise UserError(f"stages[{i}]: {e}") from None

@@ -56,6 +56,10 @@ def get_config():
   c.train_bn = False                # BatchNorm layers train (batch statistics) even inside frozen blocks
   c.trainable = ["^head/"]          # regexes over param paths ("block5_conv1/kernel"); rest frozen
   c.lr_mults = ml_collections.ConfigDict()  # {"pattern": multiplier}, e.g. {"^block5": 0.1}
+  # Stages, each a fresh optimizer over its own trainable set, run one after the other: a list of
+  # dicts with any of transfer.stages.STAGE_KEYS (epochs or steps, trainable, learning_rate,
+  # lr_mults, schedule, train_bn, augment, ...); keys a stage omits are the ones above.
+  c.stages = []
   # Execution.
   c.dtype = "auto"                  # compute: auto (bf16 on GPU/TPU, f32 on CPU) | float32 | bfloat16
   c.conv = "auto"                   # conv algorithm: auto (winograd on CPU, xla on GPU/TPU) | xla | winograd
