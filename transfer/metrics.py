@@ -98,9 +98,10 @@ def plot_curves(workdir: str) -> str | None:
       if points:
         ax.plot(*zip(*points), marker="." if split == "val" else None, label=split)
     for i, (step, name) in enumerate(stage_starts(records)):
-      if i:  # the first stage starts at step 0: no line
+      if i:  # the first stage starts at step 0, before the first logged point: no line
         ax.axvline(step, color="gray", linestyle="--", linewidth=1)
-      ax.annotate(name, (step, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
+      ax.annotate(name, (step if i else 0.01, 1.0),
+                  xycoords=("data" if i else "axes fraction", "axes fraction"), xytext=(3, -12),
                   textcoords="offset points", fontsize=8, color="gray")
     ax.set_xlabel("step")
     ax.set_title(metric)

@@ -1,6 +1,7 @@
 """The training loop: the only place where training has side effects.
 
-`train_and_evaluate` reads data, runs the pure steps of `transfer.steps`, logs
+`train_and_evaluate` reads data, runs the pure steps of `transfer.steps` stage after stage
+(`transfer.stages`; one stage unless the config lists several), logs
 (`transfer.metrics`), evaluates and checkpoints (`transfer.checkpoint`) at steps chosen by
 `_is_due`, and stops cleanly on SIGTERM/SIGINT. What the run is (its model, initial params, and
 the checks that a rerun is the same run) comes from `transfer.runs`.
@@ -34,12 +35,6 @@ from transfer import workdir as workdir_lib
 from transfer.errors import UserError
 
 log = logging.getLogger("transfer")
-
-
-def _total_steps(config, steps_per_epoch: int) -> int:
-  if config.num_steps > 0:
-    return config.num_steps
-  return config.num_epochs * steps_per_epoch
 
 
 def _is_due(step: int, every: int, total: int) -> bool:
@@ -227,20 +222,8 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
         _log(is_main, optim.describe(state.params, param_labels))
         stage_ds = ds if c.augment == config.augment else data_lib.create(
             c, preprocess_source=weights_source or "none")
-
-        # Input: images, or backbone features computed once.
-        no_cache_reason = features.cache_features_reason(c, param_labels)
-        kind = "full" if no_cache_reason else "head"
-        if kind == "head":
-          _log(is_main, "cache_features: running the frozen backbone once over train and val")
-          train_iter, val_batches, note = features.cached_inputs(
-              model, state.variables, stage_ds, mesh, config.batch_size, config.seed, local)
-          _log(is_main, f"cache_features: {note}")
-        else:
-          if config.cache_features:
-            _log(is_main, f"cache_features not used: {no_cache_reason}")
-          train_iter = stage_ds.train_batches(local)
-          val_batches = lambda d=stage_ds: d.eval_batches("val", config.batch_size)
+        kind, train_iter, val_batches = _inputs(c, param_labels, model, state, stage_ds, mesh,
+                                                local, is_main)
         batches = data_lib.prefetch_to_device(train_iter, parallel.batch_sharding(mesh),
                                               size=config.prefetch)
         train_step = steps.make_train_step(model, tx, param_labels, mesh, config.parallel, kind)
@@ -344,6 +327,24 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
       _log(True, f"warning: could not write {os.path.join(workdir, 'curves.png')}: {e}")
     _log(True, f"done: {step} steps, {_result_line(best, last_eval)}; workdir {workdir}")
   return summary
+
+
+def _inputs(config, param_labels, model, state, ds, mesh, start: int, is_main: bool):
+  """A stage's input: `(kind, train batches from its step `start`, val batches function)`.
+
+  `kind` is `head` when the stage trains on backbone features computed once (`cache_features`
+  with a frozen backbone and no augmentation), else `full` (images).
+  """
+  no_cache_reason = features.cache_features_reason(config, param_labels)
+  if no_cache_reason is None:
+    _log(is_main, "cache_features: running the frozen backbone once over train and val")
+    train_iter, val_batches, note = features.cached_inputs(
+        model, state.variables, ds, mesh, config.batch_size, config.seed, start)
+    _log(is_main, f"cache_features: {note}")
+    return "head", train_iter, val_batches
+  if config.cache_features:
+    _log(is_main, f"cache_features not used: {no_cache_reason}")
+  return "full", ds.train_batches(start), lambda: ds.eval_batches("val", config.batch_size)
 
 
 class _StageOptimizers:
