@@ -138,3 +138,9 @@ def test_one_cycle_leaves_an_optimizer_without_momentum_alone(params):
   assert optim.make_momentum_schedule(config, 8) is None
   config = _config(schedule="one_cycle", optimizer="adam", cycle_momentum=False)
   assert optim.make_momentum_schedule(config, 8) is None
+
+
+def test_one_cycle_with_warmup_steps_is_one_line():
+  from transfer import configs
+  with pytest.raises(UserError, match=r"^warmup_steps=5 does not apply to schedule=one_cycle"):
+    configs.validate(_config(schedule="one_cycle", warmup_steps=5))

@@ -145,6 +145,8 @@ def test_a_run_stopped_at_the_stage_boundary_resumes_into_stage_two(staged, tmp_
 
 def test_changing_the_stages_is_refused_on_resume(staged):
   workdir, _, _ = staged
+  # The run's record reads back with its stages: `transfer train --workdir W` continues it.
+  assert configs.load(workdir).stages == staged_config().stages
   with pytest.raises(UserError, match=r"holds a different run: stages "):
     train.train_and_evaluate(staged_config(n2=6), workdir)
   with pytest.raises(UserError, match=r"num_steps 6 -> 12 .*length of the stages"):

@@ -136,3 +136,12 @@ def check_stages(config, check) -> None:
       check(stage_config)
     except UserError as e:
       raise UserError(f"stages[{i}]: {e}") from None
+
+
+def check_one_cycle(config) -> None:
+  """`one_cycle` warms up over `pct_start` of the steps; a `warmup_steps` would be ignored."""
+  from transfer.errors import UserError
+  if config.get("schedule") == "one_cycle" and config.get("warmup_steps", 0) > 0:
+    raise UserError(f"warmup_steps={config.warmup_steps} does not apply to schedule=one_cycle, "
+                    f"whose warm-up is pct_start={config.get('pct_start')} of the steps; set "
+                    f"warmup_steps=0")
