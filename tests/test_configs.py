@@ -117,7 +117,7 @@ def test_an_int_stands_in_for_a_float_and_a_tuple_for_a_list():
 
 
 def test_name_lists_match_the_code_that_consumes_them():
-  from transfer import models, parallel
+  from transfer import models, optim, parallel
   from transfer.data import pipeline
   from transfer.models import heads
   assert _schema.CHOICES["parallel"] == tuple(parallel.MODES)
@@ -125,6 +125,7 @@ def test_name_lists_match_the_code_that_consumes_them():
   assert _schema.CHOICES["conv"] == tuple(models.CONVS)
   assert _schema.CHOICES["augment"] == tuple(pipeline.AUGMENTS)
   assert _schema.CHOICES["cache_images"] == tuple(pipeline.CACHES)
+  assert _schema.CHOICES["schedule"] == optim.SCHEDULES
   for dtype in _schema.CHOICES["dtype"]:
     models.as_dtype(dtype)
 
@@ -134,7 +135,9 @@ def test_name_lists_match_the_code_that_consumes_them():
 def test_every_optimizer_and_schedule_name_builds(optimizer, schedule):
   import jax.numpy as jnp
   from transfer import optim
-  config = overridden(optimizer=optimizer, schedule=schedule, warmup_steps=2, trainable="^head/")
+  warmup = 0 if schedule == "one_cycle" else 2  # one_cycle warms up by pct_start
+  config = overridden(optimizer=optimizer, schedule=schedule, warmup_steps=warmup,
+                      trainable="^head/")
   params = {"head": {"kernel": jnp.ones((2, 2))}}
   tx, _ = optim.make_optimizer(config, params, 10)
   updates, _ = tx.update(params, tx.init(params), params)

@@ -24,7 +24,7 @@ def test_an_override_without_a_value_is_one_error():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["eval", "--workdir", "w", "--config.seed=1"], "apply to train and bench, not eval"),
+    (["eval", "--workdir", "w", "--config.seed=1"], "apply to train, bench and lr_find, not eval"),
     (["predict", "--checkpoint", "best", "x.jpg"], "--checkpoint"),
     (["train", "--config", "no_such_config"], "unknown config 'no_such_config'"),
     (["train", "--config.no_such_key=1"], "unknown config key 'no_such_key'"),

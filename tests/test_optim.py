@@ -84,3 +84,63 @@ def test_schedules():
   assert float(sched(0)) == 0.0 and abs(float(sched(10)) - 1.0) < 1e-6 and float(sched(100)) < 1e-3
   with pytest.raises(UserError, match="unknown schedule"):
     optim.make_schedule(_config(schedule="bogus"), 10)
+
+
+def _fastai_one_cycle(step, total, peak, pct, div, final_div):
+  """fastai's 1cycle written out: cosine from peak/div up to peak over pct of the steps, then
+  cosine down to peak/(div*final_div)."""
+  up = int(pct * total)
+  lo, end = peak / div, peak / (div * final_div)
+  if step <= up:
+    return lo + (peak - lo) * (1 - np.cos(np.pi * step / up)) / 2
+  t = (step - up) / (total - up)
+  return end + (peak - end) * (1 + np.cos(np.pi * t)) / 2
+
+
+@pytest.mark.parametrize("step", [0, 5, 25, 26, 60, 99, 100])
+def test_one_cycle_rates_match_the_definition(step):
+  config = _config(schedule="one_cycle", learning_rate=0.1, pct_start=0.25, div_factor=25.0,
+                   final_div_factor=1e4)
+  rate = float(optim.make_schedule(config, 100)(step))
+  # float32 arithmetic: relative to the peak rate near the end, where the rate is tiny.
+  assert rate == pytest.approx(_fastai_one_cycle(step, 100, 0.1, 0.25, 25.0, 1e4), rel=1e-5,
+                              abs=1e-6 * 0.1)
+  if step == 25:
+    assert rate == pytest.approx(0.1)
+
+
+def _injected(opt_state, name):
+  """The value of hyperparameter `name` in the first injected state found in `opt_state`."""
+  found = [s.hyperparams[name] for s in jax.tree_util.tree_leaves(
+      opt_state, is_leaf=lambda x: hasattr(x, "hyperparams")) if hasattr(s, "hyperparams")]
+  assert found, "no injected hyperparameters"
+  return float(found[0])
+
+
+@pytest.mark.parametrize("optimizer,key", [("adam", "b1"), ("adamw", "b1"), ("sgd", "momentum")])
+def test_one_cycle_cycles_momentum_where_the_optimizer_has_it(params, optimizer, key):
+  """0.95 at the start, 0.85 at the peak rate, back to 0.95 at the end (fastai's moms)."""
+  config = _config(schedule="one_cycle", optimizer=optimizer, learning_rate=0.01, pct_start=0.25)
+  tx, _ = optim.make_optimizer(config, params, 8)
+  state = tx.init(params)
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  seen = []
+  for _ in range(9):
+    _, state = tx.update(grads, state, params)
+    seen.append(_injected(state, key))  # evaluated at the count before this update
+  assert seen[0] == pytest.approx(0.95) and seen[2] == pytest.approx(0.85)
+  assert seen[8] == pytest.approx(0.95)
+  assert seen[1] == pytest.approx(0.90)  # cosine half-way: (0.95 + 0.85) / 2
+
+
+def test_one_cycle_leaves_an_optimizer_without_momentum_alone(params):
+  config = _config(schedule="one_cycle", optimizer="sgd", momentum=0.0)
+  assert optim.make_momentum_schedule(config, 8) is None
+  config = _config(schedule="one_cycle", optimizer="adam", cycle_momentum=False)
+  assert optim.make_momentum_schedule(config, 8) is None
+
+
+def test_one_cycle_with_warmup_steps_is_one_line():
+  from transfer import configs
+  with pytest.raises(UserError, match=r"^warmup_steps=5 does not apply to schedule=one_cycle"):
+    configs.validate(_config(schedule="one_cycle", warmup_steps=5))

@@ -124,20 +124,24 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
 
 
 def test_blog_config_builds_with_a_generated_weight_file(tmp_path, mock_tfds):
-  """cats_vs_dogs as shipped (VGG16 at 224, Keras notop weights, frozen conv, cached features),
-  with the weights replaced by a generated file in the official layout and TFDS mocked."""
+  """cats_vs_dogs as shipped (VGG16 at 224, Keras notop weights, a head stage on cached features,
+  then block5), with the weights replaced by a generated file in the official layout, TFDS mocked
+  and each stage cut to one step."""
   model = models.get("vgg16", include_top=False)
   params = jax.device_get(models.init_params(model, 224))
   path = str(tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5")
   export.write_keras_h5(path, export.keras_layers(params, models.spec("vgg16")))
   config = configs.load("cats_vs_dogs")
   config.weights, config.data_dir = path, mock_tfds
-  config.batch_size, config.num_steps, config.log_every_steps = 4, 2, 1
+  config.batch_size, config.log_every_steps = 4, 1
+  config.stages = [{**{k: v for k, v in s.items() if k != "epochs"}, "steps": 1}
+                   for s in config.stages]
   summary = train.train_and_evaluate(config, str(tmp_path / "blog"))
   assert summary["step"] == 2 and summary["final"]["val_count"] == 10
   _, meta = checkpoint.load_trained(str(tmp_path / "blog"))
   assert meta["run"]["class_names"] == ["cat", "dog"] and meta["run"]["outputs"] == 1
   assert meta["run"]["preprocessing"] == "caffe" and meta["config"]["optimizer"] == "rmsprop"
+  assert meta["stage"]["name"] == "block5" and meta["run"]["trainable"] == ["^head/", "^block5_"]
 
 
 def test_eval_and_predict_cli_on_a_trained_run(trained, tmp_path, capsys):

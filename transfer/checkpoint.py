@@ -187,7 +187,8 @@ class Checkpointer:
     A workdir whose every checkpoint was unreadable is refused rather than restarted at step 0.
 
     Args:
-      abstract_state: restore target (shapes, dtypes, shardings).
+      abstract_state: restore target (shapes, dtypes, shardings), or a function of the step
+        giving it (a staged run's state has its stage's optimizer state).
       check_meta: called with each candidate's metadata before its state is read; it raises
         (e.g. `UserError`) when the checkpoint belongs to a different run. That error
         propagates: a different run is not a damaged checkpoint.
@@ -195,7 +196,9 @@ class Checkpointer:
     Raises:
       CheckpointMismatch, UserError: see above.
     """
+    target_for = abstract_state if callable(abstract_state) else lambda _: abstract_state
     for step in reversed(self.steps()):
+      abstract_state = target_for(step)
       try:
         meta = self.restore_meta(step)
         problems = self.fit_problems(step, abstract_state)

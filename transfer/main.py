@@ -6,6 +6,7 @@
                      [--batch_size N] [--json] IMAGE|FOLDER...
     transfer weights info SRC | download ID | list
     transfer bench   [--mode train|forward|eval|input] [--json] [--config.KEY=VALUE ...]
+    transfer lr_find [--workdir DIR] [--config FILE|NAME] [--steps N] [--config.KEY=VALUE ...]
 
 Exit statuses: 0 done; 2 an error the user can fix (bad flag, unknown name, wrong file: one
 line); 1 from `predict` when some images could not be read (the others are still classified);
@@ -73,6 +74,18 @@ def _parser() -> argparse.ArgumentParser:
   bench.add_argument("--json", action="store_true", help="print one JSON line")
   bench.add_argument("--peak_tflops", type=float, default=None,
                      help="device peak for MFU when the device is not in the table")
+
+  lrf = sub.add_parser("lr_find", help="learning-rate range test: suggest a learning rate")
+  lrf.add_argument("--workdir", help="where lr_find.json and lr_find.png go (a run there is "
+                                     "left untouched; default: a new ./workdirs/<config>-<time>-"
+                                     "lr_find)")
+  lrf.add_argument("--config", help="config name or file, as for train (default: the workdir's "
+                                    "run's config, else quickstart)")
+  lrf.add_argument("--steps", type=int, default=100, help="most steps of the sweep")
+  lrf.add_argument("--start_lr", type=float, default=1e-7, help="first learning rate")
+  lrf.add_argument("--end_lr", type=float, default=10.0, help="last learning rate")
+  lrf.add_argument("--stage", type=int, default=1,
+                   help="with config.stages: the (1-based) stage whose trainable set is tested")
   return parser
 
 
@@ -90,8 +103,8 @@ def run(argv: list[str]) -> int:
   platform.setup()  # XLA flags, before anything creates a JAX backend
   args_only, overrides = configs.split_overrides(argv)
   args = _parser().parse_args(args_only)
-  if overrides and args.command not in ("train", "bench"):
-    raise UserError(f"--config.* overrides apply to train and bench, not {args.command}")
+  if overrides and args.command not in ("train", "bench", "lr_find"):
+    raise UserError(f"--config.* overrides apply to train, bench and lr_find, not {args.command}")
 
   if args.command == "train":
     from transfer import train
@@ -106,6 +119,17 @@ def run(argv: list[str]) -> int:
                       distributed=dict(coordinator_address=args.coordinator_address,
                                        num_processes=args.num_processes,
                                        process_id=args.process_id))
+  elif args.command == "lr_find":
+    from transfer import lr_find
+    config_name = _train_config_name(args.config, args.workdir)
+    if args.config is None and config_name != configs.DEFAULT:  # the run's own record
+      from transfer import workdir as workdir_lib
+      base = workdir_lib.recorded_config(args.workdir)
+    else:
+      base = configs.load(config_name)
+    config = configs.validate(configs.apply_overrides(base, overrides))
+    return lr_find.main(config, args.workdir, config_name, overrides, steps=args.steps,
+                        start_lr=args.start_lr, end_lr=args.end_lr, stage=args.stage)
   elif args.command == "eval":
     from transfer import evaluate
     evaluate.main(args.workdir, as_json=args.json, checkpoint=args.checkpoint)
@@ -142,7 +166,8 @@ def _train_config_name(config: str | None, workdir: str | None) -> str:
 
 def main(argv: list[str] | None = None) -> None:
   """Console-script entry point."""
-  if argv is None and sys.argv[1:2] in (["train"], ["eval"], ["predict"], ["bench"]):
+  if argv is None and sys.argv[1:2] in (["train"], ["eval"], ["predict"], ["bench"],
+                                        ["lr_find"]):
     # The real command line (not a call from Python), about to compute: glibc reads its
     # tunables at start-up only, so restart once with huge pages (transfer/platform/hugepages.py).
     from transfer.platform import hugepages

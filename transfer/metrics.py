@@ -77,8 +77,14 @@ def _records(path: str) -> list[dict[str, Any]]:
   return records
 
 
+def stage_starts(records: list[dict[str, Any]]) -> list[tuple[int, str]]:
+  """`(step, stage name)` of each stage start a staged run logged (`event: stage_start`)."""
+  return [(r["step"], r.get("stage", "")) for r in records if r.get("event") == "stage_start"]
+
+
 def plot_curves(workdir: str) -> str | None:
-  """Writes `curves.png` (loss and accuracy, train and val) from metrics.jsonl."""
+  """Writes `curves.png` (loss and accuracy, train and val) from metrics.jsonl; a staged run's
+  stage boundaries are dashed vertical lines, labelled with the stage that starts there."""
   records = read_metrics(workdir)
   if not records:
     return None
@@ -91,6 +97,12 @@ def plot_curves(workdir: str) -> str | None:
       points = [(r["step"], r[f"{split}_{metric}"]) for r in records if f"{split}_{metric}" in r]
       if points:
         ax.plot(*zip(*points), marker="." if split == "val" else None, label=split)
+    for i, (step, name) in enumerate(stage_starts(records)):
+      if i:  # the first stage starts at step 0, before the first logged point: no line
+        ax.axvline(step, color="gray", linestyle="--", linewidth=1)
+      ax.annotate(name, (step if i else 0.01, 1.0),
+                  xycoords=("data" if i else "axes fraction", "axes fraction"), xytext=(3, -12),
+                  textcoords="offset points", fontsize=8, color="gray")
     ax.set_xlabel("step")
     ax.set_title(metric)
     ax.legend()

@@ -89,9 +89,22 @@ def _check_patterns_match(what: str, patterns, paths: list[str]) -> None:
                       f"{', '.join(layers)}")
 
 
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "one_cycle")
+
+
 def make_schedule(config, total_steps: int) -> optax.Schedule:
-  """The learning-rate schedule named by `config.schedule`."""
+  """The learning-rate schedule named by `config.schedule`.
+
+  `one_cycle` is fastai's `fit_one_cycle` (Smith's 1cycle) as optax builds it: cosine warm-up from
+  `learning_rate / div_factor` to `learning_rate` over the first `pct_start` of the steps, then
+  cosine annealing to `learning_rate / (div_factor * final_div_factor)` (PyTorch's and optax's
+  meaning of the two factors; fastai's `div_final` is their product).
+  """
   lr, warmup = config.learning_rate, max(0, config.warmup_steps)
+  if config.schedule == "one_cycle":
+    return optax.cosine_onecycle_schedule(max(total_steps, 1), lr, pct_start=config.pct_start,
+                                          div_factor=config.div_factor,
+                                          final_div_factor=config.final_div_factor)
   if config.schedule == "constant":
     if warmup:
       return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
@@ -100,19 +113,43 @@ def make_schedule(config, total_steps: int) -> optax.Schedule:
   if config.schedule in ("cosine", "warmup_cosine"):
     return optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup,
                                               max(total_steps, warmup + 1))
-  raise UserError(f"unknown schedule {config.schedule!r}; valid: constant, cosine, warmup_cosine")
+  raise UserError(f"unknown schedule {config.schedule!r}; valid: {', '.join(SCHEDULES)}")
 
 
-def _base_optimizer(config, learning_rate) -> optax.GradientTransformation:
+def make_momentum_schedule(config, total_steps: int) -> optax.Schedule | None:
+  """fastai's momentum cycle for `one_cycle`, or None when the momentum stays fixed.
+
+  Momentum falls from `max_momentum` to `base_momentum` while the rate warms up and rises back
+  while it anneals (cosine both ways; fastai's moms=(0.95, 0.85, 0.95)). It applies to Adam's and
+  AdamW's b1, and to SGD's and RMSprop's momentum when `momentum > 0` (an optimizer without
+  momentum is not given one).
+  """
+  if config.schedule != "one_cycle" or not config.get("cycle_momentum", False):
+    return None
+  if config.optimizer in ("sgd", "rmsprop") and not config.momentum:
+    return None
+  steps = max(total_steps, 1)
+  hi, lo = float(config.max_momentum), float(config.base_momentum)
+  return optax.piecewise_interpolate_schedule(
+      "cosine", hi, {int(config.pct_start * steps): lo / hi, steps: hi / lo})
+
+
+def _base_optimizer(config, learning_rate, momentum=None) -> optax.GradientTransformation:
+  """The optimizer named by `config.optimizer`; `momentum`: a schedule for its momentum (b1)."""
   name = config.optimizer
+  # inject_hyperparams evaluates the momentum schedule at the optimizer's own step count.
+  cycled = momentum is not None
+  inject = optax.inject_hyperparams if cycled else (lambda f: f)
+  b1 = {"b1": momentum} if cycled else {}
   if name == "adam":
-    tx = optax.adam(learning_rate)
+    tx = inject(optax.adam)(learning_rate, **b1)
   elif name == "adamw":
-    tx = optax.adamw(learning_rate, weight_decay=config.weight_decay)
+    tx = inject(optax.adamw)(learning_rate, weight_decay=config.weight_decay, **b1)
   elif name == "sgd":
-    tx = optax.sgd(learning_rate, momentum=config.momentum or None, nesterov=False)
+    tx = inject(optax.sgd)(learning_rate, momentum=momentum if cycled else config.momentum or None,
+                           nesterov=False)
   elif name == "rmsprop":
-    tx = optax.rmsprop(learning_rate, momentum=config.momentum)
+    tx = inject(optax.rmsprop)(learning_rate, momentum=momentum if cycled else config.momentum)
   else:
     raise UserError(f"unknown optimizer {name!r}; valid: adam, adamw, sgd, rmsprop")
   if config.weight_decay and name != "adamw":
@@ -122,14 +159,16 @@ def _base_optimizer(config, learning_rate) -> optax.GradientTransformation:
   return tx
 
 
-def make_optimizer(config, params, total_steps: int):
+def make_optimizer(config, params, total_steps: int, schedule: optax.Schedule | None = None):
   """Builds the optimizer and its freeze labels.
 
   Args:
     config: needs `optimizer`, `learning_rate`, `schedule`, `warmup_steps`, `momentum`,
-      `weight_decay`, `grad_clip_norm`, `trainable`, `lr_mults`.
+      `weight_decay`, `grad_clip_norm`, `trainable`, `lr_mults` (and the one-cycle keys).
     params: the params tree to label.
     total_steps: for decaying schedules.
+    schedule: a learning-rate schedule to use instead of `config.schedule`'s (the LR finder's
+      exponential sweep); `lr_mults` still scale it.
 
   Returns:
     `(tx, param_labels)`: an `optax.partition` over the label groups, and the label tree.
@@ -139,11 +178,12 @@ def make_optimizer(config, params, total_steps: int):
   if config.get("train_bn"):  # fastai's train_bn: BatchNorm keeps training in frozen blocks
     trainable += [f"^{name}/" for name in batch_norm_layers(params)]
   labels = param_labels(params, trainable, lr_mults)
-  schedule = make_schedule(config, total_steps)
+  schedule = make_schedule(config, total_steps) if schedule is None else schedule
+  momentum = make_momentum_schedule(config, total_steps)
   transforms: dict[str, Any] = {FROZEN: optax.set_to_zero()}
   for mult in {1.0, *lr_mults.values()}:
     scaled = schedule if mult == 1.0 else (lambda s, m=mult: m * schedule(s))
-    transforms[_group_label(mult)] = _base_optimizer(config, scaled)
+    transforms[_group_label(mult)] = _base_optimizer(config, scaled, momentum)
   used = set(jax.tree_util.tree_leaves(labels))
   transforms = {k: v for k, v in transforms.items() if k in used or k == FROZEN}
   return optax.partition(transforms, labels), labels

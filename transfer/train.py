@@ -1,6 +1,7 @@
 """The training loop: the only place where training has side effects.
 
-`train_and_evaluate` reads data, runs the pure steps of `transfer.steps`, logs
+`train_and_evaluate` reads data, runs the pure steps of `transfer.steps` stage after stage
+(`transfer.stages`; one stage unless the config lists several), logs
 (`transfer.metrics`), evaluates and checkpoints (`transfer.checkpoint`) at steps chosen by
 `_is_due`, and stops cleanly on SIGTERM/SIGINT. What the run is (its model, initial params, and
 the checks that a rerun is the same run) comes from `transfer.runs`.
@@ -29,16 +30,11 @@ import ml_collections
 from transfer import checkpoint as ckpt_lib
 from transfer import features, metrics as metrics_lib, models, optim, parallel, runs, steps
 from transfer import preemption as preemption_lib
+from transfer import stages as stages_lib
 from transfer import workdir as workdir_lib
 from transfer.errors import UserError
 
 log = logging.getLogger("transfer")
-
-
-def _total_steps(config, steps_per_epoch: int) -> int:
-  if config.num_steps > 0:
-    return config.num_steps
-  return config.num_epochs * steps_per_epoch
 
 
 def _is_due(step: int, every: int, total: int) -> bool:
@@ -126,11 +122,13 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
     _log(is_main, "no validation examples: training without evaluation (raise val_fraction or "
                   "add a val/ folder to evaluate)")
 
-  total_steps = _total_steps(config, ds.steps_per_epoch)
   steps_per_epoch = ds.steps_per_epoch
-  if total_steps <= 0 or steps_per_epoch <= 0:
+  plan = stages_lib.plan(config, steps_per_epoch) if steps_per_epoch > 0 else []
+  total_steps = stages_lib.total_steps(plan)
+  if total_steps <= 0 or steps_per_epoch <= 0 or min(s.steps for s in plan) <= 0:
     raise UserError(f"nothing to train: {ds.num_train} training examples, batch_size="
                     f"{config.batch_size}; lower batch_size or add data")
+  staged = stages_lib.is_staged(config)
 
   # State: resume > init_from > weights > random.
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
@@ -140,19 +138,32 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
     variable_shapes = jax.eval_shape(
         lambda: models.init_variables(model, config.image_size, config.seed))
     shapes = variable_shapes["params"]
-    tx, param_labels = optim.make_optimizer(config, shapes, total_steps)
-    abstract = jax.eval_shape(
-        lambda v: steps.create_train_state(v["params"], tx, config.seed, v.get("batch_stats")),
-        variable_shapes)
-    abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)),
-        abstract)
+    optimizers = _StageOptimizers(shapes)
+    for stage in plan:  # every stage's patterns are checked before anything runs
+      optimizers.get(stage)
+
+    def abstract_for(step):
+      """The restore target of a checkpoint at `step`: the state of its stage's optimizer."""
+      tx, _ = optimizers.get(stages_lib.stage_of(plan, step))
+      abstract = jax.eval_shape(
+          lambda v: steps.create_train_state(v["params"], tx, config.seed, v.get("batch_stats")),
+          variable_shapes)
+      return jax.tree_util.tree_map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)),
+          abstract)
 
     def check_meta(meta):
-      runs.check_same_run(meta["run"], meta_run, workdir)
+      stage = stages_lib.stage_of(plan, int(meta.get("step", 0)))
+      runs.check_same_run(meta["run"], _stage_run(meta_run, stage), workdir)
       runs.check_same_data(meta["run"].get("data"), data_identity, f"resuming {workdir}")
+      saved = meta.get("stage")
+      if saved and (saved.get("index"), saved.get("start")) != (stage.index, stage.start):
+        raise UserError(f"{workdir} holds a different run: its checkpoint at step {meta['step']} "
+                        f"is in stage {saved.get('index', 0) + 1} (from step {saved.get('start')})"
+                        f", this config puts it in stage {stage.index + 1} (from step "
+                        f"{stage.start}); nothing was changed there. Use another --workdir")
 
-    resumed = checkpointer.restore_latest(abstract, check_meta=check_meta)
+    resumed = checkpointer.restore_latest(abstract_for, check_meta=check_meta)
     if resumed is None:
       variables, init_note = runs.initial_variables(config, model, shapes, data_identity)
   except BaseException:
@@ -164,37 +175,14 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
     if start_step >= total_steps:
       checkpointer.close()
       return _already_finished(workdir, start_step, total_steps, is_main)
+    state_stage = stages_lib.stage_of(plan, start_step).index
   else:
-    start_step = 0
-    state = parallel.replicate(steps.create_train_state(
-        variables["params"], tx, config.seed, variables.get("batch_stats")), mesh)
+    start_step, state, state_stage = 0, None, -1
   if changes:
     _log(is_main, f"config changes accepted (bookkeeping only, recorded in "
                   f"{workdir_lib.HISTORY_FILE}): {workdir_lib.format_changes(changes)}")
   _log(is_main, f"{config.model} + {config.head} head, {outputs} output(s), "
                 f"{num_classes} classes; {init_note}")
-  _log(is_main, optim.describe(state.params, param_labels))
-
-  # Input: images, or backbone features computed once.
-  no_cache_reason = features.cache_features_reason(config, param_labels)
-  stage = "full" if no_cache_reason else "head"
-  if stage == "head":
-    _log(is_main, "cache_features: running the frozen backbone once over train and val")
-    train_iter, val_batches, note = features.cached_inputs(model, state.variables, ds, mesh,
-                                                           config.batch_size, config.seed,
-                                                           start_step)
-    _log(is_main, f"cache_features: {note}")
-  else:
-    if config.cache_features:
-      _log(is_main, f"cache_features not used: {no_cache_reason}")
-    train_iter = ds.train_batches(start_step)
-    val_batches = lambda: ds.eval_batches("val", config.batch_size)
-  batches = data_lib.prefetch_to_device(train_iter, parallel.batch_sharding(mesh),
-                                        size=config.prefetch)
-
-  train_step = steps.make_train_step(model, tx, param_labels, mesh, config.parallel, stage)
-  eval_step = steps.make_eval_step(model, mesh, num_classes, config.parallel, stage)
-  schedule = optim.make_schedule(config, total_steps)
 
   if is_main:
     workdir_lib.record_start(workdir, config, changes, start_step)
@@ -202,80 +190,123 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
   ckpt_every = (config.checkpoint_every_steps if config.checkpoint_every_steps > 0
                 else steps_per_epoch)
-  best = max([r["val_accuracy"] for r in metrics_lib.read_metrics(workdir) if "val_accuracy" in r],
-             default=None) if is_main else None
+  records = metrics_lib.read_metrics(workdir) if is_main else []
+  best = max([r["val_accuracy"] for r in records if "val_accuracy" in r], default=None)
+  marked = {r.get("stage_index") for r in records if r.get("event") == "stage_start"}
   last_eval: dict[str, Any] = {}
-
-  def make_meta(step):
-    return {"run": meta_run, "data_position": _position(ds, step, stage, steps_per_epoch),
-            "step": step, "config": json.loads(config.to_json_best_effort())}
-
-  def check_finite():
-    bad = int(jax.device_get(state.nonfinite_step))
-    if bad >= 0:
-      raise NonFiniteLossError(f"loss became NaN/inf at step {bad + 1}; stopped without "
-                               f"checkpointing (the last good checkpoint is kept). Lower "
-                               f"learning_rate or check the data.")
-
   progress = _progress_bar(is_main, start_step, total_steps)
-  sums, count, window_start, window_time = None, 0, start_step, time.perf_counter()
   step = saved_step = start_step
   sync = checkpointer.manager.reached_preemption if jax.process_count() > 1 else None
   with preemption_lib.Preemption(sync) as preemption:
     try:
-      while step < total_steps:
-        batch = next(batches)
-        state, metrics = train_step(state, {"image": batch["image"], "label": batch["label"]})
-        step += 1
-        progress_flag["started"] = True
-        sums = metrics if sums is None else jax.tree_util.tree_map(jnp.add, sums, metrics)
-        count += 1
-        if _is_due(step, config.log_every_steps, total_steps):
-          check_finite()
-          host = steps.host(sums)
-          elapsed = time.perf_counter() - window_time
-          record = {"step": step, "epoch": step / steps_per_epoch,
-                    "train_loss": float(host["loss"]) / count,
-                    "train_accuracy": float(host["accuracy"]) / count,
-                    "images_per_sec": (step - window_start) * config.batch_size / max(elapsed, 1e-9),
-                    "learning_rate": float(schedule(step - 1))}
-          writer.write(record)
-          progress.set_postfix(loss=f"{record['train_loss']:.4f}",
-                               acc=f"{record['train_accuracy']:.3f}",
-                               img_s=f"{record['images_per_sec']:.0f}")
-          sums, count, window_start, window_time = None, 0, step, time.perf_counter()
-        progress.update(1)
-        eval_now = has_val and _is_due(step, eval_every, total_steps)
-        stop = preemption.stop_at(step)
-        if eval_now:
-          check_finite()
-          last_eval = steps.evaluate(eval_step, state.variables, val_batches(), mesh)
-          writer.write({"step": step, "epoch": step / steps_per_epoch,
-                        **{k: v for k, v in last_eval.items() if k != "confusion"}})
-          best = last_eval["val_accuracy"] if best is None else max(best, last_eval["val_accuracy"])
-          if is_main:
-            progress.write(f"step {step}: val_loss {last_eval['val_loss']:.4f} "
-                           f"val_accuracy {last_eval['val_accuracy']:.4f}")
-        if _is_due(step, ckpt_every, total_steps) or eval_now or stop:
-          check_finite()
-          checkpointer.save(step, state, make_meta(step),
-                            val_accuracy=last_eval.get("val_accuracy") if eval_now else None)
-          saved_step = step
-        if stop:
-          checkpointer.wait()  # a pending save's error surfaces here
-          progress.close()
-          name = signal.Signals(preemption.signal).name
-          _log(is_main, f"{name}: saved a checkpoint at step {step} in {workdir}; rerun the same "
-                        f"command to resume (exit status {128 + preemption.signal})")
-          raise preemption_lib.Preempted(step, preemption.signal)
+      for stage in plan[max(state_stage, 0):]:
+        c = stage.config
+        if stage.index == state_stage and step >= stage.end:
+          continue  # resumed at the end of this stage: the next one starts from its state
+        tx, param_labels = optimizers.get(stage)
+        if stage.index != state_stage:
+          # A new stage: a fresh optimizer (and step count) for its trainable set, as a new run
+          # started from these params would have.
+          state = (parallel.replicate(steps.create_train_state(
+              variables["params"], tx, config.seed, variables.get("batch_stats")), mesh)
+                   if state is None else _restart_state(state, tx, config.seed, mesh))
+          state_stage = stage.index
+        local = step - stage.start
+        if staged:
+          _log(is_main, stages_lib.describe(stage, len(plan)))
+          if stage.index not in marked and is_main:
+            writer.write({"step": stage.start, "epoch": stage.start / steps_per_epoch,
+                          "event": "stage_start", "stage": stage.name,
+                          "stage_index": stage.index})
+            marked.add(stage.index)
+        _log(is_main, optim.describe(state.params, param_labels))
+        stage_ds = ds if c.augment == config.augment else data_lib.create(
+            c, preprocess_source=weights_source or "none")
+        kind, train_iter, val_batches = _inputs(c, param_labels, model, state, stage_ds, mesh,
+                                                local, is_main)
+        batches = data_lib.prefetch_to_device(train_iter, parallel.batch_sharding(mesh),
+                                              size=config.prefetch)
+        train_step = steps.make_train_step(model, tx, param_labels, mesh, config.parallel, kind)
+        eval_step = steps.make_eval_step(model, mesh, num_classes, config.parallel, kind)
+        schedule = optim.make_schedule(c, stage.steps)
+        stage_meta = {"index": stage.index, "name": stage.name, "start": stage.start,
+                      "steps": stage.steps}
+        run_meta = _stage_run(meta_run, stage)
+
+        def make_meta(step, local, kind=kind, stage_ds=stage_ds, stage_meta=stage_meta,
+                      run_meta=run_meta):
+          return {"run": run_meta, "stage": stage_meta,
+                  "data_position": _position(stage_ds, local, kind, steps_per_epoch),
+                  "step": step, "config": json.loads(config.to_json_best_effort())}
+
+        def check_finite(stage=stage):
+          bad = int(jax.device_get(state.nonfinite_step))
+          if bad >= 0:
+            raise NonFiniteLossError(f"loss became NaN/inf at step {stage.start + bad + 1}; "
+                                     f"stopped without checkpointing (the last good checkpoint "
+                                     f"is kept). Lower learning_rate or check the data.")
+
+        sums, count, window_start, window_time = None, 0, step, time.perf_counter()
+        while local < stage.steps:
+          batch = next(batches)
+          state, metrics = train_step(state, {"image": batch["image"], "label": batch["label"]})
+          step += 1
+          local += 1
+          progress_flag["started"] = True
+          sums = metrics if sums is None else jax.tree_util.tree_map(jnp.add, sums, metrics)
+          count += 1
+          if _is_due(local, config.log_every_steps, stage.steps):
+            check_finite()
+            host = steps.host(sums)
+            elapsed = time.perf_counter() - window_time
+            record = {"step": step, "epoch": step / steps_per_epoch,
+                      "train_loss": float(host["loss"]) / count,
+                      "train_accuracy": float(host["accuracy"]) / count,
+                      "images_per_sec": (step - window_start) * config.batch_size
+                                        / max(elapsed, 1e-9),
+                      "learning_rate": float(schedule(local - 1))}
+            if staged:
+              record["stage"] = stage.name
+            writer.write(record)
+            progress.set_postfix(loss=f"{record['train_loss']:.4f}",
+                                 acc=f"{record['train_accuracy']:.3f}",
+                                 img_s=f"{record['images_per_sec']:.0f}")
+            sums, count, window_start, window_time = None, 0, step, time.perf_counter()
+          progress.update(1)
+          eval_now = has_val and _is_due(local, eval_every, stage.steps)
+          stop = preemption.stop_at(step)
+          if eval_now:
+            check_finite()
+            last_eval = steps.evaluate(eval_step, state.variables, val_batches(), mesh)
+            writer.write({"step": step, "epoch": step / steps_per_epoch,
+                          **{k: v for k, v in last_eval.items() if k != "confusion"}})
+            best = (last_eval["val_accuracy"] if best is None
+                    else max(best, last_eval["val_accuracy"]))
+            if is_main:
+              progress.write(f"step {step}: val_loss {last_eval['val_loss']:.4f} "
+                             f"val_accuracy {last_eval['val_accuracy']:.4f}")
+          if _is_due(local, ckpt_every, stage.steps) or eval_now or stop:
+            check_finite()
+            checkpointer.save(step, state, make_meta(step, local),
+                              val_accuracy=last_eval.get("val_accuracy") if eval_now else None)
+            saved_step = step
+          if stop:
+            checkpointer.wait()  # a pending save's error surfaces here
+            progress.close()
+            name = signal.Signals(preemption.signal).name
+            _log(is_main, f"{name}: saved a checkpoint at step {step} in {workdir}; rerun the "
+                          f"same command to resume (exit status {128 + preemption.signal})")
+            raise preemption_lib.Preempted(step, preemption.signal)
+        del batches, train_iter, val_batches  # a stage's feature cache goes with it
     except (preemption_lib.Preempted, NonFiniteLossError):
       raise
     except BaseException:
       # Whatever failed (eval, metrics, a signal handler, the disk), steps already trained are
       # saved first when they can be; the error is then reported as it is.
-      if step > saved_step and int(jax.device_get(state.nonfinite_step)) < 0:
+      if (step > saved_step and state is not None
+          and int(jax.device_get(state.nonfinite_step)) < 0):
         try:
-          checkpointer.save(step, state, make_meta(step))
+          checkpointer.save(step, state, make_meta(step, step - plan[state_stage].start))
           checkpointer.wait()
           saved_step = step
           _log(is_main, f"saved a checkpoint at step {step} before stopping")
@@ -296,6 +327,52 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
       _log(True, f"warning: could not write {os.path.join(workdir, 'curves.png')}: {e}")
     _log(True, f"done: {step} steps, {_result_line(best, last_eval)}; workdir {workdir}")
   return summary
+
+
+def _inputs(config, param_labels, model, state, ds, mesh, start: int, is_main: bool):
+  """A stage's input: `(kind, train batches from its step `start`, val batches function)`.
+
+  `kind` is `head` when the stage trains on backbone features computed once (`cache_features`
+  with a frozen backbone and no augmentation), else `full` (images).
+  """
+  no_cache_reason = features.cache_features_reason(config, param_labels)
+  if no_cache_reason is None:
+    _log(is_main, "cache_features: running the frozen backbone once over train and val")
+    train_iter, val_batches, note = features.cached_inputs(
+        model, state.variables, ds, mesh, config.batch_size, config.seed, start)
+    _log(is_main, f"cache_features: {note}")
+    return "head", train_iter, val_batches
+  if config.cache_features:
+    _log(is_main, f"cache_features not used: {no_cache_reason}")
+  return "full", ds.train_batches(start), lambda: ds.eval_batches("val", config.batch_size)
+
+
+class _StageOptimizers:
+  """Each stage's `(tx, param_labels)`, built once (resume and the loop ask for the same ones)."""
+
+  def __init__(self, shapes):
+    self.shapes, self.built = shapes, {}
+
+  def get(self, stage: stages_lib.Stage):
+    if stage.index not in self.built:
+      self.built[stage.index] = optim.make_optimizer(stage.config, self.shapes, stage.steps)
+    return self.built[stage.index]
+
+
+def _stage_run(meta_run: dict[str, Any], stage: stages_lib.Stage) -> dict[str, Any]:
+  """The run metadata of a checkpoint in `stage`: its optimizer and trainable set."""
+  c = stage.config
+  return dict(meta_run, optimizer=c.optimizer, trainable=list(c.trainable),
+              lr_mults=dict(c.lr_mults))
+
+
+def _restart_state(state, tx, seed: int, mesh):
+  """The state a new stage starts from: these params and BatchNorm statistics, a fresh optimizer
+  state for `tx` (none for frozen params), step 0. Jitted so it works on arrays that span
+  processes; params pass through bit for bit."""
+  restart = lambda params, batch_stats: steps.create_train_state(params, tx, seed, batch_stats)
+  return jax.jit(restart, out_shardings=parallel.replicated(mesh))(state.params,
+                                                                   state.batch_stats)
 
 
 def _close_checkpointer(checkpointer, workdir: str) -> None:

@@ -82,9 +82,14 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, 
   return {k: (saved[k], v) for k, v in current.items() if k in saved and saved[k] != v}
 
 
-def identity_changes(changes: dict[str, tuple[Any, Any]], schedule: str) -> dict:
-  """The changes that make a different run (see `BOOKKEEPING`)."""
-  length_matters = schedule != "constant"
+def identity_changes(changes: dict[str, tuple[Any, Any]], schedule: str,
+                     staged: bool = False) -> dict:
+  """The changes that make a different run (see `BOOKKEEPING`).
+
+  In a staged run (`stages`, itself part of the identity) the length keys place the stage
+  boundaries, so they are part of it too.
+  """
+  length_matters = schedule != "constant" or staged
   return {k: v for k, v in changes.items()
           if (k not in BOOKKEEPING or (length_matters and k in _LENGTH_KEYS))
           and not _moved_folder(k, v)}
@@ -139,11 +144,12 @@ def check_rerun(workdir: str, config, saved: dict[str, Any] | None) -> dict[str,
   dataset = str(saved.get("dataset", ""))
   changes = config_changes(_relevant(flat_config(saved), dataset),
                            _relevant(flat_config(config), dataset))
-  different = identity_changes(changes, str(saved.get("schedule", "constant")))
+  staged = bool(saved.get("stages"))
+  different = identity_changes(changes, str(saved.get("schedule", "constant")), staged)
   if different:
     length = [k for k in different if k in _LENGTH_KEYS]
-    why = (f" ({', '.join(length)} sets the length of the {saved.get('schedule')} schedule)"
-           if length else "")
+    what = "the stages" if staged else f"the {saved.get('schedule')} schedule"
+    why = f" ({', '.join(length)} sets the length of {what})" if length else ""
     raise UserError(f"{workdir} holds a different run: {format_changes(different)}{why}; "
                     f"nothing was changed there. Use another --workdir, or "
                     f"--config.init_from={workdir} to start a new run from its params")

@@ -155,6 +155,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       continue
     if not rule.allows(config[key]):
       raise UserError(f"{key}={config[key]!r} is out of range: must be {rule.describe()}")
+  _schema.check_one_cycle(config)
+  _schema.check_stages(config, validate)
   return config
 
 

@@ -85,6 +85,11 @@ RANGES: dict[str, Range] = {
     "weight_decay": NON_NEGATIVE,
     "grad_clip_norm": NON_NEGATIVE,    # 0 = no clipping
     "warmup_steps": NON_NEGATIVE,
+    "pct_start": Range(low=0, high=1, low_open=True, high_open=True),
+    "div_factor": Range(low=1),
+    "final_div_factor": Range(low=1),
+    "max_momentum": FRACTION,
+    "base_momentum": FRACTION,
     "image_size": AT_LEAST_ONE,        # the model's own minimum: models.check_image_size
     "keep_checkpoints": AT_LEAST_ONE,
     "keep_best_checkpoints": NON_NEGATIVE,
@@ -100,7 +105,7 @@ RANGES: dict[str, Range] = {
 # Keys with a fixed set of names. `labels_from` is checked only where a config has it.
 CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("adam", "adamw", "sgd", "rmsprop"),           # optim._base_optimizer
-    "schedule": ("constant", "cosine", "warmup_cosine"),        # optim.make_schedule
+    "schedule": ("constant", "cosine", "warmup_cosine", "one_cycle"),  # optim.SCHEDULES
     "head": ("imagenet", "flatten_dense", "gap", "none"),       # models.heads.HEADS
     "dtype": ("auto", "float32", "bfloat16", "float16"),        # models.as_dtype
     "conv": ("auto", "xla", "winograd"),                        # models.CONVS
@@ -110,3 +115,33 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "labels_from": ("folders", "filename"),
     "variant": ("auto", "keras", "torchvision"),                # models.resnet.VARIANTS
 }
+
+
+def check_stages(config, check) -> None:
+  """Checks `config.stages`: each a dict of known stage keys whose whole config passes `check`.
+
+  Raises:
+    UserError: one line naming the stage (`stages[1]`, 0-based as in the config) and the problem.
+  """
+  from transfer import stages
+  from transfer.errors import UserError
+  if not config.get("stages"):
+    return
+  try:
+    stage_configs = stages.stage_configs(config)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  for i, stage_config in enumerate(stage_configs):
+    try:
+      check(stage_config)
+    except UserError as e:
+      raise UserError(f"stages[{i}]: {e}") from None
+
+
+def check_one_cycle(config) -> None:
+  """`one_cycle` warms up over `pct_start` of the steps; a `warmup_steps` would be ignored."""
+  from transfer.errors import UserError
+  if config.get("schedule") == "one_cycle" and config.get("warmup_steps", 0) > 0:
+    raise UserError(f"warmup_steps={config.warmup_steps} does not apply to schedule=one_cycle, "
+                    f"whose warm-up is pct_start={config.get('pct_start')} of the steps; set "
+                    f"warmup_steps=0")

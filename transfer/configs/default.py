@@ -44,12 +44,22 @@ def get_config():
   c.learning_rate = 1e-4
   c.momentum = 0.9
   c.weight_decay = 0.0
-  c.schedule = "constant"           # constant | cosine | warmup_cosine
+  c.schedule = "constant"           # constant | cosine | warmup_cosine | one_cycle
   c.warmup_steps = 0
+  c.pct_start = 0.25                # one_cycle: fraction of the steps warming up (fastai's 0.25)
+  c.div_factor = 25.0               # one_cycle: starts at learning_rate / div_factor
+  c.final_div_factor = 1e4          # one_cycle: ends at learning_rate / (div_factor * this)
+  c.cycle_momentum = True           # one_cycle: momentum (Adam's b1) max -> base -> max
+  c.max_momentum = 0.95
+  c.base_momentum = 0.85
   c.grad_clip_norm = 0.0
   c.train_bn = False                # BatchNorm layers train (batch statistics) even inside frozen blocks
   c.trainable = ["^head/"]          # regexes over param paths ("block5_conv1/kernel"); rest frozen
   c.lr_mults = ml_collections.ConfigDict()  # {"pattern": multiplier}, e.g. {"^block5": 0.1}
+  # Stages, each a fresh optimizer over its own trainable set, run one after the other: a list of
+  # dicts with any of transfer.stages.STAGE_KEYS (epochs or steps, trainable, learning_rate,
+  # lr_mults, schedule, train_bn, augment, ...); keys a stage omits are the ones above.
+  c.stages = []
   # Execution.
   c.dtype = "auto"                  # compute: auto (bf16 on GPU/TPU, f32 on CPU) | float32 | bfloat16
   c.conv = "auto"                   # conv algorithm: auto (winograd on CPU, xla on GPU/TPU) | xla | winograd

@@ -31,4 +31,5 @@ def get_config():
   c.optimizer = "adam"
   c.learning_rate = 1e-3
   c.num_epochs = 10
+  c.stages = []  # head only; conv5 is the second run, resnet50_fine_tune_conv5
   return c

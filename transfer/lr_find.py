@@ -1,0 +1,258 @@
+"""The learning-rate range test (Smith 2015; fastai's `lr_find`): which learning rate to train with.
+
+From a fresh copy of the run's initial params (pretrained weights, or an `init_from` run's), train
+for at most `steps` steps while the rate grows exponentially from `start_lr` to `end_lr`, with the
+config's optimizer, trainable set, `lr_mults`, data and augmentation, and record each step's
+training loss. The loss is smoothed with a bias-corrected exponential moving average (`beta`,
+fastai's 0.98); the test stops early once the smoothed loss exceeds `diverge` (4) times its
+minimum, or turns NaN/inf.
+
+The suggestion follows fastai's `valley` rule: drop the first tenth of the steps and the last
+five (the blow-up), find the longest run of steps whose smoothed losses decrease (the longest
+strictly decreasing subsequence), and take the rate halfway along it (at 1/3 + 1/6 of its length).
+That lands in the middle of the steady descent, an order of magnitude or so below the minimum,
+where training is fast yet stable. The rate of steepest descent of the smoothed loss (fastai's
+`steep`) is reported beside it.
+
+Nothing of a run in the workdir is read or changed: the test writes only `lr_find.json` and
+`lr_find.png` there. It streams images even with `cache_features`: a sweep of 100 batches costs
+less than running the backbone over the whole training set.
+
+    transfer lr_find --config cats_vs_dogs --workdir workdirs/cats_vs_dogs
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any, Callable
+
+import numpy as np
+
+from transfer.errors import UserError
+
+JSON_FILE, PLOT_FILE = "lr_find.json", "lr_find.png"
+RULE = ("valley: the rate halfway along the longest decreasing stretch of the smoothed loss "
+        "(fastai's valley), first 10% and last 5 steps left out")
+
+
+def rates(start_lr: float, end_lr: float, steps: int) -> np.ndarray:
+  """The rate of each step: `start_lr * (end_lr / start_lr) ** (i / (steps - 1))`."""
+  return start_lr * (end_lr / start_lr) ** (np.arange(steps) / max(steps - 1, 1))
+
+
+def range_test(train_one: Callable[[int], float], steps: int, diverge: float = 4.0,
+               beta: float = 0.98) -> tuple[list[float], list[float]]:
+  """Runs `train_one(i)` (one step at the i-th rate, returning its loss) until the end or a
+  blow-up.
+
+  Returns:
+    `(losses, smoothed)`: the raw losses and their bias-corrected moving average, one per step
+    taken (a NaN/inf loss ends the test and is not kept).
+  """
+  losses, smoothed, average = [], [], 0.0
+  for i in range(steps):
+    loss = float(train_one(i))
+    if not math.isfinite(loss):
+      break
+    average = beta * average + (1 - beta) * loss
+    losses.append(loss)
+    smoothed.append(average / (1 - beta ** (i + 1)))
+    if i > 0 and smoothed[-1] > diverge * min(smoothed):
+      break
+  return losses, smoothed
+
+
+def _trimmed(n: int) -> tuple[int, int]:
+  """The `[lo, hi)` steps the suggestion rules look at (fastai's trim, when enough remain)."""
+  lo, hi = n // 10, n - 5
+  return (lo, hi) if hi - lo >= 3 else (0, n)
+
+
+def suggest_valley(lrs, smoothed) -> int:
+  """The index of fastai's `valley` suggestion (see the module docstring)."""
+  lo, hi = _trimmed(len(smoothed))
+  losses = list(smoothed[lo:hi])
+  n = len(losses)
+  if n == 0:
+    raise ValueError("no losses to suggest a rate from")
+  # longest[i]: length of the longest strictly decreasing subsequence ending at i.
+  longest = [1] * n
+  for i in range(1, n):
+    longest[i] = 1 + max((longest[j] for j in range(i) if losses[j] > losses[i]), default=0)
+  end = int(np.argmax(longest))
+  start = end - longest[end] + 1
+  third = (end - start) / 3
+  return lo + start + int(third) + int(third / 2)
+
+
+def suggest_steep(lrs, smoothed) -> int:
+  """The index where the smoothed loss falls fastest per unit of log rate."""
+  lo, hi = _trimmed(len(smoothed))
+  lrs, losses = np.log(np.asarray(lrs[lo:hi])), np.asarray(smoothed[lo:hi])
+  if len(losses) < 2:
+    return lo
+  return lo + int(np.argmin(np.diff(losses) / np.diff(lrs)))
+
+
+def find(config, *, steps: int = 100, start_lr: float = 1e-7, end_lr: float = 10.0,
+         diverge: float = 4.0, beta: float = 0.98, stage: int = 1, devices=None,
+         log=None) -> dict[str, Any]:
+  """Runs the range test for `config` (its `stage`-th stage when it has stages).
+
+  Args:
+    config: a validated run config.
+    steps: the most steps to take (fewer when the loss blows up).
+    start_lr, end_lr: the first and last rates (the trainable params' base rate; `lr_mults`
+      scale it per group as in training).
+    diverge: stop once the smoothed loss exceeds this many times its minimum.
+    beta: the smoothing factor of the loss's moving average.
+    stage: 1-based stage whose trainable set, optimizer and data options are tested (its
+      initial params are the run's, not the previous stage's result).
+    devices: devices to run on (default: all).
+    log: called with progress lines.
+
+  Returns:
+    The record written to `lr_find.json`: rates, losses, smoothed losses, suggestion, rule.
+  """
+  import jax
+  import optax
+  from transfer import data as data_lib, models, optim, parallel, runs, stages as stages_lib
+  from transfer import steps as steps_lib
+  log = log or (lambda line: None)
+  if steps < 2 or not 0 < start_lr < end_lr or diverge <= 1 or not 0 <= beta < 1:
+    raise UserError(f"lr_find needs steps >= 2, 0 < start_lr < end_lr, diverge > 1 and beta in "
+                    f"[0, 1); got steps={steps}, start_lr={start_lr}, end_lr={end_lr}, "
+                    f"diverge={diverge}, beta={beta}")
+  stage_configs = stages_lib.stage_configs(config)
+  if not 1 <= stage <= len(stage_configs):
+    raise UserError(f"--stage {stage}: the config has {len(stage_configs)} stage(s)")
+  c = stage_configs[stage - 1].copy_and_resolve_references()
+  with c.unlocked():
+    c.schedule = "constant"  # no momentum cycling: the sweep is the only schedule
+
+  mesh = parallel.make_mesh(devices)
+  parallel.check_batch_size(config.batch_size, mesh)
+  source = runs.weights_source(c.weights)
+  ds = data_lib.create(c, preprocess_source=source or "none")
+  log(f"data: {c.dataset}: {ds.describe()}")
+  num_classes = c.num_classes if c.num_classes > 0 else ds.num_classes
+  model, _ = runs.build_model(c, num_classes)
+  shapes = jax.eval_shape(lambda: models.init_variables(model, c.image_size, c.seed))["params"]
+  variables, note = runs.initial_variables(c, model, shapes, ds.identity())
+  log(f"{c.model} + {c.head} head; {note}")
+  sweep = optax.exponential_decay(start_lr, max(steps - 1, 1), end_lr / start_lr)
+  tx, labels = optim.make_optimizer(c, shapes, steps, schedule=sweep)
+  log(optim.describe(variables["params"], labels))
+  state = parallel.replicate(steps_lib.create_train_state(
+      variables["params"], tx, c.seed, variables.get("batch_stats")), mesh)
+  train_step = steps_lib.make_train_step(model, tx, labels, mesh, c.parallel, "full")
+  batches = data_lib.prefetch_to_device(ds.train_batches(0), parallel.batch_sharding(mesh),
+                                        size=c.prefetch)
+  lrs = rates(start_lr, end_lr, steps)
+
+  def train_one(i):
+    nonlocal state
+    batch = next(batches)
+    state, metrics = train_step(state, {"image": batch["image"], "label": batch["label"]})
+    loss = float(jax.device_get(metrics["loss"]))
+    if i % 10 == 0 or not math.isfinite(loss):
+      log(f"lr_find step {i + 1}/{steps}: learning_rate {lrs[i]:.3g} loss {loss:.4f}")
+    return loss
+
+  losses, smoothed = range_test(train_one, steps, diverge, beta)
+  if len(losses) < 2:
+    raise UserError(f"lr_find: the loss blew up at the first steps (start_lr={start_lr}); "
+                    f"lower --start_lr")
+  lrs = lrs[:len(losses)]
+  valley, steep = suggest_valley(lrs, smoothed), suggest_steep(lrs, smoothed)
+  stage_name = stages_lib.stage_name(config, stage - 1) if stages_lib.is_staged(config) else ""
+  return {"rates": [float(x) for x in lrs], "losses": losses, "smoothed": smoothed,
+          "suggestion": float(lrs[valley]), "rule": RULE, "steep": float(lrs[steep]),
+          "stopped_early": len(losses) < steps, "steps": steps, "start_lr": start_lr,
+          "end_lr": end_lr, "diverge": diverge, "beta": beta, "stage": stage_name,
+          "trainable": list(c.trainable), "lr_mults": dict(c.lr_mults),
+          "optimizer": c.optimizer}
+
+
+def write(workdir: str, result: dict[str, Any]) -> tuple[str, str]:
+  """Writes `lr_find.json` and `lr_find.png` into `workdir` (nothing else); returns their paths."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, JSON_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(result, f, indent=1)
+  os.replace(path + ".tmp", path)
+  return path, plot(workdir, result)
+
+
+def plot(workdir: str, result: dict[str, Any]) -> str:
+  """`lr_find.png`: raw and smoothed loss against the rate (log scale), the suggestions marked."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.plot(result["rates"], result["losses"], color="lightgray", label="loss")
+  ax.plot(result["rates"], result["smoothed"], label="smoothed loss")
+  ax.axvline(result["suggestion"], color="red", linestyle="--",
+             label=f"valley {result['suggestion']:.2g}")
+  ax.axvline(result["steep"], color="gray", linestyle=":", label=f"steep {result['steep']:.2g}")
+  ax.set_xscale("log")
+  ax.set_xlabel("learning rate")
+  ax.set_ylabel("training loss")
+  ax.set_title("lr_find" + (f" (stage {result['stage']})" if result["stage"] else ""))
+  ax.legend()
+  path = os.path.join(workdir, PLOT_FILE)
+  fig.tight_layout()
+  fig.savefig(path + ".tmp.png", dpi=80)
+  plt.close(fig)
+  os.replace(path + ".tmp.png", path)
+  return path
+
+
+def train_command(config_name: str, overrides: dict[str, str], rate: float,
+                  workdir: str | None) -> str:
+  """The `transfer train` line that trains with `rate` (the other overrides kept)."""
+  parts = ["transfer", "train", "--config", config_name]
+  parts += [f"--config.{k}={v}" for k, v in overrides.items() if k != "learning_rate"]
+  parts.append(f"--config.learning_rate={rate:.3g}")
+  if workdir:
+    parts += ["--workdir", workdir]
+  import shlex
+  return " ".join(shlex.quote(p) for p in parts)
+
+
+def main(config, workdir: str | None, config_name: str, overrides: dict[str, str], *,
+         steps: int = 100, start_lr: float = 1e-7, end_lr: float = 10.0, stage: int = 1) -> int:
+  """CLI entry: run the test, write its files, print the suggestion and how to train with it."""
+  from transfer import configs, train
+  from transfer import workdir as workdir_lib
+  config = configs.validate(config)
+  workdir = workdir or train.default_workdir(config_name) + "-lr_find"
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir {workdir} is a file, not a directory; give a directory path")
+  err = lambda line: print(line, file=sys.stderr, flush=True)
+  result = find(config, steps=steps, start_lr=start_lr, end_lr=end_lr, stage=stage, log=err)
+  import jax
+  if jax.process_index() != 0:  # one writer, one report
+    return 0
+  json_path, png_path = write(workdir, result)
+  holds_run = os.path.isfile(os.path.join(workdir, workdir_lib.CONFIG_FILE))
+  rate = result["suggestion"]
+  ended = (f"stopped at step {len(result['losses'])} (loss diverged)" if result["stopped_early"]
+           else f"{len(result['losses'])} steps")
+  print(f"lr_find: {ended}; wrote {json_path} and {png_path}")
+  print(f"suggested learning_rate: {rate:.3g} ({result['rule'].split(':')[0]}; steepest descent "
+        f"at {result['steep']:.3g})")
+  staged = stages_of(config)
+  if staged and "learning_rate" in staged[stage - 1]:
+    print(f"set learning_rate={rate:.3g} in stages[{stage - 1}] of the config to train with it")
+  else:
+    print("train with it:")
+    print("  " + train_command(config_name, overrides, rate, None if holds_run else workdir))
+  return 0
+
+
+def stages_of(config) -> list[dict]:
+  return [dict(s) for s in (config.get("stages") or [])]
