@@ -109,7 +109,8 @@ def predict_trained(images: Sequence[str], workdir: str, *, top: int = 5,
   """Top classes of each image under a run trained by `transfer train`.
 
   The model, class names, input size, eval crop and preprocessing come from the checkpoint's
-  metadata, so images go through exactly the transform the run was validated with.
+  metadata, so images go through exactly the transform the run was validated with. A run
+  trained with `ema_decay` > 0 predicts with its EMA params (`runs.serving_variables`).
 
   Args:
     images: image file paths.
@@ -153,7 +154,8 @@ def _trained_predictions(paths, workdir, top, batch_size, checkpoint) -> Iterato
   from transfer.data import images as image_ops
 
   _check_counts(top, batch_size)
-  params, meta = checkpoint_lib.load_trained_variables(workdir, checkpoint)  # with BN statistics
+  variables, meta = checkpoint_lib.load_trained_variables(workdir, checkpoint)
+  params = runs.serving_variables(variables)  # the EMA params when the run kept them
   run = meta["run"]
   size = run["image_size"]
   stored = image_ops.stored_size(size, float(run["eval_crop"]))

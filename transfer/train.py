@@ -142,7 +142,8 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
     shapes = variable_shapes["params"]
     tx, param_labels = optim.make_optimizer(config, shapes, total_steps)
     abstract = jax.eval_shape(
-        lambda v: steps.create_train_state(v["params"], tx, config.seed, v.get("batch_stats")),
+        lambda v: steps.create_train_state(v["params"], tx, config.seed, v.get("batch_stats"),
+                                           ema=config.get("ema_decay", 0.0) > 0),
         variable_shapes)
     abstract = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)),
@@ -167,7 +168,8 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
   else:
     start_step = 0
     state = parallel.replicate(steps.create_train_state(
-        variables["params"], tx, config.seed, variables.get("batch_stats")), mesh)
+        variables["params"], tx, config.seed, variables.get("batch_stats"),
+        ema=config.get("ema_decay", 0.0) > 0), mesh)
   if changes:
     _log(is_main, f"config changes accepted (bookkeeping only, recorded in "
                   f"{workdir_lib.HISTORY_FILE}): {workdir_lib.format_changes(changes)}")
@@ -192,7 +194,8 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
   batches = data_lib.prefetch_to_device(train_iter, parallel.batch_sharding(mesh),
                                         size=config.prefetch)
 
-  train_step = steps.make_train_step(model, tx, param_labels, mesh, config.parallel, stage)
+  train_step = steps.make_train_step(model, tx, param_labels, mesh, config.parallel, stage,
+                                     steps.Regularisation.from_config(config))
   eval_step = steps.make_eval_step(model, mesh, num_classes, config.parallel, stage)
   schedule = optim.make_schedule(config, total_steps)
 
@@ -249,7 +252,7 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
         stop = preemption.stop_at(step)
         if eval_now:
           check_finite()
-          last_eval = steps.evaluate(eval_step, state.variables, val_batches(), mesh)
+          last_eval = steps.evaluate_state(eval_step, state, val_batches, mesh)
           writer.write({"step": step, "epoch": step / steps_per_epoch,
                         **{k: v for k, v in last_eval.items() if k != "confusion"}})
           best = last_eval["val_accuracy"] if best is None else max(best, last_eval["val_accuracy"])
