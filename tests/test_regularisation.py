@@ -243,3 +243,34 @@ def test_ema_checkpoint_restores_exactly_and_old_checkpoints_still_restore(tmp_p
   _assert_equal(restored.params, state.params)
   variables, _ = checkpoint.Checkpointer(str(tmp_path / "old")).restore_variables(2)
   assert "ema_params" not in variables
+
+
+# ------------------------------------------------------------------------------------ config keys
+
+@pytest.mark.parametrize("key,value,message", [
+    ("label_smoothing", 1.0, "label_smoothing=1.0 is out of range: must be in [0, 1)"),
+    ("label_smoothing", -0.1, "label_smoothing=-0.1 is out of range: must be in [0, 1)"),
+    ("mixup_alpha", -1.0, "mixup_alpha=-1.0 is out of range: must be >= 0"),
+    ("cutmix_alpha", -0.5, "cutmix_alpha=-0.5 is out of range: must be >= 0"),
+    ("ema_decay", 1.0, "ema_decay=1.0 is out of range: must be in [0, 1)"),
+    ("randaugment_n", 0, "randaugment_n=0 is out of range: must be >= 1"),
+    ("randaugment_m", 11, "randaugment_m=11 is out of range: must be in [0, 10]"),
+    ("augment", "autoaugment", "augment='autoaugment' is not valid: must be one of none, flip, "
+                               "crop_flip, inception_crop, randaugment"),
+])
+def test_new_keys_are_validated(key, value, message):
+  from transfer import configs
+  from transfer.errors import UserError
+  config = default.get_config()
+  config[key] = value
+  with pytest.raises(UserError) as e:
+    configs.validate(config)
+  assert str(e.value) == message
+
+
+def test_new_keys_accept_their_documented_values():
+  from transfer import configs
+  config = default.get_config()
+  config.update(label_smoothing=0.1, mixup_alpha=0.8, cutmix_alpha=1.0, ema_decay=0.9999,
+                augment="randaugment", randaugment_n=3, randaugment_m=10)
+  configs.validate(config)
