@@ -401,8 +401,22 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, param_la
   return parallel.data_parallel(per_device, mesh, parallel_mode)
 
 
+def probabilities(logits):
+  """Class probabilities, (N, max(C, 2)): softmax, or [1 - p, p] for one sigmoid logit."""
+  if logits.shape[-1] == 1:
+    positive = jax.nn.sigmoid(logits)
+    return jnp.concatenate([1.0 - positive, positive], axis=-1)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def tta_probabilities(model: nn.Module, variables, images, stage: str = "full"):
+  """Test-time augmentation: the mean of the probabilities of the images and their mirrors."""
+  apply = lambda x: probabilities(model.apply(as_variables(variables), x, stage=stage))
+  return (apply(images) + apply(images[:, :, ::-1])) / 2
+
+
 def make_eval_step(model: nn.Module, mesh, num_classes: int, parallel_mode: str = "shard_map",
-                   stage: str = "full") -> Callable:
+                   stage: str = "full", tta: bool = False) -> Callable:
   """Builds `eval_step(variables, batch) -> sums` over a padded batch with a `mask`.
 
   `variables` is the params tree, or `{"params", "batch_stats"}` for BatchNorm networks.
@@ -410,22 +424,44 @@ def make_eval_step(model: nn.Module, mesh, num_classes: int, parallel_mode: str 
   Returns summed (not averaged) loss, correct count, example count and a confusion matrix
   (rows = true class, columns = predicted), so the loop can add them over batches and every
   example counts exactly once.
+
+  With `tta`, each image and its horizontal mirror are classified, and the prediction is the
+  argmax of their mean probabilities; the loss is `-log` of that mean at the true class.
   """
   classes = max(num_classes, 2)
 
   def per_device(variables, batch):
-    logits = model.apply(as_variables(variables), batch["image"], stage=stage)
     mask = batch["mask"].astype(jnp.float32)
-    loss, metrics = loss_and_metrics(logits, batch["label"], batch["mask"])
-    count = mask.sum()
-    pred = predictions(logits)
+    if tta:
+      probs = tta_probabilities(model, variables, batch["image"], stage)
+      pred = jnp.argmax(probs, -1).astype(jnp.int32)
+      true = jnp.take_along_axis(probs, batch["label"][:, None].astype(jnp.int32), -1)[:, 0]
+      losses = -jnp.log(jnp.maximum(true, jnp.finfo(jnp.float32).tiny))
+      count = mask.sum()
+      loss_sum, correct = (losses * mask).sum(), ((pred == batch["label"]) * mask).sum()
+    else:
+      logits = model.apply(as_variables(variables), batch["image"], stage=stage)
+      loss, metrics = loss_and_metrics(logits, batch["label"], batch["mask"])
+      count = mask.sum()
+      pred = predictions(logits)
+      loss_sum, correct = loss * count, metrics["accuracy"] * count
     confusion = jnp.einsum("n,ni,nj->ij", mask, jax.nn.one_hot(batch["label"], classes),
                            jax.nn.one_hot(pred, classes))
-    sums = {"loss": loss * count, "correct": metrics["accuracy"] * count, "count": count,
-            "confusion": confusion}
+    sums = {"loss": loss_sum, "correct": correct, "count": count, "confusion": confusion}
     return jax.lax.psum(sums, parallel.AXIS)
 
   return parallel.data_parallel(per_device, mesh, parallel_mode, donate_state=False)
+
+
+def make_probabilities_step(model: nn.Module, mesh, tta: bool = False) -> Callable:
+  """Builds `probs(variables, images) -> (N, max(C, 2))` class probabilities, sharded like the
+  batch (per-example outputs, e.g. for `transfer eval --top_losses`)."""
+  def fn(variables, images):
+    if tta:
+      return tta_probabilities(model, variables, images)
+    return probabilities(model.apply(as_variables(variables), images))
+  batch_spec = parallel.batch_sharding(mesh)
+  return jax.jit(fn, in_shardings=(parallel.replicated(mesh), batch_spec), out_shardings=batch_spec)
 
 
 def make_feature_step(model: nn.Module, mesh, parallel_mode: str = "shard_map") -> Callable:

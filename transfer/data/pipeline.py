@@ -243,6 +243,13 @@ class Dataset:
     make = lambda k: functools.partial(self._eval_batch, split, k, batch_size)
     return _ahead(lambda: (make(k) for k in range(num_batches)), self._ahead)
 
+  def eval_images(self, split: str, rows: np.ndarray) -> np.ndarray:
+    """uint8 (len(rows), S, S, 3) of the split's examples `rows` in the eval geometry (resize,
+    centre crop), before preprocessing: what evaluation sees, for display."""
+    data = self._splits[split]
+    return images.center_crop(data.images(np.asarray(rows, np.int64), self._eval_size),
+                              self.image_size)
+
   def _eval_batch(self, split: str, k: int, batch_size: int) -> dict[str, np.ndarray]:
     """Batch `k` of an ordered pass over `split`, this process's rows, padded and masked."""
     data = self._splits[split]
@@ -250,7 +257,7 @@ class Dataset:
     rows = k * batch_size + self.process_index * local + np.arange(local)
     mask = rows < len(data)
     real = rows[mask]
-    stored = images.center_crop(data.images(real, self._eval_size), self.image_size)
+    stored = self.eval_images(split, real)
     image = np.zeros((local,) + stored.shape[1:], np.uint8)
     image[:len(real)] = stored
     label = np.zeros(local, np.int32)
