@@ -192,11 +192,17 @@ class Dataset:
     train = self._splits["train"]
     stored = train.images(ids, self._train_size)
     if self.augment != "none" or self._train_size != self.image_size:
-      one = lambda img, i: self._augment_one(img, epoch, i)
+      # Augmentation and normalisation per example on the decode pool: both are elementwise
+      # per example (the same bits as batched), and together they are the pipeline's main
+      # cost (docs/BENCHMARKS.md, "Augmentation on the host").
+      one = lambda img, i: preprocess(self._augment_one(img, epoch, i)[None],
+                                      self._preprocess_source)[0]
       mapped = self._pool.map(one, stored, ids) if self._pool else map(one, stored, ids)
-      stored = np.stack(list(mapped))
-    return {"image": preprocess(stored, self._preprocess_source),
-            "label": train.labels[ids].astype(np.int32), "id": ids.astype(np.int32)}
+      image = np.stack(list(mapped))
+    else:
+      image = preprocess(stored, self._preprocess_source)
+    return {"image": image, "label": train.labels[ids].astype(np.int32),
+            "id": ids.astype(np.int32)}
 
   def _augment_one(self, image: np.ndarray, epoch: int, example_id: int) -> np.ndarray:
     """One example's augmentation: a pure function of (seed, epoch, example id) and its pixels."""
