@@ -274,3 +274,25 @@ def test_new_keys_accept_their_documented_values():
   config.update(label_smoothing=0.1, mixup_alpha=0.8, cutmix_alpha=1.0, ema_decay=0.9999,
                 augment="randaugment", randaugment_n=3, randaugment_m=10)
   configs.validate(config)
+
+
+# ------------------------------------------------------------------------------------ resume
+
+def test_resume_with_ema_mixing_and_randaugment_is_bit_exact(tmp_path):
+  """3 steps, then a rerun to 6, equals 6 steps at once: params, EMA and optimizer state."""
+  from transfer import train
+  from test_train import tiny_config
+  extra = dict(ema_decay=0.9, mixup_alpha=0.4, cutmix_alpha=1.0, label_smoothing=0.1,
+               augment="randaugment", eval_every_steps=-1)
+  train.train_and_evaluate(tiny_config(**extra), str(tmp_path / "ref"))
+  train.train_and_evaluate(tiny_config(num_steps=3, **extra), str(tmp_path / "run"))
+  train.train_and_evaluate(tiny_config(**extra), str(tmp_path / "run"))
+  states = []
+  for name in ("ref", "run"):
+    saver = checkpoint.Checkpointer(str(tmp_path / name), async_save=False)
+    step = saver.latest_step()
+    states.append(saver.manager.restore(step, args=checkpoint.ocp.args.Composite(
+        state=checkpoint.ocp.args.StandardRestore(saver.local_target(step))))["state"])
+    saver.close()
+  assert int(states[0]["step"]) == 6 and states[0]["ema_params"]
+  _assert_equal(states[1], states[0])
