@@ -255,11 +255,7 @@ def make_forward(net) -> Callable:
   from transfer import steps
 
   def probabilities(p, x):
-    logits = net.apply(steps.as_variables(p), x)
-    if logits.shape[-1] == 1:  # one sigmoid logit: P(class 1) and its complement
-      positive = jax.nn.sigmoid(logits)
-      return jax.numpy.concatenate([1.0 - positive, positive], axis=-1)
-    return jax.nn.softmax(logits, axis=-1)
+    return steps.probabilities(net.apply(steps.as_variables(p), x))
 
   jitted = jax.jit(probabilities)
   return lambda params, x: np.asarray(jitted(params, x), np.float32)
