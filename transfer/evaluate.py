@@ -36,12 +36,14 @@ def evaluate_workdir(workdir: str, checkpoint: str | int | None = "latest", tta:
     checkpoint: "latest" (or None), "best" or a step (see `checkpoint.load_trained`).
     tta: average the probabilities of each image and its horizontal mirror.
     top_losses: > 0: also find the K most confidently wrong validation examples under the
-      serving params (`runs.serving_variables`: the EMA when there is one), see `top_losses`.
+      serving params (`runs.serving_variables`: the EMA when there is one), see
+      `find_top_losses`.
 
   Returns:
     `{"step", "val_loss", "val_accuracy", "val_count", "confusion", "class_names", "tta"}`,
-    plus `ema_val_loss` and `ema_val_accuracy` for a run with an EMA, and `top_losses` (a list
-    of `{"id", "true", "pred", "prob_pred", "prob_true", "loss"}`) when asked.
+    plus `ema_val_loss` and `ema_val_accuracy` for a run with an EMA, and when asked
+    `top_losses` (a list of `{"id", "true", "pred", "prob_pred", "prob_true", "loss"}`) with
+    `top_losses_images` (their uint8 images as evaluated, for `plot_top_losses`).
   """
   from transfer import data as data_lib
   variables, meta = checkpoint_lib.load_trained_variables(workdir, checkpoint)
@@ -59,8 +61,7 @@ def evaluate_workdir(workdir: str, checkpoint: str | int | None = "latest", tta:
   data_lib.check_same_data(recorded, ds.identity(), f"eval of {workdir}",
                            hint="restore the run's data there, or train a new run on this data")
   if top_losses and jax.process_count() > 1:
-    raise UserError("--top_losses runs on one process; run transfer eval without the "
-                    "distributed flags")
+    raise UserError("--top_losses runs on a single process; run transfer eval on one host")
   eval_step = steps.make_eval_step(model, mesh, len(run["class_names"]), config.parallel, tta=tta)
   batches = lambda: ds.eval_batches("val", config.batch_size)
   raw = parallel.replicate(runs.serving_variables(variables, use_ema=False), mesh)
@@ -75,7 +76,7 @@ def evaluate_workdir(workdir: str, checkpoint: str | int | None = "latest", tta:
     probs_step = steps.make_probabilities_step(model, mesh, tta=tta)
     probs, labels, ids = example_probabilities(probs_step, serving, batches(), mesh)
     result["top_losses"] = find_top_losses(probs, labels, ids, top_losses)
-    result["_images"] = ds.eval_images("val", [t["id"] for t in result["top_losses"]])
+    result["top_losses_images"] = ds.eval_images("val", [t["id"] for t in result["top_losses"]])
   return result
 
 
@@ -201,7 +202,7 @@ def main(workdir: str, as_json: bool = False, checkpoint: str | int | None = "la
   if top_losses < 0:
     raise UserError(f"--top_losses must be >= 0, got {top_losses}")
   result = evaluate_workdir(workdir, checkpoint, tta=tta, top_losses=top_losses)
-  top_images = result.pop("_images", None)
+  top_images = result.pop("top_losses_images", None)
   names = result["class_names"]
   confusion = result["confusion"][:len(names)]
   confusion = [row[:len(names)] for row in confusion]
