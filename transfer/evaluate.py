@@ -130,7 +130,8 @@ def top_losses_figure(top: list[dict[str, Any]], images: np.ndarray, class_names
   import matplotlib.pyplot as plt
   cols = int(np.ceil(np.sqrt(len(top))))
   rows = int(np.ceil(len(top) / cols))
-  fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
+  fig, axes = plt.subplots(rows, cols, figsize=(2.5 * cols, 3.0 * rows + 0.4), squeeze=False,
+                           layout="constrained")
   for ax in axes.flat:
     ax.axis("off")
   for ax, item, image in zip(axes.flat, top, images):
@@ -138,7 +139,6 @@ def top_losses_figure(top: list[dict[str, Any]], images: np.ndarray, class_names
     ax.set_title(f"true {class_names[item['true']][:14]} ({item['prob_true']:.2f})\n"
                  f"pred {class_names[item['pred']][:14]} ({item['prob_pred']:.2f})", fontsize=9)
   fig.suptitle("most confidently wrong: true (p), predicted (p)", fontsize=10)
-  fig.tight_layout()
   return fig
 
 
