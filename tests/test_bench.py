@@ -118,6 +118,7 @@ def test_input_mode_reports_both_sides(capsys):
   result = bench.main(_tiny_config(), mode="input", steps=2, warmup=0, as_json=True)
   capsys.readouterr()
   assert result["input_images_per_sec"] > 0 and result["images_per_sec"] > 0
+  assert result["input_images_per_cpu_sec"] > 0
   assert result["limited_by"] in ("input", "step")
 
 

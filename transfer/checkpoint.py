@@ -262,8 +262,9 @@ class Checkpointer:
     return variables["params"], meta
 
   def restore_variables(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The model variables (`params`, and `batch_stats` when the network has BatchNorm) and the
-    metadata of `step`, whole on this process's first device.
+    """The model variables (`params`, and `batch_stats` when the network has BatchNorm, and
+    `ema_params` when the run kept a parameter EMA) and the metadata of `step`, whole on this
+    process's first device.
 
     For `init_from`, eval, predict and export: it works whatever devices or processes wrote the
     checkpoint, and needs no optimizer or config to describe the state.
@@ -275,6 +276,8 @@ class Checkpointer:
     variables = {"params": state["params"]}
     if state.get("batch_stats"):
       variables["batch_stats"] = state["batch_stats"]
+    if state.get("ema_params"):  # runs with ema_decay > 0 (`runs.serving_variables` picks)
+      variables["ema_params"] = state["ema_params"]
     return variables, dict(restored[META])
 
   def local_target(self, step: int):

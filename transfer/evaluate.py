@@ -1,7 +1,10 @@
 """`transfer eval`: a trained run's validation metrics and confusion matrix.
 
 The run is rebuilt from its checkpoint metadata (model, head, classes, preprocessing) and the
-config stored with it, so the original config file is not needed.
+config stored with it, so the original config file is not needed. A run trained with
+`ema_decay` > 0 is evaluated with its raw and its EMA params (`ema_val_loss`,
+`ema_val_accuracy`). `--tta` averages the probabilities of each image and its mirror;
+`--top_losses K` draws the K most confidently wrong validation images into `top_losses.png`.
 """
 
 from __future__ import annotations
@@ -14,21 +17,33 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from transfer import checkpoint as checkpoint_lib
 from transfer import parallel, runs, steps
 from transfer.errors import UserError
 
 
-def evaluate_workdir(workdir: str, checkpoint: str | int | None = "latest") -> dict[str, Any]:
+TOP_LOSSES_FILE = "top_losses.png"
+
+
+def evaluate_workdir(workdir: str, checkpoint: str | int | None = "latest", tta: bool = False,
+                     top_losses: int = 0) -> dict[str, Any]:
   """Evaluates one checkpoint of `workdir` on its validation split.
 
   Args:
     workdir: the run directory (relative paths are to the current directory).
     checkpoint: "latest" (or None), "best" or a step (see `checkpoint.load_trained`).
+    tta: average the probabilities of each image and its horizontal mirror.
+    top_losses: > 0: also find the K most confidently wrong validation examples under the
+      serving params (`runs.serving_variables`: the EMA when there is one), see
+      `find_top_losses`.
 
   Returns:
-    `{"step", "val_loss", "val_accuracy", "val_count", "confusion", "class_names"}`.
+    `{"step", "val_loss", "val_accuracy", "val_count", "confusion", "class_names", "tta"}`,
+    plus `ema_val_loss` and `ema_val_accuracy` for a run with an EMA, and when asked
+    `top_losses` (a list of `{"id", "true", "pred", "prob_pred", "prob_true", "loss"}`) with
+    `top_losses_images` (their uint8 images as evaluated, for `plot_top_losses`).
   """
   from transfer import data as data_lib
   variables, meta = checkpoint_lib.load_trained_variables(workdir, checkpoint)
@@ -45,10 +60,86 @@ def evaluate_workdir(workdir: str, checkpoint: str | int | None = "latest") -> d
                     f"val_fraction={config.val_fraction}); there is nothing to evaluate on")
   data_lib.check_same_data(recorded, ds.identity(), f"eval of {workdir}",
                            hint="restore the run's data there, or train a new run on this data")
-  eval_step = steps.make_eval_step(model, mesh, len(run["class_names"]), config.parallel)
-  variables = parallel.replicate(variables, mesh)
-  metrics = steps.evaluate(eval_step, variables, ds.eval_batches("val", config.batch_size), mesh)
-  return {"step": meta["step"], **metrics, "class_names": run["class_names"]}
+  if top_losses and jax.process_count() > 1:
+    raise UserError("--top_losses runs on a single process; run transfer eval on one host")
+  eval_step = steps.make_eval_step(model, mesh, len(run["class_names"]), config.parallel, tta=tta)
+  batches = lambda: ds.eval_batches("val", config.batch_size)
+  raw = parallel.replicate(runs.serving_variables(variables, use_ema=False), mesh)
+  result = {"step": meta["step"], **steps.evaluate(eval_step, raw, batches(), mesh),
+            "class_names": run["class_names"], "tta": tta}
+  serving = raw
+  if runs.has_ema(variables):
+    serving = parallel.replicate(runs.serving_variables(variables), mesh)
+    ema = steps.evaluate(eval_step, serving, batches(), mesh)
+    result.update({f"ema_{k}": ema[k] for k in ("val_loss", "val_accuracy")})
+  if top_losses:
+    probs_step = steps.make_probabilities_step(model, mesh, tta=tta)
+    probs, labels, ids = example_probabilities(probs_step, serving, batches(), mesh)
+    result["top_losses"] = find_top_losses(probs, labels, ids, top_losses)
+    result["top_losses_images"] = ds.eval_images("val", [t["id"] for t in result["top_losses"]])
+  return result
+
+
+def example_probabilities(probs_step, variables, batches, mesh):
+  """Per-example class probabilities over padded, masked batches (this process's rows).
+
+  Returns:
+    `(probs (N, C), labels (N,), ids (N,))` of the real examples, in order.
+  """
+  from transfer.data import prefetch_to_device
+  out = []
+  for batch in prefetch_to_device(batches, parallel.batch_sharding(mesh)):
+    probs = np.asarray(jax.device_get(probs_step(variables, batch["image"])))
+    mask = np.asarray(batch["mask"])
+    out.append((probs[mask], np.asarray(batch["label"])[mask], np.asarray(batch["id"])[mask]))
+  return tuple(np.concatenate(parts) for parts in zip(*out))
+
+
+def find_top_losses(probs: np.ndarray, labels: np.ndarray, ids: np.ndarray,
+                    k: int) -> list[dict[str, Any]]:
+  """The `k` most confidently wrong examples: misclassified, highest loss (-log p(true)) first.
+
+  fastai's `plot_top_losses` ranks every example by loss; only wrong ones are kept here, so a
+  confident mistake is never crowded out by a right answer with a low margin. Fewer than `k`
+  come back when fewer are wrong.
+  """
+  pred = np.argmax(probs, -1)
+  true_p = probs[np.arange(len(labels)), labels]
+  loss = -np.log(np.maximum(true_p, np.finfo(np.float32).tiny))
+  wrong = np.flatnonzero(pred != labels)
+  order = wrong[np.argsort(-loss[wrong], kind="stable")][:k]
+  return [{"id": int(ids[i]), "true": int(labels[i]), "pred": int(pred[i]),
+           "prob_pred": float(probs[i, pred[i]]), "prob_true": float(true_p[i]),
+           "loss": float(loss[i])} for i in order]
+
+
+def plot_top_losses(top: list[dict[str, Any]], images: np.ndarray, class_names, path: str) -> str:
+  """A PNG grid of the examples in `top` (from `find_top_losses`): each image under its true
+  and predicted class and their probabilities (written whole or not at all).
+
+  Raises:
+    OSError: the file cannot be written.
+  """
+  return _save_figure(top_losses_figure(top, images, class_names), path)
+
+
+def top_losses_figure(top: list[dict[str, Any]], images: np.ndarray, class_names):
+  """The matplotlib figure of `plot_top_losses`: one titled panel per example, in a grid."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  cols = int(np.ceil(np.sqrt(len(top))))
+  rows = int(np.ceil(len(top) / cols))
+  fig, axes = plt.subplots(rows, cols, figsize=(2.5 * cols, 3.0 * rows + 0.4), squeeze=False,
+                           layout="constrained")
+  for ax in axes.flat:
+    ax.axis("off")
+  for ax, item, image in zip(axes.flat, top, images):
+    ax.imshow(image)
+    ax.set_title(f"true {class_names[item['true']][:14]} ({item['prob_true']:.2f})\n"
+                 f"pred {class_names[item['pred']][:14]} ({item['prob_pred']:.2f})", fontsize=9)
+  fig.suptitle("most confidently wrong: true (p), predicted (p)", fontsize=10)
+  return fig
 
 
 def format_confusion(confusion, class_names) -> str:
@@ -81,6 +172,12 @@ def plot_confusion(confusion, class_names, path: str) -> str:
     for j in range(n):
       ax.text(j, i, str(confusion[i][j]), ha="center", va="center")
   fig.tight_layout()
+  return _save_figure(fig, path)
+
+
+def _save_figure(fig, path: str) -> str:
+  """Writes `fig` as a PNG at `path` via a temporary file, then closes it."""
+  import matplotlib.pyplot as plt
   partial = path + ".partial"
   try:
     fig.savefig(partial, dpi=80, format="png")
@@ -94,14 +191,18 @@ def plot_confusion(confusion, class_names, path: str) -> str:
   return path
 
 
-def main(workdir: str, as_json: bool = False,
-         checkpoint: str | int | None = "latest") -> dict[str, Any]:
-  """CLI entry: print metrics (or one JSON object) and write `confusion.png` in the workdir.
+def main(workdir: str, as_json: bool = False, checkpoint: str | int | None = "latest",
+         tta: bool = False, top_losses: int = 0) -> dict[str, Any]:
+  """CLI entry: print metrics (or one JSON object) and write `confusion.png` in the workdir
+  (and `top_losses.png` with `top_losses` > 0).
 
-  The metrics are the result; the plot is a by-product. A workdir that cannot be written
+  The metrics are the result; the plots are by-products. A workdir that cannot be written
   (read-only mount, full disk) costs a one-line warning, never the metrics.
   """
-  result = evaluate_workdir(workdir, checkpoint)
+  if top_losses < 0:
+    raise UserError(f"--top_losses must be >= 0, got {top_losses}")
+  result = evaluate_workdir(workdir, checkpoint, tta=tta, top_losses=top_losses)
+  top_images = result.pop("top_losses_images", None)
   names = result["class_names"]
   confusion = result["confusion"][:len(names)]
   confusion = [row[:len(names)] for row in confusion]
@@ -114,12 +215,36 @@ def main(workdir: str, as_json: bool = False,
       result["confusion_png"] = None
       print(f"transfer: warning: could not write {path} ({e.strerror or e}); "
             f"the metrics are reported all the same", file=sys.stderr)
+    if top_losses:
+      result["top_losses_png"] = _write_top_losses(result["top_losses"], top_images, names,
+                                                   os.path.join(workdir, TOP_LOSSES_FILE))
   if as_json:
     print(json.dumps(result))
   else:
+    tta_note = " (TTA: image + mirror)" if tta else ""
     print(f"step {result['step']}: val_loss {result['val_loss']:.4f}  "
-          f"val_accuracy {result['val_accuracy']:.4f}  ({result['val_count']} examples)")
+          f"val_accuracy {result['val_accuracy']:.4f}  ({result['val_count']} examples)"
+          f"{tta_note}")
+    if "ema_val_accuracy" in result:
+      print(f"  EMA params: val_loss {result['ema_val_loss']:.4f}  "
+            f"val_accuracy {result['ema_val_accuracy']:.4f}")
     print(format_confusion(confusion, names))
     if result.get("confusion_png"):
       print(f"confusion matrix plot: {result['confusion_png']}", file=sys.stderr)
+  if result.get("top_losses_png"):
+    print(f"top losses ({len(result['top_losses'])} most confidently wrong): "
+          f"{result['top_losses_png']}", file=sys.stderr)
   return result
+
+
+def _write_top_losses(top, images, class_names, path: str) -> str | None:
+  """`plot_top_losses`, or None with a one-line note (nothing wrong, or the disk refused)."""
+  if not top:
+    print("transfer: no misclassified validation images: no top_losses plot", file=sys.stderr)
+    return None
+  try:
+    return plot_top_losses(top, images, class_names, path)
+  except OSError as e:
+    print(f"transfer: warning: could not write {path} ({e.strerror or e}); "
+          f"the metrics are reported all the same", file=sys.stderr)
+    return None

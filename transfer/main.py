@@ -1,7 +1,8 @@
 """The `transfer` command line: parse, then call one library function per subcommand.
 
     transfer train   [--workdir DIR] [--config FILE|NAME] [--config.KEY=VALUE ...]
-    transfer eval    --workdir DIR [--checkpoint best|latest|STEP] [--json]
+    transfer eval    --workdir DIR [--checkpoint best|latest|STEP] [--json] [--tta]
+                     [--top_losses K]
     transfer predict (--workdir DIR [--checkpoint ...] | --model vgg16 --weights SRC) [--top K]
                      [--batch_size N] [--json] IMAGE|FOLDER...
     transfer weights info SRC | download ID | list
@@ -44,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
   ev.add_argument("--checkpoint", default="latest",
                   help="latest (the newest that restores), best (highest val_accuracy) or a step")
   ev.add_argument("--json", action="store_true", help="print metrics as one JSON object")
+  ev.add_argument("--tta", action="store_true",
+                  help="test-time augmentation: average the image's and its mirror's probabilities")
+  ev.add_argument("--top_losses", type=int, default=0, metavar="K",
+                  help="draw the K most confidently wrong validation images into "
+                       "WORKDIR/top_losses.png")
 
   pred = sub.add_parser("predict", help="classify images with ImageNet weights or a trained run")
   pred.add_argument("images", nargs="+", metavar="IMAGE",
@@ -132,7 +138,8 @@ def run(argv: list[str]) -> int:
                         start_lr=args.start_lr, end_lr=args.end_lr, stage=args.stage)
   elif args.command == "eval":
     from transfer import evaluate
-    evaluate.main(args.workdir, as_json=args.json, checkpoint=args.checkpoint)
+    evaluate.main(args.workdir, as_json=args.json, checkpoint=args.checkpoint, tta=args.tta,
+                  top_losses=args.top_losses)
   elif args.command == "predict":
     from transfer import predict
     failed = predict.main(args.images, workdir=args.workdir, model=args.model,

@@ -110,7 +110,8 @@ def predict_trained(images: Sequence[str], workdir: str, *, top: int = 5,
   """Top classes of each image under a run trained by `transfer train`.
 
   The model, class names, input size, eval crop and preprocessing come from the checkpoint's
-  metadata, so images go through exactly the transform the run was validated with.
+  metadata, so images go through exactly the transform the run was validated with. A run
+  trained with `ema_decay` > 0 predicts with its EMA params (`runs.serving_variables`).
 
   Args:
     images: image file paths.
@@ -159,7 +160,8 @@ def _trained_predictions(paths, workdir, top, batch_size, checkpoint) -> Iterato
   from transfer.data import images as image_ops
 
   _check_counts(top, batch_size)
-  params, meta = checkpoint_lib.load_trained_variables(workdir, checkpoint)  # with BN statistics
+  variables, meta = checkpoint_lib.load_trained_variables(workdir, checkpoint)
+  params = runs.serving_variables(variables)  # the EMA params when the run kept them
   run = meta["run"]
   size = run["image_size"]
   stored = image_ops.stored_size(size, float(run["eval_crop"]))
@@ -259,11 +261,7 @@ def make_forward(net) -> Callable:
   from transfer import steps
 
   def probabilities(p, x):
-    logits = net.apply(steps.as_variables(p), x)
-    if logits.shape[-1] == 1:  # one sigmoid logit: P(class 1) and its complement
-      positive = jax.nn.sigmoid(logits)
-      return jax.numpy.concatenate([1.0 - positive, positive], axis=-1)
-    return jax.nn.softmax(logits, axis=-1)
+    return steps.probabilities(net.apply(steps.as_variables(p), x))
 
   jitted = jax.jit(probabilities)
   return lambda params, x: np.asarray(jitted(params, x), np.float32)

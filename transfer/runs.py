@@ -169,6 +169,34 @@ def variables_from_workdir(other: str, shapes, data_identity=None):
   return variables
 
 
+def serving_variables(variables: dict[str, Any], use_ema: bool = True) -> dict[str, Any]:
+  """The variables to predict or export with: the EMA params when the run kept them.
+
+  The one place that decides which params a trained run serves with (predict, eval's headline,
+  export). BatchNorm statistics are the raw ones (the EMA averages params only).
+
+  Args:
+    variables: from `checkpoint.load_trained_variables` (`params`, maybe `batch_stats` and
+      `ema_params`).
+    use_ema: False gives the raw params even when an EMA exists.
+
+  Returns:
+    `{"params"}` (and `"batch_stats"`): what `model.apply` takes.
+  """
+  params = variables["params"]
+  if use_ema and variables.get("ema_params"):
+    params = variables["ema_params"]
+  out = {"params": params}
+  if variables.get("batch_stats"):
+    out["batch_stats"] = variables["batch_stats"]
+  return out
+
+
+def has_ema(variables: dict[str, Any]) -> bool:
+  """Whether a trained run's variables hold a parameter EMA."""
+  return bool(variables.get("ema_params"))
+
+
 # ----------------------------------------------------------------------------- checkpoint metadata
 
 

@@ -139,6 +139,7 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
         lambda: models.init_variables(model, config.image_size, config.seed))
     shapes = variable_shapes["params"]
     optimizers = _StageOptimizers(shapes)
+    ema = config.get("ema_decay", 0.0) > 0
     for stage in plan:  # every stage's patterns are checked before anything runs
       optimizers.get(stage)
 
@@ -146,7 +147,8 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
       """The restore target of a checkpoint at `step`: the state of its stage's optimizer."""
       tx, _ = optimizers.get(stages_lib.stage_of(plan, step))
       abstract = jax.eval_shape(
-          lambda v: steps.create_train_state(v["params"], tx, config.seed, v.get("batch_stats")),
+          lambda v: steps.create_train_state(v["params"], tx, config.seed, v.get("batch_stats"),
+                                             ema=ema),
           variable_shapes)
       return jax.tree_util.tree_map(
           lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)),
@@ -208,8 +210,8 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
           # A new stage: a fresh optimizer (and step count) for its trainable set, as a new run
           # started from these params would have.
           state = (parallel.replicate(steps.create_train_state(
-              variables["params"], tx, config.seed, variables.get("batch_stats")), mesh)
-                   if state is None else _restart_state(state, tx, config.seed, mesh))
+              variables["params"], tx, config.seed, variables.get("batch_stats"), ema=ema), mesh)
+                   if state is None else _restart_state(state, tx, config.seed, mesh, ema))
           state_stage = stage.index
         local = step - stage.start
         if staged:
@@ -226,7 +228,8 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
                                                 local, is_main)
         batches = data_lib.prefetch_to_device(train_iter, parallel.batch_sharding(mesh),
                                               size=config.prefetch)
-        train_step = steps.make_train_step(model, tx, param_labels, mesh, config.parallel, kind)
+        train_step = steps.make_train_step(model, tx, param_labels, mesh, config.parallel, kind,
+                                           steps.Regularisation.from_config(c))
         eval_step = steps.make_eval_step(model, mesh, num_classes, config.parallel, kind)
         schedule = optim.make_schedule(c, stage.steps)
         stage_meta = {"index": stage.index, "name": stage.name, "start": stage.start,
@@ -277,7 +280,7 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
           stop = preemption.stop_at(step)
           if eval_now:
             check_finite()
-            last_eval = steps.evaluate(eval_step, state.variables, val_batches(), mesh)
+            last_eval = steps.evaluate_state(eval_step, state, val_batches, mesh)
             writer.write({"step": step, "epoch": step / steps_per_epoch,
                           **{k: v for k, v in last_eval.items() if k != "confusion"}})
             best = (last_eval["val_accuracy"] if best is None
@@ -366,11 +369,13 @@ def _stage_run(meta_run: dict[str, Any], stage: stages_lib.Stage) -> dict[str, A
               lr_mults=dict(c.lr_mults))
 
 
-def _restart_state(state, tx, seed: int, mesh):
+def _restart_state(state, tx, seed: int, mesh, ema: bool):
   """The state a new stage starts from: these params and BatchNorm statistics, a fresh optimizer
   state for `tx` (none for frozen params), step 0. Jitted so it works on arrays that span
-  processes; params pass through bit for bit."""
-  restart = lambda params, batch_stats: steps.create_train_state(params, tx, seed, batch_stats)
+  processes; params pass through bit for bit. The parameter average (`ema_decay`) restarts at
+  the params too, as in a run started with `init_from`."""
+  restart = lambda params, batch_stats: steps.create_train_state(params, tx, seed, batch_stats,
+                                                                 ema=ema)
   return jax.jit(restart, out_shardings=parallel.replicated(mesh))(state.params,
                                                                    state.batch_stats)
 

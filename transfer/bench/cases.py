@@ -170,6 +170,7 @@ def bench_input(config, batches: int) -> dict[str, Any]:
   start = time.perf_counter()
   ds = data.create(config, preprocess_source=runs.weights_source(config.weights) or "none")
   prepare_s = time.perf_counter() - start
-  rate = data.input_throughput(ds, max(1, batches))
-  return {"input_images_per_sec": rate, "input_prepare_s": prepare_s,
+  rate, cpu_rate = data.input_rates(ds, max(1, batches))
+  return {"input_images_per_sec": rate, "input_images_per_cpu_sec": cpu_rate,
+          "input_prepare_s": prepare_s,
           "input_batches": max(1, batches), "input_train_examples": ds.num_train}

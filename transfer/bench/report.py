@@ -69,6 +69,7 @@ _ROWS = (
     ("train_forward_ratio", "train / forward time", "{:.3f}"),
     ("flops_ratio_train_forward", "train / forward FLOPs", "{:.3f}"),
     ("input_images_per_sec", "input pipeline images/s", "{:,.1f}"),
+    ("input_images_per_cpu_sec", "input images per CPU-second", "{:,.1f}"),
     ("limited_by", "limited by", "{}"),
     ("epoch_images", "epoch images", "{:,}"),
     ("feature_pass_s", "feature pass s (once)", "{:,.2f}"),

@@ -100,6 +100,12 @@ RANGES: dict[str, Range] = {
     "log_every_steps": EVERY,
     "eval_every_steps": EVERY,
     "checkpoint_every_steps": EVERY,
+    "label_smoothing": FRACTION,
+    "mixup_alpha": NON_NEGATIVE,       # 0 = off
+    "cutmix_alpha": NON_NEGATIVE,      # 0 = off
+    "ema_decay": FRACTION,             # 0 = no EMA
+    "randaugment_n": AT_LEAST_ONE,
+    "randaugment_m": Range(low=0, high=10),  # timm's magnitude scale (_LEVEL_DENOM = 10)
 }
 
 # Keys with a fixed set of names. `labels_from` is checked only where a config has it.
@@ -110,7 +116,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("auto", "float32", "bfloat16", "float16"),        # models.as_dtype
     "conv": ("auto", "xla", "winograd"),                        # models.CONVS
     "parallel": ("shard_map", "pmap"),                          # parallel.MODES
-    "augment": ("none", "flip", "crop_flip"),                   # data.pipeline.AUGMENTS
+    "augment": ("none", "flip", "crop_flip", "inception_crop", "randaugment"),  # data.pipeline.AUGMENTS
     "cache_images": ("", "memory", "disk"),                     # data.pipeline.CACHES
     "labels_from": ("folders", "filename"),
     "variant": ("auto", "keras", "torchvision"),                # models.resnet.VARIANTS

@@ -27,7 +27,9 @@ def get_config():
   c.val_fraction = 0.2              # held out when the dataset has no validation split
   c.labels_from = "folders"         # folder labels: folders (PATH/cat/x.jpg) | filename (cat.0.jpg)
   c.image_size = 224
-  c.augment = "flip"                # none | flip | crop_flip
+  c.augment = "flip"                # none | flip | crop_flip | inception_crop | randaugment
+  c.randaugment_n = 2               # randaugment: ops per image (timm's rand-mM-nN)
+  c.randaugment_m = 9               # randaugment: magnitude, 0-10
   c.eval_crop = 1.0                 # center-crop fraction at eval (1.0 = plain resize)
   c.train_crop = 0.875              # crop_flip: random crop of this fraction of the stored side
   c.cache_images = ""               # "" | memory | disk: keep decoded, resized uint8 images
@@ -53,6 +55,11 @@ def get_config():
   c.max_momentum = 0.95
   c.base_momentum = 0.85
   c.grad_clip_norm = 0.0
+  # Regularisation (the train step; see README "Regularisation and augmentation").
+  c.label_smoothing = 0.0           # targets y*(1-ls) + ls/C (one sigmoid logit: + ls/2)
+  c.mixup_alpha = 0.0               # > 0: mixup, lambda ~ Beta(alpha, alpha) per batch
+  c.cutmix_alpha = 0.0              # > 0: cutmix; both > 0: one of the two per batch, p=0.5 each
+  c.ema_decay = 0.0                 # > 0: keep an EMA of the params (eval reports both, predict uses it)
   c.train_bn = False                # BatchNorm layers train (batch statistics) even inside frozen blocks
   c.trainable = ["^head/"]          # regexes over param paths ("block5_conv1/kernel"); rest frozen
   c.lr_mults = ml_collections.ConfigDict()  # {"pattern": multiplier}, e.g. {"^block5": 0.1}

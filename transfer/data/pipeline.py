@@ -23,7 +23,9 @@ from transfer.data.sources import LABELS_FROM, Source
 from transfer.errors import UserError
 from transfer.weights.preprocess import mode_for, preprocess
 
-AUGMENTS = ("none", "flip", "crop_flip")
+AUGMENTS = ("none", "flip", "crop_flip", "inception_crop", "randaugment")
+# Augmentations that crop a larger stored image (`train_crop` sets how much larger).
+_CROPPING = ("crop_flip", "inception_crop", "randaugment")
 CACHES = ("", "memory", "disk")
 # Stream tags keep the shuffle and augmentation generators apart: numpy's SeedSequence pads short
 # keys with zeros, so (seed, epoch) and (seed, epoch, 0) would otherwise be the same stream.
@@ -107,7 +109,9 @@ class Dataset:
                skipped: list[tuple[str, str]], *, image_size: int, batch_size: int,
                augment: str, eval_crop: float, train_crop: float, seed: int,
                preprocess_source: str | None, process_index: int, process_count: int,
-               local_device_count: int, ahead: int, origin: Origin | None = None):
+               local_device_count: int, ahead: int, origin: Origin | None = None,
+               randaugment: tuple[int, float] = (2, 9.0),
+               pool: concurrent.futures.Executor | None = None):
     self._splits = {"train": train, "val": val}
     self._origin = origin or Origin(dataset="")
     self.dataset, self.root = self._origin.dataset, self._origin.root
@@ -123,6 +127,8 @@ class Dataset:
     self.local_batch_size = batch_size // process_count
     self.steps_per_epoch = self.num_train // batch_size
     self.augment, self.seed = augment, seed
+    self._randaugment = (int(randaugment[0]), float(randaugment[1]))
+    self._pool = pool  # augments a batch's examples in parallel (PIL releases the GIL)
     self._preprocess_source = preprocess_source
     self._train_size = stored_train_size(image_size, augment, train_crop)
     self._eval_size = images.stored_size(image_size, eval_crop)
@@ -186,13 +192,23 @@ class Dataset:
     train = self._splits["train"]
     stored = train.images(ids, self._train_size)
     if self.augment != "none" or self._train_size != self.image_size:
-      stored = np.stack([self._augment_one(img, epoch, i) for img, i in zip(stored, ids)])
-    return {"image": preprocess(stored, self._preprocess_source),
-            "label": train.labels[ids].astype(np.int32), "id": ids.astype(np.int32)}
+      # Augmentation and normalisation per example on the decode pool: both are elementwise
+      # per example (the same bits as batched), and together they are the pipeline's main
+      # cost (docs/BENCHMARKS.md, "Augmentation on the host").
+      one = lambda img, i: preprocess(self._augment_one(img, epoch, i)[None],
+                                      self._preprocess_source)[0]
+      mapped = self._pool.map(one, stored, ids) if self._pool else map(one, stored, ids)
+      image = np.stack(list(mapped))
+    else:
+      image = preprocess(stored, self._preprocess_source)
+    return {"image": image, "label": train.labels[ids].astype(np.int32),
+            "id": ids.astype(np.int32)}
 
   def _augment_one(self, image: np.ndarray, epoch: int, example_id: int) -> np.ndarray:
-    rng = np.random.default_rng((self.seed, _AUGMENT, epoch, int(example_id)))
-    return images.random_crop_flip(image, self.image_size, rng, flip=self.augment != "none")
+    """One example's augmentation: a pure function of (seed, epoch, example id) and its pixels."""
+    return augment_one(image, self.augment, self.image_size,
+                       np.random.default_rng((self.seed, _AUGMENT, epoch, int(example_id))),
+                       self._randaugment)
 
   def train_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Training batches from `start_step` on, forever (epoch after epoch).
@@ -233,6 +249,13 @@ class Dataset:
     make = lambda k: functools.partial(self._eval_batch, split, k, batch_size)
     return _ahead(lambda: (make(k) for k in range(num_batches)), self._ahead)
 
+  def eval_images(self, split: str, rows: np.ndarray) -> np.ndarray:
+    """uint8 (len(rows), S, S, 3) of the split's examples `rows` in the eval geometry (resize,
+    centre crop), before preprocessing: what evaluation sees, for display."""
+    data = self._splits[split]
+    return images.center_crop(data.images(np.asarray(rows, np.int64), self._eval_size),
+                              self.image_size)
+
   def _eval_batch(self, split: str, k: int, batch_size: int) -> dict[str, np.ndarray]:
     """Batch `k` of an ordered pass over `split`, this process's rows, padded and masked."""
     data = self._splits[split]
@@ -240,7 +263,7 @@ class Dataset:
     rows = k * batch_size + self.process_index * local + np.arange(local)
     mask = rows < len(data)
     real = rows[mask]
-    stored = images.center_crop(data.images(real, self._eval_size), self.image_size)
+    stored = self.eval_images(split, real)
     image = np.zeros((local,) + stored.shape[1:], np.uint8)
     image[:len(real)] = stored
     label = np.zeros(local, np.int32)
@@ -250,9 +273,32 @@ class Dataset:
             "mask": mask}
 
 
+def augment_one(image: np.ndarray, augment: str, size: int, rng: np.random.Generator,
+                randaugment: tuple[int, float] = (2, 9.0)) -> np.ndarray:
+  """Train-time augmentation of one stored uint8 image to `size` x `size`.
+
+  Args:
+    image: the stored image (`stored_train_size`).
+    augment: one of `AUGMENTS`: none (a centred window when the image is larger), flip,
+      crop_flip (random window, flip), inception_crop (random-resized crop, flip), randaugment
+      (inception_crop, then timm's RandAugment with `randaugment` = (N ops, magnitude M)).
+    size: output side.
+    rng: the example's generator, seeded from (seed, epoch, example id).
+
+  Returns:
+    uint8 (size, size, 3).
+  """
+  if augment in ("inception_crop", "randaugment"):
+    out = images.inception_crop(image, size, rng)
+    if augment == "randaugment":
+      out = images.randaugment(out, rng, *randaugment)
+    return out
+  return images.random_crop_flip(image, size, rng, flip=augment != "none")
+
+
 def stored_train_size(image_size: int, augment: str, train_crop: float) -> int:
   """Side of the stored training images: larger than the output only when crops are random."""
-  return images.stored_size(image_size, train_crop) if augment == "crop_flip" else image_size
+  return images.stored_size(image_size, train_crop) if augment in _CROPPING else image_size
 
 
 def _ahead(make_jobs, ahead: int) -> Iterator[dict[str, np.ndarray]]:
@@ -340,7 +386,10 @@ def create(config, *, preprocess_source: str | None, process_index: int | None =
                  eval_crop=float(config.eval_crop), train_crop=train_crop, seed=int(config.seed),
                  preprocess_source=preprocess_source, process_index=process_index,
                  process_count=process_count, local_device_count=local_devices,
-                 ahead=int(config.get("prefetch", 2)), origin=origin)
+                 ahead=int(config.get("prefetch", 2)), origin=origin,
+                 randaugment=(int(config.get("randaugment_n", 2)),
+                              float(config.get("randaugment_m", 9))),
+                 pool=pool)
 
 
 def _check_options(config) -> None:
