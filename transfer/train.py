@@ -222,8 +222,13 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
                           "stage_index": stage.index})
             marked.add(stage.index)
         _log(is_main, optim.describe(state.params, param_labels))
-        stage_ds = ds if c.augment == config.augment else data_lib.create(
-            c, preprocess_source=weights_source or "none")
+        if c.augment == config.augment:
+          stage_ds = ds
+        else:
+          # The previous stage's last checkpoint is finished first: a data source may open files
+          # through the same file-system layer Orbax writes with (TFDS' test mocks patch it).
+          checkpointer.wait()
+          stage_ds = data_lib.create(c, preprocess_source=weights_source or "none")
         kind, train_iter, val_batches = _inputs(c, param_labels, model, state, stage_ds, mesh,
                                                 local, is_main)
         batches = data_lib.prefetch_to_device(train_iter, parallel.batch_sharding(mesh),
