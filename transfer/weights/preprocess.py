@@ -4,12 +4,17 @@ Pretrained weights only compute what they computed in their framework when the p
 normalised the same way, so the normalisation is a property of the weights, not of the data:
   * `caffe` (Keras VGG16/VGG19): RGB -> BGR, subtract the ImageNet BGR mean, 0-255 scale.
   * `torch` (torchvision): scale to [0, 1], subtract mean and divide by std per RGB channel.
-  * `unit` (random initialisation): scale to [-1, 1].
+  * `tf` (InceptionV3, Keras' and torchvision's): RGB scaled to [-1, 1], `x / 127.5 - 1`.
+    That is Keras' "tf" mode exactly. torchvision's pretrained InceptionV3 normalises with the
+    ImageNet mean and std and then undoes it in `transform_input` (channel c:
+    `x * std_c / 0.5 + (mean_c - 0.5) / 0.5`), which is `x / 127.5 - 1` up to float32 rounding
+    (below 1e-6); we compute the one-step form.
+  * `unit` (random initialisation): scale to [-1, 1], the same numbers as `tf`.
 Works on numpy arrays (host pipelines) and jax arrays (on-device augmentation) alike.
 
 The eval geometry is a property of the weights too (`eval_resize`, `eval_image`): Keras' loaders
 squash the whole image to the input size; torchvision resizes the short side (256, or 232 for its
-V2 ResNet weights) and center-crops 224. Evaluating one family's weights through the other's
+V2 ResNet weights) and center-crops 224 (InceptionV3: 342, then 299). Evaluating one family's weights through the other's
 geometry shifts their probabilities and costs accuracy.
 """
 
@@ -23,7 +28,7 @@ import numpy as np
 
 from transfer.weights import sources
 
-MODES = ("caffe", "torch", "unit")
+MODES = ("caffe", "torch", "tf", "unit")
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 TORCH_MEAN = (0.485, 0.456, 0.406)
 TORCH_STD = (0.229, 0.224, 0.225)
@@ -46,12 +51,19 @@ def mode_for(source: str | None) -> str:
       for random initialisation.
 
   Returns:
-    One of `MODES`.
+    One of `MODES`: a registry id's own (`WeightSource.preprocess`), also for a file named as
+    an official file; else by format, which cannot tell a Keras InceptionV3 `.h5` of another
+    name (pass `tf` then) from the caffe-mode VGG and ResNet files.
   """
   if source is None or source == "none":
     return "unit"
   if source in MODES:
     return source
+  if sources.is_id(source) and sources.parse(source)[0] in sources.ids():
+    return sources.get(source).preprocess
+  official = _official_file(source)
+  if official is not None:  # an official file by path (downloaded by hand): its own record
+    return official.preprocess
   prefix = source.split(":", 1)[0] if ":" in source and not os.path.exists(source) else None
   if prefix == "keras":
     return "caffe"
@@ -82,9 +94,15 @@ def preprocess(images, source: str | None, dtype=None):
     x = x[..., ::-1] - xp.asarray(CAFFE_BGR_MEAN, xp.float32)
   elif mode == "torch":
     x = (x / 255.0 - xp.asarray(TORCH_MEAN, xp.float32)) / xp.asarray(TORCH_STD, xp.float32)
-  else:
+  else:  # tf, unit
     x = x / 127.5 - 1.0
   return x if dtype is None else x.astype(dtype)
+
+
+def _official_file(path: str) -> sources.WeightSource | None:
+  """The registry record whose official file name `path` has, if any."""
+  name = os.path.basename(path)
+  return next((sources.get(i) for i in sources.ids() if sources.get(i).filename == name), None)
 
 
 def _jnp():
@@ -99,17 +117,19 @@ def eval_resize(source: str | None, size: int = EVAL_CROP) -> int | None:
     source: as for `mode_for`. A registry id carries its own (`WeightSource.resize_size`); a
       torch-format file gets torchvision's default 256, since it was most likely made for that
       pipeline; Keras weights, modes other than `torch` and random initialisation squash.
-    size: the model's input side. The recorded sizes are for a 224 crop; another input size keeps
-      the same crop fraction (`round(resize * size / 224)`).
+    size: the model's input side. A recorded size goes with its crop (`crop_size`: 224, 299
+      for InceptionV3); another input size keeps the same crop fraction
+      (`round(resize * size / crop_size)`).
 
   Returns:
     The short side in pixels, or None for squashing the whole image to `size` x `size`.
   """
+  crop = EVAL_CROP
   if source is not None and sources.is_id(source):
-    resize = sources.get(source).resize_size
+    resize, crop = sources.get(source).resize_size, sources.get(source).crop_size
   else:
     resize = TORCH_RESIZE if mode_for(source) == "torch" else None
-  return None if resize is None else int(round(resize * size / EVAL_CROP))
+  return None if resize is None else int(round(resize * size / crop))
 
 
 def eval_image(image, size: int, resize_size: int | None):
