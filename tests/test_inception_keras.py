@@ -288,3 +288,25 @@ def test_registry_records_the_keras_files():
   with pytest.raises(UserError, match="is a Keras InceptionV3"):  # before any download
     weights.load("keras:inception_v3_notop",
                  models.get("inception_v3", head="none", variant="torchvision"), image_size=75)
+
+
+# --- tiny files, no Keras needed ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("naming", ["keras1", "keras2"])
+def test_an_exported_tiny_file_loads_back_exactly(tmp_path, naming):
+  """`export.keras_layers` writes Keras' order (and BatchNorm without gamma); loading by kind
+  and order gives back every array bit for bit, through a file whose names are ours."""
+  from transfer.weights import export, port
+  net = models.get("inception_v3_tiny", head="none", variant="keras")
+  shapes = port.variable_shapes(net, 75)
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
+  variables["batch_stats"] = jax.tree.map(lambda a: np.abs(a) + 0.5, variables["batch_stats"])
+  layers = export.keras_layers(variables["params"], models.spec("inception_v3_tiny"),
+                               variables["batch_stats"])
+  assert list(layers) == list(models.spec("inception_v3_tiny").keras_order)
+  path = tmp_path / "tiny.h5"
+  export.write_keras_h5(path, {"input_1": [], **layers}, naming=naming)
+  got = weights.load_variables(str(path), net, image_size=75)
+  jax.tree.map(np.testing.assert_array_equal, got, variables)

@@ -322,3 +322,13 @@ def test_registry_and_eval_geometry():
   assert eval_resize("torchvision:inception_v3", 150) == 172  # same crop fraction
   assert eval_resize("torchvision:resnet50", 224) == 232
   assert weights.variant_for("torchvision:inception_v3", "inception_v3") == "torchvision"
+
+
+def test_info_recognises_a_torchvision_file_with_its_aux_classifier(reference, tmp_path):
+  path = save(reference, tmp_path / "inception.safetensors", "safetensors")
+  meta = weights.info(path)
+  assert (meta["arch"], meta["variant"], meta["format"]) == ("inception_v3", "torchvision",
+                                                             "safetensors")
+  names = {layer["name"]: layer["model_name"] for layer in meta["layers"]}
+  assert names["Mixed_7c.branch3x3dbl_3b.bn"] == "mixed10_branch3x3dbl_3b_bn"
+  assert names["AuxLogits.fc"] == "AuxLogits.fc"

@@ -448,7 +448,7 @@ def guess_arch(view_for: Callable[[models.ModelSpec], dict[str, dict[str, Tensor
   for name in models.names():
     spec = models.spec(name)
     view = view_for(spec)
-    if set(view) - set(spec.top_layers) != set(spec.conv_layers):
+    if set(view) - set(spec.top_layers) - set(ignored_parts(view, spec)) != set(spec.conv_layers):
       continue
     shapes = _backbone_shapes(name)
     if all(p in view[layer] and tuple(view[layer][p].shape) == tuple(s.shape)
