@@ -12,7 +12,11 @@ layers by kind and position.
 `model.layers` of a Keras functional model (tf.keras, Keras 2.1 and later, Keras 3) sorts layers
 by decreasing depth, a layer's longest path to the output in layers, and layers of equal depth
 by the order a depth-first walk from the output, through each layer's inputs in call order,
-first reaches them. (Keras 1 and 2.0 sorted equal depths by layer name instead.)
+first reaches them. (Keras 1 and 2.0 sorted equal depths by layer name instead.) It is also the
+rule Keras itself loads the official application files by: `load_weights_from_hdf5_group` gives
+the k-th layer with weights in the file's `layer_names` to the k-th layer with weights of
+`model.layers`, positionally, so a file `keras.applications.InceptionV3(weights="imagenet")`
+loads lists its layers in this order.
 """
 
 from __future__ import annotations

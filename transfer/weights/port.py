@@ -16,8 +16,16 @@ The merge works on layers, not collections: `by_layer` puts a BatchNorm's runnin
 beside its scale and bias, as every weight file stores them, so a file without the statistics is
 missing part of that layer; `by_collection` splits the result back into `params`/`batch_stats`.
 
-Architectures built in several variants (ResNet: Keras v1, torchvision v1.5) take a file only in
-the variant of the file's framework; `check_variant` says which one, since shapes cannot show it.
+Architectures built in several variants (ResNet: Keras v1, torchvision v1.5; InceptionV3) take
+a file only in the variant of the file's framework; `check_variant` says which one, since shapes
+cannot show it.
+
+Where Keras generates the layer names (InceptionV3: `conv2d_17`, numbered per process), the spec
+gives the order Keras lists the layers in (`ModelSpec.keras_order`) and a Keras file's conv and
+BatchNorm layers are matched to it by kind and position, as Keras itself loads the official files
+(positionally); names play no part. `order_problem` names the first block that does not fit.
+torchvision state-dict parts the model leaves out by design (`ModelSpec.torch_ignored`: the
+auxiliary classifier) are ignored and reported (`ignored_parts`). Nothing here names a model.
 """
 
 from __future__ import annotations
@@ -412,7 +420,8 @@ def mismatch_error(plan: Plan, *, source: str, arch: str, cause: str | None) -> 
 
 
 def likely_cause(view_for: Callable[[models.ModelSpec], dict[str, dict[str, Tensor]]],
-                 plan: Plan, spec: models.ModelSpec, head: str) -> str | None:
+                 plan: Plan, spec: models.ModelSpec, head: str,
+                 fmt: str | None = None) -> str | None:
   """A best guess at why a file does not fit, for the error message.
 
   Args:
@@ -420,6 +429,8 @@ def likely_cause(view_for: Callable[[models.ModelSpec], dict[str, dict[str, Tens
     plan: the failed plan for the model.
     spec: the model's spec.
     head: the model's head name.
+    fmt: the file's format; a Keras file of a model matched by order (`spec.keras_order`) is
+      checked block by block (`order_problem`).
 
   Returns:
     A short phrase, or None when nothing stands out.
@@ -427,7 +438,7 @@ def likely_cause(view_for: Callable[[models.ModelSpec], dict[str, dict[str, Tens
   guess = guess_arch(view_for)
   if guess and guess != spec.name:
     return f"this is a {guess} file, model is {spec.name}"
-  misplaced = order_problem(view_for, spec)
+  misplaced = order_problem(view_for, spec) if fmt not in _TORCH_FORMATS else None
   if misplaced:
     return misplaced
   view = view_for(spec)

@@ -162,7 +162,8 @@ def load_variables(source: str, model, *, image_size: int | None = None,
     left_out = port.ignored_parts(view, spec)
     plan = port.plan_merge(layers, view, fresh=fresh, ignorable=ignorable + left_out)
     if plan.problems:
-      cause = port.likely_cause(lambda s: port.model_view(wf, s), plan, spec, model.head)
+      cause = port.likely_cause(lambda s: port.model_view(wf, s), plan, spec, model.head,
+                                wf.format)
       raise port.mismatch_error(plan, source=source, arch=spec.name, cause=cause)
     arrays = port.read_layers(view, layers, plan.loaded)
     fmt = wf.format
