@@ -155,3 +155,36 @@ def test_input_smaller_than_75_is_one_clear_error():
   with pytest.raises(UserError, match="needs input of at least 75x75"):
     models.check_image_size("inception_v3", "gap", 64)
   models.check_image_size("inception_v3", "imagenet", 150)  # the top takes any size
+
+
+def test_bfloat16_keeps_statistics_and_params_in_float32(start):
+  _, variables = start
+  model = models.get(TINY, head="gap", num_classes=1, dtype="bfloat16",
+                     variant="torchvision" if "scale" in variables["params"]["stem_1a_bn"]
+                     else "keras")
+  state = _train(model, variables, TOP_TWO, jax.devices()[:2], steps=1, size=SIZE)
+  assert {v.dtype for v in jax.tree_util.tree_leaves(state.batch_stats)} == {np.dtype("float32")}
+  assert {v.dtype for v in jax.tree_util.tree_leaves(state.params)} == {np.dtype("float32")}
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+  import signal
+  from transfer import preemption
+  config = lambda: _config(num_steps=4, trainable=TOP_TWO, checkpoint_every_steps=2)
+  train.train_and_evaluate(config(), str(tmp_path / "ref"))
+
+  def stop_at_2(self, step):
+    if step == 2:
+      self.signal = signal.SIGTERM
+      return True
+    return False
+  with monkeypatch.context() as patch:
+    patch.setattr(preemption.Preemption, "stop_at", stop_at_2)
+    with pytest.raises(preemption.Preempted):
+      train.train_and_evaluate(config(), str(tmp_path / "run"))
+  train.train_and_evaluate(config(), str(tmp_path / "run"))
+  ref, _ = checkpoint.load_trained_variables(str(tmp_path / "ref"))
+  got, meta = checkpoint.load_trained_variables(str(tmp_path / "run"))
+  assert meta["step"] == 4 and set(got) == {"params", "batch_stats"}
+  for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got)):
+    np.testing.assert_array_equal(a, b)  # bitwise: same program, devices, data and steps
