@@ -261,7 +261,8 @@ def test_registry_records_official_files():
   assert (tv.hash_kind, tv.hash, tv.include_top) == ("sha256_prefix", "dcbb9e9d", True)
   for entry in entries.values():
     assert weights.mode_for(entry.id) == entry.preprocess
-    assert entry.preprocess == ("caffe" if entry.id.startswith("keras") else "torch")
+    assert entry.preprocess == ("tf" if entry.arch == "inception_v3" else  # [-1, 1], both
+                                "caffe" if entry.id.startswith("keras") else "torch")
     # Keras squashes; torchvision resizes the short side, then center-crops 224.
     assert (entry.resize_size is None) == entry.id.startswith("keras")
 

@@ -190,8 +190,10 @@ def make_optimizer(config, params, total_steps: int, schedule: optax.Schedule | 
 
 
 def batch_norm_layers(params) -> tuple[str, ...]:
-  """Names of the BatchNorm layers of a params (or label) tree: the layers with a `scale`."""
-  return tuple(sorted(k for k, v in params.items() if isinstance(v, dict) and "scale" in v))
+  """Names of the BatchNorm layers of a params (or label) tree: the layers with a `scale`, or
+  with a bias and nothing else (Keras' InceptionV3 BatchNorm has no scale)."""
+  return tuple(sorted(k for k, v in params.items() if isinstance(v, dict)
+                      and ("scale" in v or set(v) == {"bias"})))
 
 
 def trainable_mask(labels) -> Any:

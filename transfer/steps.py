@@ -138,13 +138,14 @@ def as_variables(params_or_variables, batch_stats=None) -> dict[str, Any]:
 
 
 def training_batch_norm(param_labels) -> frozenset[str]:
-  """The BatchNorm layers a train step runs on batch statistics: those whose scale trains.
+  """The BatchNorm layers a train step runs on batch statistics: those whose bias (and scale,
+  where there is one) trains.
 
   A frozen BatchNorm layer normalises with its running statistics and never updates them (Keras'
   behaviour since TF 2, timm's FrozenBatchNorm), so a frozen backbone trains as VGG's does.
   """
   return frozenset(name for name in optim.batch_norm_layers(param_labels)
-                   if param_labels[name]["scale"] != optim.FROZEN)
+                   if param_labels[name]["bias"] != optim.FROZEN)
 
 
 def soft_targets(labels, outputs: int, label_smoothing: float = 0.0):

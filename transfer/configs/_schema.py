@@ -119,7 +119,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "augment": ("none", "flip", "crop_flip", "inception_crop", "randaugment"),  # data.pipeline.AUGMENTS
     "cache_images": ("", "memory", "disk"),                     # data.pipeline.CACHES
     "labels_from": ("folders", "filename"),
-    "variant": ("auto", "keras", "torchvision"),                # models.resnet.VARIANTS
+    "variant": ("auto", "keras", "torchvision"),                # resnet, inception .VARIANTS
 }
 
 

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from transfer.models import resnet, vgg
+from transfer.models import inception, resnet, vgg
 from transfer.models.heads import HEADS
 from transfer.platform import resolve_conv
 
@@ -42,6 +42,16 @@ class ModelSpec:
     variants: the architecture variants weight files need (ResNet: `keras`, `torchvision`);
       empty when there is one. The first is the default.
     batch_norm: whether the network has BatchNorm layers (a `batch_stats` collection).
+    keras_order: for architectures whose Keras layer names are generated (InceptionV3's
+      `conv2d_17`), our conv and BatchNorm layer names in the order Keras lists its layers; a
+      Keras file's conv and BatchNorm layers are then matched to these by kind and position
+      (`transfer.weights.port`). None: Keras files name the layers as we do.
+    blocks: name prefixes of the backbone's blocks in forward order (`stem`, `mixed0`, ...), so
+      an error can say which block of a file does not fit; empty when layer names say it.
+    torch_ignored: torchvision state-dict prefixes of parts the model leaves out (InceptionV3's
+      auxiliary classifier `AuxLogits`): reported as ignored when a file has them.
+    variant_traits: variant -> what a file of that variant is, in words, for the error when a
+      file needs the other variant.
   """
 
   name: str
@@ -55,6 +65,10 @@ class ModelSpec:
   top_fixed_size: bool = True
   variants: tuple[str, ...] = ()
   batch_norm: bool = False
+  keras_order: tuple[str, ...] | None = None
+  blocks: tuple[str, ...] = ()
+  torch_ignored: tuple[str, ...] = ()
+  variant_traits: dict[str, str] = dataclasses.field(default_factory=dict)
 
   def is_head(self, path: str) -> bool:
     """Whether a param path (`head/logits/kernel`, `fc1/kernel`) is classifier, not backbone.
@@ -94,7 +108,28 @@ def _resnet_spec(name: str, stage_sizes: tuple[int, ...], width: int = 64) -> Mo
   return ModelSpec(name=name, build=build, conv_layers=resnet.layer_names(stage_sizes),
                    top_layers=("predictions",), torch_names=resnet.torch_names(stage_sizes),
                    top_fixed_size=False, variants=(resnet.VARIANTS[1], resnet.VARIANTS[0]),
-                   batch_norm=True)
+                   batch_norm=True, variant_traits={
+                       "keras": "a Keras ResNet (v1: stride in the first 1x1, conv bias, "
+                                "eps 1.001e-5)",
+                       "torchvision": "a torchvision ResNet (v1.5: stride in the 3x3, no conv "
+                                      "bias, eps 1e-5)"})
+
+
+def _inception_spec(name: str, width_divisor: int = 1) -> ModelSpec:
+  def build(variant=None, **kw):
+    return inception.InceptionV3(arch=name, variant=variant or inception.VARIANTS[0],
+                                 width_divisor=width_divisor, **kw)
+
+  return ModelSpec(
+      name=name, build=build, conv_layers=inception.layer_names(), top_layers=("predictions",),
+      torch_names=inception.torch_names(), top_image_size=299, min_image_size=75,
+      top_fixed_size=False, variants=inception.VARIANTS, batch_norm=True,
+      keras_order=inception.keras_order(), blocks=inception.BLOCK_NAMES,
+      torch_ignored=("AuxLogits",), variant_traits={
+          "keras": "a Keras InceptionV3 (BatchNorm without scale; average pools that do not "
+                   "count padding)",
+          "torchvision": "a torchvision InceptionV3 (BatchNorm with scale; average pools that "
+                         "count padding)"})
 
 
 _SPECS = {
@@ -107,6 +142,9 @@ _SPECS = {
     "resnet152": _resnet_spec("resnet152", (3, 8, 36, 3)),
     # ResNet50's layers and names at 1/16 of the width: for tests.
     "resnet50_tiny": _resnet_spec("resnet50_tiny", (3, 4, 6, 3), width=4),
+    "inception_v3": _inception_spec("inception_v3"),
+    # InceptionV3's layers and names at 1/8 of the width: for tests.
+    "inception_v3_tiny": _inception_spec("inception_v3_tiny", width_divisor=8),
 }
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

@@ -46,7 +46,8 @@ def write_keras_h5(path: str | os.PathLike, layers: Mapping[str, Sequence[np.nda
 
 
 def _keras_weight_name(layer: str, index: int, count: int, naming: str) -> str:
-  kinds = {2: ("W", "b"), 4: _BATCH_NORM}.get(count, tuple(str(i) for i in range(count)))
+  kinds = {2: ("W", "b"), 3: _BATCH_NORM[1:], 4: _BATCH_NORM}.get(
+      count, tuple(str(i) for i in range(count)))  # 3: a BatchNormalization without gamma
   if naming == "keras1":
     return f"{layer}_{kinds[index]}_1:0"
   if naming == "keras2":
@@ -60,14 +61,16 @@ def keras_layers(params: Mapping, spec: models.ModelSpec,
 
   Args:
     params: the `params` collection.
-    spec: the model's spec (its layer order).
-    batch_stats: a BatchNorm model's running statistics; BatchNorm layers then get Keras' four
-      arrays (gamma, beta, moving_mean, moving_variance).
+    spec: the model's spec (its layer order; Keras' order where Keras generates the names,
+      which the port matches by position).
+    batch_stats: a BatchNorm model's running statistics; BatchNorm layers then get Keras' arrays
+      (gamma, beta, moving_mean, moving_variance; no gamma where the model has no scale).
   """
-  names = [n for n in spec.conv_layers + spec.top_layers if n in params]
+  order = spec.keras_order or spec.conv_layers  # where Keras generates names, its order is all
+  names = [n for n in order + spec.top_layers if n in params]
   layers = {}
   for n in names:
-    if "scale" in params[n]:
+    if n in (batch_stats or {}) or "scale" in params[n]:
       both = {**params[n], **(batch_stats or {}).get(n, {})}
       layers[n] = [np.asarray(both[k]) for k in _OURS if k in both]
     else:

@@ -17,7 +17,8 @@ Formats:
     BatchNormalization layer that order is gamma, beta, moving_mean, moving_variance: four 1-D
     arrays nothing else tells apart, so the reader names them (`BATCH_NORM_VARS`) when the key is
     Keras' class-derived `batch_normalization[_N]`, or, for older files keyed by layer name, when
-    a layer holds exactly four 1-D arrays. Other layers keep their positions (`0`, `1`) as names.
+    a layer holds exactly four (or, without gamma, three) 1-D arrays. Other layers keep their
+    positions (`0`, `1`) as names.
   * `torch_pth`: a torch state dict (`features.0.weight`, ...), read with `weights_only=True`.
   * `safetensors`: the same keys in a safetensors file, read with numpy (no torch needed).
 """
@@ -178,9 +179,14 @@ def _keras_legacy_layers(f) -> dict[str, list[Tensor]]:
 
 
 def _keras3_layers(group, prefix: str = "") -> dict[str, list[Tensor]]:
-  """Layers of a Keras 3 `.weights.h5`, recursing into nested models."""
+  """Layers of a Keras 3 `.weights.h5`, recursing into nested models.
+
+  Keys are `<class>_<index>` in Keras' `model.layers` order within each class (`conv2d`,
+  `conv2d_1`, ... `conv2d_10`; HDF5 lists them alphabetically), so layers are taken in that
+  order: for networks whose layer names Keras generates, position is what identifies a layer.
+  """
   layers = {}
-  for key in group:
+  for key in sorted(group, key=_container_position):
     sub = group[key]
     if "vars" in sub and len(sub["vars"]):
       name = prefix + _text(sub["vars"].attrs.get("name", key))
@@ -192,19 +198,27 @@ def _keras3_layers(group, prefix: str = "") -> dict[str, list[Tensor]]:
   return layers
 
 
+def _container_position(key: str) -> tuple[str, int]:
+  """`batch_normalization_12` -> ("batch_normalization", 12); `conv2d` -> ("conv2d", 0)."""
+  match = re.fullmatch(r"(.*?)_(\d+)", key)
+  return (match.group(1), int(match.group(2))) if match else (key, 0)
+
+
 def _name_batch_norm(key: str, keyed_by_class: bool, tensors: list[Tensor]) -> list[Tensor]:
   """A Keras 3 BatchNormalization layer's positional variables under Keras' own names.
 
   Files whose `vars` carry a `name` attribute key layers by class (`batch_normalization_3`), which
   says what the layer is; older ones key them by layer name, and there four 1-D arrays are taken
-  to be a BatchNormalization (the only Keras applications layer that stores that).
+  to be a BatchNormalization (the only Keras applications layer that stores that). Three arrays
+  are a BatchNormalization built with `scale=False` (InceptionV3): beta, moving_mean,
+  moving_variance (no Keras application builds one with `center=False`).
   """
-  four_vectors = (len(tensors) == len(BATCH_NORM_VARS)
-                  and all(len(t.shape) == 1 for t in tensors))
+  vectors = all(len(t.shape) == 1 for t in tensors)
+  names = {4: BATCH_NORM_VARS, 3: BATCH_NORM_VARS[1:]}.get(len(tensors)) if vectors else None
   is_bn = re.fullmatch(r"batch_normalization(_\d+)?", key) if keyed_by_class else True
-  if not (four_vectors and is_bn):
+  if not (names and is_bn):
     return tensors
-  return [Tensor(name, t.shape, t.read) for name, t in zip(BATCH_NORM_VARS, tensors)]
+  return [Tensor(name, t.shape, t.read) for name, t in zip(names, tensors)]
 
 
 def _h5_tensor(dataset, name: str) -> Tensor:

@@ -16,8 +16,16 @@ The merge works on layers, not collections: `by_layer` puts a BatchNorm's runnin
 beside its scale and bias, as every weight file stores them, so a file without the statistics is
 missing part of that layer; `by_collection` splits the result back into `params`/`batch_stats`.
 
-Architectures built in several variants (ResNet: Keras v1, torchvision v1.5) take a file only in
-the variant of the file's framework; `check_variant` says which one, since shapes cannot show it.
+Architectures built in several variants (ResNet: Keras v1, torchvision v1.5; InceptionV3) take
+a file only in the variant of the file's framework; `check_variant` says which one, since shapes
+cannot show it.
+
+Where Keras generates the layer names (InceptionV3: `conv2d_17`, numbered per process), the spec
+gives the order Keras lists the layers in (`ModelSpec.keras_order`) and a Keras file's conv and
+BatchNorm layers are matched to it by kind and position, as Keras itself loads the official files
+(positionally); names play no part. `order_problem` names the first block that does not fit.
+torchvision state-dict parts the model leaves out by design (`ModelSpec.torch_ignored`: the
+auxiliary classifier) are ignored and reported (`ignored_parts`). Nothing here names a model.
 """
 
 from __future__ import annotations
@@ -44,13 +52,9 @@ _KERAS_BATCH_NORM = {"gamma": "scale", "beta": "bias", "moving_mean": "mean",
 # reading of Keras 3's positional `.weights.h5`, see `formats`).
 _KERAS_BATCH_NORM_NAME = re.compile(r"(?:^|[/_])(gamma|beta|moving_mean|moving_variance)"
                                     r"(?:_\d+)?(?::\d+)?$")
-# Which variant of a multi-variant architecture a file's framework publishes, and in words.
+# Which variant of a multi-variant architecture a file's framework publishes.
 _FORMAT_VARIANT = {"keras_h5": "keras", "keras3_h5": "keras", "torch_pth": "torchvision",
                    "safetensors": "torchvision"}
-_VARIANT_TRAITS = {
-    "keras": "a Keras ResNet (v1: stride in the first 1x1, conv bias, eps 1.001e-5)",
-    "torchvision": "a torchvision ResNet (v1.5: stride in the 3x3, no conv bias, eps 1e-5)",
-}
 # torch parameter/buffer names -> ours. A torch module is a BatchNorm when it has running
 # statistics; its `bias` stays `bias` (params) while `mean` and `var` belong in `batch_stats`.
 _TORCH_PARAMS = {"weight": "kernel", "bias": "bias"}
@@ -76,7 +80,108 @@ def model_view(wf: WeightFile, spec: models.ModelSpec) -> dict[str, dict[str, Te
   """
   if wf.format in _TORCH_FORMATS:
     return _torch_view(wf, spec)
-  return {layer: _keras_params(tensors) for layer, tensors in wf.layers.items()}
+  view = {layer: _keras_params(tensors) for layer, tensors in wf.layers.items()}
+  if spec.keras_order is None:
+    return view
+  names = _keras_names_by_order(view, spec)
+  return {names.get(layer, layer): params for layer, params in view.items()}
+
+
+def model_names(wf: WeightFile, spec: models.ModelSpec) -> dict[str, str]:
+  """File layer -> our layer name under `spec` (a layer it does not rename keeps its name)."""
+  if wf.format in _TORCH_FORMATS:
+    ours = {prefix: name for name, prefix in spec.torch_names.items()}
+    return {layer: ours.get(layer, layer) for layer in wf.layers}
+  names = {}
+  if spec.keras_order is not None:
+    view = {layer: _keras_params(tensors) for layer, tensors in wf.layers.items()}
+    names = _keras_names_by_order(view, spec)
+  return {layer: names.get(layer, layer) for layer in wf.layers}
+
+
+def _layer_kind(params: dict[str, Any]) -> str | None:
+  """`"bn"` for a BatchNorm layer (BatchNorm arrays, no kernel), `"conv"` for a 2-D convolution
+  (a 4-D kernel), else None; works on a file's view and on the model's shapes alike."""
+  kernel = params.get("kernel")
+  if kernel is None:
+    return "bn" if params.keys() & {"scale", "bias", "mean", "var"} else None
+  return "conv" if len(kernel.shape) == 4 else None
+
+
+def _keras_by_kind(view: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+  """The conv and BatchNorm layer names of `view` in its order, by kind."""
+  kinds: dict[str, list[str]] = {"conv": [], "bn": []}
+  for layer, params in view.items():
+    kind = _layer_kind(params)
+    if kind:
+      kinds[kind].append(layer)
+  return kinds
+
+
+def _keras_names_by_order(view: dict[str, dict[str, Tensor]],
+                          spec: models.ModelSpec) -> dict[str, str]:
+  """File layer -> our layer for a model whose Keras layer names are generated.
+
+  The file's conv layers, in the file's order (`formats` keeps Keras' `model.layers` order),
+  are the model's conv layers in `spec.keras_order`, one for one; its BatchNorm layers likewise.
+  Names play no part: `conv2d_1` in a Keras 2 file and `conv2d` in a Keras 3 one are the same
+  layer when they stand in the same place. Surplus layers keep their file names (unexpected);
+  shapes are checked by the merge, and `order_problem` says which block is out of place.
+  """
+  ours = _keras_by_kind({n: _backbone_layers(spec.name)[n] for n in spec.keras_order})
+  theirs = _keras_by_kind(view)
+  return {file_layer: our_layer for kind in ours
+          for file_layer, our_layer in zip(theirs[kind], ours[kind])}
+
+
+def order_problem(view_for: Callable[[models.ModelSpec], dict[str, dict[str, Tensor]]],
+                  spec: models.ModelSpec) -> str | None:
+  """For a model matched by order (`spec.keras_order`), the first block whose layers the file
+  holds in another order, number or shape, as `"mixed3: ..."`; None when every block fits.
+
+  Blocks are taken in forward order; layers after the first misfit have shifted, so only that
+  block is named.
+  """
+  if spec.keras_order is None or not spec.blocks:
+    return None
+  shapes = _backbone_layers(spec.name)
+  view = view_for(spec)
+  for block in spec.blocks:
+    for kind in ("conv", "bn"):
+      layers = [n for n in spec.keras_order if _block(n, spec.blocks) == block
+                and _layer_kind(shapes[n]) == kind]
+      got = [_signature(view.get(n), kind) for n in layers]
+      want = [_signature(shapes[n], kind) for n in layers]
+      if got != want:
+        what = {"conv": "convolution", "bn": "BatchNorm"}[kind]
+        return (f"{block}: the file's {what} layers in that place do not fit the model's "
+                f"(file {_shape_list(got)}, model {_shape_list(want)}); Keras generates these "
+                f"layers' names, so they are matched by kind and order: is the file for "
+                f"another architecture, or written with its layers in another order?")
+  return None
+
+
+def _block(layer: str, blocks: tuple[str, ...]) -> str | None:
+  return next((b for b in blocks if layer.startswith(f"{b}_")), None)
+
+
+def _signature(params: dict[str, Any] | None, kind: str) -> tuple[int, ...] | None:
+  """The shape that identifies a layer of `kind`: a conv's kernel, a BatchNorm's mean."""
+  if params is None:
+    return None
+  t = params.get("kernel" if kind == "conv" else "mean")
+  return None if t is None else tuple(t.shape)
+
+
+def _shape_list(shapes: list[tuple[int, ...] | None]) -> str:
+  return "[" + ", ".join("none" if s is None else "x".join(map(str, s)) for s in shapes) + "]"
+
+
+def ignored_parts(view: dict[str, dict[str, Tensor]], spec: models.ModelSpec) -> tuple[str, ...]:
+  """File layers of parts the model leaves out by design (`spec.torch_ignored`, e.g.
+  torchvision's auxiliary classifier `AuxLogits.*`): ignored, never an error."""
+  return tuple(layer for layer in view
+               if any(layer == p or layer.startswith(f"{p}.") for p in spec.torch_ignored))
 
 
 def _keras_params(tensors: list[Tensor]) -> dict[str, Tensor]:
@@ -206,9 +311,10 @@ def check_variant(source: str, spec: models.ModelSpec, have: str | None,
                   need: str | None, option: str = "variant") -> None:
   """Raises one UserError when a file needs another variant of the model than the one built.
 
-  The ResNet variants differ in where a stage's stride sits and in the BatchNorm epsilon, which
-  no shape shows; the Keras convolutions' biases would show, but as a hundred missing or
-  unexpected names instead of the one fix.
+  Variants differ in ways no shape shows (ResNet: where a stage's stride sits, the BatchNorm
+  epsilon; InceptionV3: how its average pools count padding), or that shapes show only as a
+  hundred missing or unexpected names instead of the one fix; `spec.variant_traits` says what
+  a file of each variant is.
 
   Args:
     source, spec: the weights and the model's spec.
@@ -218,7 +324,7 @@ def check_variant(source: str, spec: models.ModelSpec, have: str | None,
   """
   if need is None or have is None or have == need:
     return
-  what = _VARIANT_TRAITS.get(need, f"for the {need!r} variant of {spec.name}")
+  what = spec.variant_traits.get(need, f"for the {need!r} variant of {spec.name}")
   flag = option.startswith("--")
   spell = lambda v: f"{option}={v}" if flag else f"{option}={v!r}"
   hint = " (or auto, which follows the weights)" if flag else ""
@@ -323,7 +429,8 @@ def mismatch_error(plan: Plan, *, source: str, arch: str, cause: str | None) -> 
 
 
 def likely_cause(view_for: Callable[[models.ModelSpec], dict[str, dict[str, Tensor]]],
-                 plan: Plan, spec: models.ModelSpec, head: str) -> str | None:
+                 plan: Plan, spec: models.ModelSpec, head: str,
+                 fmt: str | None = None) -> str | None:
   """A best guess at why a file does not fit, for the error message.
 
   Args:
@@ -331,6 +438,8 @@ def likely_cause(view_for: Callable[[models.ModelSpec], dict[str, dict[str, Tens
     plan: the failed plan for the model.
     spec: the model's spec.
     head: the model's head name.
+    fmt: the file's format; a Keras file of a model matched by order (`spec.keras_order`) is
+      checked block by block (`order_problem`).
 
   Returns:
     A short phrase, or None when nothing stands out.
@@ -338,6 +447,9 @@ def likely_cause(view_for: Callable[[models.ModelSpec], dict[str, dict[str, Tens
   guess = guess_arch(view_for)
   if guess and guess != spec.name:
     return f"this is a {guess} file, model is {spec.name}"
+  misplaced = order_problem(view_for, spec) if fmt not in _TORCH_FORMATS else None
+  if misplaced:
+    return misplaced
   view = view_for(spec)
   top_missing = [t for t in spec.top_layers if t in plan.missing]
   if head == "imagenet" and top_missing and not any(t in view for t in spec.top_layers):
@@ -356,7 +468,7 @@ def guess_arch(view_for: Callable[[models.ModelSpec], dict[str, dict[str, Tensor
   for name in models.names():
     spec = models.spec(name)
     view = view_for(spec)
-    if set(view) - set(spec.top_layers) != set(spec.conv_layers):
+    if set(view) - set(spec.top_layers) - set(ignored_parts(view, spec)) != set(spec.conv_layers):
       continue
     shapes = _backbone_shapes(name)
     if all(p in view[layer] and tuple(view[layer][p].shape) == tuple(s.shape)
@@ -368,6 +480,11 @@ def guess_arch(view_for: Callable[[models.ModelSpec], dict[str, dict[str, Tensor
 @functools.lru_cache(maxsize=None)
 def _backbone_shapes(name: str) -> dict[str, Any]:
   return by_layer(variable_shapes(models.get(name, head="none"), models.spec(name).min_image_size))
+
+
+def _backbone_layers(name: str) -> dict[str, dict[str, Any]]:
+  """The backbone's layers with their shapes flattened (`{"kernel": ShapeDtypeStruct}`)."""
+  return {layer: _flatten(params) for layer, params in _backbone_shapes(name).items()}
 
 
 # ------------------------------------------------------------------ torch ResNets we do not build

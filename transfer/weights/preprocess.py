@@ -4,15 +4,20 @@ Pretrained weights only compute what they computed in their framework when the p
 normalised the same way, so the normalisation is a property of the weights, not of the data:
   * `caffe` (Keras VGG16/VGG19): RGB -> BGR, subtract the ImageNet BGR mean, 0-255 scale.
   * `torch` (torchvision): scale to [0, 1], subtract mean and divide by std per RGB channel.
-  * `unit` (random initialisation): scale to [-1, 1].
+  * `tf` (InceptionV3, Keras' and torchvision's): RGB scaled to [-1, 1], `x / 127.5 - 1`.
+    That is Keras' "tf" mode exactly. torchvision's pretrained InceptionV3 normalises with the
+    ImageNet mean and std and then undoes it in `transform_input` (channel c:
+    `x * std_c / 0.5 + (mean_c - 0.5) / 0.5`), which is `x / 127.5 - 1` up to float32 rounding
+    (below 1e-6); we compute the one-step form.
+  * `unit` (random initialisation): scale to [-1, 1], the same numbers as `tf`.
 Works on numpy arrays (host pipelines) and jax arrays (on-device augmentation) alike.
 
 The eval geometry is a property of the weights too (`eval_geometry`, `eval_image`): Keras'
 loaders squash the whole image to the input size; torchvision resizes the short side (256, or 232
-for its V2 ResNet weights) and center-crops 224, bilinear; timm's recipes evaluate at their own
-test size and crop fraction, mostly bicubic (288 from a short side of 288 for the A1 ResNets).
-Evaluating one family's weights through another's geometry shifts their probabilities and costs
-accuracy.
+for its V2 ResNet weights) and center-crops 224 (InceptionV3: 342, then 299), bilinear; timm's
+recipes evaluate at their own test size and crop fraction, mostly bicubic (288 from a short side
+of 288 for the A1 ResNets). Evaluating one family's weights through another's geometry shifts
+their probabilities and costs accuracy.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import numpy as np
 
 from transfer.weights import sources
 
-MODES = ("caffe", "torch", "unit")
+MODES = ("caffe", "torch", "tf", "unit")
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 TORCH_MEAN = (0.485, 0.456, 0.406)
 TORCH_STD = (0.229, 0.224, 0.225)
@@ -52,12 +57,19 @@ def mode_for(source: str | None) -> str:
       for random initialisation.
 
   Returns:
-    One of `MODES`.
+    One of `MODES`: a registry id's own (`WeightSource.preprocess`), also for a file named as
+    an official file; else by format, which cannot tell a Keras InceptionV3 `.h5` of another
+    name (pass `tf` then) from the caffe-mode VGG and ResNet files.
   """
   if source is None or source == "none":
     return "unit"
   if source in MODES:
     return source
+  if sources.is_id(source) and sources.parse(source)[0] in sources.ids():
+    return sources.get(source).preprocess
+  official = _official_file(source)
+  if official is not None:  # an official file by path (downloaded by hand): its own record
+    return official.preprocess
   prefix = source.split(":", 1)[0] if ":" in source and not os.path.exists(source) else None
   if prefix in _PREFIX_MODES:
     return _PREFIX_MODES[prefix]
@@ -86,9 +98,15 @@ def preprocess(images, source: str | None, dtype=None):
     x = x[..., ::-1] - xp.asarray(CAFFE_BGR_MEAN, xp.float32)
   elif mode == "torch":
     x = (x / 255.0 - xp.asarray(TORCH_MEAN, xp.float32)) / xp.asarray(TORCH_STD, xp.float32)
-  else:
+  else:  # tf, unit
     x = x / 127.5 - 1.0
   return x if dtype is None else x.astype(dtype)
+
+
+def _official_file(path: str) -> sources.WeightSource | None:
+  """The registry record whose official file name `path` has, if any."""
+  name = os.path.basename(path)
+  return next((sources.get(i) for i in sources.ids() if sources.get(i).filename == name), None)
 
 
 def _jnp():

@@ -36,6 +36,8 @@ class LoadReport:
     loaded: model layers whose params came from the file.
     fresh: model layers freshly initialised (a new head, or everything when nothing was read).
     ignored: file layers not used (the ImageNet top under a new head).
+    left_out: file layers of parts the model leaves out by design (torchvision InceptionV3's
+      auxiliary classifier `AuxLogits.*`), not used.
     path: the file read, or None.
     note: anything else the user should know (e.g. why nothing was loaded).
   """
@@ -46,6 +48,7 @@ class LoadReport:
   fresh: tuple[str, ...]
   ignored: tuple[str, ...] = ()
   path: str | None = None
+  left_out: tuple[str, ...] = ()
   note: str = ""
 
   def summary(self) -> str:
@@ -56,6 +59,8 @@ class LoadReport:
       text += f", fresh: {_names(self.fresh)}"
     if self.ignored:
       text += f", ignored for the new head: {_names(self.ignored)}"
+    if self.left_out:
+      text += f", ignored (not part of the model): {_names(self.left_out)}"
     return f"{text}; {self.note}" if self.note else text
 
 
@@ -160,16 +165,19 @@ def load_variables(source: str, model, *, image_size: int | None = None,
     if unsupported:
       raise UserError(f"weights {source}: {unsupported}")
     view = port.model_view(wf, spec)
-    plan = port.plan_merge(layers, view, fresh=fresh, ignorable=ignorable)
+    left_out = port.ignored_parts(view, spec)
+    plan = port.plan_merge(layers, view, fresh=fresh, ignorable=ignorable + left_out)
     if plan.problems:
-      cause = port.likely_cause(lambda s: port.model_view(wf, s), plan, spec, model.head)
+      cause = port.likely_cause(lambda s: port.model_view(wf, s), plan, spec, model.head,
+                                wf.format)
       raise port.mismatch_error(plan, source=source, arch=spec.name, cause=cause)
     arrays = port.read_layers(view, layers, plan.loaded)
     fmt = wf.format
   arrays.update(fresh_layers(model, shapes, image_size, rng, plan.fresh))
   variables = port.by_collection(arrays, shapes)  # The model's own layer order.
   report = LoadReport(source=source, format=fmt, loaded=plan.loaded, fresh=plan.fresh,
-                      ignored=plan.ignored, path=path)
+                      ignored=tuple(l for l in plan.ignored if l not in left_out), path=path,
+                      left_out=left_out)
   return (variables, report) if return_report else variables
 
 
@@ -310,9 +318,7 @@ def info(source: str, cache_dir: str | os.PathLike | None = None) -> dict[str, A
   path, entry = resolve(name, cache_dir)
   with formats.open_weights(path) as wf:
     arch = port.guess_arch(lambda s: port.model_view(wf, s))
-    names = {}
-    if arch and wf.format in ("torch_pth", "safetensors"):
-      names = {prefix: name for name, prefix in models.spec(arch).torch_names.items()}
+    names = port.model_names(wf, models.spec(arch)) if arch else {}
     layers = [{"name": layer, "model_name": names.get(layer, layer),
                "weights": [{"name": t.name, "shape": list(t.shape)} for t in tensors]}
               for layer, tensors in wf.layers.items()]

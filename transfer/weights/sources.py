@@ -46,7 +46,8 @@ class WeightSource:
       to the input size (Keras' loaders); a number: resize the short side to it, then center-crop
       `input_size` (torchvision's `ImageClassification`: 256, or 232 for the V2 ResNets; timm's
       `floor(test_input_size / test_crop_pct)`). See `transfer.weights.preprocess.eval_geometry`.
-    input_size: the input side that geometry crops (224; timm's `test_input_size`, e.g. 288).
+    input_size: the input side that geometry crops (224; 299 for InceptionV3; timm's
+      `test_input_size`, e.g. 288).
     interpolation: the resize filter of that geometry, `"bilinear"` or `"bicubic"` (timm's
       recipes).
     hub_url: where the publisher's own library loads the weights from today, when that is
@@ -74,11 +75,11 @@ class WeightSource:
 
 
 def _keras(name: str, arch: str, include_top: bool, md5: str, folder: str | None = None,
-           variant: str | None = None) -> WeightSource:
+           variant: str | None = None, preprocess: str = "caffe") -> WeightSource:
   suffix = "" if include_top else "_notop"
   url = f"{_KERAS}/{folder or arch}/{arch}_weights_tf_dim_ordering_tf_kernels{suffix}.h5"
   return WeightSource(id=f"keras:{name}", arch=arch, url=url, hash_kind="md5", hash=md5,
-                      format="keras_h5", include_top=include_top, preprocess="caffe",
+                      format="keras_h5", include_top=include_top, preprocess=preprocess,
                       variant=variant)
 
 
@@ -89,20 +90,24 @@ def _keras_resnet(arch: str, md5_top: str, md5_notop: str) -> tuple[WeightSource
 
 
 def _torchvision(arch: str, sha256_prefix: str, name: str | None = None, resize_size: int = 256,
-                 variant: str | None = None) -> WeightSource:
-  """The torchvision file `<arch>-<sha256_prefix>.pth` (torch.hub checks that prefix), id
-  `torchvision:<name>` (default `arch`)."""
-  url = f"{_TORCHVISION}/{arch}-{sha256_prefix}.pth"
+                 variant: str | None = None, file: str | None = None, preprocess: str = "torch",
+                 input_size: int = 224) -> WeightSource:
+  """The torchvision file `<file>-<sha256_prefix>.pth` (`file` defaults to `arch`; torch.hub
+  checks that prefix), id `torchvision:<name>` (default `arch`)."""
+  url = f"{_TORCHVISION}/{file or arch}-{sha256_prefix}.pth"
   return WeightSource(id=f"torchvision:{name or arch}", arch=arch, url=url,
                       hash_kind="sha256_prefix", hash=sha256_prefix, format="torch_pth",
-                      include_top=True, preprocess="torch", variant=variant,
-                      resize_size=resize_size)
+                      include_top=True, preprocess=preprocess, variant=variant,
+                      resize_size=resize_size, input_size=input_size)
 
 
 # md5 digests as published by keras.applications (keras/src/applications/vgg16.py, vgg19.py,
-# resnet.py: WEIGHTS_HASHES, top then notop). torchvision files and eval resize sizes as in
-# torchvision/models/{vgg,resnet}.py (0.29): plain ResNet ids are its current default weights
-# (IMAGENET1K_V2, resize 232), `_v1` the originals.
+# resnet.py: WEIGHTS_HASHES, top then notop; inception_v3.py: the `file_hash` of WEIGHTS_PATH and
+# WEIGHTS_PATH_NO_TOP). torchvision files and eval resize sizes as in
+# torchvision/models/{vgg,resnet,inception}.py (0.29): plain ResNet ids are its current default
+# weights (IMAGENET1K_V2, resize 232), `_v1` the originals; InceptionV3 has one
+# (IMAGENET1K_V1, `inception_v3_google`, ImageClassification(crop_size=299, resize_size=342)).
+# Both InceptionV3 files take [-1, 1] input ("tf"; see `transfer.weights.preprocess`).
 _SOURCES: dict[str, WeightSource] = {s.id: s for s in (
     _keras("vgg16", "vgg16", True, "64373286793e3c8b2b4e3219cbf3544b"),
     _keras("vgg16_notop", "vgg16", False, "6d6bbae143d832006294945121d1f1fc"),
@@ -114,6 +119,10 @@ _SOURCES: dict[str, WeightSource] = {s.id: s for s in (
                    "88cf7a10940856eca736dc7b7e228a21"),
     *_keras_resnet("resnet152", "100835be76be38e30d865e96f2aaae62",
                    "ee4c566cf9a93f14d82f913c2dc6dd0c"),
+    _keras("inception_v3", "inception_v3", True, "9a0d58056eeedaa3f26cb7ebd46da564",
+           variant="keras", preprocess="tf"),
+    _keras("inception_v3_notop", "inception_v3", False, "bcbd6486424b2319ff4ef7d526e38f63",
+           variant="keras", preprocess="tf"),
     _torchvision("vgg16", "397923af"),
     _torchvision("vgg19", "dcbb9e9d"),
     _torchvision("resnet50", "11ad3fa6", "resnet50", 232, "torchvision"),
@@ -122,6 +131,8 @@ _SOURCES: dict[str, WeightSource] = {s.id: s for s in (
     _torchvision("resnet101", "63fe2227", "resnet101_v1", 256, "torchvision"),
     _torchvision("resnet152", "f82ba261", "resnet152", 232, "torchvision"),
     _torchvision("resnet152", "394f9c45", "resnet152_v1", 256, "torchvision"),
+    _torchvision("inception_v3", "0cc3c7bd", resize_size=342, variant="torchvision",
+                 file="inception_v3_google", preprocess="tf", input_size=299),
 )}
 
 
