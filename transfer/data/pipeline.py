@@ -18,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-from transfer.data import identity, images, store
+from transfer.data import identity, images, store, workers
 from transfer.data.sources import LABELS_FROM, Source
 from transfer.errors import UserError
 from transfer.weights.preprocess import mode_for, preprocess
@@ -41,10 +41,11 @@ class _Split:
   """The readable examples of one split, and their pixels at any size (cached or decoded)."""
 
   def __init__(self, source: Source, failed: dict[int, str], cached, cached_size: int,
-               pool: concurrent.futures.Executor):
+               decoder: workers.Decoder):
     self._source = source
-    self._index = np.asarray([i for i in range(len(source)) if i not in failed], np.int64)
-    self._cached, self._cached_size, self._pool = cached, cached_size, pool
+    self._index = np.delete(np.arange(len(source), dtype=np.int64),
+                            np.fromiter(failed, np.int64, len(failed)))
+    self._cached, self._cached_size, self._decoder = cached, cached_size, decoder
     self.labels = source.labels[self._index]
 
   def __len__(self) -> int:
@@ -62,14 +63,15 @@ class _Split:
       return np.asarray(self._cached[idx])
     if not len(idx):
       return np.zeros((0, size, size, 3), np.uint8)
-    return np.stack(list(self._pool.map(lambda i: self._load(i, size), idx)))
+    out = self._decoder.try_images((self._source.job(i) for i in idx), size)
+    return np.stack([self._check(img, i) for img, i in zip(out, idx)])
 
-  def _load(self, i: int, size: int) -> np.ndarray:
-    try:
-      return images.resize(self._source.open_image(i, size), size)
-    except Exception as e:  # Only an untrusted-but-unchecked source can get here.
-      raise UserError(f"cannot decode {self._source.names[i]} ({e}); it was readable when the "
-                      "run started: restore the file, then rerun to resume") from e
+  def _check(self, img, i: int) -> np.ndarray:
+    """The decoded image, or a one-line error for a file that broke after the start."""
+    if isinstance(img, Exception):  # Only an untrusted-but-unchecked source can get here.
+      raise UserError(f"cannot decode {self._source.names[i]} ({img}); it was readable when the "
+                      "run started: restore the file, then rerun to resume") from img
+    return img
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,7 +297,7 @@ def create(config, *, preprocess_source: str | None, process_index: int | None =
   Args:
     config: the run config (keys: dataset, data_dir, train_split, val_split, val_fraction,
       image_size, batch_size, augment, eval_crop, cache_images, strict_data, seed, synthetic.*;
-      optional: cache_dir, train_crop, data_workers, prefetch).
+      optional: cache_dir, train_crop, data_workers, data_worker_kind, prefetch).
     preprocess_source: the weights' source, which decides the pixel normalisation
       (`transfer.weights.preprocess.mode_for`); None for random initialisation.
     process_index, process_count: this process and the number of processes; default to JAX's.
@@ -319,18 +321,18 @@ def create(config, *, preprocess_source: str | None, process_index: int | None =
   train_crop = float(config.get("train_crop", 0.875))
   train_size = stored_train_size(image_size, augment, train_crop)
   eval_size = images.stored_size(image_size, float(config.eval_crop))
-  workers = int(config.get("data_workers", 0)) or min(16, os.cpu_count() or 1)
-  pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="transfer-decode")
-  failed_train, cached_train = store.prepare(train, train_size, cache, cache_dir, pool)
-  failed_val, cached_val = store.prepare(val, eval_size, cache, cache_dir, pool)
+  decoder = workers.Decoder(config.get("data_worker_kind", "thread"),
+                            int(config.get("data_workers", 0)))
+  failed_train, cached_train = store.prepare(train, train_size, cache, cache_dir, decoder)
+  failed_val, cached_val = store.prepare(val, eval_size, cache, cache_dir, decoder)
   skipped = ([(train.names[i], r) for i, r in sorted(failed_train.items())]
              + [(val.names[i], r) for i, r in sorted(failed_val.items())])
   if skipped and config.strict_data:
     listing = "; ".join(f"{name} ({reason})" for name, reason in skipped)
     raise UserError(f"{len(skipped)} unreadable image(s) with strict_data=True: {listing}")
 
-  train_split = _Split(train, failed_train, cached_train, train_size, pool)
-  val_split = _Split(val, failed_val, cached_val, eval_size, pool)
+  train_split = _Split(train, failed_train, cached_train, train_size, decoder)
+  val_split = _Split(val, failed_val, cached_val, eval_size, decoder)
   _check_classes(train_split, class_names)
   if len(train_split) < int(config.batch_size):
     raise UserError(f"the train split has {len(train_split)} readable examples, fewer than "
@@ -349,6 +351,9 @@ def _check_options(config) -> None:
     raise UserError(f"unknown augment {config.augment!r}; expected one of {AUGMENTS}")
   if config.cache_images not in CACHES:
     raise UserError(f"unknown cache_images {config.cache_images!r}; expected one of {CACHES}")
+  kind = config.get("data_worker_kind", "thread")
+  if kind not in workers.KINDS:
+    raise UserError(f"unknown data_worker_kind {kind!r}; expected one of {workers.KINDS}")
   for key in ("eval_crop", "train_crop"):
     value = float(config.get(key, 0.875))
     if not 0.0 < value <= 1.0:
@@ -387,7 +392,8 @@ def _sources(config) -> tuple[Source, Source, list[str], Origin]:
   if kind == "tfds" and arg:
     from transfer.data.tfds_source import tfds_sources  # The only path that imports TensorFlow.
     return (*tfds_sources(arg, data_dir=config.data_dir, train_split=config.train_split,
-                          val_split=config.val_split, val_fraction=float(config.val_fraction)),
+                          val_split=config.val_split, val_fraction=float(config.val_fraction),
+                          cache_dir=config.get("cache_dir", "")),
             Origin(f"tfds:{arg}"))
   raise UserError(f"unknown dataset {config.dataset!r}; expected tfds:NAME, folder:PATH or "
                   "synthetic")
