@@ -7,8 +7,9 @@ recommends for it) is read by index on demand through `builder.as_data_source`: 
 holds the labels (read once, then kept in the cache directory) and the records being decoded,
 not the split. A dataset prepared only as TFRecord has no random access, so tf.data reads each
 split once and keeps the encoded images in memory (about its size on disk); that is refused
-above `in_memory_limit()` (a quarter of the host's memory, at most 16 GiB) with the one command
-that converts the dataset to ArrayRecord in place. Decoding and resizing then go through the same
+above `in_memory_limit()` (a quarter of the host's memory, at most 16 GiB), naming the commands
+that convert the dataset to ArrayRecord in place (`tfds convert_format`, which needs Apache Beam)
+or prepare it anew in that format (`tfds build --file_format=array_record`). Decoding and resizing then go through the same
 workers as image folders.
 
 A dataset that is not prepared in its data_dir is downloaded only when the network answers: TFDS
@@ -97,9 +98,10 @@ def _check_fits_in_memory(builder, name: str, splits) -> None:
     raise UserError(
         f"tfds:{name} is prepared only as TFRecord, which has no random access, and its "
         f"{size / 2**30:.1f} GiB would have to be held in memory (limit {limit / 2**30:.1f} GiB, "
-        f"a quarter of RAM up to 16 GiB); convert it once to ArrayRecord, beside the TFRecord "
-        f"files: `tfds convert_format --dataset_version_dir={builder.data_dir} "
-        f"--out_file_format=array_record`")
+        f"a quarter of RAM up to 16 GiB); get it as ArrayRecord, read by index: convert it in "
+        f"place with `pip install apache-beam; tfds convert_format "
+        f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record`, or prepare "
+        f"it anew with `tfds build {name} --data_dir=DIR --file_format=array_record`")
 
 
 # Labels of a random-access split are read in chunks of this many records (a few MB at once).
