@@ -51,6 +51,10 @@ class _Split:
   def __len__(self) -> int:
     return len(self._index)
 
+  def close(self) -> None:
+    """Stops the decode workers this split shares with the other."""
+    self._decoder.close()
+
   def names(self) -> list[str]:
     """The location-independent names of the readable examples, in order."""
     names = self._source.identities()
@@ -166,6 +170,10 @@ class Dataset:
     splits = {name: (split.names(), split.labels) for name, split in self._splits.items()}
     return identity.make_identity(self.dataset, self.root, self.class_names, self._origin.params,
                                   splits)
+
+  def close(self) -> None:
+    """Stops the decode workers (worker processes exit); iterating again restarts them."""
+    self._splits["train"].close()
 
   def position(self, step: int) -> dict[str, int]:
     """Where training step `step` lies: {"epoch": e, "index": batch index within the epoch}."""
