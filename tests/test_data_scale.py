@@ -7,6 +7,7 @@ each, 246 MB encoded), prepared once per module in both formats (about 10 s each
 """
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -207,3 +208,80 @@ def test_process_workers_on_array_record_and_synthetic(noise, tmp_path):
 def test_unknown_worker_kind_is_a_user_error():
   with pytest.raises(UserError, match="unknown data_worker_kind 'gpu'"):
     transfer.data.create(make_config(data_worker_kind="gpu"), preprocess_source="unit")
+
+
+def test_array_record_resume_after_sigkill_matches_an_uninterrupted_run(noise, tmp_path):
+  """`transfer train` on the ArrayRecord dataset, killed after a checkpoint and rerun, ends with
+  the parameters of an uninterrupted run, bit for bit. The killed run decodes in worker
+  processes, the others in threads: the kind never changes the batches."""
+  from test_checkpoint import (_assert_trees_equal, _cli, _final_params, _finish,
+                               _wait_for_checkpoint)
+  data = {"dataset": f"tfds:{tfds_noise.NAME}", "data_dir": noise["array_record"],
+          "cache_dir": str(tmp_path / "cache"), "augment": "crop_flip", "num_steps": 60}
+  reference = tmp_path / "reference"
+  proc = _cli(reference, **data)
+  out = _finish(proc, reference)
+  assert proc.returncode == 0, out[-3000:]
+
+  workdir = tmp_path / "run"
+  proc = _cli(workdir, **data, data_worker_kind="process", data_workers=2)
+  _wait_for_checkpoint(workdir, 10, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  proc = _cli(workdir, **data)
+  out = _finish(proc, workdir)
+  assert proc.returncode == 0, out[-3000:]
+  assert "resumed from step" in out
+  params, meta = _final_params(workdir)
+  assert meta["step"] == 60
+  _assert_trees_equal(params, _final_params(reference)[0])
+
+
+_CACHE_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, "tests")
+
+    def rss_anon_mib():
+      for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+          return int(line.split()[1]) / 1024
+
+    def main():
+      import transfer.data
+      from test_data import make_config
+      cache, cache_dir, workers = sys.argv[1:4]
+      config = make_config(image_size=256, batch_size=4, augment="none", cache_images=cache,
+                           cache_dir=cache_dir, data_workers=2, data_worker_kind=workers,
+                           **{"synthetic.train_size": 960, "synthetic.val_size": 8})
+      small = make_config(**{"synthetic.train_size": 16})  # warm up: imports, workers, arenas
+      next(transfer.data.create(small, preprocess_source="unit").train_batches())
+      base = rss_anon_mib()
+      ds = transfer.data.create(config, preprocess_source="unit")
+      batches = ds.train_batches()
+      for _ in range(ds.steps_per_epoch):
+        next(batches)
+      print("GROWTH_MIB", rss_anon_mib() - base)
+
+    if __name__ == "__main__":
+      main()
+    """)
+
+
+def test_disk_cache_streams_through_its_memory_map(tmp_path):
+  """Filling and reading a 180 MiB disk cache (960 images at 256x256) adds far less anonymous
+  memory than its size: decoded images go straight into the memory-mapped file, whose pages the
+  kernel can write back and drop, so a cache larger than RAM works. The bound is a quarter of the
+  cache; the memory cache, held in anonymous memory, must exceed the whole size."""
+  size_mib = 960 * 256 * 256 * 3 / 2**20
+
+  def growth(cache, workers="thread"):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, cache, str(tmp_path / "c"),
+                             workers], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return float(result.stdout.split("GROWTH_MIB")[-1])
+
+  for workers in ("thread", "process"):
+    assert growth("disk", workers) < size_mib / 4  # the first fills the cache, the second reads it
+  assert growth("memory") > size_mib
