@@ -217,7 +217,7 @@ def test_array_record_resume_after_sigkill_matches_an_uninterrupted_run(noise, t
   from test_checkpoint import (_assert_trees_equal, _cli, _final_params, _finish,
                                _wait_for_checkpoint)
   data = {"dataset": f"tfds:{tfds_noise.NAME}", "data_dir": noise["array_record"],
-          "cache_dir": str(tmp_path / "cache"), "augment": "crop_flip", "num_steps": 60}
+          "cache_dir": str(tmp_path / "cache"), "augment": "crop_flip", "num_steps": 30}
   reference = tmp_path / "reference"
   proc = _cli(reference, **data)
   out = _finish(proc, reference)
@@ -233,7 +233,7 @@ def test_array_record_resume_after_sigkill_matches_an_uninterrupted_run(noise, t
   assert proc.returncode == 0, out[-3000:]
   assert "resumed from step" in out
   params, meta = _final_params(workdir)
-  assert meta["step"] == 60
+  assert meta["step"] == 30
   _assert_trees_equal(params, _final_params(reference)[0])
 
 

@@ -207,7 +207,7 @@ class Dataset:
   def train_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Training batches from `start_step` on, forever (epoch after epoch).
 
-    Batches are assembled `ahead` steps in advance on a background thread, so decoding overlaps
+    Batches are assembled `ahead` steps in advance on background threads, so decoding overlaps
     the device's work.
 
     Args:
@@ -266,8 +266,14 @@ def stored_train_size(image_size: int, augment: str, train_crop: float) -> int:
 
 
 def _ahead(make_jobs, ahead: int) -> Iterator[dict[str, np.ndarray]]:
-  """Runs zero-argument jobs on one background thread, keeping `ahead` of them in flight."""
-  executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="transfer-batches")
+  """Runs zero-argument jobs on `ahead` background threads, keeping `ahead` of them in flight.
+
+  One thread per batch in flight: assembling a batch (feeding the decode workers, augmenting,
+  preprocessing to float32, stacking) is itself a core's worth of work at GPU rates, so
+  consecutive batches are assembled side by side. Each job is a pure function of its step and
+  results are yielded in submission order, so the batches do not depend on the thread count.
+  """
+  executor = concurrent.futures.ThreadPoolExecutor(ahead, thread_name_prefix="transfer-batches")
   try:
     jobs = make_jobs()
     pending = collections.deque(executor.submit(job) for job in _take(jobs, ahead))
@@ -321,6 +327,8 @@ def create(config, *, preprocess_source: str | None, process_index: int | None =
   check_batch_size(int(config.batch_size), process_count, local_devices)
   mode_for(preprocess_source)
   _check_options(config)
+  decoder = workers.Decoder(config.get("data_worker_kind", "thread"),  # checks the kind; lazy
+                            int(config.get("data_workers", 0)))
   train, val, class_names, origin = _sources(config)
 
   cache = config.cache_images
@@ -329,8 +337,6 @@ def create(config, *, preprocess_source: str | None, process_index: int | None =
   train_crop = float(config.get("train_crop", 0.875))
   train_size = stored_train_size(image_size, augment, train_crop)
   eval_size = images.stored_size(image_size, float(config.eval_crop))
-  decoder = workers.Decoder(config.get("data_worker_kind", "thread"),
-                            int(config.get("data_workers", 0)))
   failed_train, cached_train = store.prepare(train, train_size, cache, cache_dir, decoder)
   failed_val, cached_val = store.prepare(val, eval_size, cache, cache_dir, decoder)
   skipped = ([(train.names[i], r) for i, r in sorted(failed_train.items())]
@@ -359,9 +365,6 @@ def _check_options(config) -> None:
     raise UserError(f"unknown augment {config.augment!r}; expected one of {AUGMENTS}")
   if config.cache_images not in CACHES:
     raise UserError(f"unknown cache_images {config.cache_images!r}; expected one of {CACHES}")
-  kind = config.get("data_worker_kind", "thread")
-  if kind not in workers.KINDS:
-    raise UserError(f"unknown data_worker_kind {kind!r}; expected one of {workers.KINDS}")
   for key in ("eval_crop", "train_crop"):
     value = float(config.get(key, 0.875))
     if not 0.0 < value <= 1.0:

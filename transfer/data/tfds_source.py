@@ -9,8 +9,8 @@ not the split. A dataset prepared only as TFRecord has no random access, so tf.d
 split once and keeps the encoded images in memory (about its size on disk); that is refused
 above `in_memory_limit()` (a quarter of the host's memory, at most 16 GiB), naming the commands
 that convert the dataset to ArrayRecord in place (`tfds convert_format`, which needs Apache Beam)
-or prepare it anew in that format (`tfds build --file_format=array_record`). Decoding and resizing then go through the same
-workers as image folders.
+or prepare it anew in that format (`tfds build --file_format=array_record`). Decoding and
+resizing then go through the same workers as image folders.
 
 A dataset that is not prepared in its data_dir is downloaded only when the network answers: TFDS
 itself retries an unreachable host for minutes before it gives up, so without network this module
@@ -243,5 +243,5 @@ def _read_split(tf, tfds, builder, split: str, image_key: str, label_key: str,
     labels.append(label)
   return Source(labels=np.asarray(labels, np.int32),
                 job=lambda i: (images.open_bytes, (encoded[i],)),
-                names=IndexNames(f"tfds:{name}/{split}", len(encoded)), key=f"tfds:{builder.info.full_name}:{builder.data_dir}:{split}",
-                trusted=True)
+                names=IndexNames(f"tfds:{name}/{split}", len(encoded)),
+                key=f"tfds:{builder.info.full_name}:{builder.data_dir}:{split}", trusted=True)

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from transfer.data import images
+from transfer.errors import UserError
 
 KINDS = ("thread", "process")
 MAX_DEFAULT = 16  # data_workers=0 means min(MAX_DEFAULT, cpus).
@@ -62,7 +63,6 @@ class Decoder:
 
   def __init__(self, kind: str = "thread", count: int = 0):
     if kind not in KINDS:
-      from transfer.errors import UserError
       raise UserError(f"unknown data_worker_kind {kind!r}; expected one of {KINDS}")
     self.kind, self.count = kind, int(count) or default_count()
     self._executor: concurrent.futures.Executor | None = None
