@@ -21,7 +21,6 @@ import numpy as np
 from transfer.data import identity, images, store, workers
 from transfer.data.sources import LABELS_FROM, Source
 from transfer.errors import UserError
-from transfer.weights.preprocess import mode_for, preprocess
 
 AUGMENTS = ("none", "flip", "crop_flip")
 CACHES = ("", "memory", "disk")
@@ -197,7 +196,7 @@ class Dataset:
     stored = train.images(ids, self._train_size)
     if self.augment != "none" or self._train_size != self.image_size:
       stored = np.stack([self._augment_one(img, epoch, i) for img, i in zip(stored, ids)])
-    return {"image": preprocess(stored, self._preprocess_source),
+    return {"image": _preprocess(stored, self._preprocess_source),
             "label": train.labels[ids].astype(np.int32), "id": ids.astype(np.int32)}
 
   def _augment_one(self, image: np.ndarray, epoch: int, example_id: int) -> np.ndarray:
@@ -256,8 +255,15 @@ class Dataset:
     label = np.zeros(local, np.int32)
     label[:len(real)] = data.labels[real]
     ids = np.where(mask, rows, -1).astype(np.int32)
-    return {"image": preprocess(image, self._preprocess_source), "label": label, "id": ids,
+    return {"image": _preprocess(image, self._preprocess_source), "label": label, "id": ids,
             "mask": mask}
+
+
+def _preprocess(images_u8: np.ndarray, source: str | None) -> np.ndarray:
+  """The weights' pixel normalisation. Imported here, not at the top: the `transfer.weights`
+  package imports JAX, which decode worker processes (they import this package) never need."""
+  from transfer.weights.preprocess import preprocess
+  return preprocess(images_u8, source)
 
 
 def stored_train_size(image_size: int, augment: str, train_crop: float) -> int:
@@ -325,6 +331,7 @@ def create(config, *, preprocess_source: str | None, process_index: int | None =
   process_count = jax.process_count() if process_count is None else process_count
   local_devices = jax.local_device_count()
   check_batch_size(int(config.batch_size), process_count, local_devices)
+  from transfer.weights.preprocess import mode_for
   mode_for(preprocess_source)
   _check_options(config)
   decoder = workers.Decoder(config.get("data_worker_kind", "thread"),  # checks the kind; lazy
