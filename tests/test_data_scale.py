@@ -19,8 +19,10 @@ import transfer.data
 from transfer.errors import UserError
 from test_data import assert_batches_equal, make_config, take
 
-tfds = pytest.importorskip("tensorflow_datasets", reason="tfds extra not installed")
-import tfds_noise  # noqa: E402  (needs tensorflow_datasets)
+try:
+  import tfds_noise  # needs tensorflow_datasets; the worker tests below do not
+except ImportError:
+  tfds_noise = None
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,6 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def noise(tmp_path_factory):
   """{"array_record": data_dir, "tfrecord": data_dir, "encoded": bytes of both splits' shards}."""
+  if tfds_noise is None:
+    pytest.skip("tfds extra not installed")
   dirs = {fmt: str(tmp_path_factory.mktemp(fmt)) for fmt in ("array_record", "tfrecord")}
   sizes = {}
   for fmt, data_dir in dirs.items():
@@ -285,3 +289,15 @@ def test_disk_cache_streams_through_its_memory_map(tmp_path):
   for workers in ("thread", "process"):
     assert growth("disk", workers) < size_mib / 4  # the first fills the cache, the second reads it
   assert growth("memory") > size_mib
+
+
+def test_a_dead_worker_process_is_one_line():
+  import worker_jobs
+  from transfer.data import sources, workers
+  decoder = workers.Decoder("process", 1)
+  jpeg = os.path.join(ROOT, "tests", "does-not-exist.jpg")
+  assert isinstance(next(decoder.try_images([(sources.open_path, (jpeg,))], 8)),
+                    FileNotFoundError)  # an unreadable file is an answer, not a crash
+  with pytest.raises(UserError, match="^a decode worker process died .*data_workers=1"):
+    decoder.images([(worker_jobs.die, ())], 8)
+  decoder.close()

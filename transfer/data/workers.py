@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import concurrent.futures.process
 import multiprocessing
 import os
 from typing import Any, Callable, Iterable, Iterator
@@ -87,14 +88,20 @@ class Decoder:
 
   def _map(self, fn, jobs: Iterable[Job], size: int) -> Iterator[Any]:
     """fn(job, size) over `jobs` in order, with a bounded number in flight."""
-    pool, window = self._pool(), self.count * _IN_FLIGHT_PER_WORKER
-    pending = collections.deque()
-    for job in jobs:
-      pending.append(pool.submit(fn, job, size))
-      if len(pending) >= window:
+    try:
+      pool, window = self._pool(), self.count * _IN_FLIGHT_PER_WORKER
+      pending = collections.deque()
+      for job in jobs:
+        pending.append(pool.submit(fn, job, size))
+        if len(pending) >= window:
+          yield pending.popleft().result()
+      while pending:
         yield pending.popleft().result()
-    while pending:
-      yield pending.popleft().result()
+    except concurrent.futures.process.BrokenProcessPool:
+      self._executor = None  # Unusable now; a rerun starts fresh workers.
+      raise UserError(f"a decode worker process died (killed, perhaps for memory) while "
+                      f"decoding with data_workers={self.count}; rerun to resume, with fewer "
+                      f"data_workers or data_worker_kind=thread") from None
 
   def close(self) -> None:
     """Stops the workers (a later call starts them again)."""
