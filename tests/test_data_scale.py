@@ -214,12 +214,27 @@ def test_unknown_worker_kind_is_a_user_error():
     transfer.data.create(make_config(data_worker_kind="gpu"), preprocess_source="unit")
 
 
+def _children(pid: int) -> list[int]:
+  """The pids of the processes whose parent is `pid` (from /proc)."""
+  found = []
+  for entry in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{entry}/stat") as f:
+        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+      continue
+    if ppid == pid:
+      found.append(int(entry))
+  return found
+
+
 def test_array_record_resume_after_sigkill_matches_an_uninterrupted_run(noise, tmp_path):
   """`transfer train` on the ArrayRecord dataset, killed after a checkpoint and rerun, ends with
   the parameters of an uninterrupted run, bit for bit. The killed run decodes in worker
   processes, the others in threads: the kind never changes the batches."""
   from test_checkpoint import (_assert_trees_equal, _cli, _final_params, _finish,
                                _wait_for_checkpoint)
+  from conftest import wait_for
   data = {"dataset": f"tfds:{tfds_noise.NAME}", "data_dir": noise["array_record"],
           "cache_dir": str(tmp_path / "cache"), "augment": "crop_flip", "num_steps": 30}
   reference = tmp_path / "reference"
@@ -230,8 +245,13 @@ def test_array_record_resume_after_sigkill_matches_an_uninterrupted_run(noise, t
   workdir = tmp_path / "run"
   proc = _cli(workdir, **data, data_worker_kind="process", data_workers=2)
   _wait_for_checkpoint(workdir, 10, proc)
+  decoders = _children(proc.pid)
+  assert len(decoders) >= 2  # the two decode workers (and multiprocessing's resource tracker)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
+  # Orphaned workers would wait forever on their queue; they notice the parent is gone and exit.
+  wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in decoders),
+           f"the killed run's decode workers {decoders} to exit", timeout=120)
   proc = _cli(workdir, **data)
   out = _finish(proc, workdir)
   assert proc.returncode == 0, out[-3000:]

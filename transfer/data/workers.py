@@ -9,7 +9,8 @@ change the speed and never the pixels: the image is a pure function of the job.
 
 Worker processes are started with `spawn`, never `fork`: the parent runs JAX's (and maybe
 TensorFlow's) threads, and a forked copy of a multithreaded process can deadlock. They import
-only this package's PIL/numpy code, never JAX or TensorFlow, and start on first use.
+only this package's PIL/numpy code, never JAX or TensorFlow, start on first use, and exit when
+the parent does, however it ends.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import concurrent.futures
 import concurrent.futures.process
 import multiprocessing
 import os
+import threading
+import time
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -31,6 +34,7 @@ MAX_DEFAULT = 16  # data_workers=0 means min(MAX_DEFAULT, cpus).
 # Jobs in flight per worker in a long pass (checking or caching a whole split): enough to keep
 # every worker busy, few enough that a million-example split never holds a million futures.
 _IN_FLIGHT_PER_WORKER = 4
+_PARENT_POLL_S = 0.5  # How often a worker process checks that its parent still runs.
 
 Job = tuple[Callable[..., Any], tuple]  # (function, args): function(*args, min_side) -> Image
 
@@ -44,6 +48,19 @@ def decode_resize(job: Job, size: int) -> np.ndarray:
   """Runs one example's job and squashes the image to uint8 (size, size, 3); in any worker."""
   fn, args = job
   return images.resize(fn(*args, size), size)
+
+
+def _exit_with_parent(parent: int) -> None:
+  """Worker start-up: exit once the parent is gone.
+
+  A parent that ends without shutting the pool down (SIGKILL, an OOM kill, `os._exit` after an
+  error) would otherwise leave its workers waiting forever on a queue whose write end they hold.
+  """
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(_PARENT_POLL_S)
+    os._exit(0)  # pylint: disable=protected-access
+  threading.Thread(target=watch, daemon=True, name="transfer-watch-parent").start()
 
 
 def _try_decode_resize(job: Job, size: int):
@@ -75,7 +92,8 @@ class Decoder:
             self.count, thread_name_prefix="transfer-decode")
       else:
         self._executor = concurrent.futures.ProcessPoolExecutor(
-            self.count, mp_context=multiprocessing.get_context("spawn"))
+            self.count, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_exit_with_parent, initargs=(os.getpid(),))
     return self._executor
 
   def images(self, jobs: Iterable[Job], size: int) -> list[np.ndarray]:
