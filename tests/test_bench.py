@@ -120,6 +120,18 @@ def test_input_mode_reports_both_sides(capsys):
   assert result["input_images_per_sec"] > 0 and result["images_per_sec"] > 0
   assert result["input_images_per_cpu_sec"] > 0
   assert result["limited_by"] in ("input", "step")
+  by_workers = result["input_images_per_sec_by_workers"]
+  counts = [int(n) for n in by_workers]
+  assert counts[0] == 1 and max(counts) >= (os.cpu_count() or 1)
+  assert result["input_images_per_sec"] == by_workers[str(result["input_workers"])]
+  assert all(rate > 0 for rate in by_workers.values())
+
+
+def test_input_worker_counts():
+  from transfer.bench.cases import input_worker_counts
+  assert input_worker_counts(2, 2) == [1, 2]
+  assert input_worker_counts(12, 16) == [1, 2, 4, 8, 12, 16]
+  assert input_worker_counts(1, 3) == [1, 3]
 
 
 def test_dtype_auto_and_peak_table():

@@ -118,7 +118,7 @@ def test_an_int_stands_in_for_a_float_and_a_tuple_for_a_list():
 
 def test_name_lists_match_the_code_that_consumes_them():
   from transfer import models, optim, parallel
-  from transfer.data import pipeline
+  from transfer.data import pipeline, workers
   from transfer.models import heads
   assert _schema.CHOICES["parallel"] == tuple(parallel.MODES)
   assert _schema.CHOICES["head"] == tuple(heads.HEADS)
@@ -126,6 +126,7 @@ def test_name_lists_match_the_code_that_consumes_them():
   assert _schema.CHOICES["augment"] == tuple(pipeline.AUGMENTS)
   assert _schema.CHOICES["cache_images"] == tuple(pipeline.CACHES)
   assert _schema.CHOICES["schedule"] == optim.SCHEDULES
+  assert _schema.CHOICES["data_worker_kind"] == tuple(workers.KINDS)
   for dtype in _schema.CHOICES["dtype"]:
     models.as_dtype(dtype)
 

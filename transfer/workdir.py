@@ -31,7 +31,7 @@ HISTORY_FILE = "config_history.jsonl"
 BOOKKEEPING = frozenset({
     "num_epochs", "num_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
     "keep_checkpoints", "keep_best_checkpoints", "data_workers", "prefetch", "cache_images",
-    "cache_dir", "strict_data", "data_dir", "parallel", "conv",
+    "data_worker_kind", "cache_dir", "strict_data", "data_dir", "parallel", "conv",
     # Only read when a run starts from step 0; a resumed run's params come from its checkpoint.
     "init_from",
 })

@@ -4,6 +4,7 @@ that are epochs rather than steps (cached features, the input pipeline)."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -165,12 +166,44 @@ def bench_cached_epoch(setup: Setup, train_step_s: float, warmup: int) -> dict[s
 
 
 def bench_input(config, batches: int) -> dict[str, Any]:
-  """Images/s of the host input pipeline for `config.dataset` (decode, augment, preprocess)."""
+  """Images/s of the host input pipeline for `config.dataset` (decode, augment, preprocess).
+
+  Timed for 1, 2, 4, ... workers up to this host's cores (and the configured count), of the
+  configured `data_worker_kind`, so the report shows how decoding scales with cores; the
+  configured count's rate is `input_images_per_sec`.
+  """
   from transfer import data, runs
-  start = time.perf_counter()
-  ds = data.create(config, preprocess_source=runs.weights_source(config.weights) or "none")
-  prepare_s = time.perf_counter() - start
-  rate, cpu_rate = data.input_rates(ds, max(1, batches))
-  return {"input_images_per_sec": rate, "input_images_per_cpu_sec": cpu_rate,
+  from transfer.data import workers
+  kind = config.get("data_worker_kind", "thread")
+  configured = int(config.get("data_workers", 0)) or workers.default_count()
+  source = runs.weights_source(config.weights) or "none"
+  rates, prepare_s, num_train = {}, None, 0
+  for count in input_worker_counts(os.cpu_count() or 1, configured):
+    trial = config.copy_and_resolve_references()
+    trial.data_workers = count
+    start = time.perf_counter()
+    ds = data.create(trial, preprocess_source=source)
+    prepare_s = time.perf_counter() - start if prepare_s is None else prepare_s
+    try:
+      rates[count] = data.input_rates(ds, max(1, batches))
+    finally:
+      ds.close()
+    num_train = ds.num_train
+  wall, cpu = rates[configured]
+  # Process CPU time does not count worker processes, so a CPU rate is reported for threads only.
+  return {"input_images_per_sec": wall,
+          "input_images_per_cpu_sec": cpu if kind == "thread" else None,
           "input_prepare_s": prepare_s,
-          "input_batches": max(1, batches), "input_train_examples": ds.num_train}
+          "input_batches": max(1, batches), "input_train_examples": num_train,
+          "input_worker_kind": kind, "input_workers": configured,
+          "input_images_per_sec_by_workers": {str(k): v[0] for k, v in sorted(rates.items())}}
+
+
+def input_worker_counts(cpus: int, configured: int) -> list[int]:
+  """1, 2, 4, ... below `cpus`, then `cpus` itself, and the configured count."""
+  counts = {configured, cpus}
+  n = 1
+  while n < cpus:
+    counts.add(n)
+    n *= 2
+  return sorted(counts)

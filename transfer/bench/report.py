@@ -70,6 +70,7 @@ _ROWS = (
     ("flops_ratio_train_forward", "train / forward FLOPs", "{:.3f}"),
     ("input_images_per_sec", "input pipeline images/s", "{:,.1f}"),
     ("input_images_per_cpu_sec", "input images per CPU-second", "{:,.1f}"),
+    ("input_images_per_sec_by_workers", "input images/s by workers", None),
     ("limited_by", "limited by", "{}"),
     ("epoch_images", "epoch images", "{:,}"),
     ("feature_pass_s", "feature pass s (once)", "{:,.2f}"),
@@ -96,6 +97,9 @@ def format_table(result: dict[str, Any]) -> str:
       continue
     if key == "flops_per_step":
       text = f"{value / 1e9:,.2f} ({result['flops_source']})"
+    elif key == "input_images_per_sec_by_workers":
+      text = ", ".join(f"{n}: {rate:,.1f}" for n, rate in value.items()) + \
+          f" ({result['input_worker_kind']} workers)"
     else:
       text = fmt.format(value)
     lines.append(f"  {label:<26} {text}")

@@ -118,6 +118,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel": ("shard_map", "pmap"),                          # parallel.MODES
     "augment": ("none", "flip", "crop_flip", "inception_crop", "randaugment"),  # data.pipeline.AUGMENTS
     "cache_images": ("", "memory", "disk"),                     # data.pipeline.CACHES
+    "data_worker_kind": ("thread", "process"),                  # data.workers.KINDS
     "labels_from": ("folders", "filename"),
     "variant": ("auto", "keras", "torchvision"),                # resnet, inception .VARIANTS
 }

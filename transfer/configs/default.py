@@ -34,7 +34,8 @@ def get_config():
   c.train_crop = 0.875              # crop_flip: random crop of this fraction of the stored side
   c.cache_images = ""               # "" | memory | disk: keep decoded, resized uint8 images
   c.cache_dir = ""                  # disk image cache ("" = a per-user temp dir)
-  c.data_workers = 0                # decode threads (0 = min(16, cpus))
+  c.data_workers = 0                # decode workers (0 = min(16, cpus))
+  c.data_worker_kind = "thread"     # thread | process: processes scale decoding past ~4 cores
   c.strict_data = False             # corrupt files: skip with a warning (False) or fail (True)
   c.synthetic = ml_collections.ConfigDict(
       {"num_classes": 2, "train_size": 512, "val_size": 128, "base_size": 64})

@@ -5,8 +5,9 @@
       ...  # batch["image"]: float32 NHWC, batch["label"]: int32, global jax.Arrays
 
 `config.dataset` picks the source: `tfds:NAME`, `folder:PATH` or `synthetic`. Only `tfds:` imports
-TensorFlow (lazily); folders and synthetic data use PIL, numpy and a thread pool. Batches are a pure
-function of (seed, step), so resuming at a step reproduces an uninterrupted run exactly, and each
+TensorFlow (lazily; an ArrayRecord dataset is read by index, never whole); folders and synthetic
+data use PIL and numpy. Decoding runs on `data_workers` threads or processes (`data.workers`).
+Batches are a pure function of (seed, step), so resuming at a step reproduces an uninterrupted run exactly, and each
 process reads only its rows of every global batch. `Dataset.identity()` records which data a run
 saw; `check_same_data` refuses to resume or evaluate a run on other data.
 """

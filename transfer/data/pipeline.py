@@ -14,14 +14,14 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
+import threading
 from typing import Iterator
 
 import numpy as np
 
-from transfer.data import identity, images, store
+from transfer.data import identity, images, store, workers
 from transfer.data.sources import LABELS_FROM, Source
 from transfer.errors import UserError
-from transfer.weights.preprocess import mode_for, preprocess
 
 AUGMENTS = ("none", "flip", "crop_flip", "inception_crop", "randaugment")
 # Augmentations that crop a larger stored image (`train_crop` sets how much larger).
@@ -43,14 +43,19 @@ class _Split:
   """The readable examples of one split, and their pixels at any size (cached or decoded)."""
 
   def __init__(self, source: Source, failed: dict[int, str], cached, cached_size: int,
-               pool: concurrent.futures.Executor):
+               decoder: workers.Decoder):
     self._source = source
-    self._index = np.asarray([i for i in range(len(source)) if i not in failed], np.int64)
-    self._cached, self._cached_size, self._pool = cached, cached_size, pool
+    self._index = np.delete(np.arange(len(source), dtype=np.int64),
+                            np.fromiter(failed, np.int64, len(failed)))
+    self._cached, self._cached_size, self._decoder = cached, cached_size, decoder
     self.labels = source.labels[self._index]
 
   def __len__(self) -> int:
     return len(self._index)
+
+  def close(self) -> None:
+    """Stops the decode workers this split shares with the other."""
+    self._decoder.close()
 
   def names(self) -> list[str]:
     """The location-independent names of the readable examples, in order."""
@@ -64,14 +69,15 @@ class _Split:
       return np.asarray(self._cached[idx])
     if not len(idx):
       return np.zeros((0, size, size, 3), np.uint8)
-    return np.stack(list(self._pool.map(lambda i: self._load(i, size), idx)))
+    out = self._decoder.try_images((self._source.job(i) for i in idx), size)
+    return np.stack([self._check(img, i) for img, i in zip(out, idx)])
 
-  def _load(self, i: int, size: int) -> np.ndarray:
-    try:
-      return images.resize(self._source.open_image(i, size), size)
-    except Exception as e:  # Only an untrusted-but-unchecked source can get here.
-      raise UserError(f"cannot decode {self._source.names[i]} ({e}); it was readable when the "
-                      "run started: restore the file, then rerun to resume") from e
+  def _check(self, img, i: int) -> np.ndarray:
+    """The decoded image, or a one-line error for a file that broke after the start."""
+    if isinstance(img, Exception):  # Only an untrusted-but-unchecked source can get here.
+      raise UserError(f"cannot decode {self._source.names[i]} ({img}); it was readable when the "
+                      "run started: restore the file, then rerun to resume") from img
+    return img
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +117,7 @@ class Dataset:
                preprocess_source: str | None, process_index: int, process_count: int,
                local_device_count: int, ahead: int, origin: Origin | None = None,
                randaugment: tuple[int, float] = (2, 9.0),
-               pool: concurrent.futures.Executor | None = None):
+               augment_threads: int = 1):
     self._splits = {"train": train, "val": val}
     self._origin = origin or Origin(dataset="")
     self.dataset, self.root = self._origin.dataset, self._origin.root
@@ -128,7 +134,9 @@ class Dataset:
     self.steps_per_epoch = self.num_train // batch_size
     self.augment, self.seed = augment, seed
     self._randaugment = (int(randaugment[0]), float(randaugment[1]))
-    self._pool = pool  # augments a batch's examples in parallel (PIL releases the GIL)
+    # Augments a batch's examples in parallel (PIL releases the GIL); started on first use.
+    self._augment_threads, self._pool = max(1, augment_threads), None
+    self._pool_lock = threading.Lock()  # batches are assembled on several threads
     self._preprocess_source = preprocess_source
     self._train_size = stored_train_size(image_size, augment, train_crop)
     self._eval_size = images.stored_size(image_size, eval_crop)
@@ -171,6 +179,22 @@ class Dataset:
     return identity.make_identity(self.dataset, self.root, self.class_names, self._origin.params,
                                   splits)
 
+  def close(self) -> None:
+    """Stops the decode workers (worker processes exit) and the augmentation threads; iterating
+    again restarts them."""
+    self._splits["train"].close()
+    with self._pool_lock:
+      if self._pool is not None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None
+
+  def _augment_pool(self) -> concurrent.futures.Executor:
+    with self._pool_lock:
+      if self._pool is None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(self._augment_threads,
+                                                           thread_name_prefix="transfer-augment")
+      return self._pool
+
   def position(self, step: int) -> dict[str, int]:
     """Where training step `step` lies: {"epoch": e, "index": batch index within the epoch}."""
     return {"epoch": step // self.steps_per_epoch, "index": step % self.steps_per_epoch}
@@ -192,15 +216,15 @@ class Dataset:
     train = self._splits["train"]
     stored = train.images(ids, self._train_size)
     if self.augment != "none" or self._train_size != self.image_size:
-      # Augmentation and normalisation per example on the decode pool: both are elementwise
+      # Augmentation and normalisation per example on a thread pool: both are elementwise
       # per example (the same bits as batched), and together they are the pipeline's main
       # cost (docs/BENCHMARKS.md, "Augmentation on the host").
-      one = lambda img, i: preprocess(self._augment_one(img, epoch, i)[None],
+      one = lambda img, i: _preprocess(self._augment_one(img, epoch, i)[None],
                                       self._preprocess_source)[0]
-      mapped = self._pool.map(one, stored, ids) if self._pool else map(one, stored, ids)
+      mapped = self._augment_pool().map(one, stored, ids)
       image = np.stack(list(mapped))
     else:
-      image = preprocess(stored, self._preprocess_source)
+      image = _preprocess(stored, self._preprocess_source)
     return {"image": image, "label": train.labels[ids].astype(np.int32),
             "id": ids.astype(np.int32)}
 
@@ -213,7 +237,7 @@ class Dataset:
   def train_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Training batches from `start_step` on, forever (epoch after epoch).
 
-    Batches are assembled `ahead` steps in advance on a background thread, so decoding overlaps
+    Batches are assembled `ahead` steps in advance on background threads, so decoding overlaps
     the device's work.
 
     Args:
@@ -269,7 +293,7 @@ class Dataset:
     label = np.zeros(local, np.int32)
     label[:len(real)] = data.labels[real]
     ids = np.where(mask, rows, -1).astype(np.int32)
-    return {"image": preprocess(image, self._preprocess_source), "label": label, "id": ids,
+    return {"image": _preprocess(image, self._preprocess_source), "label": label, "id": ids,
             "mask": mask}
 
 
@@ -296,14 +320,27 @@ def augment_one(image: np.ndarray, augment: str, size: int, rng: np.random.Gener
   return images.random_crop_flip(image, size, rng, flip=augment != "none")
 
 
+def _preprocess(images_u8: np.ndarray, source: str | None) -> np.ndarray:
+  """The weights' pixel normalisation. Imported here, not at the top: the `transfer.weights`
+  package imports JAX, which decode worker processes (they import this package) never need."""
+  from transfer.weights.preprocess import preprocess
+  return preprocess(images_u8, source)
+
+
 def stored_train_size(image_size: int, augment: str, train_crop: float) -> int:
   """Side of the stored training images: larger than the output only when crops are random."""
   return images.stored_size(image_size, train_crop) if augment in _CROPPING else image_size
 
 
 def _ahead(make_jobs, ahead: int) -> Iterator[dict[str, np.ndarray]]:
-  """Runs zero-argument jobs on one background thread, keeping `ahead` of them in flight."""
-  executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="transfer-batches")
+  """Runs zero-argument jobs on `ahead` background threads, keeping `ahead` of them in flight.
+
+  One thread per batch in flight: assembling a batch (feeding the decode workers, augmenting,
+  preprocessing to float32, stacking) is itself a core's worth of work at GPU rates, so
+  consecutive batches are assembled side by side. Each job is a pure function of its step and
+  results are yielded in submission order, so the batches do not depend on the thread count.
+  """
+  executor = concurrent.futures.ThreadPoolExecutor(ahead, thread_name_prefix="transfer-batches")
   try:
     jobs = make_jobs()
     pending = collections.deque(executor.submit(job) for job in _take(jobs, ahead))
@@ -341,7 +378,7 @@ def create(config, *, preprocess_source: str | None, process_index: int | None =
   Args:
     config: the run config (keys: dataset, data_dir, train_split, val_split, val_fraction,
       image_size, batch_size, augment, eval_crop, cache_images, strict_data, seed, synthetic.*;
-      optional: cache_dir, train_crop, data_workers, prefetch).
+      optional: cache_dir, train_crop, data_workers, data_worker_kind, prefetch).
     preprocess_source: the weights' source, which decides the pixel normalisation
       (`transfer.weights.preprocess.mode_for`); None for random initialisation.
     process_index, process_count: this process and the number of processes; default to JAX's.
@@ -355,8 +392,11 @@ def create(config, *, preprocess_source: str | None, process_index: int | None =
   process_count = jax.process_count() if process_count is None else process_count
   local_devices = jax.local_device_count()
   check_batch_size(int(config.batch_size), process_count, local_devices)
+  from transfer.weights.preprocess import mode_for
   mode_for(preprocess_source)
   _check_options(config)
+  decoder = workers.Decoder(config.get("data_worker_kind", "thread"),  # checks the kind; lazy
+                            int(config.get("data_workers", 0)))
   train, val, class_names, origin = _sources(config)
 
   cache = config.cache_images
@@ -365,18 +405,16 @@ def create(config, *, preprocess_source: str | None, process_index: int | None =
   train_crop = float(config.get("train_crop", 0.875))
   train_size = stored_train_size(image_size, augment, train_crop)
   eval_size = images.stored_size(image_size, float(config.eval_crop))
-  workers = int(config.get("data_workers", 0)) or min(16, os.cpu_count() or 1)
-  pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="transfer-decode")
-  failed_train, cached_train = store.prepare(train, train_size, cache, cache_dir, pool)
-  failed_val, cached_val = store.prepare(val, eval_size, cache, cache_dir, pool)
+  failed_train, cached_train = store.prepare(train, train_size, cache, cache_dir, decoder)
+  failed_val, cached_val = store.prepare(val, eval_size, cache, cache_dir, decoder)
   skipped = ([(train.names[i], r) for i, r in sorted(failed_train.items())]
              + [(val.names[i], r) for i, r in sorted(failed_val.items())])
   if skipped and config.strict_data:
     listing = "; ".join(f"{name} ({reason})" for name, reason in skipped)
     raise UserError(f"{len(skipped)} unreadable image(s) with strict_data=True: {listing}")
 
-  train_split = _Split(train, failed_train, cached_train, train_size, pool)
-  val_split = _Split(val, failed_val, cached_val, eval_size, pool)
+  train_split = _Split(train, failed_train, cached_train, train_size, decoder)
+  val_split = _Split(val, failed_val, cached_val, eval_size, decoder)
   _check_classes(train_split, class_names)
   if len(train_split) < int(config.batch_size):
     raise UserError(f"the train split has {len(train_split)} readable examples, fewer than "
@@ -389,7 +427,7 @@ def create(config, *, preprocess_source: str | None, process_index: int | None =
                  ahead=int(config.get("prefetch", 2)), origin=origin,
                  randaugment=(int(config.get("randaugment_n", 2)),
                               float(config.get("randaugment_m", 9))),
-                 pool=pool)
+                 augment_threads=int(config.get("data_workers", 0)) or workers.default_count())
 
 
 def _check_options(config) -> None:
@@ -436,7 +474,8 @@ def _sources(config) -> tuple[Source, Source, list[str], Origin]:
   if kind == "tfds" and arg:
     from transfer.data.tfds_source import tfds_sources  # The only path that imports TensorFlow.
     return (*tfds_sources(arg, data_dir=config.data_dir, train_split=config.train_split,
-                          val_split=config.val_split, val_fraction=float(config.val_fraction)),
+                          val_split=config.val_split, val_fraction=float(config.val_fraction),
+                          cache_dir=config.get("cache_dir", "")),
             Origin(f"tfds:{arg}"))
   raise UserError(f"unknown dataset {config.dataset!r}; expected tfds:NAME, folder:PATH or "
                   "synthetic")

@@ -8,10 +8,11 @@ only its own rows, and lets a resumed run jump straight to a step.
 from __future__ import annotations
 
 import collections
+import collections.abc
 import dataclasses
 import hashlib
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -26,8 +27,11 @@ class Source:
 
   Attributes:
     labels: int32 (N,) class ids.
-    open_image: (index, min_side) -> RGB `PIL.Image`; may raise for a corrupt file.
-    names: per-example names for warnings (absolute file paths, `tfds:NAME/SPLIT#i`, ...).
+    job: index -> `workers.Job`, (function, args) with function(*args, min_side) -> the RGB
+      `PIL.Image` (it may raise for a corrupt file). A module-level function and small
+      picklable args (a path, a record's bytes), so a worker process can run it.
+    names: per-example names for warnings (absolute file paths, `tfds:NAME/SPLIT#i`, ...); any
+      sequence (`IndexNames` spells them on demand for a large split).
     key: identity of the split's content, for the disk cache (changes when any file changes).
     trusted: False when examples may be unreadable, so each is decoded once before training.
     rel_names: per-example names that do not depend on where the data lives (a file's path
@@ -35,8 +39,8 @@ class Source:
       fingerprint covers these, so a copied or re-mounted folder keeps it.
   """
   labels: np.ndarray
-  open_image: Callable[[int, int], Image.Image]
-  names: tuple[str, ...]
+  job: Callable[[int], tuple[Callable[..., Image.Image], tuple]]
+  names: Sequence[str]
   key: str
   trusted: bool
   rel_names: tuple[str, ...] = ()
@@ -44,9 +48,33 @@ class Source:
   def __len__(self) -> int:
     return len(self.labels)
 
-  def identities(self) -> tuple[str, ...]:
+  def identities(self) -> Sequence[str]:
     """The location-independent name of every example (`rel_names`, else `names`)."""
     return self.rel_names or self.names
+
+  def open_image(self, i: int, min_side: int = 0) -> Image.Image:
+    """Decodes example `i` here, in this thread (see `job`)."""
+    fn, args = self.job(i)
+    return fn(*args, min_side)
+
+
+class IndexNames(collections.abc.Sequence):
+  """`PREFIX#0`, `PREFIX#1`, ...: the names of a split's examples, spelled only when asked, so a
+  split of millions holds no list of millions of strings."""
+
+  def __init__(self, prefix: str, n: int):
+    self._prefix, self._n = prefix, n
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return [self[j] for j in range(*i.indices(self._n))]
+    i = int(i)
+    if not -self._n <= i < self._n:
+      raise IndexError(i)
+    return f"{self._prefix}#{i % self._n}"
 
 
 LABELS_FROM = ("folders", "filename")
@@ -242,12 +270,12 @@ def _file_source(root: str, files) -> Source:
     except OSError:  # A dangling link: decoding fails later and skips (or, strictly, rejects) it.
       digest.update(f"{p}\0unreadable\n".encode())
   return Source(labels=np.asarray([label for _, label in files], np.int32),
-                open_image=lambda i, side: _open(paths[i], side),
+                job=lambda i: (open_path, (paths[i],)),
                 names=paths, key="folder:" + digest.hexdigest(), trusted=False,
                 rel_names=rel_names)
 
 
-def _open(path: str, side: int) -> Image.Image:
+def open_path(path: str, side: int) -> Image.Image:
   """Decodes one file; a dangling symbolic link says so rather than "no such file"."""
   try:
     return images.open_file(path, side)

@@ -45,14 +45,18 @@ def _source(split: int, n: int, num_classes: int, base_size: int, seed: int) -> 
   """One split; labels cycle through the classes so every class has the same share."""
   labels = (np.arange(n) % num_classes).astype(np.int32)
 
-  def open_image(i: int, min_side: int = 0) -> Image.Image:
-    del min_side  # Always drawn at base_size.
-    rng = np.random.default_rng((seed, _STREAM, split, i))
-    return Image.fromarray(draw(int(labels[i]), num_classes, base_size, rng), "RGB")
-
+  job = lambda i: (example, (seed, split, int(i), int(labels[i]), num_classes, base_size))
   key = f"synthetic:{seed}:{split}:{n}:{num_classes}:{base_size}"
   names = tuple(f"synthetic/{('train', 'val')[split]}#{i}" for i in range(n))
-  return Source(labels=labels, open_image=open_image, names=names, key=key, trusted=True)
+  return Source(labels=labels, job=job, names=names, key=key, trusted=True)
+
+
+def example(seed: int, split: int, i: int, label: int, num_classes: int, base_size: int,
+            min_side: int = 0) -> Image.Image:
+  """Example `i` of `split` (0 train, 1 val), class `label`, as an RGB image."""
+  del min_side  # Always drawn at base_size.
+  rng = np.random.default_rng((seed, _STREAM, split, i))
+  return Image.fromarray(draw(label, num_classes, base_size, rng), "RGB")
 
 
 def draw(label: int, num_classes: int, size: int, rng: np.random.Generator) -> np.ndarray:

@@ -1,10 +1,16 @@
 """TensorFlow Datasets as a random-access source; the only module that imports TensorFlow.
 
-tf.data reads each split's records once (in order, AUTOTUNE parallelism) and keeps the encoded
-images in host memory, which is about the dataset's size on disk. Decoding and resizing then go
-through the same thread pool as image folders. Holding the encoded bytes is what gives random
-access: every process can compute the same global permutation, read only its rows, and a resumed
-run can start at any step, none of which a streaming `shuffle` buffer allows.
+Random access is what the pipeline needs: every process computes the same global permutation and
+reads only its rows, and a resumed run starts at any step, none of which a streaming `shuffle`
+buffer allows. A dataset prepared in a random-access format (ArrayRecord, the format TFDS
+recommends for it) is read by index on demand through `builder.as_data_source`: host memory
+holds the labels (read once, then kept in the cache directory) and the records being decoded,
+not the split. A dataset prepared only as TFRecord has no random access, so tf.data reads each
+split once and keeps the encoded images in memory (about its size on disk); that is refused
+above `in_memory_limit()` (a quarter of the host's memory, at most 16 GiB), naming the commands
+that convert the dataset to ArrayRecord in place (`tfds convert_format`, which needs Apache Beam)
+or prepare it anew in that format (`tfds build --file_format=array_record`). Decoding and
+resizing then go through the same workers as image folders.
 
 A dataset that is not prepared in its data_dir is downloaded only when the network answers: TFDS
 itself retries an unreachable host for minutes before it gives up, so without network this module
@@ -22,13 +28,13 @@ import threading
 
 import numpy as np
 
-from transfer.data import images
-from transfer.data.sources import Source
+from transfer.data import images, store
+from transfer.data.sources import IndexNames, Source
 from transfer.errors import UserError
 
 
 def tfds_sources(name: str, *, data_dir: str, train_split: str, val_split: str,
-                 val_fraction: float) -> tuple[Source, Source, list[str]]:
+                 val_fraction: float, cache_dir: str = "") -> tuple[Source, Source, list[str]]:
   """Loads (downloading and preparing if needed) a TFDS image classification dataset.
 
   Args:
@@ -38,6 +44,8 @@ def tfds_sources(name: str, *, data_dir: str, train_split: str, val_split: str,
     val_split: validation split. When the dataset has no such split (cats_vs_dogs has only
       `train`), the last `val_fraction` of `train_split` is held out instead.
     val_fraction: see `val_split`.
+    cache_dir: where the labels of a random-access split are kept after the first read ("" =
+      the image cache's default directory).
 
   Returns:
     (train, val, class_names).
@@ -54,8 +62,70 @@ def tfds_sources(name: str, *, data_dir: str, train_split: str, val_split: str,
   if not hasattr(label_feature, "names"):
     raise UserError(f"tfds:{name} has no class labels in {label_key!r}; not a classification set")
   train_split, val_split = _splits(builder, train_split, val_split, val_fraction)
-  read = lambda split: _read_split(tf, tfds, builder, split, image_key, label_key, name)
+  if random_access(builder, tfds):
+    cache_dir = cache_dir or store.default_cache_dir()
+    read = lambda split: _random_access_split(tfds, builder, split, image_key, label_key, name,
+                                              cache_dir)
+  else:
+    _check_fits_in_memory(builder, name, (train_split, val_split))
+    read = lambda split: _read_split(tf, tfds, builder, split, image_key, label_key, name)
   return read(train_split), read(val_split), list(label_feature.names)
+
+
+def random_access(builder, tfds) -> bool:
+  """Whether the prepared dataset has a format readable by index (ArrayRecord, Parquet)."""
+  formats = tfds.core.file_adapters.FileFormat.with_random_access()
+  return bool(set(builder.info.available_file_formats()) & set(formats))
+
+
+def in_memory_limit() -> int:
+  """Bytes of encoded TFRecord data read into memory at most: a quarter of this host's memory,
+  at most 16 GiB (the model, the decoded batches and other processes need the rest)."""
+  try:
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError):
+    ram = 16 * 2**30
+  return min(16 * 2**30, ram // 4)
+
+
+def _check_fits_in_memory(builder, name: str, splits) -> None:
+  """Refuses a TFRecord-only dataset too large to hold encoded, naming the conversion."""
+  bases = {re.split(r"[\[+]", s, maxsplit=1)[0] for s in splits}
+  size = sum(int(builder.info.splits[b].num_bytes or 0) for b in bases
+             if b in builder.info.splits)
+  limit = in_memory_limit()
+  if size > limit:
+    raise UserError(
+        f"tfds:{name} is prepared only as TFRecord, which has no random access, and its "
+        f"{size / 2**30:.1f} GiB would have to be held in memory (limit {limit / 2**30:.1f} GiB, "
+        f"a quarter of RAM up to 16 GiB); get it as ArrayRecord, read by index: convert it in "
+        f"place with `pip install apache-beam; tfds convert_format "
+        f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record`, or prepare "
+        f"it anew with `tfds build {name} --data_dir=DIR --file_format=array_record`")
+
+
+# Labels of a random-access split are read in chunks of this many records (a few MB at once).
+_LABEL_CHUNK = 64
+
+
+def _random_access_split(tfds, builder, split: str, image_key: str, label_key: str, name: str,
+                         cache_dir: str) -> Source:
+  """One split read by index on demand (`as_data_source`), keeping only its labels."""
+  data = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+  n = len(data)
+  key = f"tfds:{builder.info.full_name}:{builder.data_dir}:{split}"
+
+  def read_labels() -> np.ndarray:
+    labels = np.empty(n, np.int32)
+    for start in range(0, n, _LABEL_CHUNK):
+      records = data.__getitems__(list(range(start, min(n, start + _LABEL_CHUNK))))
+      labels[start:start + len(records)] = [int(r[label_key]) for r in records]
+    return labels
+
+  shards = [f.filename for f in builder.info.splits[split].file_instructions]
+  labels = store.cached_labels(key, shards, n, read_labels, cache_dir)
+  return Source(labels=labels, job=lambda i: (images.open_bytes, (data[int(i)][image_key],)),
+                names=IndexNames(f"tfds:{name}/{split}", n), key=key, trusted=True)
 
 
 INSTALL_HINT = "pip install -e '.[tfds]'"
@@ -171,8 +241,7 @@ def _read_split(tf, tfds, builder, split: str, image_key: str, label_key: str,
   for data, label in ds.as_numpy_iterator():
     encoded.append(data)
     labels.append(label)
-  names = tuple(f"tfds:{name}/{split}#{i}" for i in range(len(encoded)))
   return Source(labels=np.asarray(labels, np.int32),
-                open_image=lambda i, side: images.open_bytes(encoded[i], side),
-                names=names, key=f"tfds:{builder.info.full_name}:{builder.data_dir}:{split}",
-                trusted=True)
+                job=lambda i: (images.open_bytes, (encoded[i],)),
+                names=IndexNames(f"tfds:{name}/{split}", len(encoded)),
+                key=f"tfds:{builder.info.full_name}:{builder.data_dir}:{split}", trusted=True)
