@@ -93,6 +93,9 @@ def export(workdir: str, format: str, out: str | None = None,  # pylint: disable
   module = _module(format)
   if dtype not in serving.DTYPES:
     raise UserError(f"unknown export dtype {dtype!r}; valid dtypes: {', '.join(serving.DTYPES)}")
+  if format == "onnx" and dtype == "bfloat16":
+    raise UserError("ONNX has no bfloat16 convolution (its Conv takes float16/32/64); export "
+                    "ONNX with --dtype float32, or bfloat16 as stablehlo or saved_model")
   _require_converters(format)  # before the (slow) checkpoint restore
   model = serving.load_serving_model(workdir, checkpoint, dtype)
   path = out or default_path(workdir, format, dtype)

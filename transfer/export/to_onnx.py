@@ -144,9 +144,11 @@ def _max_pool_channels_first(x, params):
   import jax
   import jax.numpy as jnp
   n, h, w, c = x.shape
-  planes = jnp.transpose(x, (0, 3, 1, 2)).reshape((n * c, h, w))
+  # In float32 whatever x's dtype (a max is exact in any float type): jax2onnx recognises the
+  # max pool only by its float32 identity, -inf.
+  planes = jnp.transpose(x, (0, 3, 1, 2)).reshape((n * c, h, w)).astype(jnp.float32)
   pooled = jax.lax.reduce_window(
-      planes, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1,) + tuple(params["window_dimensions"][1:3]),
+      planes, -jnp.inf, jax.lax.max, (1,) + tuple(params["window_dimensions"][1:3]),
       (1,) + tuple(params["window_strides"][1:3]),
       ((0, 0),) + tuple(tuple(p) for p in params["padding"][1:3]))
-  return jnp.transpose(pooled.reshape((n, c) + pooled.shape[1:]), (0, 2, 3, 1))
+  return jnp.transpose(pooled.reshape((n, c) + pooled.shape[1:]), (0, 2, 3, 1)).astype(x.dtype)
