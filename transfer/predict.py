@@ -252,22 +252,15 @@ def make_forward(net) -> Callable:
   import jax
   from transfer import steps
 
-  jitted = jax.jit(lambda p, x: probabilities(net.apply(steps.as_variables(p), x)))
+  def probabilities(p, x):
+    logits = net.apply(steps.as_variables(p), x)
+    if logits.shape[-1] == 1:  # one sigmoid logit: P(class 1) and its complement
+      positive = jax.nn.sigmoid(logits)
+      return jax.numpy.concatenate([1.0 - positive, positive], axis=-1)
+    return jax.nn.softmax(logits, axis=-1)
+
+  jitted = jax.jit(probabilities)
   return lambda params, x: np.asarray(jitted(params, x), np.float32)
-
-
-def probabilities(logits):
-  """Class probabilities from a model's (N, outputs) logits, in JAX (traceable: `transfer
-  export` puts this same function inside its artifacts).
-
-  Softmax over the logits; a single logit (binary sigmoid head) gives two columns,
-  [P(class 0), P(class 1)].
-  """
-  import jax
-  if logits.shape[-1] == 1:  # one sigmoid logit: P(class 1) and its complement
-    positive = jax.nn.sigmoid(logits)
-    return jax.numpy.concatenate([1.0 - positive, positive], axis=-1)
-  return jax.nn.softmax(logits, axis=-1)
 
 
 def predict_probs(net, params, x: np.ndarray, batch: int = BATCH) -> np.ndarray:

@@ -3,7 +3,7 @@
 A trained run becomes one pure JAX function with its variables baked in as constants: the
 weights' pixel preprocessing (`transfer.weights.preprocess`), the network with BatchNorm in
 inference mode, and the same softmax (or two-column sigmoid) `transfer predict` applies
-(`transfer.predict.probabilities`). Every format converts this one function, so they can only
+(`probabilities`). Every format converts this one function, so they can only
 differ by their runtime's rounding.
 """
 
@@ -52,9 +52,11 @@ class ServingModel:
 def inference_params(variables: dict[str, Any]) -> tuple[dict[str, Any], str]:
   """The variables a served model runs with, and which params they hold ("params" or "ema").
 
-  The one place that chooses: a run that keeps an exponential moving average of its params
-  (`EMA_KEY` in the restored variables) serves the average, as evaluation of such runs does;
-  otherwise the trained params. BatchNorm statistics come along unchanged.
+  The one place export chooses: a run that keeps an exponential moving average of its params
+  (`EMA_KEY` in the restored variables) serves the average; otherwise the trained params.
+  BatchNorm statistics come along unchanged. Merge note: the EMA branch adds
+  `runs.serving_variables`, the package-wide choice (predict uses it too); this body then
+  becomes a call to it.
   """
   chosen = {k: v for k, v in variables.items() if k != EMA_KEY}
   if variables.get(EMA_KEY) is not None:
@@ -100,7 +102,7 @@ def serving_function(run: dict[str, Any], dtype: str = "float32") -> Callable:
   """
   import jax.numpy as jnp
 
-  from transfer import predict, runs
+  from transfer import runs
   from transfer import weights as weights_lib
 
   net = runs.model_from_meta(run, dtype=dtype, conv="xla")
@@ -109,9 +111,24 @@ def serving_function(run: dict[str, Any], dtype: str = "float32") -> Callable:
   def apply(variables, images):
     x = weights_lib.preprocess(images, mode)  # uint8 -> float32, the weights' normalisation
     logits = net.apply(variables, x)  # train=False: BatchNorm on its running statistics
-    return predict.probabilities(logits.astype(jnp.float32)).astype(jnp.float32)
+    return probabilities(logits.astype(jnp.float32))
 
   return apply
+
+
+def probabilities(logits):
+  """(N, outputs) logits -> (N, max(outputs, 2)) probabilities, as `transfer predict` computes
+  them (`predict.make_forward`): softmax, or [1 - p, p] for one sigmoid logit.
+
+  Traceable (`make_forward` jits its own copy). Merge note: the EMA/TTA branch makes this one
+  public function, `steps.probabilities`; this body then becomes a call to it.
+  """
+  import jax
+  import jax.numpy as jnp
+  if logits.shape[-1] == 1:
+    positive = jax.nn.sigmoid(logits)
+    return jnp.concatenate([1.0 - positive, positive], axis=-1)
+  return jax.nn.softmax(logits, axis=-1)
 
 
 def artifact_metadata(run: dict[str, Any], dtype: str,

@@ -60,9 +60,11 @@ def write(model: ServingModel, path: str) -> str:
     return {OUTPUT_NAME: converted(module.weights, images)}
 
   module.serve = serve
-  module.class_names = tf.constant(model.class_names)
-  module.image_size = tf.constant(size)
-  module.metadata_json = tf.constant(json.dumps(model.metadata))
+  # Variables, not constants: a SavedModel keeps only trackable attributes.
+  module.class_names = tf.Variable(model.class_names, trainable=False, name="class_names")
+  module.image_size = tf.Variable(size, trainable=False, name="image_size")
+  module.metadata_json = tf.Variable(json.dumps(model.metadata), trainable=False,
+                                     name="metadata_json")
   with tempfile.TemporaryDirectory() as staging:
     module.class_names_file = tf.saved_model.Asset(_write(staging, CLASSES_ASSET,
                                                           "\n".join(model.class_names) + "\n"))
