@@ -184,8 +184,10 @@ def main(workdir: str, format: str, out: str | None = None,  # pylint: disable=r
 
 
 def _human(n: int) -> str:
+  """Bytes as B, KB, MB or GB (powers of 1024)."""
+  size, unit = float(n), "B"
   for unit in ("B", "KB", "MB", "GB"):
-    if n < 1024 or unit == "GB":
-      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-    n /= 1024
-  return f"{n} B"
+    if size < 1024 or unit == "GB":
+      break
+    size /= 1024
+  return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
