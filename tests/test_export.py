@@ -89,7 +89,10 @@ def _keras_resnet_weights(path):
   stats = {layer: {"mean": rng.normal(0, 0.3, s["mean"].shape).astype(np.float32),
                    "var": rng.uniform(0.5, 2.0, s["var"].shape).astype(np.float32)}
            for layer, s in variables["batch_stats"].items()}
-  params = jax.tree_util.tree_map(np.asarray, variables["params"])
+  params = jax.tree_util.tree_map(np.array, variables["params"])
+  # caffe inputs span +-128: a smaller first conv keeps the logits, and so the probabilities
+  # compared below, away from saturation, where any two programs agree.
+  params["conv1_conv"]["kernel"] /= 64.0
   weight_files.write_keras_h5(path, weight_files.keras_layers(
       params, models.spec("resnet50_tiny"), stats), naming="keras2")
   return str(path)
@@ -194,6 +197,7 @@ def _run_saved_model(path, batches):
 def test_artifact_in_its_runtime_equals_predict(trained, photos, fmt, run, tmp_path, capsys):
   workdir = trained[run]
   want = _predict_json(workdir, photos[:4], capsys)
+  assert want.max() < 0.999 and np.ptp(want, axis=0).max() > 1e-3  # informative probabilities
   artifact = export.export(workdir, fmt)
   assert artifact.path == export.default_path(workdir, fmt) and artifact.size_bytes > 0
   assert artifact.max_abs_diff <= ATOL
