@@ -83,12 +83,13 @@ def load_serving_model(workdir: str, checkpoint: str | int | None = "latest",
   """
   if dtype not in DTYPES:
     raise UserError(f"unknown export dtype {dtype!r}; valid dtypes: {', '.join(DTYPES)}")
+  import jax
+  import jax.numpy as jnp
+
   from transfer import checkpoint as checkpoint_lib
   variables, meta = checkpoint_lib.load_trained_variables(workdir, checkpoint)
   variables, params_kind = inference_params(variables)
   run = meta["run"]
-  import jax
-  import jax.numpy as jnp
   return ServingModel(apply=serving_function(run, dtype),
                       variables=jax.tree_util.tree_map(jnp.asarray, variables),
                       metadata=artifact_metadata(run, dtype, params_kind=params_kind))
