@@ -29,13 +29,20 @@ CLASSES_ASSET = "class_names.txt"
 
 
 def require_tf():
-  """TensorFlow, or a one-line error naming the pip command."""
+  """TensorFlow, kept off the GPU (JAX holds it), or a one-line error naming the pip command.
+
+  The export itself only traces and saves; the check run after it is small, on the CPU.
+  """
   # TensorFlow's C++ start-up notes (oneDNN, absl) are noise here; errors still show.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   try:
     import tensorflow as tf
   except ImportError:
     raise UserError(f"SavedModel export needs TensorFlow: {INSTALL}") from None
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TF was initialised elsewhere first; its devices can no longer change.
+    pass
   return tf
 
 
