@@ -5,6 +5,8 @@
                      [--top_losses K]
     transfer predict (--workdir DIR [--checkpoint ...] | --model vgg16 --weights SRC) [--top K]
                      [--batch_size N] [--json] IMAGE|FOLDER...
+    transfer export  --workdir DIR --format stablehlo|onnx|saved_model [--out PATH]
+                     [--dtype float32|bfloat16] [--checkpoint best|latest|STEP]
     transfer weights info SRC | download ID | list
     transfer bench   [--mode train|forward|eval|input] [--json] [--config.KEY=VALUE ...]
     transfer lr_find [--workdir DIR] [--config FILE|NAME] [--steps N] [--config.KEY=VALUE ...]
@@ -63,6 +65,15 @@ def _parser() -> argparse.ArgumentParser:
   pred.add_argument("--top", type=int, default=5, help="classes to print per image")
   pred.add_argument("--json", action="store_true", help="one JSON object per image per line")
   pred.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
+
+  exp = sub.add_parser("export", help="write a trained run as StableHLO, ONNX or a SavedModel")
+  exp.add_argument("--workdir", required=True)
+  exp.add_argument("--format", required=True, help="stablehlo, onnx or saved_model")
+  exp.add_argument("--out", help="file (directory for saved_model) to write "
+                                 "(default: DIR/export/model.<format>)")
+  exp.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+  exp.add_argument("--checkpoint", default="latest",
+                   help="latest (the newest that restores), best (highest val_accuracy) or a step")
 
   weights = sub.add_parser("weights", help="inspect and download pretrained weights")
   wsub = weights.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
@@ -146,6 +157,10 @@ def run(argv: list[str]) -> int:
                           weights=args.weights, top=args.top, as_json=args.json,
                           batch_size=args.batch_size, checkpoint=args.checkpoint)
     return 1 if failed else 0
+  elif args.command == "export":
+    from transfer import export
+    export.main(args.workdir, args.format, out=args.out, dtype=args.dtype,
+                checkpoint=args.checkpoint)
   elif args.command == "weights":
     from transfer import weights
     weights.cli(args.weights_command, args)

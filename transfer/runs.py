@@ -223,15 +223,16 @@ def run_metadata(config, class_names: list[str], outputs: int,
           "data": data}
 
 
-def model_from_meta(meta: dict[str, Any], dtype: str | None = None):
+def model_from_meta(meta: dict[str, Any], dtype: str | None = None, conv: str = "auto"):
   """Rebuilds the trained model from checkpoint metadata (`run_metadata`).
 
-  The conv choice is resolved again (`auto`) for this machine: it changes speed and float32
+  The conv choice is resolved again (`auto`) for this machine unless `conv` names one (export
+  asks for `xla`: an artifact runs on machines we do not know): it changes speed and float32
   rounding, not the params.
   """
   return models.get(meta["model"], head=meta["head"], num_classes=meta["outputs"],
                     head_hidden=meta["head_hidden"], head_dropout=meta["head_dropout"],
-                    dtype=dtype or meta["dtype"], variant=meta.get("variant"))
+                    dtype=dtype or meta["dtype"], variant=meta.get("variant"), conv=conv)
 
 
 def check_same_run(saved: dict[str, Any], current: dict[str, Any], workdir: str) -> None:
