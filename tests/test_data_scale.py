@@ -198,6 +198,24 @@ def test_worker_count_and_kind_do_not_change_batches(tmp_path, cache):
     assert_batches_equal(reference, batches(kind, count))
 
 
+@pytest.mark.parametrize("augment", ["inception_crop", "randaugment"])
+def test_augmentation_in_worker_processes_equals_threads(tmp_path, augment):
+  """With worker processes the augmentation runs there, next to the decoding: same pixels."""
+  root = _write_jpegs(tmp_path / "data")
+
+  def batches(kind, count):
+    config = make_config(dataset=f"folder:{root}", batch_size=4, augment=augment,
+                         data_worker_kind=kind, data_workers=count)
+    ds = transfer.data.create(config, preprocess_source="unit")
+    try:
+      return take(ds.train_batches(3), 3)
+    finally:
+      ds.close()
+
+  reference = batches("thread", 1)
+  assert_batches_equal(reference, batches("process", 2))
+
+
 def test_process_workers_on_array_record_and_synthetic(noise, tmp_path):
   for dataset, extra in ((f"tfds:{tfds_noise.NAME}", {"data_dir": noise["array_record"]}),
                          ("synthetic", {})):
@@ -318,6 +336,6 @@ def test_a_dead_worker_process_is_one_line():
   jpeg = os.path.join(ROOT, "tests", "does-not-exist.jpg")
   assert isinstance(next(decoder.try_images([(sources.open_path, (jpeg,))], 8)),
                     FileNotFoundError)  # an unreadable file is an answer, not a crash
-  with pytest.raises(UserError, match="^a decode worker process died .*data_workers=1"):
+  with pytest.raises(UserError, match="^a data worker process died .*data_workers=1"):
     decoder.images([(worker_jobs.die, ())], 8)
   decoder.close()

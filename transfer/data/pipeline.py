@@ -53,6 +53,11 @@ class _Split:
   def __len__(self) -> int:
     return len(self._index)
 
+  @property
+  def decoder(self) -> workers.Decoder:
+    """The workers this split decodes on (shared with the other split)."""
+    return self._decoder
+
   def close(self) -> None:
     """Stops the decode workers this split shares with the other."""
     self._decoder.close()
@@ -216,13 +221,21 @@ class Dataset:
     train = self._splits["train"]
     stored = train.images(ids, self._train_size)
     if self.augment != "none" or self._train_size != self.image_size:
-      # Augmentation and normalisation per example on a thread pool: both are elementwise
-      # per example (the same bits as batched), and together they are the pipeline's main
-      # cost (docs/BENCHMARKS.md, "Augmentation on the host").
-      one = lambda img, i: _preprocess(self._augment_one(img, epoch, i)[None],
-                                      self._preprocess_source)[0]
-      mapped = self._augment_pool().map(one, stored, ids)
-      image = np.stack(list(mapped))
+      # Augmentation (and normalisation) per example, in parallel: both are elementwise per
+      # example (the same bits as batched), and together they are the pipeline's main cost
+      # (docs/BENCHMARKS.md, "Augmentation on the host"). Worker processes augment where they
+      # decode, so augmentation scales with cores as decoding does; the float normalisation stays
+      # here (it needs `transfer.weights`, which the workers never import).
+      if train.decoder.kind == "process":
+        n = len(ids)
+        keys = [(self.seed, _AUGMENT, epoch, int(i)) for i in ids]
+        augmented = train.decoder.run(augment_example, list(stored), [self.augment] * n,
+                                      [self.image_size] * n, keys, [self._randaugment] * n)
+        image = _preprocess(np.stack(augmented), self._preprocess_source)
+      else:
+        one = lambda img, i: _preprocess(self._augment_one(img, epoch, i)[None],
+                                        self._preprocess_source)[0]
+        image = np.stack(list(self._augment_pool().map(one, stored, ids)))
     else:
       image = _preprocess(stored, self._preprocess_source)
     return {"image": image, "label": train.labels[ids].astype(np.int32),
@@ -230,9 +243,8 @@ class Dataset:
 
   def _augment_one(self, image: np.ndarray, epoch: int, example_id: int) -> np.ndarray:
     """One example's augmentation: a pure function of (seed, epoch, example id) and its pixels."""
-    return augment_one(image, self.augment, self.image_size,
-                       np.random.default_rng((self.seed, _AUGMENT, epoch, int(example_id))),
-                       self._randaugment)
+    return augment_example(image, self.augment, self.image_size,
+                           (self.seed, _AUGMENT, epoch, int(example_id)), self._randaugment)
 
   def train_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Training batches from `start_step` on, forever (epoch after epoch).
@@ -295,6 +307,13 @@ class Dataset:
     ids = np.where(mask, rows, -1).astype(np.int32)
     return {"image": _preprocess(image, self._preprocess_source), "label": label, "id": ids,
             "mask": mask}
+
+
+def augment_example(image: np.ndarray, augment: str, size: int, key: tuple[int, ...],
+                    randaugment: tuple[int, float]) -> np.ndarray:
+  """`augment_one` with the example's generator seeded from `key` (seed, stream, epoch, id): a
+  module-level function of picklable arguments, so a worker process can run it."""
+  return augment_one(image, augment, size, np.random.default_rng(key), randaugment)
 
 
 def augment_one(image: np.ndarray, augment: str, size: int, rng: np.random.Generator,

@@ -116,10 +116,24 @@ class Decoder:
       while pending:
         yield pending.popleft().result()
     except concurrent.futures.process.BrokenProcessPool:
-      self._executor = None  # Unusable now; a rerun starts fresh workers.
-      raise UserError(f"a decode worker process died (killed, perhaps for memory) while "
-                      f"decoding with data_workers={self.count}; rerun to resume, with fewer "
-                      f"data_workers or data_worker_kind=thread") from None
+      raise self._died() from None
+
+  def run(self, fn: Callable[..., Any], *arg_lists: Iterable[Any]) -> list[Any]:
+    """`fn(*args)` for each `args` in `zip(*arg_lists)`, in order, on the workers.
+
+    For per-example work after decoding (augmentation) that should scale like decoding does:
+    with processes, `fn` must be a module-level function of picklable arguments.
+    """
+    try:
+      return list(self._pool().map(fn, *arg_lists))
+    except concurrent.futures.process.BrokenProcessPool:
+      raise self._died() from None
+
+  def _died(self) -> UserError:
+    self._executor = None  # Unusable now; a rerun starts fresh workers.
+    return UserError(f"a data worker process died (killed, perhaps for memory) with "
+                     f"data_workers={self.count}; rerun to resume, with fewer data_workers or "
+                     f"data_worker_kind=thread")
 
   def close(self) -> None:
     """Stops the workers (a later call starts them again)."""
