@@ -125,26 +125,14 @@ def run(argv: list[str]) -> int:
 
   if args.command == "train":
     from transfer import train
-    config_name = _train_config_name(args.config, args.workdir)
-    if args.config is None and config_name != configs.DEFAULT:  # the run's own record
-      from transfer import workdir as workdir_lib
-      base = workdir_lib.recorded_config(args.workdir)
-    else:
-      base = configs.load(config_name)
-    config = configs.validate(configs.apply_overrides(base, overrides))
+    config_name, config = _run_config(args, overrides)
     return train.main(config, workdir=args.workdir, config_name=config_name,
                       distributed=dict(coordinator_address=args.coordinator_address,
                                        num_processes=args.num_processes,
                                        process_id=args.process_id))
   elif args.command == "lr_find":
     from transfer import lr_find
-    config_name = _train_config_name(args.config, args.workdir)
-    if args.config is None and config_name != configs.DEFAULT:  # the run's own record
-      from transfer import workdir as workdir_lib
-      base = workdir_lib.recorded_config(args.workdir)
-    else:
-      base = configs.load(config_name)
-    config = configs.validate(configs.apply_overrides(base, overrides))
+    config_name, config = _run_config(args, overrides)
     return lr_find.main(config, args.workdir, config_name, overrides, steps=args.steps,
                         start_lr=args.start_lr, end_lr=args.end_lr, stage=args.stage)
   elif args.command == "eval":
@@ -171,6 +159,19 @@ def run(argv: list[str]) -> int:
     bench.main(config, mode=args.mode, steps=args.steps, warmup=args.warmup,
                as_json=args.json, peak_tflops=args.peak_tflops)
   return 0
+
+
+def _run_config(args, overrides: list[str]):
+  """The config `train` and `lr_find` run with: `--config`, or the workdir's own record when no
+  `--config` is given and the workdir holds a run, then the overrides, validated."""
+  from transfer import configs
+  config_name = _train_config_name(args.config, args.workdir)
+  if args.config is None and config_name != configs.DEFAULT:  # the run's own record
+    from transfer import workdir as workdir_lib
+    base = workdir_lib.recorded_config(args.workdir)
+  else:
+    base = configs.load(config_name)
+  return config_name, configs.validate(configs.apply_overrides(base, overrides))
 
 
 def _train_config_name(config: str | None, workdir: str | None) -> str:
