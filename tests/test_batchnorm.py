@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from transfer import checkpoint, metrics, models, optim, parallel, preemption, train
-from transfer import steps as steps_lib
+from transfer import steps as steps_lib, train_state
 from test_checkpoint import _cli, _finish, _wait_for_checkpoint
 from test_train import tiny_config
 
@@ -43,7 +43,7 @@ def _train(model, variables, trainable, devices, mode="shard_map", steps=3, seed
   config = _resnet(trainable=trainable, learning_rate=lr, optimizer="sgd")
   mesh = parallel.make_mesh(devices)
   tx, labels = optim.make_optimizer(config, variables["params"], 10)
-  state = parallel.replicate(steps_lib.create_train_state(
+  state = parallel.replicate(train_state.create_train_state(
       variables["params"], tx, 0, variables["batch_stats"]), mesh)
   step = steps_lib.make_train_step(model, tx, labels, mesh, mode)
   rng = np.random.default_rng(seed)

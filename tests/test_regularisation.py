@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 
 from transfer import checkpoint, models, optim, parallel
+from transfer import losses, regularisation, train_state
 from transfer import steps as steps_lib
 from transfer.configs import default
 from conftest import assert_trained_alike
 
 IMAGE = 32
 BATCH = 8
-Reg = steps_lib.Regularisation
+Reg = regularisation.Regularisation
 
 
 def _sigmoid(x):
@@ -31,10 +32,10 @@ def _log_softmax(x):
 def test_label_smoothed_softmax_loss_matches_a_hand_computation():
   logits = np.array([[2.0, -1.0, 0.5], [0.1, 0.2, 0.3]], np.float32)
   labels = np.array([0, 2])
-  targets = steps_lib.soft_targets(jnp.asarray(labels), 3, 0.3)
+  targets = losses.soft_targets(jnp.asarray(labels), 3, 0.3)
   want_t = np.array([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8]])  # 0.7 * onehot + 0.3 / 3
   np.testing.assert_allclose(targets, want_t, rtol=1e-6)
-  loss, m = steps_lib.loss_and_metrics(jnp.asarray(logits), jnp.asarray(labels), targets=targets)
+  loss, m = losses.loss_and_metrics(jnp.asarray(logits), jnp.asarray(labels), targets=targets)
   want = -(want_t * _log_softmax(logits.astype(np.float64))).sum(-1).mean()
   assert float(loss) == pytest.approx(want, rel=1e-6)
   assert float(m["accuracy"]) == 1.0  # argmax of logits: 0 and 2
@@ -43,9 +44,9 @@ def test_label_smoothed_softmax_loss_matches_a_hand_computation():
 def test_label_smoothed_sigmoid_loss_matches_a_hand_computation():
   logit = np.array([1.5, -0.5, 0.0], np.float32)
   labels = np.array([1, 0, 1])
-  targets = steps_lib.soft_targets(jnp.asarray(labels), 1, 0.2)
+  targets = losses.soft_targets(jnp.asarray(labels), 1, 0.2)
   np.testing.assert_allclose(targets, [0.9, 0.1, 0.9], rtol=1e-6)  # y * 0.8 + 0.2 / 2
-  loss, _ = steps_lib.loss_and_metrics(jnp.asarray(logit[:, None]), jnp.asarray(labels),
+  loss, _ = losses.loss_and_metrics(jnp.asarray(logit[:, None]), jnp.asarray(labels),
                                        targets=targets)
   t, p = np.array([0.9, 0.1, 0.9]), _sigmoid(logit.astype(np.float64))
   want = -(t * np.log(p) + (1 - t) * np.log(1 - p)).mean()
@@ -58,9 +59,9 @@ def test_label_smoothing_zero_equals_the_plain_loss(outputs):
   logits = jnp.asarray(rng.normal(size=(16, outputs)).astype(np.float32))
   labels = jnp.asarray(rng.integers(0, max(outputs, 2), 16))
   mask = jnp.asarray(np.arange(16) < 13)
-  plain, plain_m = steps_lib.loss_and_metrics(logits, labels, mask)
-  soft, soft_m = steps_lib.loss_and_metrics(
-      logits, labels, mask, targets=steps_lib.soft_targets(labels, outputs, 0.0))
+  plain, plain_m = losses.loss_and_metrics(logits, labels, mask)
+  soft, soft_m = losses.loss_and_metrics(
+      logits, labels, mask, targets=losses.soft_targets(labels, outputs, 0.0))
   np.testing.assert_allclose(float(soft), float(plain), rtol=1e-6)
   assert float(soft_m["accuracy"]) == float(plain_m["accuracy"])
 
@@ -68,10 +69,10 @@ def test_label_smoothing_zero_equals_the_plain_loss(outputs):
 def test_mixed_soft_targets_loss_matches_a_hand_computation():
   """Softmax cross-entropy against lam * t_a + (1 - lam) * t_b, with smoothing on top."""
   logits = np.array([[1.0, 0.0], [-2.0, 3.0]], np.float32)
-  t = np.asarray(steps_lib.soft_targets(jnp.asarray([0, 1]), 2, 0.1))   # [[.95,.05],[.05,.95]]
+  t = np.asarray(losses.soft_targets(jnp.asarray([0, 1]), 2, 0.1))   # [[.95,.05],[.05,.95]]
   lam = 0.7
   mixed = lam * t + (1 - lam) * t[::-1]
-  loss, _ = steps_lib.loss_and_metrics(jnp.asarray(logits), None, targets=jnp.asarray(mixed))
+  loss, _ = losses.loss_and_metrics(jnp.asarray(logits), None, targets=jnp.asarray(mixed))
   want = -(np.array([[0.68, 0.32], [0.32, 0.68]]) * _log_softmax(logits.astype(np.float64)))
   assert float(loss) == pytest.approx(want.sum(-1).mean(), rel=1e-6)
 
@@ -81,8 +82,8 @@ def test_mixed_soft_targets_loss_matches_a_hand_computation():
 def _mix(reg, seed=0, n=BATCH):
   rng = np.random.default_rng(seed)
   images = rng.normal(size=(n, IMAGE, IMAGE, 3)).astype(np.float32)
-  targets = steps_lib.soft_targets(jnp.asarray(rng.integers(0, 3, n)), 3, 0.0)
-  out, mixed_t, lam = steps_lib.mix_batch(jax.random.PRNGKey(seed), jnp.asarray(images), targets,
+  targets = losses.soft_targets(jnp.asarray(rng.integers(0, 3, n)), 3, 0.0)
+  out, mixed_t, lam = regularisation.mix_batch(jax.random.PRNGKey(seed), jnp.asarray(images), targets,
                                           lambda x: x[::-1], reg)
   return images, np.asarray(targets), np.asarray(out), np.asarray(mixed_t), float(lam)
 
@@ -147,7 +148,7 @@ def _train(reg, devices=1, mode="shard_map", steps=3, ema=False, outputs=1, **kw
   model, params, tx, labels = _setup(outputs=outputs, **kw)
   mesh = parallel.make_mesh(jax.devices()[:devices])
   step = steps_lib.make_train_step(model, tx, labels, mesh, mode, regularisation=reg)
-  state = parallel.replicate(steps_lib.create_train_state(params, tx, 0, ema=ema), mesh)
+  state = parallel.replicate(train_state.create_train_state(params, tx, 0, ema=ema), mesh)
   history, metrics = [], []
   for batch in _batches(steps, classes=max(outputs, 2)):
     state, m = step(state, jax.device_put(batch, parallel.batch_sharding(mesh)))
@@ -176,10 +177,10 @@ def test_the_step_trains_on_the_mixed_batch_from_its_own_key():
   model, params, _, _ = _setup(dropout=0.0, outputs=3)
   _, _, _, metrics = _train(reg, steps=1, dropout=0.0, outputs=3, lr=0.0)
   batch = next(_batches(1, classes=3))
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), 0), steps_lib._MIX_STREAM)
-  targets = steps_lib.soft_targets(jnp.asarray(batch["label"]), 3, 0.1)
-  images, targets, _ = steps_lib.mix_batch(key, jnp.asarray(batch["image"]), targets,
-                                           lambda x: x[::-1], reg)
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), 0), regularisation._MIX_STREAM)
+  targets = losses.soft_targets(jnp.asarray(batch["label"]), 3, 0.1)
+  images, targets, _ = regularisation.mix_batch(key, jnp.asarray(batch["image"]), targets,
+                                                lambda x: x[::-1], reg)
   logits = np.asarray(model.apply({"params": params}, images), np.float64)
   want = -(np.asarray(targets) * _log_softmax(logits)).sum(-1).mean()
   assert float(metrics[0]["loss"]) == pytest.approx(want, rel=1e-5)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from transfer import models, optim, parallel
-from transfer import steps as steps_lib
+from transfer import steps as steps_lib, train_state
 from transfer.configs import default
 from conftest import F32_U, assert_trained_alike
 
@@ -38,7 +38,7 @@ def _run(devices, mode, steps=3, **kw):
   params = jax.device_get(params)  # host copy: the device buffers get donated to the step
   mesh = parallel.make_mesh(devices)
   step = steps_lib.make_train_step(model, tx, labels, mesh, mode)
-  state = parallel.replicate(steps_lib.create_train_state(params, tx, 0), mesh)
+  state = parallel.replicate(train_state.create_train_state(params, tx, 0), mesh)
   metrics = []
   for batch in _batches(steps):
     state, m = step(state, jax.device_put(batch, parallel.batch_sharding(mesh)))
@@ -58,7 +58,7 @@ def test_frozen_parameters_stay_bit_identical_and_the_head_trains():
 
 def test_optimizer_state_has_no_moments_for_frozen_leaves():
   _, params, tx, labels = _setup()
-  state = steps_lib.create_train_state(params, tx, 0)
+  state = train_state.create_train_state(params, tx, 0)
   n_trainable, _ = optim.count_params(params, labels)
   moments = [x for x in jax.tree_util.tree_leaves(state.opt_state) if x.ndim > 0]
   assert sum(x.size for x in moments) == 2 * n_trainable
@@ -106,7 +106,7 @@ def test_nonfinite_loss_freezes_state_and_records_the_step():
   model, params, tx, labels = _setup(optimizer="sgd", lr=1e36)
   mesh = parallel.make_mesh(jax.devices()[:2])
   step = steps_lib.make_train_step(model, tx, labels, mesh)
-  state = parallel.replicate(steps_lib.create_train_state(jax.device_get(params), tx, 0), mesh)
+  state = parallel.replicate(train_state.create_train_state(jax.device_get(params), tx, 0), mesh)
   history, losses = [], []
   for batch in _batches(4):
     state, metrics = step(state, jax.device_put(batch, parallel.batch_sharding(mesh)))

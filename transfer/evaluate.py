@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from transfer import checkpoint as checkpoint_lib
-from transfer import parallel, runs, steps
+from transfer import eval_loop, parallel, runs, steps
 from transfer.errors import UserError
 
 
@@ -65,12 +65,12 @@ def evaluate_workdir(workdir: str, checkpoint: str | int | None = "latest", tta:
   eval_step = steps.make_eval_step(model, mesh, len(run["class_names"]), config.parallel, tta=tta)
   batches = lambda: ds.eval_batches("val", config.batch_size)
   raw = parallel.replicate(runs.serving_variables(variables, use_ema=False), mesh)
-  result = {"step": meta["step"], **steps.evaluate(eval_step, raw, batches(), mesh),
+  result = {"step": meta["step"], **eval_loop.evaluate(eval_step, raw, batches(), mesh),
             "class_names": run["class_names"], "tta": tta}
   serving = raw
   if runs.has_ema(variables):
     serving = parallel.replicate(runs.serving_variables(variables), mesh)
-    ema = steps.evaluate(eval_step, serving, batches(), mesh)
+    ema = eval_loop.evaluate(eval_step, serving, batches(), mesh)
     result.update({f"ema_{k}": ema[k] for k in ("val_loss", "val_accuracy")})
   if top_losses:
     probs_step = steps.make_probabilities_step(model, mesh, tta=tta)

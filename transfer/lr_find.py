@@ -120,7 +120,7 @@ def find(config, *, steps: int = 100, start_lr: float = 1e-7, end_lr: float = 10
   import jax
   import optax
   from transfer import data as data_lib, models, optim, parallel, runs, stages as stages_lib
-  from transfer import steps as steps_lib
+  from transfer import steps as steps_lib, train_state
   log = log or (lambda line: None)
   if steps < 2 or not 0 < start_lr < end_lr or diverge <= 1 or not 0 <= beta < 1:
     raise UserError(f"lr_find needs steps >= 2, 0 < start_lr < end_lr, diverge > 1 and beta in "
@@ -146,7 +146,7 @@ def find(config, *, steps: int = 100, start_lr: float = 1e-7, end_lr: float = 10
   sweep = optax.exponential_decay(start_lr, max(steps - 1, 1), end_lr / start_lr)
   tx, labels = optim.make_optimizer(c, shapes, steps, schedule=sweep)
   log(optim.describe(variables["params"], labels))
-  state = parallel.replicate(steps_lib.create_train_state(
+  state = parallel.replicate(train_state.create_train_state(
       variables["params"], tx, c.seed, variables.get("batch_stats")), mesh)
   train_step = steps_lib.make_train_step(model, tx, labels, mesh, c.parallel, "full")
   batches = data_lib.prefetch_to_device(ds.train_batches(0), parallel.batch_sharding(mesh),

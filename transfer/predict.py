@@ -258,10 +258,10 @@ def make_forward(net) -> Callable:
   run so every batch reuses one compilation.
   """
   import jax
-  from transfer import steps
+  from transfer import losses, train_state
 
   def probabilities(p, x):
-    return steps.probabilities(net.apply(steps.as_variables(p), x))
+    return losses.probabilities(net.apply(train_state.as_variables(p), x))
 
   jitted = jax.jit(probabilities)
   return lambda params, x: np.asarray(jitted(params, x), np.float32)

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from transfer import checkpoint as ckpt_lib
-from transfer import features, metrics as metrics_lib, models, optim, parallel, runs, steps
+from transfer import eval_loop, features, metrics as metrics_lib, models, optim, parallel
+from transfer import regularisation, runs, steps, train_state
 from transfer import preemption as preemption_lib
 from transfer import stages as stages_lib
 from transfer import workdir as workdir_lib
@@ -147,7 +148,7 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
       """The restore target of a checkpoint at `step`: the state of its stage's optimizer."""
       tx, _ = optimizers.get(stages_lib.stage_of(plan, step))
       abstract = jax.eval_shape(
-          lambda v: steps.create_train_state(v["params"], tx, config.seed, v.get("batch_stats"),
+          lambda v: train_state.create_train_state(v["params"], tx, config.seed, v.get("batch_stats"),
                                              ema=ema),
           variable_shapes)
       return jax.tree_util.tree_map(
@@ -209,7 +210,7 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
         if stage.index != state_stage:
           # A new stage: a fresh optimizer (and step count) for its trainable set, as a new run
           # started from these params would have.
-          state = (parallel.replicate(steps.create_train_state(
+          state = (parallel.replicate(train_state.create_train_state(
               variables["params"], tx, config.seed, variables.get("batch_stats"), ema=ema), mesh)
                    if state is None else _restart_state(state, tx, config.seed, mesh, ema))
           state_stage = stage.index
@@ -234,7 +235,7 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
         batches = data_lib.prefetch_to_device(train_iter, parallel.batch_sharding(mesh),
                                               size=config.prefetch)
         train_step = steps.make_train_step(model, tx, param_labels, mesh, config.parallel, kind,
-                                           steps.Regularisation.from_config(c))
+                                           regularisation.Regularisation.from_config(c))
         eval_step = steps.make_eval_step(model, mesh, num_classes, config.parallel, kind)
         schedule = optim.make_schedule(c, stage.steps)
         stage_meta = {"index": stage.index, "name": stage.name, "start": stage.start,
@@ -265,7 +266,7 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
           count += 1
           if _is_due(local, config.log_every_steps, stage.steps):
             check_finite()
-            host = steps.host(sums)
+            host = eval_loop.host(sums)
             elapsed = time.perf_counter() - window_time
             record = {"step": step, "epoch": step / steps_per_epoch,
                       "train_loss": float(host["loss"]) / count,
@@ -285,7 +286,7 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
           stop = preemption.stop_at(step)
           if eval_now:
             check_finite()
-            last_eval = steps.evaluate_state(eval_step, state, val_batches, mesh)
+            last_eval = eval_loop.evaluate_state(eval_step, state, val_batches, mesh)
             writer.write({"step": step, "epoch": step / steps_per_epoch,
                           **{k: v for k, v in last_eval.items() if k != "confusion"}})
             best = (last_eval["val_accuracy"] if best is None
@@ -379,7 +380,7 @@ def _restart_state(state, tx, seed: int, mesh, ema: bool):
   state for `tx` (none for frozen params), step 0. Jitted so it works on arrays that span
   processes; params pass through bit for bit. The parameter average (`ema_decay`) restarts at
   the params too, as in a run started with `init_from`."""
-  restart = lambda params, batch_stats: steps.create_train_state(params, tx, seed, batch_stats,
+  restart = lambda params, batch_stats: train_state.create_train_state(params, tx, seed, batch_stats,
                                                                  ema=ema)
   return jax.jit(restart, out_shardings=parallel.replicated(mesh))(state.params,
                                                                    state.batch_stats)

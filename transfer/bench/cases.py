@@ -53,16 +53,16 @@ class Setup:
 
   def state(self, params=None):
     """A fresh train state of `params` (default: the set-up's), replicated over the mesh."""
-    from transfer import parallel, steps
+    from transfer import parallel, train_state
     return parallel.replicate(
-        steps.create_train_state(self.params if params is None else params, self.tx,
-                                 self.config.seed, self.batch_stats), self.mesh)
+        train_state.create_train_state(self.params if params is None else params, self.tx,
+                                       self.config.seed, self.batch_stats), self.mesh)
 
   @property
   def variables(self):
     """What `model.apply` takes: the params, and the BatchNorm statistics when there are any."""
-    from transfer import steps
-    return steps.as_variables(self.params, self.batch_stats)
+    from transfer import train_state
+    return train_state.as_variables(self.params, self.batch_stats)
 
 
 def prepare_train(setup: Setup, warmup: int, stage: str = "full", batch=None) -> Prepared:

@@ -115,9 +115,9 @@ def serving_function(run: dict[str, Any], dtype: str = "float32") -> Callable:
 
 def probabilities(logits):
   """(N, outputs) logits -> (N, max(outputs, 2)) probabilities, exactly as `transfer predict`
-  computes them (`steps.probabilities`: softmax, or [1 - p, p] for one sigmoid logit)."""
-  from transfer import steps
-  return steps.probabilities(logits)
+  computes them (`losses.probabilities`: softmax, or [1 - p, p] for one sigmoid logit)."""
+  from transfer import losses
+  return losses.probabilities(logits)
 
 
 def artifact_metadata(run: dict[str, Any], dtype: str,
