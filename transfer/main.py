@@ -68,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
 
   exp = sub.add_parser("export", help="write a trained run as StableHLO, ONNX or a SavedModel")
   exp.add_argument("--workdir", required=True)
-  exp.add_argument("--format", required=True, help="stablehlo, onnx or saved_model")
+  from transfer.export import WRITERS  # the format registry; imports no converter
+  exp.add_argument("--format", required=True, choices=tuple(WRITERS),
+                   help="the artifact's format")
   exp.add_argument("--out", help="file (directory for saved_model) to write "
                                  "(default: DIR/export/model.<format>)")
   exp.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")

@@ -10,6 +10,9 @@ Each is made by the tool built for it (`to_stablehlo`: `jax.export`; `to_onnx`: 
 `to_saved_model`: jax2tf), carries the class names and input size, and is run once in its own
 runtime after writing, against JAX, before the command reports it.
 
+Each format is one `writer.Writer` in its own module, listed once in `WRITERS`; the code below
+never branches on a format's name, so a new format is a module plus a line in that registry.
+
 This is not `transfer.weights.export`, which writes weight files in Keras/torchvision layouts.
 The converters are optional (`pip install 'transfer[export]'`) and imported only here.
 """
@@ -22,10 +25,16 @@ import sys
 from typing import Any
 
 from transfer.errors import UserError
+from transfer.export import to_onnx, to_saved_model, to_stablehlo
+from transfer.export.writer import Writer, registry
 
-FORMATS = ("stablehlo", "onnx", "saved_model")
-_DEFAULT_NAMES = {"stablehlo": "model.stablehlo", "onnx": "model.onnx",
-                  "saved_model": "saved_model"}
+# Every format `transfer export` writes, in `--format`'s order: one module each, one line here.
+WRITERS: dict[str, Writer] = registry(
+    to_stablehlo.WRITER,
+    to_onnx.WRITER,
+    to_saved_model.WRITER,
+)
+FORMATS = tuple(WRITERS)  # Their names; the CLI and errors read `WRITERS` itself.
 CHECK_IMAGES = 2  # random images the fresh artifact is run on, against JAX
 
 
@@ -49,22 +58,19 @@ class Artifact:
   max_abs_diff: float
 
 
-def _module(fmt: str):
-  """The writer module of a format (imports no converter yet)."""
-  if fmt == "stablehlo":
-    from transfer.export import to_stablehlo as module
-  elif fmt == "onnx":
-    from transfer.export import to_onnx as module
-  elif fmt == "saved_model":
-    from transfer.export import to_saved_model as module
-  else:
-    raise UserError(f"unknown export format {fmt!r}; valid formats: {', '.join(FORMATS)}")
-  return module
+def get_writer(fmt: str) -> Writer:
+  """The `Writer` of a format (imports no converter yet)."""
+  if fmt not in WRITERS:
+    raise UserError(f"unknown export format {fmt!r}; valid formats: {', '.join(WRITERS)}")
+  return WRITERS[fmt]
+
+
+_module = get_writer  # The name tests/test_export.py reaches for.
 
 
 def default_path(workdir: str, fmt: str, dtype: str = "float32") -> str:
   """`<workdir>/export/model.<ext>` (`saved_model/` for SavedModel), `-bf16` for bfloat16."""
-  name = _DEFAULT_NAMES[fmt]
+  name = get_writer(fmt).default_name
   if dtype == "bfloat16":
     stem, dot, ext = name.partition(".")
     name = f"{stem}-bf16{dot}{ext}"
@@ -90,55 +96,39 @@ def export(workdir: str, format: str, out: str | None = None,  # pylint: disable
       command), or a workdir without a checkpoint that restores.
   """
   from transfer.export import serving
-  module = _module(format)
+  chosen = get_writer(format)
   if dtype not in serving.DTYPES:
     raise UserError(f"unknown export dtype {dtype!r}; valid dtypes: {', '.join(serving.DTYPES)}")
-  if format == "onnx" and dtype == "bfloat16":
-    raise UserError("ONNX has no bfloat16 convolution (its Conv takes float16/32/64); export "
-                    "ONNX with --dtype float32, or bfloat16 as stablehlo or saved_model")
-  _require_converters(format)  # before the (slow) checkpoint restore
+  if dtype in chosen.refused_dtypes:
+    others = [w.name for w in WRITERS.values() if dtype not in w.refused_dtypes]
+    raise UserError(f"{chosen.refused_dtypes[dtype]}, or {dtype} as {' or '.join(others)}")
+  chosen.require()  # before the (slow) checkpoint restore
   model = serving.load_serving_model(workdir, checkpoint, dtype)
   path = out or default_path(workdir, format, dtype)
-  _check_out(path, format)
-  module.write(model, path)
-  return Artifact(path=path, format=format, size_bytes=_size(path, format),
-                  metadata=module.read_metadata(path),
-                  max_abs_diff=_check_against_jax(model, module, path))
+  _check_out(path, chosen)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  chosen.write(model, path)
+  return Artifact(path=path, format=format, size_bytes=chosen.size_bytes(path),
+                  metadata=chosen.read_metadata(path),
+                  max_abs_diff=_check_against_jax(model, chosen, path))
 
 
-def _require_converters(fmt: str) -> None:
-  if fmt == "onnx":
-    from transfer.export import to_onnx
-    to_onnx.require("jax2onnx", "onnx", "onnxruntime")
-  elif fmt == "saved_model":
-    from transfer.export import to_saved_model
-    to_saved_model.require_tf()
-
-
-def _check_out(path: str, fmt: str) -> None:
+def _check_out(path: str, chosen: Writer) -> None:
   """Refuses an output path of the wrong kind (a folder for a file format, or vice versa)."""
-  if fmt == "saved_model" and os.path.isfile(path):
-    raise UserError(f"--out {path} is a file; a SavedModel is a directory: name a new one")
-  if fmt != "saved_model" and os.path.isdir(path):
-    raise UserError(f"--out {path} is a directory; name the {fmt} file to write")
+  if chosen.directory and os.path.isfile(path):
+    raise UserError(f"--out {path} is a file; a {chosen.title} is a directory: name a new one")
+  if not chosen.directory and os.path.isdir(path):
+    raise UserError(f"--out {path} is a directory; name the {chosen.name} file to write")
 
 
-def _size(path: str, fmt: str) -> int:
-  if os.path.isdir(path):
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path)
-               for f in files)
-  extra = path + ".json" if fmt == "stablehlo" else None
-  return os.path.getsize(path) + (os.path.getsize(extra) if extra else 0)
-
-
-def _check_against_jax(model, module, path: str) -> float:
+def _check_against_jax(model, chosen: Writer, path: str) -> float:
   """Max |difference| between the artifact in its runtime and JAX on random images."""
   import jax
   import numpy as np
   size = model.image_size
   images = np.random.default_rng(0).integers(0, 256, (CHECK_IMAGES, size, size, 3), np.uint8)
   want = np.asarray(jax.jit(model.fn)(images), np.float64)
-  got = np.asarray(module.run(path, images), np.float64)
+  got = np.asarray(chosen.run(path, images), np.float64)
   return float(np.abs(got - want).max())
 
 
@@ -153,17 +143,7 @@ def usage(artifact: Artifact, image: str = "cat.jpg") -> str:
     offset = (resize - size) // 2
     lines.append(f"x = x[:, {offset}:{offset + size}, {offset}:{offset + size}]  "
                  "# the run's center crop")
-  path = artifact.path
-  if artifact.format == "stablehlo":
-    lines += ["import jax",
-              f"print(jax.export.deserialize(open({path!r}, 'rb').read()).call(x))"]
-  elif artifact.format == "onnx":
-    lines += ["import onnxruntime as ort",
-              f"print(ort.InferenceSession({path!r}).run(None, {{'images': x}})[0])"]
-  else:
-    lines += ["import tensorflow as tf",
-              f"print(tf.saved_model.load({path!r}).signatures['serving_default']"
-              "(images=tf.constant(x))['probabilities'].numpy())"]
+  lines += get_writer(artifact.format).usage(artifact.path)
   return "\n".join(lines)
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from transfer.errors import UserError
 from transfer.export.serving import INPUT_NAME, OUTPUT_NAME, ServingModel
+from transfer.export.writer import Writer
 
 # Opset 21 (ONNX 1.16, onnxruntime >= 1.20): every op this export emits, without the newest.
 OPSET = 21
@@ -152,3 +153,17 @@ def _max_pool_channels_first(x, params):
       (1,) + tuple(params["window_strides"][1:3]),
       ((0, 0),) + tuple(tuple(p) for p in params["padding"][1:3]))
   return jnp.transpose(pooled.reshape((n, c) + pooled.shape[1:]), (0, 2, 3, 1)).astype(x.dtype)
+
+
+def usage(path: str) -> list[str]:
+  """Python that runs the artifact on a uint8 batch `x` with onnxruntime alone."""
+  return ["import onnxruntime as ort",
+          f"print(ort.InferenceSession({path!r}).run(None, {{'images': x}})[0])"]
+
+
+WRITER = Writer(
+    name="onnx", title="ONNX", default_name="model.onnx", directory=False, write=write,
+    read_metadata=read_metadata, run=run, usage=usage, extra="export",
+    require=lambda: require("jax2onnx", "onnx", "onnxruntime"),
+    refused_dtypes={"bfloat16": "ONNX has no bfloat16 convolution (its Conv takes float16/32/64); "
+                                "export ONNX with --dtype float32"})

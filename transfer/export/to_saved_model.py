@@ -21,6 +21,7 @@ from typing import Any
 
 from transfer.errors import UserError
 from transfer.export.serving import INPUT_NAME, OUTPUT_NAME, ServingModel
+from transfer.export.writer import Writer
 
 INSTALL = "pip install 'transfer[export]' (or: pip install tensorflow-cpu)"
 PLATFORMS = ("cpu", "cuda")
@@ -100,3 +101,15 @@ def run(path: str, images) -> Any:
   loaded = tf.saved_model.load(path)
   return loaded.signatures["serving_default"](**{INPUT_NAME: tf.constant(images)})[
       OUTPUT_NAME].numpy()
+
+
+def usage(path: str) -> list[str]:
+  """Python that runs the artifact on a uint8 batch `x` with TensorFlow alone."""
+  return ["import tensorflow as tf",
+          f"print(tf.saved_model.load({path!r}).signatures['serving_default']"
+          "(images=tf.constant(x))['probabilities'].numpy())"]
+
+
+WRITER = Writer(name="saved_model", title="SavedModel", default_name="saved_model", directory=True,
+                write=write, read_metadata=read_metadata, run=run, usage=usage,
+                require=require_tf, extra="export")

@@ -17,6 +17,7 @@ import os
 from typing import Any
 
 from transfer.export.serving import ServingModel
+from transfer.export.writer import Writer
 
 # CPU and CUDA in one artifact: the CUDA lowering needs no GPU here, and the file then runs on
 # either (jax picks the lowering for the platform it calls on).
@@ -56,3 +57,13 @@ def run(path: str, images) -> Any:
   with open(path, "rb") as f:
     exported = jax.export.deserialize(bytearray(f.read()))
   return exported.call(images)
+
+
+def usage(path: str) -> list[str]:
+  """Python that runs the artifact on a uint8 batch `x` with jax alone."""
+  return ["import jax", f"print(jax.export.deserialize(open({path!r}, 'rb').read()).call(x))"]
+
+
+WRITER = Writer(name="stablehlo", title="StableHLO", default_name="model.stablehlo",
+                directory=False, write=write, read_metadata=read_metadata, run=run, usage=usage,
+                extra_files=lambda path: (metadata_path(path),))
