@@ -77,15 +77,21 @@ def test_boundary_values_are_accepted(overrides):
   configs.validate(overridden(**overrides))
 
 
-def test_labels_from_is_checked_only_where_the_config_has_it():
+def test_labels_from_is_checked_by_name_and_against_the_dataset():
   config = configs.load("quickstart")
-  assert "labels_from" not in config or configs.validate(config)
+  assert config.labels_from == "folders" and configs.validate(config) is config
   with config.unlocked():
+    config.dataset = "folder:/data/cats_vs_dogs"
     config.labels_from = "filename"
     configs.validate(config)
     config.labels_from = "dirs"
   with pytest.raises(UserError, match="labels_from='dirs' is not valid: must be one of folders, "
                                       "filename"):
+    configs.validate(config)
+  with config.unlocked():
+    config.dataset, config.labels_from = "synthetic", "filename"
+  with pytest.raises(UserError, match="labels_from='filename' applies to folder:PATH datasets "
+                                      "only, not 'synthetic'"):
     configs.validate(config)
 
 
@@ -93,6 +99,35 @@ def test_partial_configs_from_python_are_checked_where_they_have_keys():
   configs.validate(ml_collections.ConfigDict({"batch_size": 8}))
   with pytest.raises(UserError, match="batch_size=0 is out of range"):
     configs.validate(ml_collections.ConfigDict({"batch_size": 0}))
+
+
+def test_validate_fills_what_a_partial_config_lacks_from_the_defaults():
+  config = ml_collections.ConfigDict({"batch_size": 8, "synthetic": {"num_classes": 3}})
+  assert configs.validate(config) is config
+  want = default.get_config()
+  with want.unlocked():
+    want.batch_size, want.synthetic.num_classes = 8, 3
+  assert config.to_dict() == want.to_dict()
+
+
+def test_every_default_key_has_exactly_one_role():
+  # A key added to default.py must say in _schema.ROLES whether it is part of a run's identity
+  # (a rerun that changes it is refused) or bookkeeping; a role for a key that is gone fails too.
+  from transfer import workdir
+  keys = set(workdir.flat_config(default.get_config()))
+  assert not keys - set(_schema.ROLES), "config keys without a role in _schema.ROLES"
+  assert not set(_schema.ROLES) - keys, "roles in _schema.ROLES for keys default.py lacks"
+  assert set(_schema.ROLES.values()) <= {_schema.IDENTITY, _schema.STATE, _schema.LENGTH,
+                                         _schema.BOOKKEEPING}
+  assert _schema.keys_with(_schema.LENGTH) == {"num_epochs", "num_steps"}
+
+
+def test_state_keys_are_recorded_with_every_checkpoint():
+  # runs.check_same_run compares the STATE keys (and DERIVED_STATE) with a checkpoint's record;
+  # a STATE key that runs.run_metadata does not record would never be compared.
+  from transfer import runs
+  meta = runs.run_metadata(default.get_config(), ["cat", "dog"], 1, conv="xla")
+  assert _schema.keys_with(_schema.STATE) | set(_schema.DERIVED_STATE) <= set(meta)
 
 
 @pytest.mark.parametrize("key, value, message", [

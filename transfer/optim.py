@@ -124,7 +124,7 @@ def make_momentum_schedule(config, total_steps: int) -> optax.Schedule | None:
   AdamW's b1, and to SGD's and RMSprop's momentum when `momentum > 0` (an optimizer without
   momentum is not given one).
   """
-  if config.schedule != "one_cycle" or not config.get("cycle_momentum", False):
+  if config.schedule != "one_cycle" or not config.cycle_momentum:
     return None
   if config.optimizer in ("sgd", "rmsprop") and not config.momentum:
     return None
@@ -175,7 +175,7 @@ def make_optimizer(config, params, total_steps: int, schedule: optax.Schedule | 
   """
   lr_mults = {k: float(v) for k, v in dict(config.lr_mults).items()}
   trainable = list(config.trainable)
-  if config.get("train_bn"):  # fastai's train_bn: BatchNorm keeps training in frozen blocks
+  if config.train_bn:  # fastai's train_bn: BatchNorm keeps training in frozen blocks
     trainable += [f"^{name}/" for name in batch_norm_layers(params)]
   labels = param_labels(params, trainable, lr_mults)
   schedule = make_schedule(config, total_steps) if schedule is None else schedule

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from transfer import models
+from transfer import configs, models
 from transfer.errors import UserError
 from transfer.workdir import format_changes
 
@@ -39,10 +39,10 @@ def model_variant(config) -> str | None:
   spec = models.spec(config.model)
   if not spec.variants:
     return None
-  chosen = config.get("variant", "auto")
+  chosen = config.variant
   if chosen != "auto":
     return chosen
-  if config.get("init_from"):
+  if config.init_from:
     recorded = _recorded_run(config.init_from).get("variant")
     if recorded:
       return recorded
@@ -238,11 +238,14 @@ def model_from_meta(meta: dict[str, Any], dtype: str | None = None, conv: str = 
 def check_same_run(saved: dict[str, Any], current: dict[str, Any], workdir: str) -> None:
   """Refuses to resume a checkpoint whose model, head, classes or optimizer structure differ.
 
+  The keys compared are the config keys whose role is `STATE` in `transfer/configs/_schema.py`
+  and the metadata derived from the identity (`DERIVED_STATE`: outputs, class names,
+  preprocessing).
+
   `check_rerun` compares configs first; this reads the checkpoint's own record, so it also holds
   for a workdir whose config.json was lost.
   """
-  keys = ("model", "variant", "head", "head_hidden", "outputs", "class_names", "image_size",
-          "optimizer", "trainable", "lr_mults", "preprocessing")
+  keys = sorted(configs.keys_with(configs.STATE)) + list(configs.DERIVED_STATE)
   changed = {k: (saved[k], current.get(k)) for k in keys
              if k in saved and saved[k] != current.get(k)}
   if changed:

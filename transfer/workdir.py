@@ -5,7 +5,8 @@ mixing two runs or losing one.
 A run's identity is every config value that changes its math or the structure of its state.
 Rerunning a workdir with a different identity is refused before anything in it is touched;
 values that only change bookkeeping (how long, how often to log/evaluate/checkpoint, workers,
-caches) are accepted, logged and appended to the history. A start that fails before its first
+caches) are accepted, logged and appended to the history. Which is which is each key's role in
+`transfer/configs/_schema.py`, the one place it is declared. A start that fails before its first
 step is undone; a full or read-only disk is one line naming the checkpoint that is kept.
 """
 
@@ -20,22 +21,18 @@ import re
 import shutil
 from typing import Any
 
+from transfer import configs
 from transfer.errors import UserError
 
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "config_history.jsonl"
 
-# Keys that change neither the math of a step nor the state's structure. Everything else is the
-# run's identity. `num_epochs`/`num_steps` join the identity when the schedule depends on the
-# total length (see `identity_changes`).
-BOOKKEEPING = frozenset({
-    "num_epochs", "num_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
-    "keep_checkpoints", "keep_best_checkpoints", "data_workers", "prefetch", "cache_images",
-    "data_worker_kind", "cache_dir", "strict_data", "data_dir", "parallel", "conv",
-    # Only read when a run starts from step 0; a resumed run's params come from its checkpoint.
-    "init_from",
-})
-_LENGTH_KEYS = ("num_epochs", "num_steps")
+# Each key's role is declared once, in `transfer/configs/_schema.py` (`ROLES`): keys that change
+# neither the math of a step nor the state's structure are bookkeeping; everything else, and any
+# key without a role, is the run's identity. The length keys (`num_epochs`/`num_steps`) join the
+# identity when the schedule depends on the total length (see `identity_changes`).
+BOOKKEEPING = configs.keys_with(configs.BOOKKEEPING, configs.LENGTH)
+_LENGTH_KEYS = configs.keys_with(configs.LENGTH)
 
 
 def canonical_config(config):
@@ -50,7 +47,7 @@ def canonical_config(config):
   with config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext():
     if kind == "folder" and path:
       config.dataset = "folder:" + os.path.realpath(os.path.expanduser(path))
-    if config.get("init_from"):
+    if config.init_from:
       config.init_from = os.path.realpath(os.path.expanduser(config.init_from))
   return config
 
@@ -190,7 +187,6 @@ def recorded_config(workdir: str):
 
   What `transfer train --workdir W` without `--config` continues with.
   """
-  from transfer import configs
   config = configs.load(os.path.join(workdir, CONFIG_FILE))
   history = read_history(workdir)
   for key, (_, new) in (history[-1]["changes"] if history else {}).items():

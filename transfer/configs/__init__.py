@@ -4,7 +4,8 @@ A config is named by a file path, by the name of a shipped config (`quickstart`,
 `cats_vs_dogs`, ...), or by a run's own record (`workdir/config.json`, or the workdir itself), so
 a run can be reproduced from what it wrote. `--config.KEY=VALUE` overrides are parsed against the
 type of the existing value; an unknown key is an error that lists the valid ones, never silently
-ignored. `validate` then checks every value with a range or a fixed set of names against one table
+ignored. `validate` then fills any key a config lacks from `default.py` (the one home of every
+default) and checks every value with a range or a fixed set of names against one table
 (`_schema.py`), so a bad value fails at load with one line, not deep inside a run.
 """
 
@@ -24,6 +25,9 @@ import ml_collections
 import numpy as np
 
 from transfer.configs import _schema
+# Each key's role in a run (identity or bookkeeping), read by the rerun checks in workdir/runs.
+from transfer.configs._schema import (BOOKKEEPING, DERIVED_STATE, IDENTITY, LENGTH, ROLES,
+                                      STATE, keys_with)
 
 DEFAULT = "quickstart"
 
@@ -126,38 +130,53 @@ def _merge_json(node: ml_collections.ConfigDict, data: dict, path: str, prefix: 
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks the types, ranges and names of a config's values; returns `config` unchanged.
+  """Fills the keys a config lacks with their defaults, then checks every value; returns `config`.
 
-  Every key with a range or a fixed set of names is listed once in `transfer/configs/_schema.py`.
-  Keys the config does not have are skipped (so partial configs built in Python still work), and
-  so are keys the table does not list (free text such as `dataset` is checked where it is used).
+  The one validation pass. `default.py` holds every key's default and `_schema.py` its allowed
+  values, so a config built in Python with only some keys is completed here (in place), and code
+  past this point reads `config.KEY` without a fallback. Free text such as `dataset` is checked
+  where it is used.
 
   Args:
-    config: a config as from `load` plus `apply_overrides`.
+    config: a config as from `load` plus `apply_overrides`, or a partial one built in Python.
 
   Returns:
-    `config`.
+    `config`, with every key of the default config.
 
   Raises:
     UserError: one line naming the key, the bad value and what is allowed, e.g.
       `learning_rate=-0.001 is out of range: must be > 0`.
   """
+  fill_defaults(config)
   _check_types(config)
   for key, choices in _schema.CHOICES.items():
-    if key in config and config[key] not in choices:
+    if config[key] not in choices:
       shown = ", ".join(c if c else "''" for c in choices)
       raise UserError(f"{key}={config[key]!r} is not valid: must be one of {shown}")
   for key, rule in _schema.RANGES.items():
-    if key not in config:
-      continue
-    waiver = config.get(rule.waived_by) if rule.waived_by else None
+    waiver = config[rule.waived_by] if rule.waived_by else None
     if isinstance(waiver, (int, float)) and waiver > 0:
       continue
     if not rule.allows(config[key]):
       raise UserError(f"{key}={config[key]!r} is out of range: must be {rule.describe()}")
   _schema.check_one_cycle(config)
+  _schema.check_labels_from(config)
   _schema.check_stages(config, validate)
   return config
+
+
+def fill_defaults(config, defaults=None) -> None:
+  """Sets each key `config` lacks to its default from `default.py`, in place (nested: key by key)."""
+  if defaults is None:
+    from transfer.configs import default
+    defaults = default.get_config()
+  for key, default_value in defaults.items():
+    if key not in config:
+      with config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext():
+        config[key] = default_value
+    elif (isinstance(default_value, ml_collections.ConfigDict) and len(default_value)
+          and hasattr(config[key], "items")):
+      fill_defaults(config[key], default_value)
 
 
 def _check_types(config, defaults=None, prefix: str = "") -> None:

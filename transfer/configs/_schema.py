@@ -1,9 +1,13 @@
-"""The allowed values of every config key that has a range or a fixed set of choices.
+"""What each config key may hold and what it is to a run: the one table beside `default.py`.
 
-One table, beside `default.py`, read by `transfer.configs.validate` when a config is loaded, so a
-bad value fails before any data is read or anything is compiled, with one line that names the
-key, the value and what is allowed. The name lists must match the code that consumes them
-(optim.py, models, parallel.py, data/pipeline.py); tests/test_configs.py checks that they do.
+`default.py` gives every key its default (the only place one lives); this module gives the
+allowed values of every key with a range or a fixed set of choices, the checks across keys, and
+each key's role (`ROLES`): part of the run's identity, or bookkeeping. `transfer.configs.validate`
+reads it when a config is loaded, so a bad value fails before any data is read or anything is
+compiled, with one line that names the key, the value and what is allowed; the rerun checks
+(`transfer.workdir.check_rerun`, `transfer.runs.check_same_run`) read the roles. The name lists
+must match the code that consumes them (optim.py, models, parallel.py, data); and every key of
+the default config must have a role: tests/test_configs.py checks both.
 """
 
 from __future__ import annotations
@@ -108,7 +112,7 @@ RANGES: dict[str, Range] = {
     "randaugment_m": Range(low=0, high=10),  # timm's magnitude scale (_LEVEL_DENOM = 10)
 }
 
-# Keys with a fixed set of names. `labels_from` is checked only where a config has it.
+# Keys with a fixed set of names.
 CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("adam", "adamw", "sgd", "rmsprop"),           # optim._base_optimizer
     "schedule": ("constant", "cosine", "warmup_cosine", "one_cycle"),  # optim.SCHEDULES
@@ -132,7 +136,7 @@ def check_stages(config, check) -> None:
   """
   from transfer import stages
   from transfer.errors import UserError
-  if not config.get("stages"):
+  if not config.stages:
     return
   try:
     stage_configs = stages.stage_configs(config)
@@ -148,7 +152,74 @@ def check_stages(config, check) -> None:
 def check_one_cycle(config) -> None:
   """`one_cycle` warms up over `pct_start` of the steps; a `warmup_steps` would be ignored."""
   from transfer.errors import UserError
-  if config.get("schedule") == "one_cycle" and config.get("warmup_steps", 0) > 0:
+  if config.schedule == "one_cycle" and config.warmup_steps > 0:
     raise UserError(f"warmup_steps={config.warmup_steps} does not apply to schedule=one_cycle, "
-                    f"whose warm-up is pct_start={config.get('pct_start')} of the steps; set "
+                    f"whose warm-up is pct_start={config.pct_start} of the steps; set "
                     f"warmup_steps=0")
+
+
+def check_labels_from(config) -> None:
+  """`labels_from` chooses how a folder dataset names its classes; elsewhere it would be ignored."""
+  from transfer.errors import UserError
+  if config.labels_from != "folders" and not str(config.dataset).startswith("folder:"):
+    raise UserError(f"labels_from={config.labels_from!r} applies to folder:PATH datasets only, "
+                    f"not {config.dataset!r}; leave it at 'folders'")
+
+
+# What a key is to a run. A rerun of a workdir may change bookkeeping (logged in the run's
+# config_history.jsonl) but no part of its identity (refused, naming the keys: workdir.check_rerun).
+IDENTITY = "identity"        # changes the math of a step, the data or the state's structure
+STATE = "state"              # identity, and recorded with every checkpoint (runs.run_metadata):
+                             # resume checks it against the checkpoint's own record too
+                             # (runs.check_same_run), which holds without config.json
+LENGTH = "length"            # how long the run is: bookkeeping, unless the schedule depends on
+                             # the total length (a schedule other than constant, or stages)
+BOOKKEEPING = "bookkeeping"  # how often, how many, where and how fast: not the run's math
+
+# Every key of `default.get_config()`, by its flat name (`synthetic.base_size`; `lr_mults` and
+# `stages` whole). A key added to default.py without a role here fails tests/test_configs.py.
+ROLES: dict[str, str] = {
+    # Model.
+    "model": STATE, "variant": STATE, "weights": IDENTITY, "head": STATE, "head_hidden": STATE,
+    "head_dropout": IDENTITY, "num_classes": IDENTITY, "binary_sigmoid": IDENTITY,
+    # Only read when a run starts from step 0; a resumed run's params come from its checkpoint.
+    "init_from": BOOKKEEPING,
+    # Data.
+    "dataset": IDENTITY, "data_dir": BOOKKEEPING, "train_split": IDENTITY,
+    "val_split": IDENTITY, "val_fraction": IDENTITY, "labels_from": IDENTITY,
+    "image_size": STATE, "augment": IDENTITY, "randaugment_n": IDENTITY,
+    "randaugment_m": IDENTITY, "eval_crop": IDENTITY, "train_crop": IDENTITY,
+    "cache_images": BOOKKEEPING, "cache_dir": BOOKKEEPING, "data_workers": BOOKKEEPING,
+    "data_worker_kind": BOOKKEEPING, "strict_data": BOOKKEEPING,
+    "synthetic.num_classes": IDENTITY, "synthetic.train_size": IDENTITY,
+    "synthetic.val_size": IDENTITY, "synthetic.base_size": IDENTITY,
+    # Optimisation.
+    "batch_size": IDENTITY, "num_epochs": LENGTH, "num_steps": LENGTH, "optimizer": STATE,
+    "learning_rate": IDENTITY, "momentum": IDENTITY, "weight_decay": IDENTITY,
+    "schedule": IDENTITY, "warmup_steps": IDENTITY, "pct_start": IDENTITY,
+    "div_factor": IDENTITY, "final_div_factor": IDENTITY, "cycle_momentum": IDENTITY,
+    "max_momentum": IDENTITY, "base_momentum": IDENTITY, "grad_clip_norm": IDENTITY,
+    # Regularisation and what trains.
+    "label_smoothing": IDENTITY, "mixup_alpha": IDENTITY, "cutmix_alpha": IDENTITY,
+    "ema_decay": IDENTITY, "train_bn": IDENTITY, "trainable": STATE, "lr_mults": STATE,
+    "stages": IDENTITY,
+    # Execution.
+    "dtype": IDENTITY, "conv": BOOKKEEPING, "parallel": BOOKKEEPING,
+    "cache_features": IDENTITY, "seed": IDENTITY, "log_every_steps": BOOKKEEPING,
+    "eval_every_steps": BOOKKEEPING, "checkpoint_every_steps": BOOKKEEPING,
+    "keep_checkpoints": BOOKKEEPING, "keep_best_checkpoints": BOOKKEEPING,
+    "prefetch": BOOKKEEPING, "epoch_images": BOOKKEEPING,
+}
+
+# Run metadata that is no config key but follows from the identity, recorded with every
+# checkpoint and checked on resume beside the STATE keys: the head's output count and the class
+# names (num_classes and the data), the pixel normalisation (weights).
+DERIVED_STATE = ("outputs", "class_names", "preprocessing")
+
+
+def keys_with(*roles: str) -> frozenset[str]:
+  """The config keys (flat names) whose role is one of `roles`."""
+  unknown = set(roles) - {IDENTITY, STATE, LENGTH, BOOKKEEPING}
+  if unknown:
+    raise ValueError(f"unknown config key role(s) {sorted(unknown)}")
+  return frozenset(k for k, role in ROLES.items() if role in roles)

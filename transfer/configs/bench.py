@@ -26,5 +26,4 @@ def get_config():
   c.image_size = 224
   c.batch_size = 32
   c.dtype = "auto"          # bfloat16 on GPU/TPU, float32 on CPU
-  c.epoch_images = 512      # one epoch's size for the cache_features comparison
   return c

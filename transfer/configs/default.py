@@ -1,5 +1,9 @@
 """Every config key with its default. Other configs start from this one and change a few fields.
 
+The only place a default lives: `transfer.configs.validate` fills a key a config lacks from here,
+and the code reads `config.KEY` directly. What each key may hold and whether it is part of a
+run's identity is in `_schema.py` beside it.
+
 Not meant to be run as is (it trains VGG16 from ImageNet weights on synthetic data); see
 `quickstart.py` for the offline demo and `cats_vs_dogs.py` for the blog recipe.
 """
@@ -80,4 +84,5 @@ def get_config():
   c.keep_checkpoints = 2            # latest K
   c.keep_best_checkpoints = 1       # best N by validation accuracy
   c.prefetch = 2
+  c.epoch_images = 512              # bench: one epoch's images in the cache_features comparison
   return c
