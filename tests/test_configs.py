@@ -262,3 +262,33 @@ def test_config_json_not_json_or_missing(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(UserError, match="has no config.json"):
     configs.load(str(tmp_path / "empty"))
+
+
+def test_the_rerun_checks_and_the_history_follow_the_declared_roles(tmp_path, monkeypatch):
+  # One declaration (_schema.ROLES) decides what a rerun may change: reclassifying a key there
+  # changes what workdir.check_rerun refuses, what the history records, and what
+  # runs.check_same_run compares against a checkpoint's own record.
+  from transfer import runs, workdir
+  saved = json.loads(default.get_config().to_json_best_effort())
+  config = default.get_config()
+  config.log_every_steps = 5
+  changes = workdir.check_rerun(str(tmp_path), config, saved)
+  assert changes == {"log_every_steps": (20, 5)}
+  workdir.record_start(str(tmp_path), config, changes, step=3)
+  assert workdir.read_history(str(tmp_path))[-1]["changes"] == {"log_every_steps": [20, 5]}
+  config.learning_rate = 1e-3
+  with pytest.raises(UserError, match=r"holds a different run: learning_rate 0.0001 -> 0.001;"):
+    workdir.check_rerun(str(tmp_path), config, saved)
+
+  monkeypatch.setitem(_schema.ROLES, "learning_rate", _schema.BOOKKEEPING)
+  monkeypatch.setitem(_schema.ROLES, "log_every_steps", _schema.IDENTITY)
+  with pytest.raises(UserError, match=r"holds a different run: log_every_steps 20 -> 5;"):
+    workdir.check_rerun(str(tmp_path), config, saved)
+  config.log_every_steps = 20
+  assert workdir.check_rerun(str(tmp_path), config, saved) == {"learning_rate": (1e-4, 1e-3)}
+
+  meta = runs.run_metadata(default.get_config(), ["cat", "dog"], 1, conv="xla")
+  runs.check_same_run(meta, dict(meta, head_dropout=0.1), str(tmp_path))  # identity, unrecorded
+  monkeypatch.setitem(_schema.ROLES, "head_dropout", _schema.STATE)
+  with pytest.raises(UserError, match=r"holds a different run: head_dropout 0.6 -> 0.1;"):
+    runs.check_same_run(meta, dict(meta, head_dropout=0.1), str(tmp_path))

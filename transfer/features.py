@@ -22,7 +22,7 @@ def cache_features_reason(config, param_labels) -> str | None:
     return "cache_features=False"
   if config.augment != "none":
     return f"augment={config.augment!r} changes the backbone's input every epoch"
-  if config.get("mixup_alpha", 0.0) > 0 or config.get("cutmix_alpha", 0.0) > 0:
+  if config.mixup_alpha > 0 or config.cutmix_alpha > 0:
     return "mixup/cutmix mix the backbone's input images"
   spec = models.spec(config.model)
   paths = optim.param_paths(param_labels)

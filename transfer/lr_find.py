@@ -255,4 +255,4 @@ def main(config, workdir: str | None, config_name: str, overrides: dict[str, str
 
 
 def stages_of(config) -> list[dict]:
-  return [dict(s) for s in (config.get("stages") or [])]
+  return [dict(s) for s in config.stages]

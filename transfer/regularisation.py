@@ -41,8 +41,9 @@ class Regularisation:
 
   @classmethod
   def from_config(cls, config) -> "Regularisation":
-    """The run's regularisation from its config (keys absent from older configs mean off)."""
-    get = lambda key: float(config.get(key, 0.0))
+    """The run's regularisation from its (validated) config; each key's default, in default.py,
+    is off (an older run's config.json is read back over those defaults)."""
+    get = lambda key: float(config[key])
     return cls(label_smoothing=get("label_smoothing"), mixup_alpha=get("mixup_alpha"),
                cutmix_alpha=get("cutmix_alpha"), ema_decay=get("ema_decay"))
 

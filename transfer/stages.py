@@ -53,7 +53,7 @@ class Stage:
 
 
 def is_staged(config) -> bool:
-  return bool(config.get("stages"))
+  return bool(config.stages)
 
 
 def stage_configs(config) -> list:
@@ -64,7 +64,7 @@ def stage_configs(config) -> list:
       (`configs.validate` turns these into one-line errors).
   """
   import ml_collections
-  stages = list(config.get("stages") or [])
+  stages = list(config.stages)
   if not stages:
     return [config]
   out = []
@@ -105,7 +105,7 @@ def stage_configs(config) -> list:
 
 
 def stage_name(config, index: int) -> str:
-  stages = list(config.get("stages") or [])
+  stages = list(config.stages)
   if stages and stages[index].get("name"):
     return str(stages[index]["name"])
   return f"stage{index + 1}"

@@ -140,7 +140,7 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
         lambda: models.init_variables(model, config.image_size, config.seed))
     shapes = variable_shapes["params"]
     optimizers = _StageOptimizers(shapes)
-    ema = config.get("ema_decay", 0.0) > 0
+    ema = config.ema_decay > 0
     for stage in plan:  # every stage's patterns are checked before anything runs
       optimizers.get(stage)
 

@@ -27,13 +27,6 @@ from transfer.errors import UserError
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "config_history.jsonl"
 
-# Each key's role is declared once, in `transfer/configs/_schema.py` (`ROLES`): keys that change
-# neither the math of a step nor the state's structure are bookkeeping; everything else, and any
-# key without a role, is the run's identity. The length keys (`num_epochs`/`num_steps`) join the
-# identity when the schedule depends on the total length (see `identity_changes`).
-BOOKKEEPING = configs.keys_with(configs.BOOKKEEPING, configs.LENGTH)
-_LENGTH_KEYS = configs.keys_with(configs.LENGTH)
-
 
 def canonical_config(config):
   """A copy of `config` whose folder dataset and `init_from` are absolute, resolved paths.
@@ -81,15 +74,19 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, 
 
 def identity_changes(changes: dict[str, tuple[Any, Any]], schedule: str,
                      staged: bool = False) -> dict:
-  """The changes that make a different run (see `BOOKKEEPING`).
+  """The changes that make a different run.
 
-  In a staged run (`stages`, itself part of the identity) the length keys place the stage
-  boundaries, so they are part of it too.
+  Each key's role is declared once, in `transfer/configs/_schema.py` (`ROLES`), and read here at
+  every call: bookkeeping keys change neither the math of a step nor the state's structure;
+  every other key, and any key without a role, is the run's identity. In a staged run
+  (`stages`, itself part of the identity) or under a schedule other than constant, the length
+  keys (`num_epochs`/`num_steps`) place the stage boundaries or shape the schedule, so they are
+  part of it too.
   """
   length_matters = schedule != "constant" or staged
-  return {k: v for k, v in changes.items()
-          if (k not in BOOKKEEPING or (length_matters and k in _LENGTH_KEYS))
-          and not _moved_folder(k, v)}
+  accepted = configs.keys_with(configs.BOOKKEEPING) if length_matters else \
+      configs.keys_with(configs.BOOKKEEPING, configs.LENGTH)
+  return {k: v for k, v in changes.items() if k not in accepted and not _moved_folder(k, v)}
 
 
 def _moved_folder(key: str, change: tuple[Any, Any]) -> bool:
@@ -144,7 +141,7 @@ def check_rerun(workdir: str, config, saved: dict[str, Any] | None) -> dict[str,
   staged = bool(saved.get("stages"))
   different = identity_changes(changes, str(saved.get("schedule", "constant")), staged)
   if different:
-    length = [k for k in different if k in _LENGTH_KEYS]
+    length = [k for k in different if k in configs.keys_with(configs.LENGTH)]
     what = "the stages" if staged else f"the {saved.get('schedule')} schedule"
     why = f" ({', '.join(length)} sets the length of {what})" if length else ""
     raise UserError(f"{workdir} holds a different run: {format_changes(different)}{why}; "
@@ -155,6 +152,9 @@ def check_rerun(workdir: str, config, saved: dict[str, Any] | None) -> dict[str,
 
 def record_start(workdir: str, config, changes: dict[str, tuple], step: int) -> None:
   """Writes `config.json` on a run's first start; appends accepted changes to the history.
+
+  The accepted changes are `check_rerun`'s: keys whose declared role is bookkeeping (and the
+  lengths, where they are bookkeeping), so the history holds no change of the run's identity.
 
   Each history record holds the whole difference from `config.json` at that start, so the last
   one says what the run's config is now (`recorded_config`); a start that changes nothing since

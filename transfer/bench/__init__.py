@@ -75,7 +75,7 @@ def run(config, mode: str = "train", steps: int = 20, warmup: int = 2,
     same = "xla" if result["flops_source"] == forward["flops_source"] == "xla" else "analytic"
     extra["flops_ratio_train_forward"] = (result[f"flops_per_step_{same}"]
                                           / forward[f"flops_per_step_{same}"])
-    if config.get("cache_features", False):
+    if config.cache_features:
       extra.update(bench_cached_epoch(setup, result["step_ms_median"] / 1e3, warmup))
   if mode == "input":
     extra["limited_by"] = ("input" if extra["input_images_per_sec"] < result["images_per_sec"]

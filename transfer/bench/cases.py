@@ -126,7 +126,7 @@ def bench_cached_epoch(setup: Setup, train_step_s: float, warmup: int) -> dict[s
   """
   from transfer import data, features, parallel, steps
   config = setup.config
-  steps_per_epoch = max(1, int(config.get("epoch_images", 512)) // setup.batch)
+  steps_per_epoch = max(1, int(config.epoch_images) // setup.batch)
   n = steps_per_epoch * setup.batch
   params = parallel.replicate(setup.variables, setup.mesh)
   images = setup.images()
@@ -174,8 +174,8 @@ def bench_input(config, batches: int) -> dict[str, Any]:
   """
   from transfer import data, runs
   from transfer.data import workers
-  kind = config.get("data_worker_kind", "thread")
-  configured = int(config.get("data_workers", 0)) or workers.default_count()
+  kind = config.data_worker_kind
+  configured = int(config.data_workers) or workers.default_count()
   source = runs.weights_source(config.weights) or "none"
   rates, prepare_s, num_train = {}, None, 0
   for count in input_worker_counts(os.cpu_count() or 1, configured):

@@ -166,7 +166,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def fill_defaults(config, defaults=None) -> None:
-  """Sets each key `config` lacks to its default from `default.py`, in place (nested: key by key)."""
+  """Sets each key `config` lacks to its default from `default.py`, in place (nested: by key)."""
   if defaults is None:
     from transfer.configs import default
     defaults = default.get_config()
