@@ -6,7 +6,7 @@ from PIL import Image
 
 import transfer.data
 from transfer.data import images, pipeline
-from test_data import assert_batches_equal, make_config, take
+from helpers import assert_batches_equal, make_config, take
 
 AUGMENTS = ["inception_crop", "randaugment"]
 

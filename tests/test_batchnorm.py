@@ -3,25 +3,18 @@ statistics, running statistics in the train state and the checkpoint, equal on a
 
 import signal
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transfer import checkpoint, metrics, models, optim, parallel, preemption, train
-from transfer import steps as steps_lib, train_state
-from test_checkpoint import _cli, _finish, _wait_for_checkpoint
-from test_train import tiny_config
+from transfer import checkpoint, metrics, models, optim, preemption, train
+from helpers import cli_train, finish, flatten, tiny_config, train_steps, wait_for_checkpoint
 
 
 def _resnet(**overrides):
   """resnet50_tiny (ResNet50's layers at 1/16 width) with a GAP head on 32x32 synthetic data."""
   return tiny_config(model="resnet50_tiny", head="gap", **overrides)
-
-
-def _flat(tree):
-  return {"/".join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(tree).items()}
 
 
 @pytest.fixture(scope="module")
@@ -38,36 +31,20 @@ def start(tmp_path_factory):
   return model, jax.device_get({"params": variables["params"], "batch_stats": stats})
 
 
-def _train(model, variables, trainable, devices, mode="shard_map", steps=3, seed=0, size=32,
-           lr=1e-2):
-  config = _resnet(trainable=trainable, learning_rate=lr, optimizer="sgd")
-  mesh = parallel.make_mesh(devices)
-  tx, labels = optim.make_optimizer(config, variables["params"], 10)
-  state = parallel.replicate(train_state.create_train_state(
-      variables["params"], tx, 0, variables["batch_stats"]), mesh)
-  step = steps_lib.make_train_step(model, tx, labels, mesh, mode)
-  rng = np.random.default_rng(seed)
-  for _ in range(steps):
-    batch = {"image": rng.normal(size=(8, size, size, 3)).astype(np.float32),
-             "label": rng.integers(0, 2, 8).astype(np.int32)}
-    state, _ = step(state, jax.device_put(batch, parallel.batch_sharding(mesh)))
-  return jax.device_get(state)
-
-
 def test_a_frozen_backbone_keeps_its_params_and_statistics_bit_for_bit(start):
   model, variables = start
-  state = _train(model, variables, ["^head/"], jax.devices()[:2])
-  before, after = _flat(variables["params"]), _flat(state.params)
+  state = train_steps(model, variables, ["^head/"], jax.devices()[:2])
+  before, after = flatten(variables["params"]), flatten(state.params)
   assert all(np.array_equal(before[k], after[k]) for k in before if not k.startswith("head/"))
   assert not np.array_equal(before["head/logits/kernel"], after["head/logits/kernel"])
-  stats_before, stats_after = _flat(variables["batch_stats"]), _flat(state.batch_stats)
+  stats_before, stats_after = flatten(variables["batch_stats"]), flatten(state.batch_stats)
   assert all(np.array_equal(stats_before[k], stats_after[k]) for k in stats_before)
 
 
 def test_a_trainable_block_moves_exactly_its_own_statistics(start):
   model, variables = start
-  state = _train(model, variables, ["^head/", "^conv5_"], jax.devices()[:2])
-  before, after = _flat(variables["batch_stats"]), _flat(state.batch_stats)
+  state = train_steps(model, variables, ["^head/", "^conv5_"], jax.devices()[:2])
+  before, after = flatten(variables["batch_stats"]), flatten(state.batch_stats)
   moved = {k.split("/")[0] for k in before if not np.array_equal(before[k], after[k])}
   conv5_bn = {k for k in optim.batch_norm_layers(variables["params"]) if k.startswith("conv5_")}
   assert moved == conv5_bn and len(moved) == 10  # block1: 4 BN layers, blocks 2-3: 3 each
@@ -76,7 +53,7 @@ def test_a_trainable_block_moves_exactly_its_own_statistics(start):
 def test_train_bn_trains_batchnorm_inside_frozen_blocks(start):
   config = _resnet(train_bn=True)
   _, labels = optim.make_optimizer(config, start[1]["params"], 10)
-  flat = _flat(labels)
+  flat = flatten(labels)
   assert flat["conv2_block1_1_bn/scale"] != optim.FROZEN
   assert flat["conv2_block1_1_conv/kernel"] == optim.FROZEN
 
@@ -86,7 +63,8 @@ def test_trainable_batchnorm_gives_the_same_result_on_any_device_count(start, de
   """Batch statistics over the global batch: 1, 2 or 4 devices compute the same steps."""
   model, variables = start
   trainable = ["^head/", "^conv5_", "^conv4_block6_"]
-  run = lambda n, m: _train(model, variables, trainable, jax.devices()[:n], m, size=64, lr=1e-3)
+  run = lambda n, m: train_steps(model, variables, trainable, jax.devices()[:n], m, size=64,
+                                 lr=1e-3)
   ref, got = run(1, "shard_map"), run(devices, mode)
   # Each statistic sums 8 x 2 x 2 (conv5) to 8 x 4 x 4 (conv4) values in another order per
   # device count, and BatchNorm's backward divides by the batch deviation and subtracts two such
@@ -106,7 +84,7 @@ def test_trainable_batchnorm_gives_the_same_result_on_any_device_count(start, de
 def test_bfloat16_keeps_batchnorm_statistics_in_float32(start):
   _, variables = start
   model = models.get("resnet50_tiny", head="gap", num_classes=1, dtype="bfloat16")
-  state = _train(model, variables, ["^head/", "^conv5_"], jax.devices()[:2], steps=1)
+  state = train_steps(model, variables, ["^head/", "^conv5_"], jax.devices()[:2], steps=1)
   assert {v.dtype for v in jax.tree_util.tree_leaves(state.batch_stats)} == {np.dtype("float32")}
   assert {v.dtype for v in jax.tree_util.tree_leaves(state.params)} == {np.dtype("float32")}
 
@@ -141,18 +119,18 @@ _TRAINABLE_BN = {"model": "resnet50_tiny", "head": "gap", "trainable": "^head/,^
 
 def test_resume_after_sigkill_with_trainable_batchnorm_matches_an_uninterrupted_run(tmp_path):
   ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-  ref = _cli(ref_dir, **_TRAINABLE_BN)  # runs beside the one to be killed
-  proc = _cli(run_dir, **_TRAINABLE_BN)
-  _wait_for_checkpoint(run_dir, 20, proc)
+  ref = cli_train(ref_dir, **_TRAINABLE_BN)  # runs beside the one to be killed
+  proc = cli_train(run_dir, **_TRAINABLE_BN)
+  wait_for_checkpoint(run_dir, 20, proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   killed_at = max(r["step"] for r in metrics.read_metrics(str(run_dir)))
   assert killed_at < 60, "the run finished before it could be killed"
-  out = _finish(ref, ref_dir)
+  out = finish(ref, ref_dir)
   assert ref.returncode == 0, out[-3000:]
 
-  proc = _cli(run_dir, **_TRAINABLE_BN)
-  out = _finish(proc, run_dir)
+  proc = cli_train(run_dir, **_TRAINABLE_BN)
+  out = finish(proc, run_dir)
   assert proc.returncode == 0, out[-3000:]
   assert "resumed from step" in out
   want, _ = checkpoint.load_trained_variables(str(ref_dir))
@@ -161,12 +139,12 @@ def test_resume_after_sigkill_with_trainable_batchnorm_matches_an_uninterrupted_
   records = metrics.read_metrics(str(run_dir))
   assert [r["step"] for r in records if "train_loss" in r] == list(range(1, 61))
   fresh = models.init_variables(models.get("resnet50_tiny", head="gap", num_classes=1), 32)
-  moved = {k.split("/")[0] for k, v in _flat(fresh["batch_stats"]).items()
-           if not np.array_equal(v, _flat(got["batch_stats"])[k])}
+  moved = {k.split("/")[0] for k, v in flatten(fresh["batch_stats"]).items()
+           if not np.array_equal(v, flatten(got["batch_stats"])[k])}
   assert moved == set(got["batch_stats"])  # every layer's statistics trained
-  assert _flat(want).keys() == _flat(got).keys()
-  for path, value in _flat(want).items():  # bitwise: same program, devices, data and steps
-    np.testing.assert_array_equal(_flat(got)[path], value, err_msg=path)
+  assert flatten(want).keys() == flatten(got).keys()
+  for path, value in flatten(want).items():  # bitwise: same program, devices, data and steps
+    np.testing.assert_array_equal(flatten(got)[path], value, err_msg=path)
 
 
 def test_a_changed_variant_is_refused_on_resume(tmp_path):

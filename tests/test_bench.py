@@ -11,23 +11,14 @@ import sys
 import jax
 import pytest
 
-from transfer import bench, configs, models, optim
+from transfer import bench, models, optim
 from transfer import main as cli
+from helpers import bench_config
 
 TINY = ["--config.model=vgg16_tiny", "--config.image_size=32", "--config.batch_size=8",
         "--steps=2", "--warmup=1"]
 NUMBERS = ("steps_per_sec", "images_per_sec", "step_ms_median", "step_ms_p90", "compile_s",
            "flops_per_step", "tflops_per_sec")
-
-
-def _tiny_config(**overrides):
-  config = configs.load("bench")
-  config.model, config.image_size, config.batch_size = "vgg16_tiny", 32, 8
-  config.epoch_images = 32
-  config.synthetic.train_size, config.synthetic.val_size, config.synthetic.base_size = 32, 8, 16
-  for key, value in overrides.items():
-    setattr(config, key, value)
-  return config
 
 
 def _json_line(capsys) -> dict:
@@ -37,7 +28,7 @@ def _json_line(capsys) -> dict:
 
 
 def test_train_json_line_has_every_key_with_sane_types(capsys):
-  result = bench.main(_tiny_config(), mode="train", steps=3, warmup=1, as_json=True)
+  result = bench.main(bench_config(), mode="train", steps=3, warmup=1, as_json=True)
   line = _json_line(capsys)
   assert line == json.loads(json.dumps(result))
   for key in NUMBERS:
@@ -54,7 +45,7 @@ def test_train_json_line_has_every_key_with_sane_types(capsys):
 
 
 def test_peak_gives_mfu(capsys):
-  bench.main(_tiny_config(), mode="forward", steps=2, warmup=0, as_json=True, peak_tflops=2.0)
+  bench.main(bench_config(), mode="forward", steps=2, warmup=0, as_json=True, peak_tflops=2.0)
   line = _json_line(capsys)
   assert line["peak_tflops"] == 2.0 * 4
   assert line["mfu"] == pytest.approx(line["tflops_per_sec"] / 8.0)
@@ -80,8 +71,8 @@ def test_table_without_json(capsys):
 
 def test_frozen_conv_train_step_costs_a_forward_pass(capsys):
   """XLA's own FLOP count: a frozen base adds only the head's backward; block5 adds more."""
-  frozen = bench.main(_tiny_config(), mode="train", steps=1, warmup=0, as_json=True)
-  block5 = bench.main(_tiny_config(trainable=["^head/", "^block5"]), mode="train", steps=1,
+  frozen = bench.main(bench_config(), mode="train", steps=1, warmup=0, as_json=True)
+  block5 = bench.main(bench_config(trainable=["^head/", "^block5"]), mode="train", steps=1,
                       warmup=0, as_json=True)
   capsys.readouterr()
   assert frozen["flops_ratio_train_forward"] < block5["flops_ratio_train_forward"]
@@ -106,7 +97,7 @@ def test_analytic_flops_count_only_the_trainable_backward():
 
 
 def test_cached_feature_epoch(capsys):
-  result = bench.main(_tiny_config(cache_features=True), mode="train", steps=2, warmup=1,
+  result = bench.main(bench_config(cache_features=True), mode="train", steps=2, warmup=1,
                       as_json=True)
   capsys.readouterr()
   assert result["epoch_images"] == 32
@@ -115,7 +106,7 @@ def test_cached_feature_epoch(capsys):
 
 
 def test_input_mode_reports_both_sides(capsys):
-  result = bench.main(_tiny_config(), mode="input", steps=2, warmup=0, as_json=True)
+  result = bench.main(bench_config(), mode="input", steps=2, warmup=0, as_json=True)
   capsys.readouterr()
   assert result["input_images_per_sec"] > 0 and result["images_per_sec"] > 0
   assert result["input_images_per_cpu_sec"] > 0
@@ -146,7 +137,7 @@ def test_dtype_auto_and_peak_table():
 
 def test_unknown_mode_is_a_user_error():
   with pytest.raises(bench.UserError, match="valid: train, forward"):
-    bench.run(_tiny_config(), mode="backward")
+    bench.run(bench_config(), mode="backward")
 
 
 def test_bench_never_imports_tensorflow():

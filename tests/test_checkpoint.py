@@ -5,8 +5,6 @@ import glob
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -16,99 +14,36 @@ import pytest
 
 from transfer import checkpoint, metrics, parallel, train
 from transfer.errors import UserError
-from conftest import HANG_S, assert_trained_alike, wait_for
-from test_train import tiny_config
-
-# A run long enough to be killed part-way: 120 steps of vgg16_tiny, a checkpoint every 10.
-LONG = {"model": "vgg16_tiny", "weights": "none", "image_size": 32, "batch_size": 8,
-        "synthetic.train_size": 48, "synthetic.val_size": 16, "num_steps": 120,
-        "checkpoint_every_steps": 10, "eval_every_steps": 40, "log_every_steps": 1,
-        "augment": "flip", "learning_rate": 1e-3}
-
-
-def _cli(workdir, **extra):
-  """Starts `transfer train` in a subprocess with 4 fake CPU devices.
-
-  Its output goes to `<workdir>.log`: a file, not a pipe, which nobody would read while the run
-  goes on and which would block it once full.
-  """
-  args = [sys.executable, "-m", "transfer.main", "train", "--workdir", str(workdir),
-          "--config", "default"]
-  args += [f"--config.{k}={v}" for k, v in {**LONG, **extra}.items()]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  with open(f"{workdir}.log", "w") as log:
-    return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _output(workdir) -> str:
-  with open(f"{workdir}.log") as f:
-    return f.read()
-
-
-def _finish(proc, workdir) -> str:
-  """Waits for the run to end and returns its output; HANG_S only guards against a hang."""
-  try:
-    proc.wait(timeout=HANG_S)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    proc.wait()
-    pytest.fail(f"the run still going after {HANG_S:.0f}s:\n{_output(workdir)[-3000:]}")
-  return _output(workdir)
-
-
-def _wait_for_checkpoint(workdir, step, proc):
-  """Waits until checkpoint `step` is committed (Orbax renames its directory into place)."""
-  path = os.path.join(workdir, "checkpoints", str(step))
-
-  def committed():
-    if os.path.isdir(path):
-      return True
-    if proc.poll() is not None:
-      pytest.fail(f"the run ended before checkpoint {step}:\n{_output(workdir)[-3000:]}")
-    return False
-
-  # A short poll: the test then signals a run that has trained on by only a step or two.
-  wait_for(committed, f"checkpoint {step} in {workdir}", poll=0.02)
-
-
-def _final_params(workdir):
-  params, meta = checkpoint.load_trained(str(workdir))
-  return jax.device_get(params), meta
-
-
-def _assert_trees_equal(a, b):
-  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
+from helpers import (assert_trained_alike, assert_trees_equal, cli_train, final_params, finish,
+                     tiny_config, wait_for_checkpoint)
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """The uninterrupted run, through the same CLI."""
   workdir = tmp_path_factory.mktemp("reference")
-  proc = _cli(workdir)
-  out = _finish(proc, workdir)
+  proc = cli_train(workdir)
+  out = finish(proc, workdir)
   assert proc.returncode == 0, out[-3000:]
-  return _final_params(workdir)[0], metrics.read_metrics(str(workdir))
+  return final_params(workdir)[0], metrics.read_metrics(str(workdir))
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, reference):
   ref_params, ref_metrics = reference
   workdir = tmp_path / "run"
-  proc = _cli(workdir)
-  _wait_for_checkpoint(workdir, 30, proc)
+  proc = cli_train(workdir)
+  wait_for_checkpoint(workdir, 30, proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   killed_at = max(r["step"] for r in metrics.read_metrics(str(workdir)))
   assert killed_at < 120, "the run finished before it could be killed"
 
-  proc = _cli(workdir)
-  out = _finish(proc, workdir)
+  proc = cli_train(workdir)
+  out = finish(proc, workdir)
   assert proc.returncode == 0, out[-3000:]
   assert "resumed from step" in out
-  params, meta = _final_params(workdir)
+  params, meta = final_params(workdir)
   assert meta["step"] == 120
-  _assert_trees_equal(params, ref_params)  # bitwise: same program, steps, data and RNG
+  assert_trees_equal(params, ref_params)  # bitwise: same program, steps, data and RNG
 
   records = metrics.read_metrics(str(workdir))
   steps = [r["step"] for r in records if "train_loss" in r]
@@ -121,11 +56,11 @@ def _interrupt(workdir, sig) -> int:
   """Starts a run, sends `sig` once checkpoint 10 is committed, and checks that the run saved a
   checkpoint where it stopped and exited with 128 + the signal's number, as a shell reports a
   run the signal ended. Returns the step it stopped at."""
-  proc = _cli(workdir)
-  _wait_for_checkpoint(workdir, 10, proc)  # the first: 110 steps left for the signal to land
+  proc = cli_train(workdir)
+  wait_for_checkpoint(workdir, 10, proc)  # the first: 110 steps left for the signal to land
   proc.send_signal(sig)
   sent = time.monotonic()
-  out = _finish(proc, workdir)
+  out = finish(proc, workdir)
   seconds = time.monotonic() - sent
   assert proc.returncode == 128 + sig, out[-3000:]
   last = out.strip().splitlines()[-1]
@@ -143,11 +78,11 @@ def _interrupt(workdir, sig) -> int:
 def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes(tmp_path, reference):
   workdir = tmp_path / "run"
   stopped = _interrupt(workdir, signal.SIGTERM)
-  proc = _cli(workdir)
-  out = _finish(proc, workdir)
+  proc = cli_train(workdir)
+  out = finish(proc, workdir)
   assert proc.returncode == 0, out[-3000:]
   assert f"resumed from step {stopped}" in out
-  _assert_trees_equal(_final_params(workdir)[0], reference[0])  # same program: bitwise
+  assert_trees_equal(final_params(workdir)[0], reference[0])  # same program: bitwise
 
 
 def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path):
@@ -184,7 +119,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
     train.train_and_evaluate(config, workdir)
   assert any("checkpoint at step 6 is damaged" in r.message for r in caplog.records)
   assert [r["step"] for r in metrics.read_metrics(workdir) if "train_loss" in r] == [2, 4, 6, 8, 9]
-  _assert_trees_equal(_final_params(workdir)[0], _final_params(tmp_path / "ref")[0])
+  assert_trees_equal(final_params(workdir)[0], final_params(tmp_path / "ref")[0])
 
 
 def test_checkpoint_restores_on_other_device_counts(tmp_path):
@@ -211,7 +146,7 @@ def test_training_resumes_on_fewer_devices_with_the_same_result(tmp_path):
   train.train_and_evaluate(short, str(tmp_path / "run"), devices=jax.devices()[:4])
   train.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:2])
   # Only the head trains: each gradient element sums one term per example of the batch of 8.
-  assert_trained_alike(_final_params(tmp_path / "run")[0], _final_params(tmp_path / "ref")[0],
+  assert_trained_alike(final_params(tmp_path / "run")[0], final_params(tmp_path / "ref")[0],
                        terms=config.batch_size, steps=config.num_steps)
 
 
@@ -229,8 +164,8 @@ def test_resuming_a_different_run_is_refused_and_init_from_starts_fresh(tmp_path
   config = tiny_config(num_steps=2, init_from=first, optimizer="sgd", learning_rate=1e-4)
   summary = train.train_and_evaluate(config, second)
   assert summary["step"] == 2
-  theirs, ours = _final_params(first)[0], _final_params(second)[0]
-  _assert_trees_equal({k: v for k, v in ours.items() if k != "head"},
+  theirs, ours = final_params(first)[0], final_params(second)[0]
+  assert_trees_equal({k: v for k, v in ours.items() if k != "head"},
                       {k: v for k, v in theirs.items() if k != "head"})
   for a, b in zip(jax.tree_util.tree_leaves(ours["head"]), jax.tree_util.tree_leaves(theirs["head"])):
     np.testing.assert_allclose(a, b, atol=1e-3)  # 2 steps of lr 1e-4 times gradients below 5

@@ -14,37 +14,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 import transfer.data
-from transfer.configs.default import get_config
 from transfer.data.sources import folder_sources
 from transfer.errors import UserError
+from helpers import assert_batches_equal, make_config, take
 
 RED, BLUE = (220, 30, 40), (30, 40, 220)
-
-
-def make_config(**overrides):
-  """The default config at test size (16 px synthetic), with dotted-key overrides."""
-  c = get_config()
-  c.image_size, c.batch_size, c.augment = 16, 8, "flip"
-  c.synthetic.update({"num_classes": 3, "train_size": 40, "val_size": 13, "base_size": 16})
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
-
-
-def take(iterator, n):
-  return [next(iterator) for _ in range(n)]
-
-
-def assert_batches_equal(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 # Synthetic data, determinism and resume.
@@ -110,7 +84,7 @@ def test_no_tensorflow_for_synthetic_and_folders(tmp_path):
   code = textwrap.dedent(f"""
       import sys
       import transfer.data
-      from tests.test_data import make_config
+      from tests.helpers import make_config
       for name in ("synthetic", "folder:{tmp_path}"):
         ds = transfer.data.create(make_config(dataset=name), preprocess_source="keras:vgg16")
         next(ds.train_batches())

@@ -17,7 +17,8 @@ import pytest
 
 import transfer.data
 from transfer.errors import UserError
-from test_data import assert_batches_equal, make_config, take
+from helpers import (assert_batches_equal, assert_trees_equal, cli_train, final_params, finish,
+                     make_config, noise_config, take, wait_for, wait_for_checkpoint)
 
 try:
   import tfds_noise  # needs tensorflow_datasets; the worker tests below do not
@@ -39,11 +40,6 @@ def noise(tmp_path_factory):
     sizes[fmt] = sum(os.path.getsize(os.path.join(version_dir, f))
                      for f in os.listdir(version_dir) if f"{fmt}-" in f)
   return {**dirs, "encoded": sizes["array_record"]}
-
-
-def noise_config(data_dir, cache_dir, **overrides):
-  return make_config(dataset=f"tfds:{tfds_noise.NAME}", data_dir=data_dir, image_size=32,
-                     batch_size=8, augment="crop_flip", cache_dir=str(cache_dir), **overrides)
 
 
 def test_array_record_batches_equal_the_in_memory_path(noise, tmp_path):
@@ -97,7 +93,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 
     def main():
       import transfer.data
-      from test_data_scale import noise_config
+      from helpers import noise_config
       data_dir, cache_dir, kind = sys.argv[1:4]
       make = lambda split: transfer.data.create(
           noise_config(data_dir, cache_dir, train_split=split, data_worker_kind=kind,
@@ -250,19 +246,16 @@ def test_array_record_resume_after_sigkill_matches_an_uninterrupted_run(noise, t
   """`transfer train` on the ArrayRecord dataset, killed after a checkpoint and rerun, ends with
   the parameters of an uninterrupted run, bit for bit. The killed run decodes in worker
   processes, the others in threads: the kind never changes the batches."""
-  from test_checkpoint import (_assert_trees_equal, _cli, _final_params, _finish,
-                               _wait_for_checkpoint)
-  from conftest import wait_for
   data = {"dataset": f"tfds:{tfds_noise.NAME}", "data_dir": noise["array_record"],
           "cache_dir": str(tmp_path / "cache"), "augment": "crop_flip", "num_steps": 30}
   reference = tmp_path / "reference"
-  proc = _cli(reference, **data)
-  out = _finish(proc, reference)
+  proc = cli_train(reference, **data)
+  out = finish(proc, reference)
   assert proc.returncode == 0, out[-3000:]
 
   workdir = tmp_path / "run"
-  proc = _cli(workdir, **data, data_worker_kind="process", data_workers=2)
-  _wait_for_checkpoint(workdir, 10, proc)
+  proc = cli_train(workdir, **data, data_worker_kind="process", data_workers=2)
+  wait_for_checkpoint(workdir, 10, proc)
   decoders = _children(proc.pid)
   assert len(decoders) >= 2  # the two decode workers (and multiprocessing's resource tracker)
   proc.send_signal(signal.SIGKILL)
@@ -270,13 +263,13 @@ def test_array_record_resume_after_sigkill_matches_an_uninterrupted_run(noise, t
   # Orphaned workers would wait forever on their queue; they notice the parent is gone and exit.
   wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in decoders),
            f"the killed run's decode workers {decoders} to exit", timeout=120)
-  proc = _cli(workdir, **data)
-  out = _finish(proc, workdir)
+  proc = cli_train(workdir, **data)
+  out = finish(proc, workdir)
   assert proc.returncode == 0, out[-3000:]
   assert "resumed from step" in out
-  params, meta = _final_params(workdir)
+  params, meta = final_params(workdir)
   assert meta["step"] == 30
-  _assert_trees_equal(params, _final_params(reference)[0])
+  assert_trees_equal(params, final_params(reference)[0])
 
 
 _CACHE_SCRIPT = textwrap.dedent("""
@@ -290,7 +283,7 @@ _CACHE_SCRIPT = textwrap.dedent("""
 
     def main():
       import transfer.data
-      from test_data import make_config
+      from helpers import make_config
       cache, cache_dir, workers = sys.argv[1:4]
       config = make_config(image_size=256, batch_size=4, augment="none", cache_images=cache,
                            cache_dir=cache_dir, data_workers=2, data_worker_kind=workers,

@@ -11,7 +11,7 @@ from PIL import Image
 
 from transfer import checkpoint, evaluate, main, metrics, models, parallel, predict, runs, train
 from transfer import steps as steps_lib
-from test_train import tiny_config
+from helpers import tiny_config
 
 IMAGE = 32
 

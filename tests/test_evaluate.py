@@ -12,7 +12,7 @@ from PIL import Image
 
 from transfer import checkpoint, evaluate, main, metrics, train
 from transfer.errors import UserError
-from test_train import tiny_config
+from helpers import tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -19,18 +19,14 @@ from transfer.errors import UserError
 from transfer.export import serving, to_onnx, to_stablehlo
 from transfer.weights import export as weight_files
 from transfer.weights import port
-from test_train import tiny_config
+from helpers import tiny_config
+
+pytestmark = pytest.mark.usefixtures("home")
 
 ATOL = 1e-4  # float32: the artifact against `transfer predict --json`
 # bfloat16 compute against float32 predict: 8 significant bits (2**-8 relative per rounding)
 # through ~50 layers; measured 4-5e-3 on the ResNet run's probabilities.
 BF16_ATOL = 3e-2
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-  monkeypatch.setenv("TRANSFER_HOME", str(tmp_path / "home"))
-  monkeypatch.setenv("TRANSFER_WEIGHTS_URL_BASE", "http://127.0.0.1:9/none")
 
 
 def _photo(rng, size):

@@ -9,16 +9,12 @@ statistics, write it the two ways Keras files exist (the legacy HDF5 layout with
 a model built before) and compare outputs on random inputs.
 """
 
-import os
-
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # Before keras is imported anywhere.
-
 import h5py
 import jax
 import numpy as np
 import pytest
 
-from conftest import assert_close_to_scale
+from helpers import assert_close
 from transfer import models
 from transfer import weights
 from transfer.errors import UserError
@@ -32,18 +28,8 @@ from transfer.weights.preprocess import eval_resize, mode_for
 # layers are off by far more).
 RTOL = 1e-4
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-  monkeypatch.setenv("TRANSFER_HOME", str(tmp_path / "home"))
-  monkeypatch.setenv("TRANSFER_WEIGHTS_URL_BASE", "http://127.0.0.1:9/none")
-
-
-@pytest.fixture(scope="module")
-def keras():
-  return pytest.importorskip("keras", reason="keras not installed")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.usefixtures("home")]
 
 
 def randomize(keras, model, seed):
@@ -164,7 +150,7 @@ def test_notop_features_match_keras(keras, notop, writer):
   np.testing.assert_array_equal(variables["batch_stats"]["mixed5_branch7x7_2_bn"]["var"],
                                 keras_bn[unit].moving_variance.numpy())
   x = np.random.default_rng(1).uniform(-1, 1, (2, 99, 99, 3)).astype(np.float32)
-  assert_close_to_scale(forward(net, variables, x), model(x), RTOL)
+  assert_close(forward(net, variables, x), model(x), RTOL)
 
 
 def test_the_two_files_name_their_layers_differently(notop):
@@ -191,7 +177,7 @@ def test_logits_with_top_match_keras_at_299(keras, tmp_path, writer):
   x = np.random.default_rng(3).uniform(-1, 1, (2, 299, 299, 3)).astype(np.float32)
   ref = np.asarray(model(x))
   assert np.abs(ref).max() > 1.0
-  assert_close_to_scale(forward(net, variables, x), ref, RTOL)
+  assert_close(forward(net, variables, x), ref, RTOL)
 
 
 # --- a file whose structure does not fit ---------------------------------------------------------

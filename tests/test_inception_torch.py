@@ -13,12 +13,14 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import assert_close_to_scale
+from helpers import assert_close
 from transfer import models
 from transfer import weights
 from transfer.errors import UserError
 from transfer.weights import sources
 from transfer.weights.preprocess import TORCH_MEAN, TORCH_STD, eval_resize, mode_for, preprocess
+
+pytestmark = pytest.mark.usefixtures("home")
 
 torch = pytest.importorskip("torch", reason="torch extra not installed")
 nn = torch.nn
@@ -27,11 +29,6 @@ F = torch.nn.functional
 # float32 on both sides, sums in another order: measured 2.2e-7 (features at 99) and 4.8e-7
 # (logits at 299) of the output's scale; a pool that ignores padding is off by percents.
 RTOL = 1e-4
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-  monkeypatch.setenv("TRANSFER_HOME", str(tmp_path / "home"))
 
 
 # --- the torch reference (torchvision's module layout) -------------------------------------------
@@ -255,7 +252,7 @@ def test_notop_features_match_torch_from_safetensors(reference, tmp_path):
   with torch.no_grad():
     ref = reference.features(torch_pixels(pixels)).numpy().transpose(0, 2, 3, 1)
   assert ours.shape == ref.shape == (2, 1, 1, 2048)
-  assert_close_to_scale(ours, ref, RTOL)
+  assert_close(ours, ref, RTOL)
 
 
 @pytest.mark.slow
@@ -268,7 +265,7 @@ def test_logits_match_torch_at_299_from_pth(reference, tmp_path):
   with torch.no_grad():
     ref = reference(torch_pixels(pixels)).numpy()
   assert np.abs(ref).max() > 1.0
-  assert_close_to_scale(ours, ref, RTOL)
+  assert_close(ours, ref, RTOL)
 
 
 def test_the_pool_padding_is_what_tells_the_variants_apart(reference, tmp_path):

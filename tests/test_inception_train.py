@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_batchnorm import _flat, _train
-from test_train import tiny_config
+from helpers import bench_config, flatten, tiny_config, train_steps
 from transfer import bench, checkpoint, evaluate, models, optim, predict, train
 from transfer.errors import UserError
 
@@ -73,24 +72,24 @@ def test_names_make_the_top_two_blocks_one_pattern_each():
 
 def test_a_frozen_base_keeps_its_params_and_statistics_bit_for_bit(start):
   model, variables = start
-  state = _train(model, variables, ["^head/"], jax.devices()[:2], size=SIZE)
-  before, after = _flat(variables["params"]), _flat(state.params)
+  state = train_steps(model, variables, ["^head/"], jax.devices()[:2], size=SIZE)
+  before, after = flatten(variables["params"]), flatten(state.params)
   assert all(np.array_equal(before[k], after[k]) for k in before if not k.startswith("head/"))
   assert not np.array_equal(before["head/logits/kernel"], after["head/logits/kernel"])
-  stats_before, stats_after = _flat(variables["batch_stats"]), _flat(state.batch_stats)
+  stats_before, stats_after = flatten(variables["batch_stats"]), flatten(state.batch_stats)
   assert all(np.array_equal(stats_before[k], stats_after[k]) for k in stats_before)
 
 
 def test_the_top_two_blocks_move_exactly_their_own_statistics(start):
   """Keras' BatchNorm has no scale: its layers are found all the same, and train."""
   model, variables = start
-  state = _train(model, variables, TOP_TWO, jax.devices()[:2], size=SIZE)
-  before, after = _flat(variables["batch_stats"]), _flat(state.batch_stats)
+  state = train_steps(model, variables, TOP_TWO, jax.devices()[:2], size=SIZE)
+  before, after = flatten(variables["batch_stats"]), flatten(state.batch_stats)
   moved = {k.split("/")[0] for k in before if not np.array_equal(before[k], after[k])}
   top_bn = {n for n in optim.batch_norm_layers(variables["params"])
             if n.startswith(("mixed9_", "mixed10_"))}
   assert moved == top_bn and len(moved) == 18
-  params_before, params_after = _flat(variables["params"]), _flat(state.params)
+  params_before, params_after = flatten(variables["params"]), flatten(state.params)
   assert not np.array_equal(params_before["mixed10_branch_pool_bn/bias"],
                             params_after["mixed10_branch_pool_bn/bias"])
 
@@ -98,7 +97,8 @@ def test_the_top_two_blocks_move_exactly_their_own_statistics(start):
 @pytest.mark.parametrize("devices,mode", [(4, "shard_map"), (4, "pmap")])
 def test_the_same_steps_on_any_device_count(start, devices, mode):
   model, variables = start
-  run = lambda n, m: _train(model, variables, TOP_TWO, jax.devices()[:n], m, size=SIZE, lr=1e-3)
+  run = lambda n, m: train_steps(model, variables, TOP_TWO, jax.devices()[:n], m, size=SIZE,
+                                 lr=1e-3)
   ref, got = run(1, "shard_map"), run(devices, mode)
   # As for ResNet (test_batchnorm): BatchNorm's backward amplifies the round-off of its batch
   # sums, which another device count orders differently; the ResNet bounds (measured, 4x margin).
@@ -144,8 +144,7 @@ def test_train_then_fine_tune_the_top_blocks_then_evaluate_and_predict(tmp_path)
 
 
 def test_bench_runs_inception(capsys):
-  from test_bench import _tiny_config
-  result = bench.main(_tiny_config(model=TINY, image_size=SIZE, head="gap",
+  result = bench.main(bench_config(model=TINY, image_size=SIZE, head="gap",
                                    trainable=TOP_TWO), mode="train", steps=1, warmup=0,
                       as_json=True)
   assert result["flops_per_step"] > 0 and result["images_per_sec"] > 0
@@ -162,7 +161,7 @@ def test_bfloat16_keeps_statistics_and_params_in_float32(start):
   model = models.get(TINY, head="gap", num_classes=1, dtype="bfloat16",
                      variant="torchvision" if "scale" in variables["params"]["stem_1a_bn"]
                      else "keras")
-  state = _train(model, variables, TOP_TWO, jax.devices()[:2], steps=1, size=SIZE)
+  state = train_steps(model, variables, TOP_TWO, jax.devices()[:2], steps=1, size=SIZE)
   assert {v.dtype for v in jax.tree_util.tree_leaves(state.batch_stats)} == {np.dtype("float32")}
   assert {v.dtype for v in jax.tree_util.tree_leaves(state.params)} == {np.dtype("float32")}
 

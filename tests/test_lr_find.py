@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from transfer import lr_find, main, train
-from test_runs import _snapshot
-from test_train import tiny_config
+from helpers import snapshot, tiny_config
 
 CURVATURE = 100.0  # gradient descent on 0.5 * h * w^2 diverges above 2 / h
 
@@ -67,12 +66,12 @@ LR_FIND = ["--config", "default", "--config.model=vgg16_tiny", "--config.weights
 def test_cli_writes_its_two_files_and_leaves_the_run_there_untouched(tmp_path, capsys):
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(tiny_config(num_steps=3), workdir)
-  before = _snapshot(workdir)
+  before = snapshot(workdir)
   status = main.run(["lr_find", "--workdir", workdir, "--steps", "30", "--start_lr", "1e-5",
                      "--end_lr", "100", *LR_FIND[:2], *[a for a in LR_FIND[2:]]])
   assert status == 0
   out = capsys.readouterr().out
-  after = _snapshot(workdir)
+  after = snapshot(workdir)
   assert set(after) - set(before) == {"lr_find.json", "lr_find.png"}
   assert {k: v for k, v in after.items() if k in before} == before  # byte for byte, same mtimes
   result = json.load(open(os.path.join(workdir, "lr_find.json")))

@@ -17,9 +17,9 @@ import time
 
 import pytest
 
-from transfer import checkpoint, configs, distributed, metrics, train
+from transfer import checkpoint, distributed, metrics, train
 from transfer.errors import UserError
-from conftest import F32_U, HANG_S, assert_trained_alike, wait_for
+from helpers import F32_U, HANG_S, assert_trained_alike, default_config, wait_for
 
 # vgg16_tiny on 32x32 synthetic images; a checkpoint every 2 steps so the kill lands after one.
 # SGD, not Adam: Adam's m/sqrt(v) turns round-off in near-zero gradients (summed in another
@@ -80,14 +80,6 @@ def _wait_all(procs, timeout: float = HANG_S) -> list[int]:
         p.wait()
 
 
-def _config(num_steps: int):
-  c = configs.load("default")
-  for key, value in {**TINY, "num_steps": num_steps}.items():
-    node, _, leaf = key.rpartition(".")
-    (c[node] if node else c)[leaf] = value
-  return c
-
-
 def _kill_one(workdir, logdir) -> tuple[int, float]:
   """Starts a long two-process run, SIGKILLs process 1 once a checkpoint is committed, and
   returns process 0's exit status and how long it took to stop."""
@@ -144,7 +136,7 @@ def test_kill_fails_fast_then_rerun_resumes_and_matches_one_process(tmp_path):
   # One process with all four devices, the same steps and global batch: the same parameters
   # and validation metrics, up to the order in which the gradient mean is summed.
   reference = str(tmp_path / "single")
-  train.train_and_evaluate(_config(total), reference)
+  train.train_and_evaluate(default_config(**TINY, num_steps=total), reference)
   multi, meta = checkpoint.load_trained(str(workdir))
   single, _ = checkpoint.load_trained(reference)
   assert meta["step"] == total

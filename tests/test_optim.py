@@ -7,20 +7,13 @@ import numpy as np
 import pytest
 
 from transfer import models, optim
-from transfer.configs import default
 from transfer.errors import UserError
+from helpers import default_config
 
 
 @pytest.fixture(scope="module")
 def params():
   return models.init_params(models.get("vgg16_tiny", head="flatten_dense", num_classes=2), 32)
-
-
-def _config(**kw):
-  c = default.get_config()
-  for k, v in kw.items():
-    c[k] = v
-  return c
 
 
 def test_labels_freeze_everything_but_the_head(params):
@@ -49,7 +42,7 @@ def test_lr_mults_make_groups_and_must_touch_trainable_params(params):
 
 
 def test_frozen_parameters_have_no_optimizer_state(params):
-  tx, labels = optim.make_optimizer(_config(optimizer="adam"), params, 10)
+  tx, labels = optim.make_optimizer(default_config(optimizer="adam"), params, 10)
   state = tx.init(params)
   leaves = jax.tree_util.tree_leaves(state)
   n_trainable, n_frozen = optim.count_params(params, labels)
@@ -59,8 +52,8 @@ def test_frozen_parameters_have_no_optimizer_state(params):
 
 
 def test_lr_mult_scales_the_update(params):
-  config = _config(optimizer="sgd", momentum=0.0, learning_rate=1.0,
-                   trainable=["^head/", "^block5_conv3"])
+  config = default_config(optimizer="sgd", momentum=0.0, learning_rate=1.0,
+                          trainable=["^head/", "^block5_conv3"])
   config.lr_mults = ml_collections.ConfigDict({"^block5_conv3": 0.1})
   tx, _ = optim.make_optimizer(config, params, 10)
   grads = jax.tree_util.tree_map(jnp.ones_like, params)
@@ -71,7 +64,7 @@ def test_lr_mult_scales_the_update(params):
 
 
 def test_describe_counts(params):
-  _, labels = optim.make_optimizer(_config(), params, 10)
+  _, labels = optim.make_optimizer(default_config(), params, 10)
   line = optim.describe(params, labels)
   trainable = 32 * 256 + 256 + 256 * 2 + 2  # 32x32 input -> 1x1x32 features
   assert line.startswith(f"params: {trainable:,} trainable")
@@ -79,11 +72,11 @@ def test_describe_counts(params):
 
 
 def test_schedules():
-  config = _config(schedule="warmup_cosine", warmup_steps=10, learning_rate=1.0)
+  config = default_config(schedule="warmup_cosine", warmup_steps=10, learning_rate=1.0)
   sched = optim.make_schedule(config, 100)
   assert float(sched(0)) == 0.0 and abs(float(sched(10)) - 1.0) < 1e-6 and float(sched(100)) < 1e-3
   with pytest.raises(UserError, match="unknown schedule"):
-    optim.make_schedule(_config(schedule="bogus"), 10)
+    optim.make_schedule(default_config(schedule="bogus"), 10)
 
 
 def _fastai_one_cycle(step, total, peak, pct, div, final_div):
@@ -99,8 +92,8 @@ def _fastai_one_cycle(step, total, peak, pct, div, final_div):
 
 @pytest.mark.parametrize("step", [0, 5, 25, 26, 60, 99, 100])
 def test_one_cycle_rates_match_the_definition(step):
-  config = _config(schedule="one_cycle", learning_rate=0.1, pct_start=0.25, div_factor=25.0,
-                   final_div_factor=1e4)
+  config = default_config(schedule="one_cycle", learning_rate=0.1, pct_start=0.25,
+                          div_factor=25.0, final_div_factor=1e4)
   rate = float(optim.make_schedule(config, 100)(step))
   # float32 arithmetic: relative to the peak rate near the end, where the rate is tiny.
   assert rate == pytest.approx(_fastai_one_cycle(step, 100, 0.1, 0.25, 25.0, 1e4), rel=1e-5,
@@ -120,7 +113,8 @@ def _injected(opt_state, name):
 @pytest.mark.parametrize("optimizer,key", [("adam", "b1"), ("adamw", "b1"), ("sgd", "momentum")])
 def test_one_cycle_cycles_momentum_where_the_optimizer_has_it(params, optimizer, key):
   """0.95 at the start, 0.85 at the peak rate, back to 0.95 at the end (fastai's moms)."""
-  config = _config(schedule="one_cycle", optimizer=optimizer, learning_rate=0.01, pct_start=0.25)
+  config = default_config(schedule="one_cycle", optimizer=optimizer, learning_rate=0.01,
+                          pct_start=0.25)
   tx, _ = optim.make_optimizer(config, params, 8)
   state = tx.init(params)
   grads = jax.tree_util.tree_map(jnp.ones_like, params)
@@ -134,13 +128,13 @@ def test_one_cycle_cycles_momentum_where_the_optimizer_has_it(params, optimizer,
 
 
 def test_one_cycle_leaves_an_optimizer_without_momentum_alone(params):
-  config = _config(schedule="one_cycle", optimizer="sgd", momentum=0.0)
+  config = default_config(schedule="one_cycle", optimizer="sgd", momentum=0.0)
   assert optim.make_momentum_schedule(config, 8) is None
-  config = _config(schedule="one_cycle", optimizer="adam", cycle_momentum=False)
+  config = default_config(schedule="one_cycle", optimizer="adam", cycle_momentum=False)
   assert optim.make_momentum_schedule(config, 8) is None
 
 
 def test_one_cycle_with_warmup_steps_is_one_line():
   from transfer import configs
   with pytest.raises(UserError, match=r"^warmup_steps=5 does not apply to schedule=one_cycle"):
-    configs.validate(_config(schedule="one_cycle", warmup_steps=5))
+    configs.validate(default_config(schedule="one_cycle", warmup_steps=5))

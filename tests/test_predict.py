@@ -13,13 +13,9 @@ from transfer import weights
 from transfer.errors import UserError
 from transfer.weights import export, port
 
+pytestmark = pytest.mark.usefixtures("home")
+
 TABBY = 281
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-  monkeypatch.setenv("TRANSFER_HOME", str(tmp_path / "home"))
-  monkeypatch.setenv("TRANSFER_WEIGHTS_URL_BASE", "http://127.0.0.1:9/none")
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from transfer import checkpoint, models, optim, parallel
 from transfer import losses, regularisation, train_state
 from transfer import steps as steps_lib
 from transfer.configs import default
-from conftest import assert_trained_alike
+from helpers import assert_trained_alike, tiny_config
 
 IMAGE = 32
 BATCH = 8
@@ -282,7 +282,6 @@ def test_new_keys_accept_their_documented_values():
 def test_resume_with_ema_mixing_and_randaugment_is_bit_exact(tmp_path):
   """3 steps, then a rerun to 6, equals 6 steps at once: params, EMA and optimizer state."""
   from transfer import train
-  from test_train import tiny_config
   extra = dict(ema_decay=0.9, mixup_alpha=0.4, cutmix_alpha=1.0, label_smoothing=0.1,
                augment="randaugment", eval_every_steps=-1)
   train.train_and_evaluate(tiny_config(**extra), str(tmp_path / "ref"))

@@ -7,15 +7,11 @@ layout of the official files, `conv1_bn/gamma:0` ...) and compare outputs on ran
 other tests use `resnet50_tiny` files written from random arrays and need no Keras.
 """
 
-import os
-
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # Before keras is imported anywhere.
-
 import jax
 import numpy as np
 import pytest
 
-from conftest import assert_close_to_scale
+from helpers import assert_close, one_line_error
 from transfer import models
 from transfer import weights
 from transfer.errors import UserError
@@ -32,32 +28,11 @@ RTOL = 1e-4
 TINY = "resnet50_tiny"
 
 # Keras' TF backend trips numpy 2's __array__(copy=...) deprecation on every call.
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-  monkeypatch.setenv("TRANSFER_HOME", str(tmp_path / "home"))
-  # Any accidental download goes to a closed port instead of the internet.
-  monkeypatch.setenv("TRANSFER_WEIGHTS_URL_BASE", "http://127.0.0.1:9/none")
-
-
-def assert_close(ours, ref, rtol=RTOL):
-  assert_close_to_scale(ours, ref, rtol)
-
-
-def one_line_error(excinfo):
-  message = str(excinfo.value)
-  assert "\n" not in message
-  return message
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.usefixtures("home")]
 
 
 # --- Keras parity ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def keras():
-  return pytest.importorskip("keras", reason="keras not installed")
 
 
 def randomize(keras, model, seed):

@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_close_to_scale
+from helpers import assert_close
 from transfer import models
 from transfer import weights
 from transfer.weights import export, formats, port, sources
 # `transfer.weights.preprocess` is also the name of a function the package exports.
 from transfer.weights.preprocess import eval_image, eval_resize, preprocess
+
+pytestmark = pytest.mark.usefixtures("home")
 
 torch = pytest.importorskip("torch", reason="torch extra not installed")
 nn = torch.nn
@@ -27,15 +29,6 @@ nn = torch.nn
 RTOL = 1e-4
 RESNET50 = (3, 4, 6, 3)
 RESNET101 = (3, 4, 23, 3)
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-  monkeypatch.setenv("TRANSFER_HOME", str(tmp_path / "home"))
-
-
-def assert_close(ours, ref, rtol=RTOL):
-  assert_close_to_scale(ours, ref, rtol)
 
 
 # --- the torch reference --------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """A run directory is the user's work: reruns with another config are refused without touching
 it, bookkeeping changes are recorded, failures keep what was trained, exits tell the truth."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -13,23 +12,7 @@ import pytest
 from transfer import checkpoint, main, metrics, preemption, steps, train
 from transfer import workdir as workdir_lib
 from transfer.errors import UserError
-from test_train import tiny_config
-
-
-def _snapshot(root):
-  """Every file under `root` with its bytes' hash and mtime: equal snapshots = untouched."""
-  out = {}
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames.sort()
-    for name in sorted(filenames) + sorted(dirnames):
-      path = os.path.join(dirpath, name)
-      st = os.lstat(path)
-      digest = ""
-      if os.path.isfile(path):
-        with open(path, "rb") as f:
-          digest = hashlib.sha1(f.read()).hexdigest()
-      out[os.path.relpath(path, root)] = (digest, st.st_mtime_ns)
-  return out
+from helpers import snapshot, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +36,14 @@ def run_copy(finished, tmp_path):
     ("trainable", ["^head/", "^block5_"]), ("dataset", "folder:/nonexistent"),
 ])
 def test_a_rerun_that_changes_the_run_is_refused_and_touches_nothing(finished, key, value):
-  before = _snapshot(finished)
+  before = snapshot(finished)
   with pytest.raises(UserError) as error:
     train.train_and_evaluate(tiny_config(num_steps=6, **{key: value}), finished)
   message = str(error.value)
   assert "\n" not in message
   assert f"{key} " in message and "->" in message
   assert "--workdir" in message and f"--config.init_from={finished}" in message
-  assert _snapshot(finished) == before
+  assert snapshot(finished) == before
   assert not os.path.exists(os.path.join(os.path.dirname(finished), "checkpoints_damaged"))
 
 
@@ -95,11 +78,11 @@ def test_a_checkpoint_that_does_not_fit_is_refused_not_set_aside(run_copy):
   os.remove(os.path.join(run_copy, "config.json"))
   checkpointer = checkpoint.Checkpointer(run_copy)
   model_shapes = jax.eval_shape(lambda: {"w": jax.numpy.zeros((3, 3))})
-  before = _snapshot(run_copy)
+  before = snapshot(run_copy)
   with pytest.raises(checkpoint.CheckpointMismatch, match=r"does not fit .*missing"):
     checkpointer.restore_latest({"params": model_shapes})
   checkpointer.close()
-  assert _snapshot(run_copy) == before
+  assert snapshot(run_copy) == before
   assert not os.path.exists(os.path.join(run_copy, "checkpoints_damaged"))
 
 
@@ -118,12 +101,12 @@ def test_a_workdir_whose_checkpoints_are_all_unreadable_is_not_restarted_from_ze
 
 
 def test_a_finished_run_rerun_reports_its_metrics_and_trains_nothing(finished, capsys):
-  before = _snapshot(finished)
+  before = snapshot(finished)
   summary = train.train_and_evaluate(tiny_config(num_steps=3), finished)
   err = capsys.readouterr().err
   assert summary["trained_steps"] == 0 and summary["step"] == 3
   assert "already finished: step 3 of 3, best val_accuracy" in err and "nan" not in err
-  assert _snapshot(finished) == before
+  assert snapshot(finished) == before
 
 
 def test_an_empty_validation_split_trains_without_evaluating(tmp_path, capsys):
@@ -299,10 +282,10 @@ def test_a_folder_run_resumes_and_evaluates_under_any_spelling_of_its_path(tmp_p
   assert train.train_and_evaluate(config(6, tmp_path / "copy"), str(tmp_path / "run"))["step"] == 6
   # Files added: another split, refused before anything is touched.
   _folder(tmp_path / "copy", per_class=12)
-  before = _snapshot(tmp_path / "run")
+  before = snapshot(tmp_path / "run")
   with pytest.raises(UserError, match=r"data differs .*train: 16 -> 20"):
     train.train_and_evaluate(config(8, tmp_path / "copy"), str(tmp_path / "run"))
-  assert _snapshot(tmp_path / "run") == before
+  assert snapshot(tmp_path / "run") == before
 
 
 def test_init_from_a_run_on_the_same_data_with_another_split_is_refused(tmp_path):
@@ -355,7 +338,7 @@ def test_sigterm_before_the_first_step_undoes_the_start(tmp_path):
   code = f"""
 import os, signal, sys
 sys.path.insert(0, {os.path.dirname(__file__)!r})
-from test_train import tiny_config
+from helpers import tiny_config
 from transfer import main, runs, train
 real = runs.initial_variables
 def terminated_while_setting_up(*args, **kwargs):

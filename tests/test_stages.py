@@ -14,7 +14,7 @@ import ml_collections
 
 from transfer import checkpoint, configs, metrics, optim, preemption, stages, train
 from transfer.errors import UserError
-from test_train import tiny_config
+from helpers import cli_train, final_params, finish, tiny_config, wait_for_checkpoint
 
 HEAD = ["^head/"]
 BLOCK5 = ["^head/", "^block5_"]
@@ -201,16 +201,15 @@ KILL = dict(stages=KILL_STAGES, num_steps=90, augment="none", cache_features="tr
 
 
 def test_sigkill_in_stage_two_resumes_there_bit_for_bit(tmp_path):
-  from test_checkpoint import _cli, _final_params, _finish, _wait_for_checkpoint
   reference = tmp_path / "reference"
-  proc = _cli(reference, **KILL)
-  out = _finish(proc, reference)
+  proc = cli_train(reference, **KILL)
+  out = finish(proc, reference)
   assert proc.returncode == 0, out[-3000:]
-  ref_params, _ = _final_params(reference)
+  ref_params, _ = final_params(reference)
 
   workdir = tmp_path / "run"
-  proc = _cli(workdir, **KILL)
-  _wait_for_checkpoint(workdir, 40, proc)  # stage 2's first checkpoint
+  proc = cli_train(workdir, **KILL)
+  wait_for_checkpoint(workdir, 40, proc)  # stage 2's first checkpoint
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   killed_at = max(r["step"] for r in metrics.read_metrics(str(workdir)))
@@ -218,12 +217,12 @@ def test_sigkill_in_stage_two_resumes_there_bit_for_bit(tmp_path):
   resumed_from = checkpoint.Checkpointer(str(workdir)).latest_step()
   assert 40 <= resumed_from < 90
 
-  proc = _cli(workdir, **KILL)
-  out = _finish(proc, workdir)
+  proc = cli_train(workdir, **KILL)
+  out = finish(proc, workdir)
   assert proc.returncode == 0, out[-3000:]
   assert f"resumed from step {resumed_from}" in out and "stage 1/2" not in out
   assert "stage 2/2 (block5)" in out
-  params, meta = _final_params(workdir)
+  params, meta = final_params(workdir)
   assert meta["step"] == 90 and meta["stage"]["index"] == 1
   for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(ref_params)):
     np.testing.assert_array_equal(a, b)  # same programs, steps, data and RNG: bitwise

@@ -11,19 +11,7 @@ from PIL import Image
 
 from transfer import checkpoint, configs, main, metrics, models, runs, train
 from transfer.weights import export
-from conftest import assert_trained_alike
-
-
-def tiny_config(**overrides):
-  """vgg16_tiny on 32x32 synthetic data: a few seconds per run on a CPU."""
-  c = configs.load("default")
-  c.model, c.weights, c.image_size, c.batch_size = "vgg16_tiny", "none", 32, 8
-  c.synthetic.train_size, c.synthetic.val_size, c.synthetic.base_size = 48, 20, 32
-  c.num_steps, c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 6, 2, 3, 3
-  c.learning_rate, c.augment = 1e-3, "flip"
-  for key, value in overrides.items():
-    c[key] = value
-  return c
+from helpers import assert_trained_alike, tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 from transfer import models, optim, parallel
 from transfer import steps as steps_lib, train_state
 from transfer.configs import default
-from conftest import F32_U, assert_trained_alike
+from helpers import F32_U, assert_trained_alike
 
 IMAGE = 32
 BATCH = 8

@@ -15,16 +15,12 @@ from transfer import main as cli_main
 from transfer import models
 from transfer import weights
 from transfer.errors import UserError
+from helpers import one_line_error
 from transfer.weights import export, port, sources
 
+pytestmark = pytest.mark.usefixtures("home")
+
 TINY = "vgg16_tiny"
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-  monkeypatch.setenv("TRANSFER_HOME", str(tmp_path / "home"))
-  # Any accidental download goes to a closed port instead of the internet.
-  monkeypatch.setenv("TRANSFER_WEIGHTS_URL_BASE", "http://127.0.0.1:9/none")
 
 
 def random_params(arch, image_size=224, seed=0, **kw):
@@ -55,12 +51,6 @@ def tiny_top(tmp_path):
 @pytest.fixture
 def tiny_notop(tmp_path):
   return keras_file(tmp_path / "tiny_notop.h5", top=False)
-
-
-def one_line_error(excinfo):
-  message = str(excinfo.value)
-  assert "\n" not in message
-  return message
 
 
 # --- merging -------------------------------------------------------------------------------------

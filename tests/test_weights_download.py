@@ -59,8 +59,8 @@ def url(server, path):
 
 
 @pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-  monkeypatch.setenv("TRANSFER_HOME", str(tmp_path / "home"))
+def _official_url_base(home, monkeypatch):
+  """The `home` fixture, with downloads from the official URLs (which the tests redirect)."""
   monkeypatch.delenv("TRANSFER_WEIGHTS_URL_BASE", raising=False)
 
 

@@ -6,15 +6,11 @@ Reference networks get random weights, the weights are written the way the offic
 inputs. Random (not zero) biases make a swapped kernel/bias or a wrong transpose show.
 """
 
-import os
-
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # Before keras is imported anywhere.
-
 import jax
 import numpy as np
 import pytest
 
-from conftest import assert_close_to_scale
+from helpers import assert_close
 from transfer import models
 from transfer import weights
 from transfer.weights import export
@@ -22,16 +18,8 @@ from transfer.weights import export
 RTOL = 1e-4
 
 # Keras' TF backend trips numpy 2's __array__(copy=...) deprecation on every call.
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-  monkeypatch.setenv("TRANSFER_HOME", str(tmp_path / "home"))
-
-
-def assert_close(ours, ref, rtol=RTOL):
-  assert_close_to_scale(ours, ref, rtol)
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.usefixtures("home")]
 
 
 def randomize(model, seed):
@@ -60,12 +48,6 @@ def forward(model_name, params, x, **kw):
 
 
 # --- Keras ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def keras():
-  keras_module = pytest.importorskip("keras", reason="keras not installed")
-  return keras_module
 
 
 @pytest.fixture(scope="module")

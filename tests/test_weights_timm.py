@@ -27,6 +27,8 @@ from transfer.errors import UserError
 from transfer.weights import export, port, sources
 from transfer.weights.preprocess import EvalGeometry, eval_geometry, eval_image, mode_for
 
+pytestmark = pytest.mark.usefixtures("home")
+
 _RSB = "releases/download/v0.1-rsb-weights"
 # tag -> (legacy `url`, test_input_size, test_crop_pct, interpolation), as timm's cfgs say.
 TIMM_CFG = {
@@ -46,13 +48,6 @@ TIMM_CFG = {
         288, 1.0, "bicubic"),
 }
 A1 = "timm:resnet50.a1_in1k"
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-  monkeypatch.setenv("TRANSFER_HOME", str(tmp_path / "home"))
-  # Any download that a test does not serve itself goes to a closed port, not the internet.
-  monkeypatch.setenv("TRANSFER_WEIGHTS_URL_BASE", "http://127.0.0.1:9/none")
 
 
 @pytest.mark.parametrize("tag", sorted(TIMM_CFG))

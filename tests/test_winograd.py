@@ -13,7 +13,7 @@ from jax import lax
 from transfer import models
 from transfer.errors import UserError
 from transfer.models import winograd
-from conftest import F32_U
+from helpers import F32_U
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 SLACK = 4  # safety factor over the expected round-off
