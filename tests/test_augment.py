@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 import transfer.data
-from transfer.data import images, pipeline
+from transfer.data import augmentation, images
 from helpers import assert_batches_equal, make_config, take
 
 AUGMENTS = ["inception_crop", "randaugment"]
@@ -121,9 +121,9 @@ def test_randaugment_is_a_function_of_its_generator():
 
 def test_augment_one_randaugment_starts_from_the_inception_crop():
   image = np.random.default_rng(0).integers(0, 256, (40, 40, 3)).astype(np.uint8)
-  crop = pipeline.augment_one(image, "inception_crop", 32, np.random.default_rng(5))
+  crop = augmentation.augment_one(image, "inception_crop", 32, np.random.default_rng(5))
   rng = np.random.default_rng(5)
   want = images.randaugment(images.inception_crop(image, 32, rng), rng, 1, 5)
-  got = pipeline.augment_one(image, "randaugment", 32, np.random.default_rng(5), (1, 5))
+  got = augmentation.augment_one(image, "randaugment", 32, np.random.default_rng(5), (1, 5))
   np.testing.assert_array_equal(got, want)
   assert crop.shape == (32, 32, 3)

@@ -71,7 +71,7 @@ def compute_features(feature_fn, variables, batches, mesh) -> tuple[np.ndarray, 
 def feature_batches(features, labels, batch_size: int, seed: int, start_step: int) -> Iterator:
   """Batches of cached features in exactly the order the image pipeline would give (same
   per-epoch permutation), so a cached run trains on the same batches as a streaming one."""
-  from transfer.data.pipeline import permutation
+  from transfer.data.dataset import permutation
   n = len(features)
   steps_per_epoch = n // batch_size
   step = start_step

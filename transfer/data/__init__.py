@@ -12,9 +12,11 @@ process reads only its rows of every global batch. `Dataset.identity()` records 
 saw; `check_same_data` refuses to resume or evaluate a run on other data.
 """
 
+from transfer.data.augmentation import AUGMENTS
+from transfer.data.dataset import Dataset, check_batch_size
 from transfer.data.device import input_rates, input_throughput, prefetch_to_device
 from transfer.data.identity import check_same_data
-from transfer.data.pipeline import AUGMENTS, CACHES, Dataset, check_batch_size, create
+from transfer.data.pipeline import CACHES, create
 from transfer.data.sources import LABELS_FROM
 
 __all__ = ["AUGMENTS", "CACHES", "LABELS_FROM", "Dataset", "check_batch_size", "check_same_data",
