@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from transfer import ema
 from transfer.errors import UserError
 
 log = logging.getLogger("transfer")
@@ -256,11 +257,6 @@ class Checkpointer:
       self.manager.reload()
     return target
 
-  def restore_params(self, step: int) -> tuple[Any, dict[str, Any]]:
-    """The params and metadata of `step` (see `restore_variables`)."""
-    variables, meta = self.restore_variables(step)
-    return variables["params"], meta
-
   def restore_variables(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """The model variables (`params`, and `batch_stats` when the network has BatchNorm, and
     `ema_params` when the run kept a parameter EMA) and the metadata of `step`, whole on this
@@ -276,8 +272,8 @@ class Checkpointer:
     variables = {"params": state["params"]}
     if state.get("batch_stats"):
       variables["batch_stats"] = state["batch_stats"]
-    if state.get("ema_params"):  # runs with ema_decay > 0 (`runs.serving_variables` picks)
-      variables["ema_params"] = state["ema_params"]
+    if state.get(ema.FIELD):  # runs with ema_decay > 0 (`ema.serving_variables` picks)
+      variables[ema.FIELD] = state[ema.FIELD]
     return variables, dict(restored[META])
 
   def local_target(self, step: int):
@@ -410,7 +406,6 @@ def select_steps(checkpointer: Checkpointer, checkpoint: str | int | None = "lat
     UserError: no checkpoints; a step that does not exist (the message lists those that do);
       "best" when no kept step has a val_accuracy; a value that is none of the above.
   """
-  from transfer.errors import UserError
   steps = checkpointer.steps()
   if not steps:
     raise UserError(f"no checkpoint in {checkpointer.directory}; train there first "

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transfer import parallel
+from transfer import ema, parallel
 from transfer.train_state import TrainState
 
 
@@ -26,8 +26,7 @@ def evaluate_state(eval_step, state: TrainState, make_batches: Callable, mesh) -
   """
   metrics = evaluate(eval_step, state.variables, make_batches(), mesh)
   if state.ema_params:
-    ema = evaluate(eval_step, state.ema_variables, make_batches(), mesh)
-    metrics.update({f"ema_{k}": ema[k] for k in ("val_loss", "val_accuracy")})
+    metrics.update(ema.metrics(evaluate(eval_step, state.ema_variables, make_batches(), mesh)))
   return metrics
 
 

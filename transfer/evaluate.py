@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from transfer import checkpoint as checkpoint_lib
-from transfer import eval_loop, parallel, runs, steps
+from transfer import ema, eval_loop, parallel, runs, steps
 from transfer.errors import UserError
 
 
@@ -36,7 +36,7 @@ def evaluate_workdir(workdir: str, checkpoint: str | int | None = "latest", tta:
     checkpoint: "latest" (or None), "best" or a step (see `checkpoint.load_trained`).
     tta: average the probabilities of each image and its horizontal mirror.
     top_losses: > 0: also find the K most confidently wrong validation examples under the
-      serving params (`runs.serving_variables`: the EMA when there is one), see
+      serving params (`ema.serving_variables`: the EMA when there is one), see
       `find_top_losses`.
 
   Returns:
@@ -64,14 +64,13 @@ def evaluate_workdir(workdir: str, checkpoint: str | int | None = "latest", tta:
     raise UserError("--top_losses runs on a single process; run transfer eval on one host")
   eval_step = steps.make_eval_step(model, mesh, len(run["class_names"]), config.parallel, tta=tta)
   batches = lambda: ds.eval_batches("val", config.batch_size)
-  raw = parallel.replicate(runs.serving_variables(variables, use_ema=False), mesh)
+  raw = parallel.replicate(ema.serving_variables(variables, use_ema=False), mesh)
   result = {"step": meta["step"], **eval_loop.evaluate(eval_step, raw, batches(), mesh),
             "class_names": run["class_names"], "tta": tta}
   serving = raw
-  if runs.has_ema(variables):
-    serving = parallel.replicate(runs.serving_variables(variables), mesh)
-    ema = eval_loop.evaluate(eval_step, serving, batches(), mesh)
-    result.update({f"ema_{k}": ema[k] for k in ("val_loss", "val_accuracy")})
+  if ema.has_ema(variables):
+    serving = parallel.replicate(ema.serving_variables(variables), mesh)
+    result.update(ema.metrics(eval_loop.evaluate(eval_step, serving, batches(), mesh)))
   if top_losses:
     probs_step = steps.make_probabilities_step(model, mesh, tta=tta)
     probs, labels, ids = example_probabilities(probs_step, serving, batches(), mesh)

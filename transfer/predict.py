@@ -111,7 +111,7 @@ def predict_trained(images: Sequence[str], workdir: str, *, top: int = 5,
 
   The model, class names, input size, eval crop and preprocessing come from the checkpoint's
   metadata, so images go through exactly the transform the run was validated with. A run
-  trained with `ema_decay` > 0 predicts with its EMA params (`runs.serving_variables`).
+  trained with `ema_decay` > 0 predicts with its EMA params (`ema.serving_variables`).
 
   Args:
     images: image file paths.
@@ -155,13 +155,13 @@ def _imagenet_predictions(paths, model, weights, top, batch_size) -> Iterator[Pr
 def _trained_predictions(paths, workdir, top, batch_size, checkpoint) -> Iterator[Prediction]:
   """`predict_trained`, one result at a time (checks and loading happen before the first)."""
   from transfer import checkpoint as checkpoint_lib
-  from transfer import runs
+  from transfer import ema, runs
   from transfer import weights as weights_lib
   from transfer.data import images as image_ops
 
   _check_counts(top, batch_size)
   variables, meta = checkpoint_lib.load_trained_variables(workdir, checkpoint)
-  params = runs.serving_variables(variables)  # the EMA params when the run kept them
+  params = ema.serving_variables(variables)  # the EMA params when the run kept them
   run = meta["run"]
   size = run["image_size"]
   stored = image_ops.stored_size(size, float(run["eval_crop"]))

@@ -30,14 +30,12 @@ class Regularisation:
       corrected to the box's real area (timm's `correct_lam`).
     switch_prob: with both alphas > 0, the probability that a batch gets cutmix rather than
       mixup (timm's `switch_prob`, 0.5). Every batch is mixed (timm's `mix_prob` = 1).
-    ema_decay: parameter EMA decay; used when the state carries `ema_params`.
   """
 
   label_smoothing: float = 0.0
   mixup_alpha: float = 0.0
   cutmix_alpha: float = 0.0
   switch_prob: float = 0.5
-  ema_decay: float = 0.0
 
   @classmethod
   def from_config(cls, config) -> "Regularisation":
@@ -45,7 +43,7 @@ class Regularisation:
     is off (an older run's config.json is read back over those defaults)."""
     get = lambda key: float(config[key])
     return cls(label_smoothing=get("label_smoothing"), mixup_alpha=get("mixup_alpha"),
-               cutmix_alpha=get("cutmix_alpha"), ema_decay=get("ema_decay"))
+               cutmix_alpha=get("cutmix_alpha"))
 
   @property
   def mixes(self) -> bool:

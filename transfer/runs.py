@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from transfer import configs, models
+from transfer import configs, ema, models
 from transfer.errors import UserError
 from transfer.workdir import format_changes
 
@@ -86,12 +86,6 @@ def build_model(config, num_classes: int, dtype: str | None = None):
                      dtype=dtype or models.resolve_dtype(config.dtype), conv=config.conv,
                      variant=model_variant(config))
   return model, outputs
-
-
-def initial_params(config, model, shapes=None, data_identity=None):
-  """`initial_variables`' params (for networks without BatchNorm, all there is)."""
-  variables, note = initial_variables(config, model, shapes, data_identity)
-  return variables["params"], note
 
 
 def initial_variables(config, model, shapes=None, data_identity=None):
@@ -169,32 +163,10 @@ def variables_from_workdir(other: str, shapes, data_identity=None):
   return variables
 
 
-def serving_variables(variables: dict[str, Any], use_ema: bool = True) -> dict[str, Any]:
-  """The variables to predict or export with: the EMA params when the run kept them.
-
-  The one place that decides which params a trained run serves with (predict, eval's headline,
-  export). BatchNorm statistics are the raw ones (the EMA averages params only).
-
-  Args:
-    variables: from `checkpoint.load_trained_variables` (`params`, maybe `batch_stats` and
-      `ema_params`).
-    use_ema: False gives the raw params even when an EMA exists.
-
-  Returns:
-    `{"params"}` (and `"batch_stats"`): what `model.apply` takes.
-  """
-  params = variables["params"]
-  if use_ema and variables.get("ema_params"):
-    params = variables["ema_params"]
-  out = {"params": params}
-  if variables.get("batch_stats"):
-    out["batch_stats"] = variables["batch_stats"]
-  return out
-
-
-def has_ema(variables: dict[str, Any]) -> bool:
-  """Whether a trained run's variables hold a parameter EMA."""
-  return bool(variables.get("ema_params"))
+# Which params a trained run serves with is decided in `transfer.ema`; these names stay for
+# callers of the public API.
+serving_variables = ema.serving_variables
+has_ema = ema.has_ema
 
 
 # ----------------------------------------------------------------------------- checkpoint metadata

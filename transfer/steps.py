@@ -23,8 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from transfer import optim, parallel
-from transfer.ema import update_ema
+from transfer import ema, optim, parallel
 from transfer.errors import UserError
 from transfer.losses import loss_and_metrics, predictions, probabilities, soft_targets
 from transfer.regularisation import Regularisation, flipped_partner, mix_batch, mix_key
@@ -51,7 +50,8 @@ def _split(params, mask):
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, param_labels, mesh,
                     parallel_mode: str = "shard_map", stage: str = "full",
-                    regularisation: Regularisation | None = None) -> Callable:
+                    regularisation: Regularisation | None = None,
+                    ema_decay: float = 0.0) -> Callable:
   """Builds the jitted data-parallel `train_step(state, batch) -> (state, metrics)`.
 
   Gradients are taken only with respect to the trainable parameters (those not labelled
@@ -66,10 +66,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, param_la
     mesh: the `data` mesh.
     parallel_mode: `"shard_map"` or `"pmap"`.
     stage: `"full"` (batches hold images) or `"head"` (batches hold cached backbone features).
-    regularisation: label smoothing, mixup/cutmix and the EMA decay (default: none). Mixing
-      draws from the step's key (`rng` folded with `step`, then with `_MIX_STREAM`) and pairs
-      examples across the global batch (`flipped_partner`). The EMA is updated when the state
-      carries one (`create_train_state(ema=True)`).
+    regularisation: label smoothing and mixup/cutmix (default: none). Mixing draws from the
+      step's key (`rng` folded with `step`, then `regularisation.mix_key`) and pairs examples
+      across the global batch (`flipped_partner`).
+    ema_decay: the parameter average's decay (`ema.decay(config)`); the average is updated when
+      the state carries one (`create_train_state(ema=True)`).
 
   Returns:
     A function taking the replicated state and a batch `{"image", "label"}` sharded over `data`;
@@ -117,8 +118,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, param_la
         {**{k: jnp.zeros_like(v) for k, v in frozen.items()}, **grads})
     updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    ema_params = (update_ema(state.ema_params, new_params, reg.ema_decay, mask)
-                  if state.ema_params else state.ema_params)
+    ema_params = ema.update(state.ema_params, new_params, ema_decay, mask)
 
     # A non-finite loss freezes the state at its last good value and records the step.
     ok = jnp.isfinite(jax.lax.pmean(loss, parallel.AXIS)) & (state.nonfinite_step < 0)

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from transfer import checkpoint as ckpt_lib
-from transfer import eval_loop, features, metrics as metrics_lib, models, optim, parallel
-from transfer import regularisation, runs, steps, train_state
+from transfer import ema as ema_lib, eval_loop, features, metrics as metrics_lib, models, optim
+from transfer import parallel, regularisation, runs, steps, train_state
 from transfer import preemption as preemption_lib
 from transfer import stages as stages_lib
 from transfer import workdir as workdir_lib
@@ -140,7 +140,7 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
         lambda: models.init_variables(model, config.image_size, config.seed))
     shapes = variable_shapes["params"]
     optimizers = _StageOptimizers(shapes)
-    ema = config.ema_decay > 0
+    ema = ema_lib.enabled(config)
     for stage in plan:  # every stage's patterns are checked before anything runs
       optimizers.get(stage)
 
@@ -235,7 +235,8 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
         batches = data_lib.prefetch_to_device(train_iter, parallel.batch_sharding(mesh),
                                               size=config.prefetch)
         train_step = steps.make_train_step(model, tx, param_labels, mesh, config.parallel, kind,
-                                           regularisation.Regularisation.from_config(c))
+                                           regularisation.Regularisation.from_config(c),
+                                           ema_lib.decay(c))
         eval_step = steps.make_eval_step(model, mesh, num_classes, config.parallel, kind)
         schedule = optim.make_schedule(c, stage.steps)
         stage_meta = {"index": stage.index, "name": stage.name, "start": stage.start,

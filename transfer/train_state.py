@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from transfer import ema as ema_lib
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -25,10 +27,8 @@ class TrainState:
     nonfinite_step: -1, or the first step whose loss was NaN/inf (updates stop from then on, and
       the loop refuses to checkpoint), so a blow-up is caught without a host sync every step.
     batch_stats: BatchNorm running statistics (float32), `{}` for networks without BatchNorm.
-    ema_params: exponential moving average of `params` (`ema_decay` > 0), else `{}`. It covers
-      every param, frozen ones too: a frozen param's average is never updated, so it stays equal
-      to the param, and a later stage that unfreezes it starts its average from the right value.
-      One more copy of the params buys one code path for every stage (see `update_ema`).
+    ema_params: exponential moving average of `params` (`ema_decay` > 0), else `{}`: see
+      `transfer.ema` (its `FIELD` is this field's name).
   """
 
   step: jax.Array
@@ -58,11 +58,10 @@ def create_train_state(params, tx: optax.GradientTransformation, seed: int,
 
   `ema=True` (a run with `ema_decay` > 0) starts the parameter average at the params.
   """
-  ema_params = jax.tree_util.tree_map(jnp.array, params) if ema else {}
   return TrainState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=tx.init(params),
                     rng=jax.random.key_data(jax.random.PRNGKey(seed)),
                     nonfinite_step=jnp.asarray(-1, jnp.int32), batch_stats=batch_stats or {},
-                    ema_params=ema_params)
+                    ema_params=ema_lib.init(params, ema))
 
 
 def as_variables(params_or_variables, batch_stats=None) -> dict[str, Any]:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from transfer import ema
 from transfer.errors import UserError
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
 DTYPES = ("float32", "bfloat16")
 # The checkpoint entry holding the parameters' exponential moving average, when a run keeps one.
-EMA_KEY = "ema_params"
+EMA_KEY = ema.FIELD
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,13 +53,12 @@ class ServingModel:
 def inference_params(variables: dict[str, Any]) -> tuple[dict[str, Any], str]:
   """The variables a served model runs with, and which params they hold ("params" or "ema").
 
-  `runs.serving_variables` makes the choice for predict and export alike: a run that keeps an
+  `ema.serving_variables` makes the choice for predict and export alike: a run that keeps an
   exponential moving average of its params (`EMA_KEY` in the restored variables) serves the
   average, otherwise the trained params; BatchNorm statistics come along unchanged.
   """
-  from transfer import runs
-  kind = "ema" if variables.get(EMA_KEY) else "params"
-  return runs.serving_variables(variables), kind
+  kind = "ema" if ema.has_ema(variables) else "params"
+  return ema.serving_variables(variables), kind
 
 
 def load_serving_model(workdir: str, checkpoint: str | int | None = "latest",
