@@ -177,7 +177,7 @@ def _transfer_step(model_name: str, dtype: str, batch: int, size: int, options: 
   import transfer.platform
   transfer.platform.setup()  # as every `transfer` command does, before JAX has a backend
   import jax
-  from transfer import bench, configs, steps
+  from transfer import bench, configs
   config = configs.load("bench")
   config.batch_size, config.image_size, config.dtype = batch, size, dtype
   config.conv = options.get("conv", config.conv)
@@ -185,7 +185,7 @@ def _transfer_step(model_name: str, dtype: str, batch: int, size: int, options: 
     config.model, config.variant, config.head, config.head_dropout = (
         "resnet50", options.get("variant", "torchvision"), "gap", 0.0)
   setup = bench.Setup(config, dtype)
-  step = steps.make_train_step(setup.model, setup.tx, setup.labels, setup.mesh, config.parallel)
+  step = setup.run.train_step(setup.parts)
   batch_arrays = {"image": setup.images(), "label": setup.labels_batch()}
   holder = {"state": setup.state()}
   step = step.lower(holder["state"], batch_arrays).compile()

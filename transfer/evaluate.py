@@ -16,11 +16,9 @@ import sys
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 
-from transfer import checkpoint as checkpoint_lib
-from transfer import ema, eval_loop, parallel, runs, steps
+from transfer import ema, eval_loop, parallel, steps
 from transfer.errors import UserError
 
 
@@ -45,34 +43,23 @@ def evaluate_workdir(workdir: str, checkpoint: str | int | None = "latest", tta:
     `top_losses` (a list of `{"id", "true", "pred", "prob_pred", "prob_true", "loss"}`) with
     `top_losses_images` (their uint8 images as evaluated, for `plot_top_losses`).
   """
-  from transfer import data as data_lib
-  variables, meta = checkpoint_lib.load_trained_variables(workdir, checkpoint)
-  run = meta["run"]
-  config = ml_collections.ConfigDict(meta["config"])
-  recorded = run.get("data") or {}
-  if recorded.get("dataset"):  # absolute: eval works from any working directory
-    config.dataset = recorded["dataset"]
-  model = runs.model_from_meta(run)
-  mesh = parallel.make_mesh()
-  ds = data_lib.create(config, preprocess_source=runs.weights_source(run["weights"]) or "none")
-  if not ds.num_val:
-    raise UserError(f"{workdir} was trained without a validation split ({config.dataset}, "
-                    f"val_fraction={config.val_fraction}); there is nothing to evaluate on")
-  data_lib.check_same_data(recorded, ds.identity(), f"eval of {workdir}",
-                           hint="restore the run's data there, or train a new run on this data")
+  from transfer import assembly
+  trained = assembly.Run.from_checkpoint(workdir, checkpoint)
+  variables, mesh, config = trained.variables, trained.mesh, trained.config
+  ds = trained.validation_data()
   if top_losses and jax.process_count() > 1:
     raise UserError("--top_losses runs on a single process; run transfer eval on one host")
-  eval_step = steps.make_eval_step(model, mesh, len(run["class_names"]), config.parallel, tta=tta)
+  eval_step = trained.eval_step(tta=tta)
   batches = lambda: ds.eval_batches("val", config.batch_size)
   raw = parallel.replicate(ema.serving_variables(variables, use_ema=False), mesh)
-  result = {"step": meta["step"], **eval_loop.evaluate(eval_step, raw, batches(), mesh),
-            "class_names": run["class_names"], "tta": tta}
+  result = {"step": trained.step, **eval_loop.evaluate(eval_step, raw, batches(), mesh),
+            "class_names": trained.metadata["class_names"], "tta": tta}
   serving = raw
-  if ema.has_ema(variables):
+  if trained.keeps_ema:
     serving = parallel.replicate(ema.serving_variables(variables), mesh)
     result.update(ema.metrics(eval_loop.evaluate(eval_step, serving, batches(), mesh)))
   if top_losses:
-    probs_step = steps.make_probabilities_step(model, mesh, tta=tta)
+    probs_step = steps.make_probabilities_step(trained.model, mesh, tta=tta)
     probs, labels, ids = example_probabilities(probs_step, serving, batches(), mesh)
     result["top_losses"] = find_top_losses(probs, labels, ids, top_losses)
     result["top_losses_images"] = ds.eval_images("val", [t["id"] for t in result["top_losses"]])

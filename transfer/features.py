@@ -90,3 +90,29 @@ def feature_eval_batches(features, labels, batch_size: int) -> Iterator:
     idx = np.concatenate([rows, np.zeros(pad, np.int64)])
     yield {"image": features[idx], "label": labels[idx],
            "mask": np.arange(batch_size) < len(rows)}
+
+
+def stage_inputs(config, param_labels, model, state, ds, mesh, start: int, log):
+  """A stage's input: `(kind, train batches from its step `start`, val batches function)`.
+
+  `kind` is `head` when the stage trains on backbone features computed once (`cache_features`
+  with a frozen backbone and no augmentation), else `full` (images). `log` takes progress lines.
+  """
+  no_cache_reason = cache_features_reason(config, param_labels)
+  if no_cache_reason is None:
+    log("cache_features: running the frozen backbone once over train and val")
+    train_iter, val_batches, note = cached_inputs(
+        model, state.variables, ds, mesh, config.batch_size, config.seed, start)
+    log(f"cache_features: {note}")
+    return "head", train_iter, val_batches
+  if config.cache_features:
+    log(f"cache_features not used: {no_cache_reason}")
+  return "full", ds.train_batches(start), lambda: ds.eval_batches("val", config.batch_size)
+
+
+def data_position(ds, step: int, kind: str, steps_per_epoch: int) -> dict[str, int]:
+  """Where a stage's input stands after `step` of its steps (stored with each checkpoint)."""
+  if kind == "full" and hasattr(ds, "position"):
+    return dict(ds.position(step))
+  epoch, index = divmod(step, steps_per_epoch)
+  return {"epoch": epoch, "index": index}

@@ -119,8 +119,7 @@ def find(config, *, steps: int = 100, start_lr: float = 1e-7, end_lr: float = 10
   """
   import jax
   import optax
-  from transfer import data as data_lib, models, optim, parallel, runs, stages as stages_lib
-  from transfer import steps as steps_lib, train_state
+  from transfer import assembly, data as data_lib, optim, parallel, stages as stages_lib
   log = log or (lambda line: None)
   if steps < 2 or not 0 < start_lr < end_lr or diverge <= 1 or not 0 <= beta < 1:
     raise UserError(f"lr_find needs steps >= 2, 0 < start_lr < end_lr, diverge > 1 and beta in "
@@ -133,24 +132,19 @@ def find(config, *, steps: int = 100, start_lr: float = 1e-7, end_lr: float = 10
   with c.unlocked():
     c.schedule = "constant"  # no momentum cycling: the sweep is the only schedule
 
-  mesh = parallel.make_mesh(devices)
-  parallel.check_batch_size(config.batch_size, mesh)
-  source = runs.weights_source(c.weights)
-  ds = data_lib.create(c, preprocess_source=source or "none")
-  log(f"data: {c.dataset}: {ds.describe()}")
-  num_classes = c.num_classes if c.num_classes > 0 else ds.num_classes
-  model, _ = runs.build_model(c, num_classes)
-  shapes = jax.eval_shape(lambda: models.init_variables(model, c.image_size, c.seed))["params"]
-  variables, note = runs.initial_variables(c, model, shapes, ds.identity())
+  # The run this stage trains (data, class check, model, regularisation, EMA), its optimizer
+  # driven by the sweep.
+  run = assembly.build(c, devices)
+  log(f"data: {c.dataset}: {run.data.describe()}")
+  variables, note = run.initial_variables()
   log(f"{c.model} + {c.head} head; {note}")
   sweep = optax.exponential_decay(start_lr, max(steps - 1, 1), end_lr / start_lr)
-  tx, labels = optim.make_optimizer(c, shapes, steps, schedule=sweep)
-  log(optim.describe(variables["params"], labels))
-  state = parallel.replicate(train_state.create_train_state(
-      variables["params"], tx, c.seed, variables.get("batch_stats")), mesh)
-  train_step = steps_lib.make_train_step(model, tx, labels, mesh, c.parallel, "full")
-  batches = data_lib.prefetch_to_device(ds.train_batches(0), parallel.batch_sharding(mesh),
-                                        size=c.prefetch)
+  parts = run.sweep(run.stage(0), steps, sweep)
+  log(optim.describe(variables["params"], parts.param_labels))
+  state = run.new_state(variables, parts)
+  train_step = run.train_step(parts, "full")
+  batches = data_lib.prefetch_to_device(run.data.train_batches(0),
+                                        parallel.batch_sharding(run.mesh), size=c.prefetch)
   lrs = rates(start_lr, end_lr, steps)
 
   def train_one(i):

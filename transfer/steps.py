@@ -5,10 +5,11 @@ chooses. Each step is compiled once, with the state donated. Freezing comes from
 labels (see `transfer.optim`): the train step differentiates only the trainable parameters, so a
 frozen conv base costs a forward pass and no backward pass. The state is `transfer.train_state`,
 the loss `transfer.losses`, smoothing and mixing `transfer.regularisation`, the parameter
-average `transfer.ema`; the host-side eval loop is `transfer.eval_loop`.
+average `transfer.ema`; the host-side eval loop is `transfer.eval_loop`. A run builds its steps
+through `transfer.assembly`, so train, lr_find and bench compile the same ones.
 
     tx, param_labels = transfer.optim.make_optimizer(config, params, total_steps)
-    state = parallel.replicate(create_train_state(params, tx, seed), mesh)
+    state = parallel.replicate(train_state.create_train_state(params, tx, seed), mesh)
     train_step = make_train_step(model, tx, param_labels, mesh)
     state, metrics = train_step(state, {"image": images, "label": labels})
 """

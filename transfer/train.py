@@ -3,8 +3,10 @@
 `train_and_evaluate` reads data, runs the pure steps of `transfer.steps` stage after stage
 (`transfer.stages`; one stage unless the config lists several), logs
 (`transfer.metrics`), evaluates and checkpoints (`transfer.checkpoint`) at steps chosen by
-`_is_due`, and stops cleanly on SIGTERM/SIGINT. What the run is (its model, initial params, and
-the checks that a rerun is the same run) comes from `transfer.runs`.
+`_is_due`, and stops cleanly on SIGTERM/SIGINT. What the run is (its data, model, initial
+variables, each stage's optimizer, regularisation, parameter average and jitted steps, and the
+checks that a checkpoint is this run's) is assembled once by `transfer.assembly`, the same way
+`lr_find` and `bench` assemble it.
 
 Python API for research:
     config = transfer.configs.load("quickstart")
@@ -14,6 +16,7 @@ Python API for research:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
@@ -27,9 +30,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from transfer import assembly, eval_loop, features, metrics as metrics_lib, optim, parallel
 from transfer import checkpoint as ckpt_lib
-from transfer import ema as ema_lib, eval_loop, features, metrics as metrics_lib, models, optim
-from transfer import parallel, regularisation, runs, steps, train_state
 from transfer import preemption as preemption_lib
 from transfer import stages as stages_lib
 from transfer import workdir as workdir_lib
@@ -100,95 +102,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) -> dict[str, Any]:
   """`train_and_evaluate` once the workdir is known to hold this run (or none)."""
-  from transfer import data as data_lib
-
   is_main = jax.process_index() == 0
-  mesh = parallel.make_mesh(devices)
-  parallel.check_batch_size(config.batch_size, mesh)
-
-  # Data first: bad input fails before any compilation.
-  weights_source = runs.weights_source(config.weights)
-  ds = data_lib.create(config, preprocess_source=weights_source or "none")
-  _log(is_main, f"data: {config.dataset}: {ds.describe()}")
-  num_classes = config.num_classes if config.num_classes > 0 else ds.num_classes
-  if num_classes != ds.num_classes:
-    raise UserError(f"num_classes={num_classes} but the dataset has {ds.num_classes} classes "
-                    f"({', '.join(ds.class_names[:10])}); use num_classes=-1")
-  model, outputs = runs.build_model(config, num_classes)
-  data_identity = ds.identity()
-  meta_run = runs.run_metadata(config, ds.class_names, outputs, data_identity, conv=model.conv,
-                               variant=getattr(model, "variant", None))
-  has_val = ds.num_val > 0
-  if not has_val:
+  run = assembly.build(config, devices)  # data first: bad input fails before any compilation
+  _log(is_main, f"data: {config.dataset}: {run.data.describe()}")
+  if not run.data.num_val:
     _log(is_main, "no validation examples: training without evaluation (raise val_fraction or "
                   "add a val/ folder to evaluate)")
-
-  steps_per_epoch = ds.steps_per_epoch
-  plan = stages_lib.plan(config, steps_per_epoch) if steps_per_epoch > 0 else []
-  total_steps = stages_lib.total_steps(plan)
-  if total_steps <= 0 or steps_per_epoch <= 0 or min(s.steps for s in plan) <= 0:
-    raise UserError(f"nothing to train: {ds.num_train} training examples, batch_size="
-                    f"{config.batch_size}; lower batch_size or add data")
-  staged = stages_lib.is_staged(config)
 
   # State: resume > init_from > weights > random.
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
                                        keep_best=config.keep_best_checkpoints)
   try:
-    # Shapes only: a resumed run never initialises, a fresh one initialises once below.
-    variable_shapes = jax.eval_shape(
-        lambda: models.init_variables(model, config.image_size, config.seed))
-    shapes = variable_shapes["params"]
-    optimizers = _StageOptimizers(shapes)
-    ema = ema_lib.enabled(config)
-    for stage in plan:  # every stage's patterns are checked before anything runs
-      optimizers.get(stage)
-
-    def abstract_for(step):
-      """The restore target of a checkpoint at `step`: the state of its stage's optimizer."""
-      tx, _ = optimizers.get(stages_lib.stage_of(plan, step))
-      abstract = jax.eval_shape(
-          lambda v: train_state.create_train_state(v["params"], tx, config.seed, v.get("batch_stats"),
-                                             ema=ema),
-          variable_shapes)
-      return jax.tree_util.tree_map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)),
-          abstract)
-
-    def check_meta(meta):
-      stage = stages_lib.stage_of(plan, int(meta.get("step", 0)))
-      runs.check_same_run(meta["run"], _stage_run(meta_run, stage), workdir)
-      runs.check_same_data(meta["run"].get("data"), data_identity, f"resuming {workdir}")
-      saved = meta.get("stage")
-      if saved and (saved.get("index"), saved.get("start")) != (stage.index, stage.start):
-        raise UserError(f"{workdir} holds a different run: its checkpoint at step {meta['step']} "
-                        f"is in stage {saved.get('index', 0) + 1} (from step {saved.get('start')})"
-                        f", this config puts it in stage {stage.index + 1} (from step "
-                        f"{stage.start}); nothing was changed there. Use another --workdir")
-
-    resumed = checkpointer.restore_latest(abstract_for, check_meta=check_meta)
-    if resumed is None:
-      variables, init_note = runs.initial_variables(config, model, shapes, data_identity)
+    resumed = checkpointer.restore_latest(
+        run.abstract_state, check_meta=lambda meta: run.check_checkpoint(meta, workdir))
+    variables, init_note = run.initial_variables() if resumed is None else (None, "")
   except BaseException:
     checkpointer.close()
     raise
+  start_step, state, state_stage = 0, None, -1
   if resumed is not None:
-    start_step, state, meta = resumed
+    start_step, state, _ = resumed
     init_note = f"resumed from step {start_step} in {workdir}"
-    if start_step >= total_steps:
+    if start_step >= run.total_steps:
       checkpointer.close()
-      return _already_finished(workdir, start_step, total_steps, is_main)
-    state_stage = stages_lib.stage_of(plan, start_step).index
-  else:
-    start_step, state, state_stage = 0, None, -1
+      return _already_finished(workdir, start_step, run.total_steps, is_main)
+    state_stage = run.stage_of(start_step).stage.index
   if changes:
     _log(is_main, f"config changes accepted (bookkeeping only, recorded in "
                   f"{workdir_lib.HISTORY_FILE}): {workdir_lib.format_changes(changes)}")
-  _log(is_main, f"{config.model} + {config.head} head, {outputs} output(s), "
-                f"{num_classes} classes; {init_note}")
-
+  _log(is_main, f"{config.model} + {config.head} head, {run.outputs} output(s), "
+                f"{run.num_classes} classes; {init_note}")
   if is_main:
     workdir_lib.record_start(workdir, config, changes, start_step)
+  return _loop(run, workdir, checkpointer, start_step, state, state_stage, variables,
+               progress_flag)
+
+
+def _loop(run: assembly.Run, workdir: str, checkpointer, start_step: int, state, state_stage: int,
+          variables, progress_flag: dict) -> dict[str, Any]:
+  """Trains stage after stage from `start_step`, logging, evaluating and checkpointing at the
+  steps `_is_due` picks; whatever fails, the steps already trained are saved first."""
+  config, is_main, steps_per_epoch = run.config, jax.process_index() == 0, run.data.steps_per_epoch
   writer = metrics_lib.MetricsWriter(workdir, start_step, is_main)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
   ckpt_every = (config.checkpoint_every_steps if config.checkpoint_every_steps > 0
@@ -197,97 +151,58 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
   best = max([r["val_accuracy"] for r in records if "val_accuracy" in r], default=None)
   marked = {r.get("stage_index") for r in records if r.get("event") == "stage_start"}
   last_eval: dict[str, Any] = {}
-  progress = _progress_bar(is_main, start_step, total_steps)
+  progress = _progress_bar(is_main, start_step, run.total_steps)
   step = saved_step = start_step
   sync = checkpointer.manager.reached_preemption if jax.process_count() > 1 else None
   with preemption_lib.Preemption(sync) as preemption:
     try:
-      for stage in plan[max(state_stage, 0):]:
-        c = stage.config
+      for stage in run.plan[max(state_stage, 0):]:
         if stage.index == state_stage and step >= stage.end:
           continue  # resumed at the end of this stage: the next one starts from its state
-        tx, param_labels = optimizers.get(stage)
+        parts = run.stage(stage)
         if stage.index != state_stage:
           # A new stage: a fresh optimizer (and step count) for its trainable set, as a new run
           # started from these params would have.
-          state = (parallel.replicate(train_state.create_train_state(
-              variables["params"], tx, config.seed, variables.get("batch_stats"), ema=ema), mesh)
-                   if state is None else _restart_state(state, tx, config.seed, mesh, ema))
+          state = (run.new_state(variables, parts) if state is None
+                   else run.restart_state(state, parts))
           state_stage = stage.index
         local = step - stage.start
-        if staged:
-          _log(is_main, stages_lib.describe(stage, len(plan)))
+        if run.staged:
+          _log(is_main, stages_lib.describe(stage, len(run.plan)))
           if stage.index not in marked and is_main:
             writer.write({"step": stage.start, "epoch": stage.start / steps_per_epoch,
                           "event": "stage_start", "stage": stage.name,
                           "stage_index": stage.index})
             marked.add(stage.index)
-        _log(is_main, optim.describe(state.params, param_labels))
-        if c.augment == config.augment:
-          stage_ds = ds
-        else:
-          # The previous stage's last checkpoint is finished first: a data source may open files
-          # through the same file-system layer Orbax writes with (TFDS' test mocks patch it).
-          checkpointer.wait()
-          stage_ds = data_lib.create(c, preprocess_source=weights_source or "none")
-        kind, train_iter, val_batches = _inputs(c, param_labels, model, state, stage_ds, mesh,
-                                                local, is_main)
-        batches = data_lib.prefetch_to_device(train_iter, parallel.batch_sharding(mesh),
-                                              size=config.prefetch)
-        train_step = steps.make_train_step(model, tx, param_labels, mesh, config.parallel, kind,
-                                           regularisation.Regularisation.from_config(c),
-                                           ema_lib.decay(c))
-        eval_step = steps.make_eval_step(model, mesh, num_classes, config.parallel, kind)
-        schedule = optim.make_schedule(c, stage.steps)
-        stage_meta = {"index": stage.index, "name": stage.name, "start": stage.start,
-                      "steps": stage.steps}
-        run_meta = _stage_run(meta_run, stage)
-
-        def make_meta(step, local, kind=kind, stage_ds=stage_ds, stage_meta=stage_meta,
-                      run_meta=run_meta):
-          return {"run": run_meta, "stage": stage_meta,
-                  "data_position": _position(stage_ds, local, kind, steps_per_epoch),
-                  "step": step, "config": json.loads(config.to_json_best_effort())}
-
-        def check_finite(stage=stage):
-          bad = int(jax.device_get(state.nonfinite_step))
-          if bad >= 0:
-            raise NonFiniteLossError(f"loss became NaN/inf at step {stage.start + bad + 1}; "
-                                     f"stopped without checkpointing (the last good checkpoint "
-                                     f"is kept). Lower learning_rate or check the data.")
-
+        current = _open_stage(run, parts, state, checkpointer, local, is_main)
+        make_meta = current.make_meta
         sums, count, window_start, window_time = None, 0, step, time.perf_counter()
         while local < stage.steps:
-          batch = next(batches)
-          state, metrics = train_step(state, {"image": batch["image"], "label": batch["label"]})
+          batch = next(current.batches)
+          state, metrics = current.train_step(state, {"image": batch["image"],
+                                                      "label": batch["label"]})
           step += 1
           local += 1
           progress_flag["started"] = True
           sums = metrics if sums is None else jax.tree_util.tree_map(jnp.add, sums, metrics)
           count += 1
           if _is_due(local, config.log_every_steps, stage.steps):
-            check_finite()
-            host = eval_loop.host(sums)
-            elapsed = time.perf_counter() - window_time
-            record = {"step": step, "epoch": step / steps_per_epoch,
-                      "train_loss": float(host["loss"]) / count,
-                      "train_accuracy": float(host["accuracy"]) / count,
-                      "images_per_sec": (step - window_start) * config.batch_size
-                                        / max(elapsed, 1e-9),
-                      "learning_rate": float(schedule(local - 1))}
-            if staged:
-              record["stage"] = stage.name
+            _check_finite(state, stage)
+            record = _train_record(run, stage, step, local, sums, count,
+                                   time.perf_counter() - window_time, step - window_start,
+                                   current.schedule)
             writer.write(record)
             progress.set_postfix(loss=f"{record['train_loss']:.4f}",
                                  acc=f"{record['train_accuracy']:.3f}",
                                  img_s=f"{record['images_per_sec']:.0f}")
             sums, count, window_start, window_time = None, 0, step, time.perf_counter()
           progress.update(1)
-          eval_now = has_val and _is_due(local, eval_every, stage.steps)
+          eval_now = run.data.num_val > 0 and _is_due(local, eval_every, stage.steps)
           stop = preemption.stop_at(step)
           if eval_now:
-            check_finite()
-            last_eval = eval_loop.evaluate_state(eval_step, state, val_batches, mesh)
+            _check_finite(state, stage)
+            last_eval = eval_loop.evaluate_state(current.eval_step, state, current.val_batches,
+                                                 run.mesh)
             writer.write({"step": step, "epoch": step / steps_per_epoch,
                           **{k: v for k, v in last_eval.items() if k != "confusion"}})
             best = (last_eval["val_accuracy"] if best is None
@@ -296,7 +211,7 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
               progress.write(f"step {step}: val_loss {last_eval['val_loss']:.4f} "
                              f"val_accuracy {last_eval['val_accuracy']:.4f}")
           if _is_due(local, ckpt_every, stage.steps) or eval_now or stop:
-            check_finite()
+            _check_finite(state, stage)
             checkpointer.save(step, state, make_meta(step, local),
                               val_accuracy=last_eval.get("val_accuracy") if eval_now else None)
             saved_step = step
@@ -307,7 +222,7 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
             _log(is_main, f"{name}: saved a checkpoint at step {step} in {workdir}; rerun the "
                           f"same command to resume (exit status {128 + preemption.signal})")
             raise preemption_lib.Preempted(step, preemption.signal)
-        del batches, train_iter, val_batches  # a stage's feature cache goes with it
+        del current  # a stage's feature cache goes with it
     except (preemption_lib.Preempted, NonFiniteLossError):
       raise
     except BaseException:
@@ -316,7 +231,7 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
       if (step > saved_step and state is not None
           and int(jax.device_get(state.nonfinite_step)) < 0):
         try:
-          checkpointer.save(step, state, make_meta(step, step - plan[state_stage].start))
+          checkpointer.save(step, state, make_meta(step, step - run.plan[state_stage].start))
           checkpointer.wait()
           saved_step = step
           _log(is_main, f"saved a checkpoint at step {step} before stopping")
@@ -327,7 +242,77 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
       progress.close()
       writer.close()
       _close_checkpointer(checkpointer, workdir)
+  return _finish(workdir, step, start_step, best, last_eval, is_main)
 
+
+@dataclasses.dataclass
+class _StageInputs:
+  """What the loop needs to run one stage: its steps, batches and checkpoint metadata."""
+  kind: str
+  batches: Any
+  val_batches: Any
+  train_step: Any
+  eval_step: Any
+  schedule: Any
+  make_meta: Any
+
+
+def _open_stage(run: assembly.Run, parts: assembly.StageParts, state, checkpointer,
+                local: int, is_main: bool) -> _StageInputs:
+  """A stage's inputs from its step `local` on, and the steps of the run for them."""
+  stage, c = parts.stage, parts.config
+  _log(is_main, optim.describe(state.params, parts.param_labels))
+  if c.augment != run.config.augment:
+    # The previous stage's last checkpoint is finished first: a data source may open files
+    # through the same file-system layer Orbax writes with (TFDS' test mocks patch it).
+    checkpointer.wait()
+  stage_ds = run.stage_data(parts)
+  kind, train_iter, val_batches = features.stage_inputs(
+      c, parts.param_labels, run.model, state, stage_ds, run.mesh, local,
+      log=lambda line: _log(is_main, line))
+  from transfer import data as data_lib
+  batches = data_lib.prefetch_to_device(train_iter, parallel.batch_sharding(run.mesh),
+                                        size=run.config.prefetch)
+  stage_meta = {"index": stage.index, "name": stage.name, "start": stage.start,
+                "steps": stage.steps}
+  run_meta = run.stage_metadata(parts)
+  config_json = json.loads(run.config.to_json_best_effort())
+  steps_per_epoch = run.data.steps_per_epoch
+
+  def make_meta(step, local):
+    return {"run": run_meta, "stage": stage_meta,
+            "data_position": features.data_position(stage_ds, local, kind, steps_per_epoch),
+            "step": step, "config": config_json}
+
+  return _StageInputs(kind, batches, val_batches, run.train_step(parts, kind),
+                      run.eval_step(kind), optim.make_schedule(c, stage.steps), make_meta)
+
+
+def _check_finite(state, stage: stages_lib.Stage) -> None:
+  """Raises `NonFiniteLossError` when the state recorded a NaN/inf loss (one host sync)."""
+  bad = int(jax.device_get(state.nonfinite_step))
+  if bad >= 0:
+    raise NonFiniteLossError(f"loss became NaN/inf at step {stage.start + bad + 1}; "
+                             f"stopped without checkpointing (the last good checkpoint "
+                             f"is kept). Lower learning_rate or check the data.")
+
+
+def _train_record(run: assembly.Run, stage, step: int, local: int, sums, count: int,
+                  elapsed: float, window_steps: int, schedule) -> dict[str, Any]:
+  """The metrics.jsonl record of a logging window: mean loss and accuracy, speed, rate."""
+  host = eval_loop.host(sums)
+  record = {"step": step, "epoch": step / run.data.steps_per_epoch,
+            "train_loss": float(host["loss"]) / count,
+            "train_accuracy": float(host["accuracy"]) / count,
+            "images_per_sec": window_steps * run.config.batch_size / max(elapsed, 1e-9),
+            "learning_rate": float(schedule(local - 1))}
+  if run.staged:
+    record["stage"] = stage.name
+  return record
+
+
+def _finish(workdir: str, step: int, start_step: int, best, last_eval, is_main: bool):
+  """The run's summary, after plotting its curves."""
   summary = {"step": step, "best_val_accuracy": best, "final": last_eval, "workdir": workdir,
              "trained_steps": step - start_step}
   if is_main:
@@ -337,54 +322,6 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
       _log(True, f"warning: could not write {os.path.join(workdir, 'curves.png')}: {e}")
     _log(True, f"done: {step} steps, {_result_line(best, last_eval)}; workdir {workdir}")
   return summary
-
-
-def _inputs(config, param_labels, model, state, ds, mesh, start: int, is_main: bool):
-  """A stage's input: `(kind, train batches from its step `start`, val batches function)`.
-
-  `kind` is `head` when the stage trains on backbone features computed once (`cache_features`
-  with a frozen backbone and no augmentation), else `full` (images).
-  """
-  no_cache_reason = features.cache_features_reason(config, param_labels)
-  if no_cache_reason is None:
-    _log(is_main, "cache_features: running the frozen backbone once over train and val")
-    train_iter, val_batches, note = features.cached_inputs(
-        model, state.variables, ds, mesh, config.batch_size, config.seed, start)
-    _log(is_main, f"cache_features: {note}")
-    return "head", train_iter, val_batches
-  if config.cache_features:
-    _log(is_main, f"cache_features not used: {no_cache_reason}")
-  return "full", ds.train_batches(start), lambda: ds.eval_batches("val", config.batch_size)
-
-
-class _StageOptimizers:
-  """Each stage's `(tx, param_labels)`, built once (resume and the loop ask for the same ones)."""
-
-  def __init__(self, shapes):
-    self.shapes, self.built = shapes, {}
-
-  def get(self, stage: stages_lib.Stage):
-    if stage.index not in self.built:
-      self.built[stage.index] = optim.make_optimizer(stage.config, self.shapes, stage.steps)
-    return self.built[stage.index]
-
-
-def _stage_run(meta_run: dict[str, Any], stage: stages_lib.Stage) -> dict[str, Any]:
-  """The run metadata of a checkpoint in `stage`: its optimizer and trainable set."""
-  c = stage.config
-  return dict(meta_run, optimizer=c.optimizer, trainable=list(c.trainable),
-              lr_mults=dict(c.lr_mults))
-
-
-def _restart_state(state, tx, seed: int, mesh, ema: bool):
-  """The state a new stage starts from: these params and BatchNorm statistics, a fresh optimizer
-  state for `tx` (none for frozen params), step 0. Jitted so it works on arrays that span
-  processes; params pass through bit for bit. The parameter average (`ema_decay`) restarts at
-  the params too, as in a run started with `init_from`."""
-  restart = lambda params, batch_stats: train_state.create_train_state(params, tx, seed, batch_stats,
-                                                                 ema=ema)
-  return jax.jit(restart, out_shardings=parallel.replicated(mesh))(state.params,
-                                                                   state.batch_stats)
 
 
 def _close_checkpointer(checkpointer, workdir: str) -> None:
@@ -416,13 +353,6 @@ def _already_finished(workdir: str, step: int, total_steps: int, is_main: bool) 
                 f"workdir {workdir}")
   return {"step": step, "best_val_accuracy": best, "final": last_eval, "workdir": workdir,
           "trained_steps": 0}
-
-
-def _position(ds, step: int, stage: str, steps_per_epoch: int) -> dict[str, int]:
-  if stage == "full" and hasattr(ds, "position"):
-    return dict(ds.position(step))
-  epoch, index = divmod(step, steps_per_epoch)
-  return {"epoch": epoch, "index": index}
 
 
 class NonFiniteLossError(UserError):

@@ -1,7 +1,7 @@
 """`transfer bench`: time the real train step, forward pass, eval step or input pipeline.
 
-The steps timed are the ones training runs (`transfer.steps.make_train_step` and friends, with the
-optimizer and freeze labels of `transfer.optim`) on batches generated on the device, so the figures
+The steps timed are the ones training runs (the run `transfer.assembly.build` assembles: its
+optimizer and freeze labels, regularisation and parameter average) on batches generated on the device, so the figures
 measure the accelerator and not the disk, and nothing but `--mode=input` touches the input pipeline
 (TensorFlow is never imported otherwise). Each measurement compiles first and reports the compile
 time apart, runs `warmup` untimed steps, then times `steps` steps ending with `block_until_ready`.

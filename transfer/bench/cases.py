@@ -14,24 +14,25 @@ from transfer.bench.timing import Prepared, block, compile_step, warm
 
 
 class Setup:
-  """The model, params, optimizer and on-device batch a benchmark runs on."""
+  """The run a benchmark times (`transfer.assembly.build`: the data's class count, the model,
+  the first stage's optimizer, regularisation and parameter average, so the step timed is the
+  step `train` trains), its initial params and an on-device batch."""
 
   def __init__(self, config, dtype: str):
     import jax
-    from transfer import optim, parallel, runs
+    from transfer import assembly
 
     self.config, self.dtype = config, dtype
-    self.mesh = parallel.make_mesh()
+    self.run = assembly.build(config, dtype=dtype)
+    self.mesh = self.run.mesh
     self.num_devices = self.mesh.devices.size
-    parallel.check_batch_size(config.batch_size, self.mesh)
-    num_classes = (config.num_classes if config.num_classes > 0
-                   else int(config.synthetic.num_classes))
-    self.num_classes = num_classes
-    self.model, self.outputs = runs.build_model(config, num_classes, dtype=dtype)
-    variables = jax.device_get(runs.initial_variables(config, self.model)[0])
+    self.num_classes = self.run.num_classes
+    self.model, self.outputs = self.run.model, self.run.outputs
+    self.parts = self.run.stage(0)
+    variables = jax.device_get(self.run.initial_variables()[0])
     self.params = variables["params"]
     self.batch_stats = variables.get("batch_stats") or {}  # BatchNorm statistics (ResNet)
-    self.tx, self.labels = optim.make_optimizer(config, self.params, 1000)
+    self.tx, self.labels = self.parts.tx, self.parts.param_labels
     self.batch = config.batch_size
 
   def images(self, shape=None, dtype="float32", seed: int = 1):
@@ -53,10 +54,8 @@ class Setup:
 
   def state(self, params=None):
     """A fresh train state of `params` (default: the set-up's), replicated over the mesh."""
-    from transfer import parallel, train_state
-    return parallel.replicate(
-        train_state.create_train_state(self.params if params is None else params, self.tx,
-                                       self.config.seed, self.batch_stats), self.mesh)
+    params = self.params if params is None else params
+    return self.run.new_state({"params": params, "batch_stats": self.batch_stats}, self.parts)
 
   @property
   def variables(self):
@@ -66,10 +65,8 @@ class Setup:
 
 
 def prepare_train(setup: Setup, warmup: int, stage: str = "full", batch=None) -> Prepared:
-  """The real train step (`transfer.steps.make_train_step`) on an on-device batch."""
-  from transfer import steps
-  step = steps.make_train_step(setup.model, setup.tx, setup.labels, setup.mesh,
-                               setup.config.parallel, stage)
+  """The run's train step (`assembly.Run.train_step`) on an on-device batch."""
+  step = setup.run.train_step(setup.parts, stage)
   batch = batch or {"image": setup.images(), "label": setup.labels_batch()}
   holder = {"state": setup.state()}
   step, compile_s, compiled = compile_step(step, holder["state"], batch)
@@ -104,12 +101,12 @@ def prepare_eval(setup: Setup, warmup: int) -> Prepared:
   """The eval step (loss, accuracy and confusion sums over a masked batch)."""
   import jax
   import jax.numpy as jnp
-  from transfer import parallel, steps
+  from transfer import parallel
   params = parallel.replicate(setup.variables, setup.mesh)
   batch = {"image": setup.images(), "label": setup.labels_batch(),
            "mask": jax.device_put(jnp.ones((setup.batch,), bool),
                                   parallel.batch_sharding(setup.mesh))}
-  step = steps.make_eval_step(setup.model, setup.mesh, setup.num_classes, setup.config.parallel)
+  step = setup.run.eval_step()
   return warm(Prepared(lambda: step(params, batch), None, None, None), warmup)
 
 
@@ -138,8 +135,7 @@ def bench_cached_epoch(setup: Setup, train_step_s: float, warmup: int) -> dict[s
   cached = np.concatenate(feats)
   labels = np.random.default_rng(config.seed).integers(0, setup.num_classes, n).astype(np.int32)
 
-  head_step = steps.make_train_step(setup.model, setup.tx, setup.labels, setup.mesh,
-                                    config.parallel, stage="head")
+  head_step = setup.run.train_step(setup.parts, "head")
   state = setup.state()
   sharding = parallel.batch_sharding(setup.mesh)
 

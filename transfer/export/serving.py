@@ -82,10 +82,10 @@ def load_serving_model(workdir: str, checkpoint: str | int | None = "latest",
   import jax
   import jax.numpy as jnp
 
-  from transfer import checkpoint as checkpoint_lib
-  variables, meta = checkpoint_lib.load_trained_variables(workdir, checkpoint)
-  variables, params_kind = inference_params(variables)
-  run = meta["run"]
+  from transfer import assembly
+  trained = assembly.Run.from_checkpoint(workdir, checkpoint, dtype=dtype, conv="xla")
+  variables, params_kind = inference_params(trained.variables)
+  run = trained.metadata
   return ServingModel(apply=serving_function(run, dtype),
                       variables=jax.tree_util.tree_map(jnp.asarray, variables),
                       metadata=artifact_metadata(run, dtype, params_kind=params_kind))
