@@ -21,8 +21,8 @@ METRICS = ("val_loss", "val_accuracy")
 
 
 def decay(config) -> float:
-  """The run's EMA decay (0: no average; absent from configs older than the key)."""
-  return float(config.get("ema_decay", 0.0))
+  """The run's EMA decay (0: no average)."""
+  return float(config.ema_decay)
 
 
 def enabled(config) -> bool:
