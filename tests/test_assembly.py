@@ -5,7 +5,8 @@ import jax
 import optax
 import pytest
 
-from transfer import assembly, bench, configs, lr_find, main, models, parallel, steps, train
+from transfer import assembly, bench, lr_find, main, models, parallel, steps, train
+from helpers import tiny_config
 
 # Every option that changes the train step: smoothing, both mixes, the average, a schedule whose
 # length is baked into the step.
@@ -14,15 +15,9 @@ REGULARISED = dict(mixup_alpha=0.4, cutmix_alpha=1.0, label_smoothing=0.1, ema_d
 
 
 def _config(**overrides):
-  """vgg16_tiny on 32x32 synthetic data (2 classes), a few steps."""
-  c = configs.load("default")
-  c.model, c.weights, c.image_size, c.batch_size = "vgg16_tiny", "none", 32, 8
-  c.synthetic.train_size, c.synthetic.val_size, c.synthetic.base_size = 48, 16, 32
-  c.num_steps, c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 2, 1, -1, 2
-  c.augment = "none"
-  for key, value in overrides.items():
-    c[key] = value
-  return c
+  """`tiny_config` for two steps with no augmentation, evaluation or periodic saves between."""
+  return tiny_config(**{"num_steps": 2, "eval_every_steps": -1, "checkpoint_every_steps": 2,
+                        "augment": "none", "synthetic.val_size": 16, **overrides})
 
 
 def _recording(monkeypatch):
