@@ -162,6 +162,8 @@ def test_name_lists_match_the_code_that_consumes_them():
   assert _schema.CHOICES["cache_images"] == tuple(pipeline.CACHES)
   assert _schema.CHOICES["schedule"] == optim.SCHEDULES
   assert _schema.CHOICES["data_worker_kind"] == tuple(workers.KINDS)
+  from transfer.data import sources
+  assert _schema.CHOICES["labels_from"] == tuple(sources.LABELS_FROM)
   for dtype in _schema.CHOICES["dtype"]:
     models.as_dtype(dtype)
 

@@ -12,10 +12,11 @@ import os
 
 import numpy as np
 
+from transfer import configs
 from transfer.data import images, store, workers
 from transfer.data.augmentation import AUGMENTS, stored_train_size
 from transfer.data.dataset import Dataset, Origin, Split, check_batch_size
-from transfer.data.sources import LABELS_FROM, Source
+from transfer.data.sources import Source
 from transfer.errors import UserError
 
 CACHES = ("", "memory", "disk")
@@ -30,8 +31,9 @@ def create(config, *, preprocess_source: str | None, process_index: int | None =
 
   Args:
     config: the run config (keys: dataset, data_dir, train_split, val_split, val_fraction,
-      image_size, batch_size, augment, eval_crop, cache_images, strict_data, seed, synthetic.*;
-      optional: cache_dir, train_crop, data_workers, data_worker_kind, prefetch).
+      labels_from, image_size, batch_size, augment, randaugment_*, eval_crop, train_crop,
+      cache_images, cache_dir, strict_data, data_workers, data_worker_kind, prefetch, seed,
+      synthetic.*); completed from the defaults and checked by `transfer.configs.validate`.
     preprocess_source: the weights' source, which decides the pixel normalisation
       (`transfer.weights.preprocess.mode_for`); None for random initialisation.
     process_index, process_count: this process and the number of processes; default to JAX's.
@@ -40,6 +42,7 @@ def create(config, *, preprocess_source: str | None, process_index: int | None =
   Returns:
     A `Dataset`.
   """
+  configs.fill_defaults(config)  # a config handed in from Python may lack keys
   import jax  # Deferred so `import transfer.data` stays light; jax never imports TensorFlow.
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -47,15 +50,17 @@ def create(config, *, preprocess_source: str | None, process_index: int | None =
   check_batch_size(int(config.batch_size), process_count, local_devices)
   from transfer.weights.preprocess import mode_for
   mode_for(preprocess_source)
-  _check_options(config)
-  decoder = workers.Decoder(config.get("data_worker_kind", "thread"),  # checks the kind; lazy
-                            int(config.get("data_workers", 0)))
+  decoder = workers.Decoder(config.data_worker_kind, int(config.data_workers))  # checks; lazy
   train, val, class_names, origin = _sources(config)
+  # The CLI, train and lr_find validate first; a config handed in from Python is checked here by
+  # the same one validator, after the decoder and the sources have named their own argument
+  # errors, before any image is read.
+  configs.validate(config)
 
   cache = config.cache_images
-  cache_dir = config.get("cache_dir", "") or store.default_cache_dir()
+  cache_dir = config.cache_dir or store.default_cache_dir()
   image_size, augment = int(config.image_size), config.augment
-  train_crop = float(config.get("train_crop", 0.875))
+  train_crop = float(config.train_crop)
   train_size = stored_train_size(image_size, augment, train_crop)
   eval_size = images.stored_size(image_size, float(config.eval_crop))
   failed_train, cached_train = store.prepare(train, train_size, cache, cache_dir, decoder)
@@ -77,34 +82,9 @@ def create(config, *, preprocess_source: str | None, process_index: int | None =
                  eval_crop=float(config.eval_crop), train_crop=train_crop, seed=int(config.seed),
                  preprocess_source=preprocess_source, process_index=process_index,
                  process_count=process_count, local_device_count=local_devices,
-                 ahead=int(config.get("prefetch", 2)), origin=origin,
-                 randaugment=(int(config.get("randaugment_n", 2)),
-                              float(config.get("randaugment_m", 9))),
-                 augment_threads=int(config.get("data_workers", 0)) or workers.default_count())
-
-
-def _check_options(config) -> None:
-  """Rejects config values this module would otherwise misread."""
-  if config.augment not in AUGMENTS:
-    raise UserError(f"unknown augment {config.augment!r}; expected one of {AUGMENTS}")
-  if config.cache_images not in CACHES:
-    raise UserError(f"unknown cache_images {config.cache_images!r}; expected one of {CACHES}")
-  for key in ("eval_crop", "train_crop"):
-    value = float(config.get(key, 0.875))
-    if not 0.0 < value <= 1.0:
-      raise UserError(f"{key} must be in (0, 1], got {value}")
-  if int(config.image_size) < 1:
-    raise UserError(f"image_size must be positive, got {config.image_size}")
-  if int(config.seed) < 0:
-    raise UserError(f"seed must be non-negative, got {config.seed}")
-  if not 0.0 <= float(config.val_fraction) < 1.0:
-    raise UserError(f"val_fraction must be in [0, 1), got {config.val_fraction}")
-  labels_from = config.get("labels_from", "folders")
-  if labels_from not in LABELS_FROM:
-    raise UserError(f"unknown labels_from {labels_from!r}; expected one of {LABELS_FROM}")
-  if labels_from != "folders" and not str(config.dataset).startswith("folder:"):
-    raise UserError(f"labels_from={labels_from!r} applies to folder:PATH datasets only, not "
-                    f"{config.dataset!r}; leave it at 'folders'")
+                 ahead=int(config.prefetch), origin=origin,
+                 randaugment=(int(config.randaugment_n), float(config.randaugment_m)),
+                 augment_threads=int(config.data_workers) or workers.default_count())
 
 
 def _sources(config) -> tuple[Source, Source, list[str], Origin]:
@@ -121,14 +101,14 @@ def _sources(config) -> tuple[Source, Source, list[str], Origin]:
     from transfer.data.sources import folder_sources
     found = folder_sources(os.path.expanduser(arg), float(config.val_fraction),
                            seed=int(config.seed), val_split=str(config.val_split),
-                           labels_from=config.get("labels_from", "folders"))
+                           labels_from=config.labels_from)
     return (found.train, found.val, found.class_names,
             Origin(f"folder:{found.root}", root=found.root, notes=tuple(found.notes)))
   if kind == "tfds" and arg:
     from transfer.data.tfds_source import tfds_sources  # The only path that imports TensorFlow.
     return (*tfds_sources(arg, data_dir=config.data_dir, train_split=config.train_split,
                           val_split=config.val_split, val_fraction=float(config.val_fraction),
-                          cache_dir=config.get("cache_dir", "")),
+                          cache_dir=config.cache_dir),
             Origin(f"tfds:{arg}"))
   raise UserError(f"unknown dataset {config.dataset!r}; expected tfds:NAME, folder:PATH or "
                   "synthetic")
