@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import optax
 
+from transfer import models
 from transfer.errors import UserError
 
 FROZEN = "frozen"
@@ -176,7 +177,8 @@ def make_optimizer(config, params, total_steps: int, schedule: optax.Schedule | 
   lr_mults = {k: float(v) for k, v in dict(config.lr_mults).items()}
   trainable = list(config.trainable)
   if config.train_bn:  # fastai's train_bn: BatchNorm keeps training in frozen blocks
-    trainable += [f"^{name}/" for name in batch_norm_layers(params)]
+    kinds = models.spec(config.model).layer_kinds
+    trainable += [f"^{name}/" for name in batch_norm_layers(params, kinds)]
   labels = param_labels(params, trainable, lr_mults)
   schedule = make_schedule(config, total_steps) if schedule is None else schedule
   momentum = make_momentum_schedule(config, total_steps)
@@ -189,11 +191,18 @@ def make_optimizer(config, params, total_steps: int, schedule: optax.Schedule | 
   return optax.partition(transforms, labels), labels
 
 
-def batch_norm_layers(params) -> tuple[str, ...]:
-  """Names of the BatchNorm layers of a params (or label) tree: the layers with a `scale`, or
-  with a bias and nothing else (Keras' InceptionV3 BatchNorm has no scale)."""
-  return tuple(sorted(k for k, v in params.items() if isinstance(v, dict)
-                      and ("scale" in v or set(v) == {"bias"})))
+def batch_norm_layers(params, kinds: Mapping[str, str] | None = None) -> tuple[str, ...]:
+  """Names of the BatchNorm layers of a params (or label) tree, as the architecture declares
+  them (`ModelSpec.layer_kinds`), never guessed from the arrays: a LayerNorm has a `scale` and
+  a `bias` too, and must neither train under `train_bn` nor run in the BatchNorm mode.
+
+  Args:
+    params: a params or label tree.
+    kinds: layer -> kind (`models.spec(name).layer_kinds`); default: the declaration of the
+      registered architecture whose layers the tree holds (`models.layer_kinds_of`).
+  """
+  kinds = models.layer_kinds_of(params) if kinds is None else kinds
+  return tuple(sorted(k for k in params if kinds.get(k) == models.BATCH_NORM))
 
 
 def trainable_mask(labels) -> Any:

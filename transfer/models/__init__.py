@@ -3,101 +3,41 @@
 `get("vgg16", head="flatten_dense", num_classes=1)` returns an unbound `flax.linen.Module`.
 `include_top=True` is the Keras spelling of `head="imagenet", num_classes=1000`.
 
-Each entry is a `ModelSpec`: how to build the module and what a weight porter needs to know about
-its layers (their order, kinds and the reference frameworks' names). New families (ResNet50,
-InceptionV3) add a spec here; the porting code in `transfer.weights` reads only the spec.
+Each entry is a `ModelSpec` (`transfer.models.spec`): how to build the module, its layers in
+forward order with the kind of each, and its family's porting adapter. A family's module (`vgg`,
+`resnet`, `inception`) declares its backbone on `backbone.Classifier` and says its layer kinds and
+framework names; a new family adds its module and its lines in `_SPECS` below
+(docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
 
-from transfer.errors import UserError
-
-import dataclasses
-from typing import Any, Callable
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from transfer.errors import UserError
 from transfer.models import inception, resnet, vgg
 from transfer.models.heads import HEADS
+from transfer.models.spec import (BATCH_NORM, CONV, DENSE, EMBEDDING, KINDS, LAYER_NORM,
+                                  ModelSpec, Porting)
 from transfer.platform import resolve_conv
 
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-  """What the rest of the package needs to know about one architecture.
-
-  Attributes:
-    name: registry name.
-    build: keyword arguments -> module.
-    conv_layers: backbone layer names in forward order (the frozen part).
-    top_layers: ImageNet-top layer names in forward order.
-    torch_names: our layer name -> torchvision state-dict prefix (e.g. `features.0`).
-    top_image_size: the input size the ImageNet top was trained for.
-    min_image_size: smallest input the backbone accepts.
-    feature_stride: input side / feature-map side.
-    top_fixed_size: whether the ImageNet top takes only `top_image_size` (VGG's flatten) or any
-      size (a ResNet's global average pool).
-    variants: the architecture variants weight files need (ResNet: `keras`, `torchvision`);
-      empty when there is one. The first is the default.
-    batch_norm: whether the network has BatchNorm layers (a `batch_stats` collection).
-    keras_order: for architectures whose Keras layer names are generated (InceptionV3's
-      `conv2d_17`), our conv and BatchNorm layer names in the order Keras lists its layers; a
-      Keras file's conv and BatchNorm layers are then matched to these by kind and position
-      (`transfer.weights.port`). None: Keras files name the layers as we do.
-    blocks: name prefixes of the backbone's blocks in forward order (`stem`, `mixed0`, ...), so
-      an error can say which block of a file does not fit; empty when layer names say it.
-    torch_ignored: torchvision state-dict prefixes of parts the model leaves out (InceptionV3's
-      auxiliary classifier `AuxLogits`): reported as ignored when a file has them.
-    variant_traits: variant -> what a file of that variant is, in words, for the error when a
-      file needs the other variant.
-  """
-
-  name: str
-  build: Callable[..., nn.Module]
-  conv_layers: tuple[str, ...]
-  top_layers: tuple[str, ...]
-  torch_names: dict[str, str]
-  top_image_size: int = 224
-  min_image_size: int = 32
-  feature_stride: int = 32
-  top_fixed_size: bool = True
-  variants: tuple[str, ...] = ()
-  batch_norm: bool = False
-  keras_order: tuple[str, ...] | None = None
-  blocks: tuple[str, ...] = ()
-  torch_ignored: tuple[str, ...] = ()
-  variant_traits: dict[str, str] = dataclasses.field(default_factory=dict)
-
-  def is_head(self, path: str) -> bool:
-    """Whether a param path (`head/logits/kernel`, `fc1/kernel`) is classifier, not backbone.
-
-    Cached features, freezing reports and the like ask the spec, so a new backbone states its
-    own top layers instead of every caller knowing VGG's.
-    """
-    first = path.split("/")[0]
-    return first == "head" or first in self.top_layers
+__all__ = ["BATCH_NORM", "CONV", "DENSE", "EMBEDDING", "KINDS", "LAYER_NORM", "ModelSpec",
+           "Porting", "as_dtype", "check_image_size", "get", "init_params", "init_variables",
+           "layer_kinds_of", "names", "resolve_dtype", "spec"]
 
 
 def _vgg_spec(name: str, stage_sizes: tuple[int, ...], widths=(64, 128, 256, 512, 512),
               top_hidden: int = 4096) -> ModelSpec:
-  conv_layers = tuple(f"block{b}_conv{i}" for b, n in enumerate(stage_sizes, 1)
-                      for i in range(1, n + 1))
-  # torchvision's `features` Sequential holds Conv, ReLU per conv and one MaxPool per block.
-  torch_names, index = {}, 0
-  for b, n in enumerate(stage_sizes, 1):
-    for i in range(1, n + 1):
-      torch_names[f"block{b}_conv{i}"] = f"features.{index}"
-      index += 2
-    index += 1
-  torch_names.update({"fc1": "classifier.0", "fc2": "classifier.3", "predictions": "classifier.6"})
-
   def build(**kw):
     return vgg.VGG(stage_sizes=stage_sizes, arch=name, widths=widths, top_hidden=top_hidden, **kw)
 
-  return ModelSpec(name=name, build=build, conv_layers=conv_layers,
-                   top_layers=("fc1", "fc2", "predictions"), torch_names=torch_names)
+  return ModelSpec(name=name, build=build, family="vgg", conv_layers=vgg.layer_names(stage_sizes),
+                   top_layers=vgg.TOP_LAYERS, layer_kinds=vgg.layer_kinds(stage_sizes),
+                   port=vgg.porting(stage_sizes))
 
 
 def _resnet_spec(name: str, stage_sizes: tuple[int, ...], width: int = 64) -> ModelSpec:
@@ -105,10 +45,11 @@ def _resnet_spec(name: str, stage_sizes: tuple[int, ...], width: int = 64) -> Mo
     return resnet.ResNet(stage_sizes=stage_sizes, arch=name, width=width,
                          variant=variant or resnet.VARIANTS[1], **kw)
 
-  return ModelSpec(name=name, build=build, conv_layers=resnet.layer_names(stage_sizes),
-                   top_layers=("predictions",), torch_names=resnet.torch_names(stage_sizes),
+  return ModelSpec(name=name, build=build, family="resnet",
+                   conv_layers=resnet.layer_names(stage_sizes), top_layers=("predictions",),
+                   layer_kinds=resnet.layer_kinds(stage_sizes), port=resnet.porting(stage_sizes),
                    top_fixed_size=False, variants=(resnet.VARIANTS[1], resnet.VARIANTS[0]),
-                   batch_norm=True, variant_traits={
+                   variant_traits={
                        "keras": "a Keras ResNet (v1: stride in the first 1x1, conv bias, "
                                 "eps 1.001e-5)",
                        "torchvision": "a torchvision ResNet (v1.5: stride in the 3x3, no conv "
@@ -121,11 +62,10 @@ def _inception_spec(name: str, width_divisor: int = 1) -> ModelSpec:
                                  width_divisor=width_divisor, **kw)
 
   return ModelSpec(
-      name=name, build=build, conv_layers=inception.layer_names(), top_layers=("predictions",),
-      torch_names=inception.torch_names(), top_image_size=299, min_image_size=75,
-      top_fixed_size=False, variants=inception.VARIANTS, batch_norm=True,
-      keras_order=inception.keras_order(), blocks=inception.BLOCK_NAMES,
-      torch_ignored=("AuxLogits",), variant_traits={
+      name=name, build=build, family="inception_v3", conv_layers=inception.layer_names(),
+      top_layers=("predictions",), layer_kinds=inception.layer_kinds(), port=inception.porting(),
+      top_image_size=299, min_image_size=75, top_fixed_size=False, variants=inception.VARIANTS,
+      blocks=inception.BLOCK_NAMES, variant_traits={
           "keras": "a Keras InceptionV3 (BatchNorm without scale; average pools that do not "
                    "count padding)",
           "torchvision": "a torchvision InceptionV3 (BatchNorm with scale; average pools that "
@@ -161,6 +101,23 @@ def spec(name: str) -> ModelSpec:
     return _SPECS[name]
   except KeyError:
     raise UserError(f"unknown model {name!r}; valid models: {', '.join(names())}") from None
+
+
+def layer_kinds_of(tree: Mapping[str, Any]) -> Mapping[str, str]:
+  """The declared layer kinds of the registered architecture whose layers `tree` holds.
+
+  For callers that hold a params (or label) tree but not its model: a tree's top-level layers
+  (all but the new head) name the architecture, whose spec declares each layer's kind.
+
+  Raises:
+    UserError: no registered architecture has all of the tree's layers.
+  """
+  layers = {k for k in tree if k != "head"}
+  for name in names():
+    if layers <= _SPECS[name].layer_kinds.keys():
+      return _SPECS[name].layer_kinds
+  raise UserError(f"no registered model has the layers {sorted(layers)[:5]}...; pass the "
+                  f"model's spec(name).layer_kinds")
 
 
 def resolve_dtype(dtype: str, platform: str | None = None) -> str:

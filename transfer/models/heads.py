@@ -1,4 +1,8 @@
-"""Classifier heads that sit on a convolutional backbone's feature map.
+"""Classifier heads that sit on a backbone's features: an NHWC map or a token sequence.
+
+A backbone returns (N, H, W, C) (a CNN) or (N, T, C) (a transformer's tokens); every head takes
+either: `gap` averages over all axes between the batch and the channels, `flatten_dense` flattens
+them.
 
 A head is chosen by name (`config.head`) so that a run's head is data, stored in checkpoints and
 reproducible from the name alone. All heads return logits in float32; the loss decides between
@@ -57,6 +61,12 @@ def imagenet_top(x, *, num_classes: int = 1000, hidden: int = 4096, dtype: Any =
   return dense(num_classes, "predictions")(x)
 
 
+def global_average(x):
+  """(N, ..., C) -> (N, C) in float32: the mean over every axis between batch and channels (the
+  pixels of a map, the tokens of a sequence); float32 so a bfloat16 map sums without loss."""
+  return jnp.mean(x.astype(jnp.float32), axis=tuple(range(1, x.ndim - 1)))
+
+
 class FlattenDense(nn.Module):
   """The classic transfer-learning head: Flatten -> Dense(hidden) relu -> Dropout -> Dense.
 
@@ -88,7 +98,7 @@ class GlobalAveragePool(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, example_ids=None):
-    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
+    x = global_average(x).astype(self.dtype)
     x = ExampleDropout(self.dropout, name="dropout")(x, train, example_ids)
     return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="logits")(x)
 

@@ -21,7 +21,8 @@ Keras' own are generated (`conv2d_17`): the stem is `stem_1a` ... `stem_4a` (tor
 "^head/"]`. The ImageNet top is global average pooling and `predictions` (Keras' name).
 
 BatchNorm statistics live in `batch_stats`, used in inference mode unless a layer is named in
-`batch_norm_train` (see `transfer.models.resnet`, whose machinery this shares).
+`batch_norm_train`. The stage dispatch and heads are `transfer.models.backbone.Classifier`'s;
+`porting` is this family's adapter (torchvision's names, Keras' layer order).
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from transfer.errors import UserError
-from transfer.models import heads, keras_graph, winograd
+from transfer.models import keras_graph, winograd
+from transfer.models.backbone import Classifier
+from transfer.models.spec import BATCH_NORM, CONV, DENSE, Porting, kinds_by_suffix
 
-STAGES = ("full", "features", "head")
 VARIANTS = ("keras", "torchvision")
 _EPSILON = 1e-3
 _MOMENTUM = {"keras": 0.99, "torchvision": 0.9}
@@ -146,6 +148,19 @@ def layer_names() -> tuple[str, ...]:
   return tuple(f"{prefix}_{kind}" for prefix, _, _ in _block_convs() for kind in ("conv", "bn"))
 
 
+def layer_kinds() -> dict[str, str]:
+  """Every backbone and top layer -> its kind (`*_conv`, `*_bn`, the dense `predictions`)."""
+  return {**kinds_by_suffix(layer_names(), {"_conv": CONV, "_bn": BATCH_NORM}),
+          "predictions": DENSE}
+
+
+def porting() -> Porting:
+  """The InceptionV3 family's adapter: torchvision's names (its auxiliary classifier ignored),
+  and the order Keras lists the layers in, since Keras generates their names."""
+  return Porting(torch_names=torch_names(), torch_ignored=("AuxLogits",),
+                 keras_order=keras_order())
+
+
 def torch_names() -> dict[str, str]:
   """Our layer name -> torchvision state-dict prefix (`mixed0_branch1x1_bn` -> `Mixed_5b.branch1x1.bn`)."""
   names = {"predictions": "fc"}
@@ -190,56 +205,28 @@ def keras_order(include_top: bool = False) -> tuple[str, ...]:
   return tuple(n for n in keras_graph.layer_order(nodes) if n in layers)
 
 
-class InceptionV3(nn.Module):
+class InceptionV3(Classifier):
   """InceptionV3 in the Keras or torchvision form (see the module docstring).
 
-  Attributes:
-    arch: the registry name, for the weight porter.
+  Attributes (besides `Classifier`'s; `"imagenet"` is global average pooling and the 1000-way
+  `predictions` layer, on any input size):
     variant: `"keras"` or `"torchvision"`.
     width_divisor: every conv's width is divided by this (1 for the real network; a tiny test
-      network keeps the layers and names at a fraction of the cost).
-    head, num_classes, head_hidden, head_dropout: as for ResNet (`"imagenet"` is global average
-      pooling and the 1000-way `predictions` layer; it takes any input size).
-    dtype, param_dtype: compute and parameter dtypes; BatchNorm statistics stay float32.
-    conv: the concrete convolution choice (`xla`, `winograd`, `winograd_from_N`); Winograd runs
-      only the stride-1 3x3 `same` convolutions, XLA's convolution the others.
-    batch_norm_axis: the mapped axis a training BatchNorm averages its statistics over, or None.
+      network keeps the layers and names at a fraction of the cost). BatchNorm statistics stay
+      float32; Winograd runs only the stride-1 3x3 `same` convolutions.
   """
 
   arch: str = "inception_v3"
   variant: str = "keras"
   width_divisor: int = 1
-  head: str = "imagenet"
-  num_classes: int = 1000
-  head_hidden: int | None = None
-  head_dropout: float | None = None
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  conv: str = "xla"
-  batch_norm_axis: str | None = None
 
-  @nn.compact
-  def __call__(self, x, train: bool = False, stage: str = "full", example_ids=None,
-               batch_norm_train: Iterable[str] = ()):
-    """Runs the network (or one stage of it); arguments and results as `ResNet.__call__`.
-
-    Returns:
-      float32 logits (N, num_classes), or the mixed10 feature map for `head="none"` /
-      `stage="features"`.
-    """
-    if stage not in STAGES:
-      raise UserError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
+  def check(self) -> None:
     if self.variant not in VARIANTS:
       raise UserError(f"unknown InceptionV3 variant {self.variant!r}; valid: {', '.join(VARIANTS)}")
-    if stage != "head":
-      x = self.backbone(x, frozenset(batch_norm_train))
-      if stage == "features" or self.head == "none":
-        return x
-    return self.classify(x, train, example_ids).astype(jnp.float32)
 
   def backbone(self, x, training: frozenset = frozenset()):
-    """Stem and mixed0 ... mixed10; called from `__call__` inside its compact scope."""
-    x = self._chain(STEM, x.astype(self.dtype), "", training)
+    """Stem and mixed0 ... mixed10 -> the mixed10 map; called inside `__call__`'s compact scope."""
+    x = self._chain(STEM, x, "", training)
     for block, _, branches in BLOCKS:
       x = jnp.concatenate([self._chain(b, x, f"{block}_", training) for b in branches], axis=-1)
     return x
@@ -269,15 +256,3 @@ class InceptionV3(nn.Module):
                      param_dtype=self.param_dtype,
                      axis_name=self.batch_norm_axis if use_batch else None, name=f"{name}_bn")(x)
     return nn.relu(x)
-
-  def classify(self, x, train: bool, example_ids=None):
-    """The head on the mixed10 feature map; called inside `__call__`'s compact scope."""
-    x = x.astype(self.dtype)
-    if self.head == "imagenet":  # Keras' avg_pool + predictions, torchvision's avgpool + fc
-      x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
-      return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                      name="predictions")(x)
-    head = heads.make_head(self.head, num_classes=self.num_classes, hidden=self.head_hidden,
-                           dropout=self.head_dropout, dtype=self.dtype,
-                           param_dtype=self.param_dtype)
-    return head(x, train=train, example_ids=example_ids)

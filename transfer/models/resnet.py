@@ -10,7 +10,8 @@ Keras' `keras.applications.ResNet50` and torchvision's `resnet50` are different 
 
 Both variants use the Keras layer names (`conv1_conv`, `conv2_block1_1_conv`, `conv2_block1_0_bn`,
 ..., `predictions`), so freezing patterns such as `^conv5_` read the same for either; the weight
-porter maps torchvision's state-dict names (`layer4.0.conv1`) onto them (`ModelSpec.torch_names`).
+porter maps torchvision's state-dict names (`layer4.0.conv1`) onto them (`porting`, this family's
+adapter). The stage dispatch and heads are `transfer.models.backbone.Classifier`'s.
 
 BatchNorm layers keep their running statistics in the `batch_stats` collection. They normalise
 with those statistics (inference mode) unless their name is in `batch_norm_train`, the layers
@@ -19,15 +20,16 @@ whose statistics a train step computes from the batch and updates (see `__call__
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+import re
+from typing import Sequence
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from transfer.errors import UserError
-from transfer.models import heads, winograd
+from transfer.models import winograd
+from transfer.models.backbone import Classifier
+from transfer.models.spec import BATCH_NORM, CONV, DENSE, Porting, kinds_by_suffix
 
-STAGES = ("full", "features", "head")
 VARIANTS = ("keras", "torchvision")
 _EPSILON = {"keras": 1.001e-5, "torchvision": 1e-5}
 # Flax's momentum weighs the old statistic: Keras' momentum=0.99, torch's momentum=0.1.
@@ -47,6 +49,12 @@ def layer_names(stage_sizes: Sequence[int]) -> tuple[str, ...]:
   return tuple(names)
 
 
+def layer_kinds(stage_sizes: Sequence[int]) -> dict[str, str]:
+  """Every backbone and top layer -> its kind (`*_conv`, `*_bn`, the dense `predictions`)."""
+  kinds = kinds_by_suffix(layer_names(stage_sizes), {"_conv": CONV, "_bn": BATCH_NORM})
+  return {**kinds, "predictions": DENSE}
+
+
 def torch_names(stage_sizes: Sequence[int]) -> dict[str, str]:
   """Our layer name -> torchvision state-dict prefix (`conv2_block1_1_conv` -> `layer1.0.conv1`)."""
   names = {"conv1_conv": "conv1", "conv1_bn": "bn1", "predictions": "fc"}
@@ -61,63 +69,56 @@ def torch_names(stage_sizes: Sequence[int]) -> dict[str, str]:
   return names
 
 
-class ResNet(nn.Module):
+# timm's ResNet-D family (`resnet50d`, `resnet101d`, ...: `stem_type='deep'`, `avg_down=True`)
+# replaces the 7x7 stem by three 3x3 convs (`conv1.0`, `conv1.1` BN, `conv1.3`, ...) and puts an
+# average pool before each shortcut conv (`downsample.0` pool, `.1` conv, `.2` BN). Their keys
+# overlap torchvision's enough that the strict merge would list dozens of names instead of
+# saying what the file is.
+_DEEP_STEM = re.compile(r"^conv1\.\d+$")
+_AVG_DOWN = re.compile(r"^layer\d+\.\d+\.downsample\.2$")
+
+
+def unsupported_structure(torch_layers: Sequence[str]) -> str | None:
+  """Why a torch state dict (its module prefixes) is a ResNet form we do not build (timm's
+  ResNet-D), or None; a phrase for the error."""
+  deep_stem = any(_DEEP_STEM.match(layer) for layer in torch_layers)
+  avg_down = any(_AVG_DOWN.match(layer) for layer in torch_layers)
+  if not (deep_stem or avg_down):
+    return None
+  what = " and ".join(part for part, present in (
+      ("a three-conv stem (conv1.0, conv1.3, ...)", deep_stem),
+      ("average-pool shortcuts (downsample.1 conv, downsample.2 BN)", avg_down)) if present)
+  kind = "deep-stem ResNet-D" if deep_stem else "average-pool-shortcut ResNet-D"
+  return (f"{kind} is not supported; the file has {what}, as timm's resnet50d/101d/152d; use "
+          f"plain ResNet weights (torchvision's, or timm's resnet50/101/152.* tags such as "
+          f"timm:resnet50.a1_in1k)")
+
+
+def porting(stage_sizes: Sequence[int]) -> Porting:
+  """The ResNet family's adapter: Keras names its layers as we do; torchvision by `torch_names`;
+  timm's ResNet-D files are refused with the reason."""
+  return Porting(torch_names=torch_names(stage_sizes), unsupported=unsupported_structure)
+
+
+class ResNet(Classifier):
   """A bottleneck ResNet (50, 101, 152 layers) in the Keras (v1) or torchvision (v1.5) form.
 
-  Attributes:
+  Attributes (besides `Classifier`'s; `"imagenet"` is global average pooling and the 1000-way
+  `predictions` layer):
     stage_sizes: bottleneck blocks per stage, e.g. (3, 4, 6, 3) for ResNet50.
-    arch: the registry name (`resnet50`, ...), for the weight porter.
     variant: `"keras"` or `"torchvision"` (see the module docstring).
     width: channels of the stem and of the first stage's bottleneck (64 in the real networks);
-      stage s uses width * 2**s inside its blocks and 4x that at its output.
-    head, num_classes, head_hidden, head_dropout: as for VGG (`"imagenet"` is global average
-      pooling and the 1000-way `predictions` layer).
-    dtype, param_dtype: compute and parameter dtypes; BatchNorm statistics stay float32.
-    conv: the concrete convolution choice (`xla`, `winograd`, `winograd_from_N`); Winograd runs
-      only the stride-1 3x3 convolutions, the others are XLA's.
-    batch_norm_axis: the mapped axis over which a training BatchNorm averages its batch
-      statistics (`"data"` inside the data-parallel step: global-batch statistics), or None.
+      stage s uses width * 2**s inside its blocks and 4x that at its output. BatchNorm
+      statistics stay float32; Winograd runs only the stride-1 3x3 convolutions.
   """
 
-  stage_sizes: Sequence[int]
-  arch: str = "resnet"
+  stage_sizes: Sequence[int] = (3, 4, 6, 3)
   variant: str = "torchvision"
   width: int = 64
-  head: str = "imagenet"
-  num_classes: int = 1000
-  head_hidden: int | None = None
-  head_dropout: float | None = None
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  conv: str = "xla"
-  batch_norm_axis: str | None = None
 
-  @nn.compact
-  def __call__(self, x, train: bool = False, stage: str = "full", example_ids=None,
-               batch_norm_train: Iterable[str] = ()):
-    """Runs the network (or one stage of it).
-
-    Args:
-      x: NHWC images preprocessed for the weights, or the feature map for `stage="head"`.
-      train: enables dropout in the head (needs a `"dropout"` RNG).
-      stage: `"full"`, `"features"` (the conv5 feature map) or `"head"`.
-      example_ids: (N,) global example indices for per-example dropout masks.
-      batch_norm_train: names of the BatchNorm layers that normalise with batch statistics and
-        update their running statistics (apply with `mutable=["batch_stats"]`); every other one
-        runs in inference mode. Empty (the default) is inference everywhere.
-
-    Returns:
-      float32 logits (N, num_classes), or the feature map for `head="none"`/`stage="features"`.
-    """
-    if stage not in STAGES:
-      raise UserError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
+  def check(self) -> None:
     if self.variant not in VARIANTS:
       raise UserError(f"unknown ResNet variant {self.variant!r}; valid: {', '.join(VARIANTS)}")
-    if stage != "head":
-      x = self.backbone(x, frozenset(batch_norm_train))
-      if stage == "features" or self.head == "none":
-        return x
-    return self.classify(x, train, example_ids).astype(jnp.float32)
 
   def _conv(self, x, features: int, size: int, stride: int, name: str):
     if size == 3 and stride == 1:
@@ -146,8 +147,7 @@ class ResNet(nn.Module):
                         axis_name=self.batch_norm_axis if use_batch else None, name=name)(x)
 
   def backbone(self, x, training: frozenset = frozenset()):
-    """Stem and bottleneck stages; called from `__call__` inside its compact scope."""
-    x = x.astype(self.dtype)
+    """Stem and bottleneck stages -> the conv5 map; called inside `__call__`'s compact scope."""
     x = self._conv(x, self.width, 7, 2, "conv1_conv")
     x = nn.relu(self._bn(x, "conv1_bn", training))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -172,15 +172,3 @@ class ResNet(nn.Module):
     y = self._conv(y, 4 * inner, 1, 1, f"{prefix}_3_conv")
     y = self._bn(y, f"{prefix}_3_bn", training)
     return nn.relu(shortcut + y)
-
-  def classify(self, x, train: bool, example_ids=None):
-    """The head on the conv5 feature map; called inside `__call__`'s compact scope."""
-    x = x.astype(self.dtype)
-    if self.head == "imagenet":  # Keras' avg_pool + predictions, torchvision's avgpool + fc
-      x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
-      return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                      name="predictions")(x)
-    head = heads.make_head(self.head, num_classes=self.num_classes, hidden=self.head_hidden,
-                           dropout=self.head_dropout, dtype=self.dtype,
-                           param_dtype=self.param_dtype)
-    return head(x, train=train, example_ids=example_ids)

@@ -24,45 +24,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+# A model's `conv` is a concrete choice of which 3x3 layers run by Winograd (`"xla"`, `"winograd"`,
+# `"winograd_from_N"`). Its spelling, and what `"auto"` means on this machine, belong to the
+# platform code (`transfer.platform.conv`), which decides it once when a run is built; the model
+# code reads a choice through these names.
+from transfer.platform.conv import ALL, XLA, choice, min_channels, use_for  # noqa: F401
+
 _NHWC = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
-
-# A model's `conv` is one of these concrete choices of which 3x3 layers run by Winograd:
-#   "xla"              none (XLA's convolution everywhere),
-#   "winograd"         every one,
-#   "winograd_from_N"  those with at least N input channels (N > 0).
-# Which one a config's `conv="auto"` means on this machine is `transfer.platform.resolve_conv`'s
-# decision, made once when the model is built.
-XLA, ALL, _FROM = "xla", "winograd", "winograd_from_"
-
-
-def choice(min_channels: int | None) -> str:
-  """The choice that runs Winograd from `min_channels` input channels up (None: no layer)."""
-  if min_channels is None:
-    return XLA
-  return ALL if min_channels <= 0 else f"{_FROM}{int(min_channels)}"
-
-
-def min_channels(conv: str) -> int | None:
-  """The fewest input channels that take Winograd under the concrete choice `conv` (None: none).
-
-  Raises:
-    ValueError: `conv` is not a concrete choice in its one spelling (`"auto"` included).
-  """
-  if conv == XLA:
-    return None
-  if conv == ALL:
-    return 0
-  if conv.startswith(_FROM) and conv[len(_FROM):].isdigit():
-    n = int(conv[len(_FROM):])
-    if choice(n) == conv:
-      return n
-  raise ValueError(f"not a concrete conv choice: {conv!r}")
-
-
-def use_for(conv: str, in_channels: int) -> bool:
-  """Whether a 3x3 conv layer with `in_channels` inputs runs by Winograd under the choice `conv`."""
-  least = min_channels(conv)
-  return least is not None and in_channels >= least
 
 
 def _input_transform(d0, d1, d2, d3):

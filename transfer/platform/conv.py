@@ -1,7 +1,7 @@
 """Which convolution algorithm a model runs: the `conv` policy, decided once per model.
 
 A config says `conv="auto"`, `"xla"` or `"winograd"`; a model holds a concrete choice in the
-spelling of `transfer.models.winograd` (`"xla"`, `"winograd"` or `"winograd_from_N"`: Winograd
+spelling defined here (`"xla"`, `"winograd"` or `"winograd_from_N"`: Winograd
 for the 3x3 layers with at least N input channels). `resolve_conv` turns the first into the
 second when the model is built (`transfer.models.get`), so the choice is recorded with the run
 and in `bench`'s report, and the same config compiles to the same program from the CLI and from
@@ -12,6 +12,44 @@ from __future__ import annotations
 
 from transfer.errors import UserError
 from transfer.platform import hugepages as hugepages_lib
+
+# A model's `conv` is one of these concrete choices of which 3x3 layers run by Winograd:
+#   "xla"              none (XLA's convolution everywhere),
+#   "winograd"         every one,
+#   "winograd_from_N"  those with at least N input channels (N > 0).
+# `resolve_conv` below decides which one a config's `conv="auto"` means on this machine.
+XLA, ALL, _FROM = "xla", "winograd", "winograd_from_"
+
+
+def choice(min_channels: int | None) -> str:
+  """The choice that runs Winograd from `min_channels` input channels up (None: no layer)."""
+  if min_channels is None:
+    return XLA
+  return ALL if min_channels <= 0 else f"{_FROM}{int(min_channels)}"
+
+
+def min_channels(conv: str) -> int | None:
+  """The fewest input channels that take Winograd under the concrete choice `conv` (None: none).
+
+  Raises:
+    ValueError: `conv` is not a concrete choice in its one spelling (`"auto"` included).
+  """
+  if conv == XLA:
+    return None
+  if conv == ALL:
+    return 0
+  if conv.startswith(_FROM) and conv[len(_FROM):].isdigit():
+    n = int(conv[len(_FROM):])
+    if choice(n) == conv:
+      return n
+  raise ValueError(f"not a concrete conv choice: {conv!r}")
+
+
+def use_for(conv: str, in_channels: int) -> bool:
+  """Whether a 3x3 conv layer with `in_channels` inputs runs by Winograd under the choice `conv`."""
+  least = min_channels(conv)
+  return least is not None and in_channels >= least
+
 
 # The fewest input channels for which `auto` takes Winograd on CPU. Measured at batch 16 on
 # VGG16's layers with huge pages (`transfer.platform.hugepages`): 3 -> 64 channels runs 0.55-0.65x
@@ -42,10 +80,9 @@ def resolve_conv(conv: str, backend: str | None = None, hugepages: bool | None =
   Raises:
     UserError: `conv` is neither `"auto"` nor a concrete choice.
   """
-  from transfer.models import winograd
   if conv != "auto":
     try:
-      winograd.min_channels(conv)
+      min_channels(conv)
     except (ValueError, AttributeError):
       raise UserError(f"unknown conv {conv!r}; valid values: auto, xla, winograd, "
                       "winograd_from_N (N input channels or more)") from None
@@ -54,7 +91,7 @@ def resolve_conv(conv: str, backend: str | None = None, hugepages: bool | None =
     import jax
     backend = jax.default_backend()
   if backend != "cpu":
-    return winograd.choice(None)
+    return choice(None)
   if hugepages is None:
     hugepages = hugepages_lib.active()
-  return winograd.choice(MIN_CHANNELS if hugepages else MIN_CHANNELS_WITHOUT_HUGEPAGES)
+  return choice(MIN_CHANNELS if hugepages else MIN_CHANNELS_WITHOUT_HUGEPAGES)

@@ -66,11 +66,11 @@ def keras_layers(params: Mapping, spec: models.ModelSpec,
     batch_stats: a BatchNorm model's running statistics; BatchNorm layers then get Keras' arrays
       (gamma, beta, moving_mean, moving_variance; no gamma where the model has no scale).
   """
-  order = spec.keras_order or spec.conv_layers  # where Keras generates names, its order is all
+  order = spec.port.keras_order or spec.conv_layers  # Keras order, where Keras generates names
   names = [n for n in order + spec.top_layers if n in params]
   layers = {}
   for n in names:
-    if n in (batch_stats or {}) or "scale" in params[n]:
+    if spec.kind(n) == models.BATCH_NORM:
       both = {**params[n], **(batch_stats or {}).get(n, {})}
       layers[n] = [np.asarray(both[k]) for k in _OURS if k in both]
     else:
@@ -96,13 +96,13 @@ def torch_state_dict(params: Mapping, spec: models.ModelSpec,
   Raises:
     ValueError: BatchNorm layers without their statistics.
   """
-  side = spec.top_image_size // spec.feature_stride
+  flatten, side = spec.port.torch_flatten or (None, None)
   state = {}
   for layer in spec.conv_layers + spec.top_layers:
     if layer not in params:
       continue
-    prefix = spec.torch_names[layer]
-    if "scale" in params[layer]:
+    prefix = spec.port.torch_names[layer]
+    if spec.kind(layer) == models.BATCH_NORM:
       stats = (batch_stats or {}).get(layer)
       if stats is None:
         raise ValueError(f"{layer} is a BatchNorm layer: pass batch_stats")
@@ -114,7 +114,7 @@ def torch_state_dict(params: Mapping, spec: models.ModelSpec,
     kernel = np.asarray(params[layer]["kernel"], np.float32)
     if kernel.ndim == 4:
       weight = kernel.transpose(3, 2, 0, 1)
-    elif layer == spec.top_layers[0] and spec.top_fixed_size:
+    elif layer == flatten:
       inp, out = kernel.shape
       channels = inp // (side * side)
       weight = kernel.T.reshape(out, side, side, channels).transpose(0, 3, 1, 2).reshape(out, inp)

@@ -20,12 +20,13 @@ Architectures built in several variants (ResNet: Keras v1, torchvision v1.5; Inc
 a file only in the variant of the file's framework; `check_variant` says which one, since shapes
 cannot show it.
 
-Where Keras generates the layer names (InceptionV3: `conv2d_17`, numbered per process), the spec
-gives the order Keras lists the layers in (`ModelSpec.keras_order`) and a Keras file's conv and
-BatchNorm layers are matched to it by kind and position, as Keras itself loads the official files
-(positionally); names play no part. `order_problem` names the first block that does not fit.
-torchvision state-dict parts the model leaves out by design (`ModelSpec.torch_ignored`: the
-auxiliary classifier) are ignored and reported (`ignored_parts`). Nothing here names a model.
+What differs between architecture families is data, read from the spec: each layer's declared
+kind (`spec.layer_kinds`: a torch `weight` is a conv or dense `kernel`, a BatchNorm or LayerNorm
+`scale`, an embedding's table) and the family's porting adapter (`spec.port`: torch names, parts
+the model leaves out, the layer a C,H,W flatten feeds, and for Keras files with generated names
+(InceptionV3: `conv2d_17`, numbered per process) the order Keras lists the layers in, matched by
+kind and position as Keras itself loads the official files; `order_problem` names the first
+block that does not fit). Nothing here names a model or a family.
 """
 
 from __future__ import annotations
@@ -55,11 +56,15 @@ _KERAS_BATCH_NORM_NAME = re.compile(r"(?:^|[/_])(gamma|beta|moving_mean|moving_v
 # Which variant of a multi-variant architecture a file's framework publishes.
 _FORMAT_VARIANT = {"keras_h5": "keras", "keras3_h5": "keras", "torch_pth": "torchvision",
                    "safetensors": "torchvision"}
-# torch parameter/buffer names -> ours. A torch module is a BatchNorm when it has running
-# statistics; its `bias` stays `bias` (params) while `mean` and `var` belong in `batch_stats`.
+# torch parameter/buffer names -> ours, by the layer's declared kind. A BatchNorm's `bias` stays
+# `bias` (params) while `mean` and `var` belong in `batch_stats`.
 _TORCH_PARAMS = {"weight": "kernel", "bias": "bias"}
 _TORCH_BATCH_NORM = {"weight": "scale", "bias": "bias", "running_mean": "mean",
                      "running_var": "var"}
+_TORCH_BY_KIND = {models.CONV: _TORCH_PARAMS, models.DENSE: _TORCH_PARAMS,
+                  models.BATCH_NORM: _TORCH_BATCH_NORM,
+                  models.LAYER_NORM: {"weight": "scale", "bias": "bias"},
+                  models.EMBEDDING: {"weight": "embedding"}}
 # A step counter torch keeps for momentum=None; nothing in Flax uses it, and a file may lack it.
 _TORCH_DROPPED = ("num_batches_tracked",)
 
@@ -81,7 +86,7 @@ def model_view(wf: WeightFile, spec: models.ModelSpec) -> dict[str, dict[str, Te
   if wf.format in _TORCH_FORMATS:
     return _torch_view(wf, spec)
   view = {layer: _keras_params(tensors) for layer, tensors in wf.layers.items()}
-  if spec.keras_order is None:
+  if spec.port.keras_order is None:
     return view
   names = _keras_names_by_order(view, spec)
   return {names.get(layer, layer): params for layer, params in view.items()}
@@ -90,30 +95,35 @@ def model_view(wf: WeightFile, spec: models.ModelSpec) -> dict[str, dict[str, Te
 def model_names(wf: WeightFile, spec: models.ModelSpec) -> dict[str, str]:
   """File layer -> our layer name under `spec` (a layer it does not rename keeps its name)."""
   if wf.format in _TORCH_FORMATS:
-    ours = {prefix: name for name, prefix in spec.torch_names.items()}
+    ours = {prefix: name for name, prefix in spec.port.torch_names.items()}
     return {layer: ours.get(layer, layer) for layer in wf.layers}
   names = {}
-  if spec.keras_order is not None:
+  if spec.port.keras_order is not None:
     view = {layer: _keras_params(tensors) for layer, tensors in wf.layers.items()}
     names = _keras_names_by_order(view, spec)
   return {layer: names.get(layer, layer) for layer in wf.layers}
 
 
-def _layer_kind(params: dict[str, Any]) -> str | None:
-  """`"bn"` for a BatchNorm layer (BatchNorm arrays, no kernel), `"conv"` for a 2-D convolution
-  (a 4-D kernel), else None; works on a file's view and on the model's shapes alike."""
+# The kinds a Keras file's layers are matched by, in order, where Keras generates their names.
+_ORDERED_KINDS = (models.CONV, models.BATCH_NORM)
+
+
+def _keras_file_kind(params: dict[str, Any]) -> str | None:
+  """The kind of a Keras file's layer, from what the file says: a BatchNormalization's arrays
+  carry their names (`moving_mean`, ..., read into `mean`, `var` by `_keras_params`), a Conv2D
+  holds a 4-D kernel. The model's side of the match reads its declared kinds instead."""
+  if params.keys() & {"mean", "var"}:
+    return models.BATCH_NORM
   kernel = params.get("kernel")
-  if kernel is None:
-    return "bn" if params.keys() & {"scale", "bias", "mean", "var"} else None
-  return "conv" if len(kernel.shape) == 4 else None
+  return models.CONV if kernel is not None and len(kernel.shape) == 4 else None
 
 
-def _keras_by_kind(view: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
-  """The conv and BatchNorm layer names of `view` in its order, by kind."""
-  kinds: dict[str, list[str]] = {"conv": [], "bn": []}
-  for layer, params in view.items():
-    kind = _layer_kind(params)
-    if kind:
+def _by_kind(layers, kind_of: Callable[[str], str | None]) -> dict[str, list[str]]:
+  """`layers` in their order, grouped by the kinds matched by position."""
+  kinds: dict[str, list[str]] = {k: [] for k in _ORDERED_KINDS}
+  for layer in layers:
+    kind = kind_of(layer)
+    if kind in kinds:
       kinds[kind].append(layer)
   return kinds
 
@@ -123,37 +133,38 @@ def _keras_names_by_order(view: dict[str, dict[str, Tensor]],
   """File layer -> our layer for a model whose Keras layer names are generated.
 
   The file's conv layers, in the file's order (`formats` keeps Keras' `model.layers` order),
-  are the model's conv layers in `spec.keras_order`, one for one; its BatchNorm layers likewise.
+  are the model's conv layers in `spec.port.keras_order`, one for one; its BatchNorm layers
+  likewise (the model's kinds as declared, the file's as its arrays say).
   Names play no part: `conv2d_1` in a Keras 2 file and `conv2d` in a Keras 3 one are the same
   layer when they stand in the same place. Surplus layers keep their file names (unexpected);
   shapes are checked by the merge, and `order_problem` says which block is out of place.
   """
-  ours = _keras_by_kind({n: _backbone_layers(spec.name)[n] for n in spec.keras_order})
-  theirs = _keras_by_kind(view)
+  ours = _by_kind(spec.port.keras_order, spec.kind)
+  theirs = _by_kind(view, lambda layer: _keras_file_kind(view[layer]))
   return {file_layer: our_layer for kind in ours
           for file_layer, our_layer in zip(theirs[kind], ours[kind])}
 
 
 def order_problem(view_for: Callable[[models.ModelSpec], dict[str, dict[str, Tensor]]],
                   spec: models.ModelSpec) -> str | None:
-  """For a model matched by order (`spec.keras_order`), the first block whose layers the file
+  """For a model matched by order (`spec.port.keras_order`), the first block whose layers the file
   holds in another order, number or shape, as `"mixed3: ..."`; None when every block fits.
 
   Blocks are taken in forward order; layers after the first misfit have shifted, so only that
   block is named.
   """
-  if spec.keras_order is None or not spec.blocks:
+  if spec.port.keras_order is None or not spec.blocks:
     return None
   shapes = _backbone_layers(spec.name)
   view = view_for(spec)
   for block in spec.blocks:
-    for kind in ("conv", "bn"):
-      layers = [n for n in spec.keras_order if _block(n, spec.blocks) == block
-                and _layer_kind(shapes[n]) == kind]
+    for kind in _ORDERED_KINDS:
+      layers = [n for n in spec.port.keras_order if _block(n, spec.blocks) == block
+                and spec.kind(n) == kind]
       got = [_signature(view.get(n), kind) for n in layers]
       want = [_signature(shapes[n], kind) for n in layers]
       if got != want:
-        what = {"conv": "convolution", "bn": "BatchNorm"}[kind]
+        what = {models.CONV: "convolution", models.BATCH_NORM: "BatchNorm"}[kind]
         return (f"{block}: the file's {what} layers in that place do not fit the model's "
                 f"(file {_shape_list(got)}, model {_shape_list(want)}); Keras generates these "
                 f"layers' names, so they are matched by kind and order: is the file for "
@@ -169,7 +180,7 @@ def _signature(params: dict[str, Any] | None, kind: str) -> tuple[int, ...] | No
   """The shape that identifies a layer of `kind`: a conv's kernel, a BatchNorm's mean."""
   if params is None:
     return None
-  t = params.get("kernel" if kind == "conv" else "mean")
+  t = params.get("kernel" if kind == models.CONV else "mean")
   return None if t is None else tuple(t.shape)
 
 
@@ -178,10 +189,10 @@ def _shape_list(shapes: list[tuple[int, ...] | None]) -> str:
 
 
 def ignored_parts(view: dict[str, dict[str, Tensor]], spec: models.ModelSpec) -> tuple[str, ...]:
-  """File layers of parts the model leaves out by design (`spec.torch_ignored`, e.g.
+  """File layers of parts the model leaves out by design (`spec.port.torch_ignored`, e.g.
   torchvision's auxiliary classifier `AuxLogits.*`): ignored, never an error."""
   return tuple(layer for layer in view
-               if any(layer == p or layer.startswith(f"{p}.") for p in spec.torch_ignored))
+               if any(layer == p or layer.startswith(f"{p}.") for p in spec.port.torch_ignored))
 
 
 def _keras_params(tensors: list[Tensor]) -> dict[str, Tensor]:
@@ -208,12 +219,16 @@ def _last_name(t: Tensor) -> str:
 
 
 def _torch_view(wf: WeightFile, spec: models.ModelSpec) -> dict[str, dict[str, Tensor]]:
-  """A torch state dict's modules under our names, in our layouts (see `model_view`)."""
-  ours = {prefix: name for name, prefix in spec.torch_names.items()}
-  # Only a flatten top (VGG) reads torch's C,H,W flatten order; after global pooling (ResNet)
-  # the fc's input rows are just channels, in the same order as ours.
-  first_fc = spec.top_layers[0] if spec.top_layers and spec.top_fixed_size else None
-  side = spec.top_image_size // spec.feature_stride
+  """A torch state dict's modules under our names, in our layouts (see `model_view`).
+
+  A layer's arrays are renamed by its declared kind (`spec.layer_kinds`); a module the model
+  does not declare (it shows up as unexpected) is named by what torch stores: running
+  statistics make it a BatchNorm.
+  """
+  ours = {prefix: name for name, prefix in spec.port.torch_names.items()}
+  # Only a layer fed by a flatten (VGG's fc1) reads torch's C,H,W flatten order; after global
+  # pooling (ResNet) the fc's input rows are just channels, in the same order as ours.
+  first_fc, side = spec.port.torch_flatten or (None, None)
   view = {}
   for prefix, tensors in wf.layers.items():
     layer = ours.get(prefix, prefix)
@@ -221,7 +236,8 @@ def _torch_view(wf: WeightFile, spec: models.ModelSpec) -> dict[str, dict[str, T
     by_kind = {k: t for k, t in by_kind.items() if k not in _TORCH_DROPPED}
     if not by_kind:
       continue
-    names = _TORCH_BATCH_NORM if "running_mean" in by_kind else _TORCH_PARAMS
+    kind = spec.kind(layer) or (models.BATCH_NORM if "running_mean" in by_kind else models.CONV)
+    names = _TORCH_BY_KIND[kind]
     view[layer] = {names.get(kind, kind): _torch_tensor(
         t, flatten_side=side if layer == first_fc else None) for kind, t in by_kind.items()}
   return view
@@ -438,7 +454,7 @@ def likely_cause(view_for: Callable[[models.ModelSpec], dict[str, dict[str, Tens
     plan: the failed plan for the model.
     spec: the model's spec.
     head: the model's head name.
-    fmt: the file's format; a Keras file of a model matched by order (`spec.keras_order`) is
+    fmt: the file's format; a Keras file of a model matched by order (`spec.port.keras_order`) is
       checked block by block (`order_problem`).
 
   Returns:
@@ -487,33 +503,18 @@ def _backbone_layers(name: str) -> dict[str, dict[str, Any]]:
   return {layer: _flatten(params) for layer, params in _backbone_shapes(name).items()}
 
 
-# ------------------------------------------------------------------ torch ResNets we do not build
-
-# timm's ResNet-D family (`resnet50d`, `resnet101d`, ...: `stem_type='deep'`, `avg_down=True`)
-# replaces the 7x7 stem by three 3x3 convs (`conv1.0`, `conv1.1` BN, `conv1.3`, ...) and puts an
-# average pool before each shortcut conv (`downsample.0` pool, `.1` conv, `.2` BN). Their keys
-# overlap torchvision's enough that the strict merge would list dozens of names instead of
-# saying what the file is.
-_DEEP_STEM = re.compile(r"^conv1\.\d+$")
-_AVG_DOWN = re.compile(r"^layer\d+\.\d+\.downsample\.2$")
-
-
 def unsupported_structure(wf: WeightFile) -> str | None:
-  """Why a torch state dict is a ResNet form we do not build (timm's ResNet-D), or None.
+  """Why a torch state dict is a form of a registered family this package does not build
+  (timm's ResNet-D: `spec.port.unsupported`), or None.
 
   Returns:
     A phrase for the error, e.g. `"deep-stem ResNet-D is not supported; ..."`.
   """
   if wf.format not in _TORCH_FORMATS:
     return None
-  deep_stem = any(_DEEP_STEM.match(layer) for layer in wf.layers)
-  avg_down = any(_AVG_DOWN.match(layer) for layer in wf.layers)
-  if not (deep_stem or avg_down):
-    return None
-  what = " and ".join(part for part, present in (
-      ("a three-conv stem (conv1.0, conv1.3, ...)", deep_stem),
-      ("average-pool shortcuts (downsample.1 conv, downsample.2 BN)", avg_down)) if present)
-  kind = "deep-stem ResNet-D" if deep_stem else "average-pool-shortcut ResNet-D"
-  return (f"{kind} is not supported; the file has {what}, as timm's resnet50d/101d/152d; use "
-          f"plain ResNet weights (torchvision's, or timm's resnet50/101/152.* tags such as "
-          f"timm:resnet50.a1_in1k)")
+  layers = tuple(wf.layers)
+  for check in dict.fromkeys(models.spec(name).port.unsupported for name in models.names()):
+    why = check(layers)
+    if why:
+      return why
+  return None
