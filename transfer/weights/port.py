@@ -7,7 +7,7 @@ Two steps, both pure apart from reading the file:
      C,H,W flatten order, so its input rows are permuted to our H,W,C order. A BatchNorm layer's
      four arrays become `scale`, `bias` (Flax `params`) and `mean`, `var` (Flax `batch_stats`);
      torch's `num_batches_tracked` counter is dropped.
-  2. `plan_merge` compares that view with the model's shapes and decides, layer by layer, what is
+  2. `plan_merge` (`transfer.weights.merge`) compares that view with the model's shapes and decides, layer by layer, what is
      loaded, what stays freshly initialised (only an explicitly fresh head), what is ignored (the
      file's ImageNet top when the model has another head) and what is wrong. Anything wrong
      becomes one `UserError` naming every problem and the likely cause.
@@ -31,18 +31,19 @@ block that does not fit). Nothing here names a model or a family.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from transfer import models
 from transfer.errors import UserError
 from transfer.weights.formats import Tensor, WeightFile
+# The merge is its own module; its names stay importable from here, where callers found them.
+from transfer.weights.merge import (Plan, by_collection, by_layer, flatten,  # noqa: F401
+                                    mismatch_error, param_shapes, plan_merge, read_layers,
+                                    variable_shapes)
 
 _TORCH_FORMATS = ("torch_pth", "safetensors")
 # Keras' BatchNormalization variables -> ours (Flax: params scale/bias, batch_stats mean/var).
@@ -264,59 +265,6 @@ def _chw_to_hwc_rows(weight: np.ndarray, side: int) -> np.ndarray:
   return np.ascontiguousarray(w.reshape(out, inp).T)
 
 
-@dataclasses.dataclass(frozen=True)
-class Plan:
-  """What a merge does with each layer; the file fits when `problems` is False."""
-
-  loaded: tuple[str, ...]
-  fresh: tuple[str, ...]
-  ignored: tuple[str, ...]
-  missing: tuple[str, ...]
-  unexpected: tuple[str, ...]
-  misshaped: tuple[str, ...]
-
-  @property
-  def problems(self) -> bool:
-    return bool(self.missing or self.unexpected or self.misshaped)
-
-
-def param_shapes(model, image_size: int) -> dict[str, Any]:
-  """The model's params as a tree of `jax.ShapeDtypeStruct`, without allocating anything."""
-  return variable_shapes(model, image_size)["params"]
-
-
-def variable_shapes(model, image_size: int) -> dict[str, Any]:
-  """All of the model's collections (`params`, and `batch_stats` for BatchNorm networks) as
-  `jax.ShapeDtypeStruct` trees, without allocating anything."""
-  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  return dict(jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x))
-
-
-def by_layer(collections: dict[str, Any]) -> dict[str, dict[str, Any]]:
-  """`{"params": {layer: ...}, "batch_stats": {layer: ...}}` -> `{layer: {scale, bias, mean,
-  var}}`, in the model's layer order: the unit a weight file stores and the merge checks.
-
-  Raises:
-    ValueError: two collections use the same name in one layer (they could not be told apart).
-  """
-  layers: dict[str, dict[str, Any]] = {}
-  for collection, tree in collections.items():
-    for layer, leaves in tree.items():
-      merged = layers.setdefault(layer, {})
-      clash = set(merged) & set(leaves)
-      if clash:
-        raise ValueError(f"{layer} has {sorted(clash)} in {collection} and another collection")
-      merged.update(leaves)
-  return layers
-
-
-def by_collection(layers: dict[str, dict[str, Any]], like: dict[str, Any]) -> dict[str, Any]:
-  """The inverse of `by_layer`: per-layer arrays back into the collections of `like`."""
-  return {collection: {layer: {name: layers[layer][name] for name in leaves}
-                       for layer, leaves in tree.items()}
-          for collection, tree in like.items()}
-
-
 def file_variant(fmt: str, spec: models.ModelSpec) -> str | None:
   """The variant of `spec` a file of format `fmt` fits, or None when the model has one form."""
   variant = _FORMAT_VARIANT.get(fmt)
@@ -351,97 +299,6 @@ def check_variant(source: str, spec: models.ModelSpec, have: str | None,
 def head_layers(shapes: dict[str, Any], spec: models.ModelSpec) -> tuple[str, ...]:
   """Top-level layers of the model that are not backbone convs: its head."""
   return tuple(name for name in shapes if name not in spec.conv_layers)
-
-
-def plan_merge(shapes: dict[str, Any], view: dict[str, dict[str, Tensor]], *,
-               fresh: tuple[str, ...] = (), ignorable: tuple[str, ...] = ()) -> Plan:
-  """Decides layer by layer how `view` (a file under our names) fills `shapes`.
-
-  Args:
-    shapes: the model's shapes by layer (`by_layer(variable_shapes(...))`; `param_shapes` for a
-      model without BatchNorm).
-    view: `model_view` of the file.
-    fresh: model layers to keep freshly initialised (a new head); a copy in the file is ignored.
-    ignorable: file layers the model may lack without error (the file's ImageNet top when the
-      model has another head).
-
-  Returns:
-    A `Plan`; a layer is loaded only when every one of its params is present with its shape.
-  """
-  loaded, fresh_out, ignored, missing, unexpected, misshaped = [], [], [], [], [], []
-  for layer, params in shapes.items():
-    if layer in fresh:
-      fresh_out.append(layer)
-      continue
-    if layer not in view:
-      missing.append(layer)
-      continue
-    flat = _flatten(params)
-    problems = len(missing) + len(misshaped) + len(unexpected)
-    for name, want in flat.items():
-      got = view[layer].get(name)
-      if got is None:
-        missing.append(f"{layer}/{name}")
-      elif tuple(got.shape) != tuple(want.shape):
-        misshaped.append(f"{layer}/{name} file {tuple(got.shape)} vs model {tuple(want.shape)}")
-    unexpected.extend(f"{layer}/{name}" for name in view[layer] if name not in flat)
-    if problems == len(missing) + len(misshaped) + len(unexpected):
-      loaded.append(layer)
-  for layer in view:
-    if layer in shapes:
-      if layer in fresh:
-        ignored.append(layer)
-    elif layer in ignorable:
-      ignored.append(layer)
-    else:
-      unexpected.append(layer)
-  return Plan(tuple(loaded), tuple(fresh_out), tuple(ignored), tuple(missing),
-              tuple(unexpected), tuple(misshaped))
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-  """{'a': {'b': x}} -> {'a/b': x}."""
-  if not isinstance(tree, dict):
-    return {prefix: tree}
-  out = {}
-  for key, value in tree.items():
-    out.update(_flatten(value, f"{prefix}/{key}" if prefix else key))
-  return out
-
-
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for path, value in flat.items():
-    *parents, leaf = path.split("/")
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
-
-
-def read_layers(view: dict[str, dict[str, Tensor]], shapes: dict[str, Any],
-                layers: tuple[str, ...]) -> dict[str, Any]:
-  """Reads `layers` from the file into arrays of the model's dtypes, nested like `shapes`
-  (`by_collection` splits a BatchNorm layer's statistics off into `batch_stats`)."""
-  out = {}
-  for layer in layers:
-    flat = _flatten(shapes[layer])
-    out[layer] = _unflatten({name: jnp.asarray(view[layer][name].read(), dtype=want.dtype)
-                             for name, want in flat.items()})
-  return out
-
-
-def mismatch_error(plan: Plan, *, source: str, arch: str, cause: str | None) -> UserError:
-  """One error naming every missing, unexpected and mis-shaped name, and the likely cause."""
-  parts = [f"weights {source} do not fit model {arch}"]
-  if cause:
-    parts.append(f"likely cause: {cause}")
-  for label, items in (("missing", plan.missing), ("unexpected", plan.unexpected),
-                       ("mis-shaped", plan.misshaped)):
-    if items:
-      parts.append(f"{label} ({len(items)}): {', '.join(items)}")
-  return UserError("; ".join(parts))
 
 
 def likely_cause(view_for: Callable[[models.ModelSpec], dict[str, dict[str, Tensor]]],
@@ -488,7 +345,7 @@ def guess_arch(view_for: Callable[[models.ModelSpec], dict[str, dict[str, Tensor
       continue
     shapes = _backbone_shapes(name)
     if all(p in view[layer] and tuple(view[layer][p].shape) == tuple(s.shape)
-           for layer in shapes for p, s in _flatten(shapes[layer]).items()):
+           for layer in shapes for p, s in flatten(shapes[layer]).items()):
       matches.append(name)
   return matches[0] if len(matches) == 1 else None
 
@@ -500,7 +357,7 @@ def _backbone_shapes(name: str) -> dict[str, Any]:
 
 def _backbone_layers(name: str) -> dict[str, dict[str, Any]]:
   """The backbone's layers with their shapes flattened (`{"kernel": ShapeDtypeStruct}`)."""
-  return {layer: _flatten(params) for layer, params in _backbone_shapes(name).items()}
+  return {layer: flatten(params) for layer, params in _backbone_shapes(name).items()}
 
 
 def unsupported_structure(wf: WeightFile) -> str | None:
