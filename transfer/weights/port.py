@@ -7,10 +7,11 @@ Two steps, both pure apart from reading the file:
      C,H,W flatten order, so its input rows are permuted to our H,W,C order. A BatchNorm layer's
      four arrays become `scale`, `bias` (Flax `params`) and `mean`, `var` (Flax `batch_stats`);
      torch's `num_batches_tracked` counter is dropped.
-  2. `plan_merge` (`transfer.weights.merge`) compares that view with the model's shapes and decides, layer by layer, what is
-     loaded, what stays freshly initialised (only an explicitly fresh head), what is ignored (the
-     file's ImageNet top when the model has another head) and what is wrong. Anything wrong
-     becomes one `UserError` naming every problem and the likely cause.
+  2. `plan_merge` (`transfer.weights.merge`) compares that view with the model's shapes and
+     decides, layer by layer, what is loaded, what stays freshly initialised (only an explicitly
+     fresh head), what is ignored (the file's ImageNet top when the model has another head) and
+     what is wrong. Anything wrong becomes one `UserError` naming every problem and the likely
+     cause.
 
 The merge works on layers, not collections: `by_layer` puts a BatchNorm's running statistics
 beside its scale and bias, as every weight file stores them, so a file without the statistics is
