@@ -140,3 +140,64 @@ def test_platform_imports_nothing_from_models():
   code = ("import sys, transfer.platform as p; p.resolve_conv('auto', 'cpu', False); "
           "assert not [m for m in sys.modules if m.startswith('transfer.models')]")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+class PosEmbed(nn.Module):
+  """A learned (1, T, C) tensor in a one-parameter layer, as a ViT's position embeddings."""
+
+  tokens: int
+  width: int
+
+  @nn.compact
+  def __call__(self, x):
+    return x + self.param("embedding", nn.initializers.normal(0.02), (1, self.tokens, self.width))
+
+
+class TinyTokensPos(TinyTokens):
+
+  def backbone(self, x, training: frozenset = frozenset()):
+    x = super().backbone(x, training)
+    return PosEmbed(x.shape[1], x.shape[2], name="pos_embedding")(x)
+
+
+def _grid_resample(layer, name, have, want):
+  """Nearest-neighbour upsampling of a square token grid (a test's stand-in for a ViT's
+  bilinear resampling)."""
+  if layer != "pos_embedding" or have[1] >= want[1]:
+    return None
+  side, new = int(round(have[1] ** 0.5)), int(round(want[1] ** 0.5))
+
+  def convert(a):
+    grid = a.reshape(1, side, side, a.shape[-1])
+    grid = np.repeat(np.repeat(grid, new // side, axis=1), new // side, axis=2)
+    return grid.reshape(want)
+  return convert
+
+
+def test_family_adapter_resamples_position_embeddings(tmp_path):
+  """A file's position embeddings for an 8x8 input fill a model built for 16x16 through the
+  family adapter's `resample`, as `transfer.weights.load` calls it (`port.fit_view`)."""
+  table = torch.randn(1, 4, 8)
+  torch.save({"pos_embed": table, "0.weight": torch.randn(8, 48), "0.bias": torch.randn(8),
+              "1.weight": torch.randn(8), "1.bias": torch.randn(8)}, tmp_path / "pos.pth")
+  kinds = {**TOKEN_KINDS, "pos_embedding": models.EMBEDDING}
+  spec = models.ModelSpec(
+      name="tiny_tokens_pos", build=lambda **kw: TinyTokensPos(arch="tiny_tokens_pos", **kw),
+      conv_layers=("embed", "encoder_norm", "pos_embedding"), top_layers=("predictions",),
+      layer_kinds=kinds, port=models.Porting(
+          torch_names={"embed": "0", "encoder_norm": "1", "pos_embedding": "pos_embed"},
+          resample=_grid_resample))
+  model = spec.build(head="none")
+  shapes = port.by_layer(port.variable_shapes(model, 16))
+  with formats.open_weights(tmp_path / "pos.pth") as wf:
+    raw = port.model_view(wf, spec)
+    assert raw["pos_embedding"]["embedding"].shape == (1, 4, 8)
+    assert port.plan_merge(shapes, raw).misshaped
+    view = port.fit_view(raw, shapes, spec)
+    plan = port.plan_merge(shapes, view)
+    assert not plan.problems, plan
+    params = port.read_layers(view, shapes, plan.loaded)
+  got = np.asarray(params["pos_embedding"]["embedding"]).reshape(4, 4, 8)
+  want = table.numpy().reshape(2, 2, 8)
+  np.testing.assert_array_equal(got[::2, ::2], want)
+  np.testing.assert_array_equal(got[1::2, 1::2], want)

@@ -43,6 +43,9 @@ class Porting:
       files name the layers as we do.
     unsupported: torch state-dict prefixes -> why the file is a form of the family this
       package does not build (timm's ResNet-D), or None.
+    resample: `(layer, param, file shape, model shape)` -> a function that turns the file's
+      array into the model's shape (a ViT's position embeddings, interpolated over the patch
+      grid for another image size), or None where it does not apply; None: no resampling.
   """
 
   torch_names: Mapping[str, str]
@@ -50,6 +53,7 @@ class Porting:
   torch_flatten: tuple[str, int] | None = None
   keras_order: tuple[str, ...] | None = None
   unsupported: Callable[[Sequence[str]], str | None] = lambda layers: None
+  resample: Callable[[str, str, tuple, tuple], Callable | None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -239,10 +239,45 @@ def _torch_view(wf: WeightFile, spec: models.ModelSpec) -> dict[str, dict[str, T
     if not by_kind:
       continue
     kind = spec.kind(layer) or (models.BATCH_NORM if "running_mean" in by_kind else models.CONV)
-    names = _TORCH_BY_KIND[kind]
-    view[layer] = {names.get(kind, kind): _torch_tensor(
-        t, flatten_side=side if layer == first_fc else None) for kind, t in by_kind.items()}
+    if kind == models.EMBEDDING and len(by_kind) == 1:  # a bare tensor (`cls_token`, `pos_embed`)
+      names = dict.fromkeys(by_kind, "embedding")
+    else:
+      names = _TORCH_BY_KIND[kind]
+    relayout = kind in (models.CONV, models.DENSE)  # norms and embeddings keep torch's layout
+    view[layer] = {names.get(name, name): _torch_tensor(
+        t, flatten_side=side if layer == first_fc else None) if relayout else t
+        for name, t in by_kind.items()}
   return view
+
+
+def fit_view(view: dict[str, dict[str, Tensor]], shapes: dict[str, Any],
+             spec: models.ModelSpec) -> dict[str, dict[str, Tensor]]:
+  """`view` with the arrays the family's adapter resamples (`spec.port.resample`: a ViT's
+  position embeddings for another image size) brought to the model's shapes, lazily; every
+  other array as it was, so the merge still reports a real misfit.
+
+  Args:
+    view: `model_view` of a file.
+    shapes: the model's shapes by layer (`by_layer(variable_shapes(...))`).
+    spec: the model's spec.
+  """
+  resample = spec.port.resample
+  if resample is None:
+    return view
+  out = {}
+  for layer, params in view.items():
+    want = flatten(shapes.get(layer, {}))
+    out[layer] = {name: _resampled(resample, layer, name, t, tuple(want[name].shape))
+                  if name in want and tuple(t.shape) != tuple(want[name].shape) else t
+                  for name, t in params.items()}
+  return out
+
+
+def _resampled(resample, layer: str, name: str, t: Tensor, shape: tuple[int, ...]) -> Tensor:
+  convert = resample(layer, name, tuple(t.shape), shape)
+  if convert is None:
+    return t
+  return Tensor(t.name, shape, lambda: np.asarray(convert(t.read())))
 
 
 def _torch_tensor(t: Tensor, flatten_side: int | None) -> Tensor:
