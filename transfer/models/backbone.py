@@ -12,9 +12,8 @@ dispatch, the heads and the dtype handling live here:
 `backbone` and `classify` are called inside `__call__`'s compact scope, so their layers sit at
 the top level of the params tree under the family's names (`block1_conv1`, `conv2_block1_1_bn`,
 `mixed9_branch1x1_conv`, and the ImageNet top's `fc1`/`predictions`); a new head is one module
-called `head`. The call interface
-`model.apply(variables, x, train=..., stage=..., example_ids=..., batch_norm_train=..., mutable=...)`
-is the same for every family.
+called `head`. The call interface, `model.apply(variables, x, train=..., stage=...,
+example_ids=..., batch_norm_train=..., mutable=...)`, is the same for every family.
 """
 
 from __future__ import annotations
