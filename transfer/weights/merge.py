@@ -5,7 +5,8 @@ and decides, layer by layer, what is loaded, what stays freshly initialised (onl
 fresh head), what is ignored and what is wrong; `mismatch_error` turns a failed plan into one
 error. The unit is the layer, not the collection: `by_layer` puts a BatchNorm's running
 statistics beside its scale and bias, as weight files store them, and `by_collection` splits
-the result back into `params`/`batch_stats`. Nothing here knows an architecture or a framework.
+the result back into `params`/`batch_stats`. `fit_view` first lets the family's adapter
+resample arrays to the model's shapes. Nothing here knows an architecture or a framework.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from transfer.errors import UserError
 from transfer.weights.formats import Tensor
@@ -162,3 +164,33 @@ def mismatch_error(plan: Plan, *, source: str, arch: str, cause: str | None) -> 
     if items:
       parts.append(f"{label} ({len(items)}): {', '.join(items)}")
   return UserError("; ".join(parts))
+
+
+def fit_view(view: dict[str, dict[str, Tensor]], shapes: dict[str, Any],
+             spec: Any) -> dict[str, dict[str, Tensor]]:
+  """`view` with the arrays the family's adapter resamples (`spec.port.resample`: a ViT's
+  position embeddings for another image size) brought to the model's shapes, lazily; every
+  other array as it was, so the merge still reports a real misfit.
+
+  Args:
+    view: `model_view` of a file.
+    shapes: the model's shapes by layer (`by_layer(variable_shapes(...))`).
+    spec: the model's spec.
+  """
+  resample = spec.port.resample
+  if resample is None:
+    return view
+  out = {}
+  for layer, params in view.items():
+    want = flatten(shapes.get(layer, {}))
+    out[layer] = {name: _resampled(resample, layer, name, t, tuple(want[name].shape))
+                  if name in want and tuple(t.shape) != tuple(want[name].shape) else t
+                  for name, t in params.items()}
+  return out
+
+
+def _resampled(resample, layer: str, name: str, t: Tensor, shape: tuple[int, ...]) -> Tensor:
+  convert = resample(layer, name, tuple(t.shape), shape)
+  if convert is None:
+    return t
+  return Tensor(t.name, shape, lambda: np.asarray(convert(t.read())))

@@ -42,9 +42,9 @@ from transfer import models
 from transfer.errors import UserError
 from transfer.weights.formats import Tensor, WeightFile
 # The merge is its own module; its names stay importable from here, where callers found them.
-from transfer.weights.merge import (Plan, by_collection, by_layer, flatten,  # noqa: F401
-                                    mismatch_error, param_shapes, plan_merge, read_layers,
-                                    variable_shapes)
+from transfer.weights.merge import (Plan, by_collection, by_layer, fit_view,  # noqa: F401
+                                    flatten, mismatch_error, param_shapes, plan_merge,
+                                    read_layers, variable_shapes)
 
 _TORCH_FORMATS = ("torch_pth", "safetensors")
 # Keras' BatchNormalization variables -> ours (Flax: params scale/bias, batch_stats mean/var).
@@ -248,36 +248,6 @@ def _torch_view(wf: WeightFile, spec: models.ModelSpec) -> dict[str, dict[str, T
         t, flatten_side=side if layer == first_fc else None) if relayout else t
         for name, t in by_kind.items()}
   return view
-
-
-def fit_view(view: dict[str, dict[str, Tensor]], shapes: dict[str, Any],
-             spec: models.ModelSpec) -> dict[str, dict[str, Tensor]]:
-  """`view` with the arrays the family's adapter resamples (`spec.port.resample`: a ViT's
-  position embeddings for another image size) brought to the model's shapes, lazily; every
-  other array as it was, so the merge still reports a real misfit.
-
-  Args:
-    view: `model_view` of a file.
-    shapes: the model's shapes by layer (`by_layer(variable_shapes(...))`).
-    spec: the model's spec.
-  """
-  resample = spec.port.resample
-  if resample is None:
-    return view
-  out = {}
-  for layer, params in view.items():
-    want = flatten(shapes.get(layer, {}))
-    out[layer] = {name: _resampled(resample, layer, name, t, tuple(want[name].shape))
-                  if name in want and tuple(t.shape) != tuple(want[name].shape) else t
-                  for name, t in params.items()}
-  return out
-
-
-def _resampled(resample, layer: str, name: str, t: Tensor, shape: tuple[int, ...]) -> Tensor:
-  convert = resample(layer, name, tuple(t.shape), shape)
-  if convert is None:
-    return t
-  return Tensor(t.name, shape, lambda: np.asarray(convert(t.read())))
 
 
 def _torch_tensor(t: Tensor, flatten_side: int | None) -> Tensor:
