@@ -140,6 +140,31 @@ def assert_trained_alike(got, want, *, terms: int, steps: int, slack: float = 4.
     np.testing.assert_allclose(g, w, rtol=0, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 
+def randomize(keras, model, seed):
+  """Random weights for a Keras model, far from a fresh model's, so that a swapped kernel/bias or
+  a wrong transpose shows in its outputs: He-scaled kernels (activations stay O(1) through the
+  net), biases ~ N(0, 0.1); BatchNorm gamma ~ U(0.5, 1.5), beta ~ N(0, 0.2), moving_mean ~
+  N(0.5, 1), moving_variance ~ U(0.5, 3). The last BatchNorm of a ResNet block (`_3_bn`) gets a
+  small gamma, as trained ResNets have, so the residual sums stay O(1) through the depth."""
+  rng = np.random.default_rng(seed)
+  for layer in model.layers:
+    arrays = layer.get_weights()
+    if not arrays:
+      continue
+    if isinstance(layer, keras.layers.BatchNormalization):
+      assert len(arrays) in (3, 4)  # [gamma], beta, moving_mean, moving_variance
+      n = arrays[0].shape
+      values = []
+      if len(arrays) == 4:
+        values.append(rng.uniform(0.5, 1.5, n) * (0.2 if layer.name.endswith("_3_bn") else 1.0))
+      values += [rng.normal(0, 0.2, n), rng.normal(0.5, 1.0, n), rng.uniform(0.5, 3.0, n)]
+    else:
+      kernel, *bias = arrays
+      values = [rng.standard_normal(kernel.shape) * np.sqrt(2.0 / np.prod(kernel.shape[:-1]))]
+      values += [rng.normal(0, 0.1, b.shape) for b in bias]
+    layer.set_weights([np.asarray(v, np.float32) for v in values])
+
+
 def one_line_error(excinfo):
   """The message of a `pytest.raises` error, asserted to be one line (what the CLI prints)."""
   message = str(excinfo.value)

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import assert_close
+from helpers import assert_close, randomize
 from transfer import models
 from transfer import weights
 from transfer.errors import UserError
@@ -30,28 +30,6 @@ RTOL = 1e-4
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.usefixtures("home")]
-
-
-def randomize(keras, model, seed):
-  """He-scaled kernels; BatchNorm beta ~ N(0, 0.2), moving_mean ~ N(0.5, 1), moving_variance
-  ~ U(0.5, 3) (far from the fresh 0 and 1); a random top."""
-  rng = np.random.default_rng(seed)
-  for layer in model.layers:
-    arrays = layer.get_weights()
-    if not arrays:
-      continue
-    if isinstance(layer, keras.layers.BatchNormalization):
-      assert len(arrays) == 3  # scale=False: beta, moving_mean, moving_variance
-      n = arrays[0].shape
-      values = [rng.normal(0, 0.2, n), rng.normal(0.5, 1.0, n), rng.uniform(0.5, 3.0, n)]
-    elif isinstance(layer, keras.layers.Conv2D):
-      (kernel,) = arrays
-      values = [rng.standard_normal(kernel.shape) * np.sqrt(2.0 / np.prod(kernel.shape[:-1]))]
-    else:
-      kernel, bias = arrays
-      values = [rng.standard_normal(kernel.shape) / np.sqrt(kernel.shape[0]),
-                rng.normal(0, 0.1, bias.shape)]
-    layer.set_weights([np.asarray(v, np.float32) for v in values])
 
 
 def keras2_names(keras, model):

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import assert_close, one_line_error
+from helpers import assert_close, one_line_error, randomize
 from transfer import models
 from transfer import weights
 from transfer.errors import UserError
@@ -33,29 +33,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 
 
 # --- Keras parity ---------------------------------------------------------------------------------
-
-
-def randomize(keras, model, seed):
-  """He-scaled kernels, random biases, and BatchNorm layers with random gamma/beta and running
-  statistics far from the fresh 0 and 1 (moving_mean ~ N(0.5, 1), moving_variance ~ U(0.5, 3)).
-
-  The last BatchNorm of each block gets a small gamma, as trained ResNets have, so the residual
-  sums stay O(1) through the depth instead of growing block by block.
-  """
-  rng = np.random.default_rng(seed)
-  for layer in model.layers:
-    arrays = layer.get_weights()
-    if not arrays:
-      continue
-    if isinstance(layer, keras.layers.BatchNormalization):
-      n = arrays[0].shape
-      gamma = rng.uniform(0.5, 1.5, n) * (0.2 if layer.name.endswith("_3_bn") else 1.0)
-      values = [gamma, rng.normal(0, 0.2, n), rng.normal(0.5, 1.0, n), rng.uniform(0.5, 3.0, n)]
-    else:
-      kernel, bias = arrays
-      scale = np.sqrt(2.0 / np.prod(kernel.shape[:-1]))
-      values = [rng.standard_normal(kernel.shape) * scale, rng.normal(0, 0.1, bias.shape)]
-    layer.set_weights([np.asarray(v, np.float32) for v in values])
 
 
 def keras_layers(model):

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import assert_close
+from helpers import assert_close, randomize
 from transfer import models
 from transfer import weights
 from transfer.weights import export
@@ -20,20 +20,6 @@ RTOL = 1e-4
 # Keras' TF backend trips numpy 2's __array__(copy=...) deprecation on every call.
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.usefixtures("home")]
-
-
-def randomize(model, seed):
-  """He-scaled random kernels and random biases, so activations stay O(1) through the net."""
-  rng = np.random.default_rng(seed)
-  values = []
-  for w in model.weights:
-    shape = tuple(w.shape)
-    if len(shape) > 1:
-      scale = np.sqrt(2.0 / np.prod(shape[:-1]))
-      values.append(rng.standard_normal(shape, dtype=np.float32) * np.float32(scale))
-    else:
-      values.append(rng.standard_normal(shape, dtype=np.float32) * np.float32(0.1))
-  model.set_weights(values)
 
 
 def keras_layers(model):
@@ -54,7 +40,7 @@ def forward(model_name, params, x, **kw):
 def keras_vgg16_top(keras):
   """Keras VGG16 with its ImageNet top (ends with softmax), random weights; built once."""
   model = keras.applications.VGG16(weights=None, include_top=True)
-  randomize(model, seed=0)
+  randomize(keras, model, seed=0)
   return model
 
 
@@ -63,7 +49,7 @@ def keras_notop(request, keras):
   """Keras VGG16/VGG19 without top at 64x64, random weights."""
   build = {"vgg16": keras.applications.VGG16, "vgg19": keras.applications.VGG19}[request.param]
   model = build(weights=None, include_top=False, input_shape=(64, 64, 3))
-  randomize(model, seed=1)
+  randomize(keras, model, seed=1)
   return request.param, model
 
 
