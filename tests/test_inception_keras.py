@@ -20,7 +20,7 @@ from transfer import weights
 from transfer.errors import UserError
 from transfer.models import inception
 from transfer.weights import sources
-from transfer.weights.preprocess import eval_resize, mode_for
+from transfer.weights.preprocess import EvalGeometry, eval_geometry, eval_resize, mode_for
 
 # As for ResNet (tests/test_resnet_keras.py): float32 in both frameworks, sums in another order,
 # ~100 layers deep: measured 2.7e-7 (notop at 99) and 4.6e-7 (top at 299) of the output's scale;
@@ -248,7 +248,8 @@ def test_registry_records_the_keras_files():
     assert (entry.include_top, entry.preprocess, entry.resize_size) == (not suffix, "tf", None)
   assert mode_for("keras:inception_v3_notop") == "tf"
   assert mode_for("/anywhere/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5") == "tf"
-  assert mode_for("keras:resnet50") == "caffe" and eval_resize("keras:inception_v3", 299) is None
+  assert mode_for("keras:resnet50") == "caffe" and eval_resize("keras:inception_v3") is None
+  assert eval_geometry("keras:inception_v3") == EvalGeometry(299, None, "bilinear")
   assert weights.variant_for("keras:inception_v3_notop", "inception_v3") == "keras"
   with pytest.raises(UserError, match="is a Keras InceptionV3"):  # before any download
     weights.load("keras:inception_v3_notop",
@@ -275,3 +276,110 @@ def test_an_exported_tiny_file_loads_back_exactly(tmp_path, naming):
   export.write_keras_h5(path, {"input_1": [], **layers}, naming=naming)
   got = weights.load_variables(str(path), net, image_size=75)
   jax.tree.map(np.testing.assert_array_equal, got, variables)
+
+
+# --- a Keras InceptionV3 file by path (any name): tf preprocessing at 299 --------------------------
+
+
+def _photo(path, size, seed):
+  """A smooth random RGB image of `size` (w, h), saved as PNG."""
+  from PIL import Image
+  rng = np.random.default_rng(seed)
+  w, h = size
+  t = np.linspace(0, 1, w)[None, :, None] * np.linspace(0.2, 1, h)[:, None, None]
+  a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+  noise = rng.normal(0, 20, (h, w, 3))
+  Image.fromarray(np.clip(a * (1 - t) + b * t + noise, 0, 255).astype(np.uint8)).save(path)
+  return str(path)
+
+
+def _cli_probs(argv, capsys):
+  """`transfer ... --json --top 1000` probabilities, (N, classes) in class order."""
+  import json
+  from transfer import main as cli_main
+  capsys.readouterr()
+  assert cli_main.run(argv + ["--json", "--top", "1000"]) == 0
+  records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  probs = np.zeros((len(records), len(records[0]["top"])))
+  for row, record in zip(probs, records):
+    for p in record["top"]:
+      row[p["class"]] = p["prob"]
+  return probs
+
+
+@pytest.fixture(scope="module")
+def with_top(keras, tmp_path_factory):
+  """A random Keras InceptionV3 with its top (299), written by Keras 3 both ways it writes: its
+  own `.weights.h5` and, through `model.save("*.h5")`, the legacy HDF5 layout. The file names
+  say nothing of the architecture; the top is scaled so its probabilities are informative."""
+  model = keras.applications.InceptionV3(weights=None)
+  randomize(keras, model, seed=4)
+  top = model.get_layer("predictions")
+  kernel, bias = top.get_weights()
+  top.set_weights([kernel * 0.05, bias * 0.0])
+  tmp = tmp_path_factory.mktemp("inception_top")
+  own, legacy = str(tmp / "my_inception.weights.h5"), str(tmp / "my_inception.h5")
+  model.save_weights(own)
+  model.save(legacy)
+  return model, {"keras3": own, "keras3_legacy": legacy}
+
+
+def test_a_keras_inception_file_by_path_predicts_as_keras_at_299(keras, with_top, tmp_path,
+                                                                 capsys):
+  """`transfer predict --weights my_inception.weights.h5`: squashed to 299, [-1, 1] input, the
+  probabilities Keras computes (caffe scaling at 224, the extension's old guess, is far off)."""
+  from PIL import Image
+  model, files = with_top
+  image = _photo(tmp_path / "x.png", (360, 280), seed=5)
+  ours = _cli_probs(["predict", "--model", "inception_v3", "--weights", files["keras3"], image],
+                    capsys)
+  pixels = np.asarray(Image.open(image).convert("RGB").resize((299, 299), Image.BILINEAR),
+                      np.float32)[None]
+  ref = np.asarray(model(keras.applications.inception_v3.preprocess_input(pixels)))
+  assert ref.max() < 0.9  # informative probabilities
+  np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("writer", ["keras3", "keras3_legacy"])
+def test_a_keras_inception_file_by_path_is_parsed_as_keras_inception(with_top, writer, capsys):
+  from transfer import main as cli_main
+  path = with_top[1][writer]
+  parsed = sources.resolve(path)
+  assert (parsed.arch, parsed.variant, parsed.framework, parsed.preprocess) == (
+      "inception_v3", "keras", "keras", "tf")
+  assert eval_geometry(parsed) == eval_geometry(path) == EvalGeometry(299, None, "bilinear")
+  assert weights.variant_for(path, "inception_v3") == "keras"
+  capsys.readouterr()
+  assert cli_main.run(["weights", "info", path]) == 0
+  assert "arch: inception_v3 (variant=keras)  preprocess: tf" in capsys.readouterr().out
+
+
+def test_keras_inception_v3_evaluates_at_299_without_being_told():
+  for source_id in ("keras:inception_v3", "keras:inception_v3_notop"):
+    assert eval_geometry(source_id) == EvalGeometry(299, None, "bilinear")
+    assert sources.resolve(source_id).input_size == 299
+  assert eval_geometry("keras:resnet50").size == 224
+
+
+def test_a_run_fine_tuned_from_a_keras_inception_file_records_and_uses_tf(notop, tmp_path):
+  """`transfer train --config.weights=my_inception.weights.h5` trains on [-1, 1] input and
+  records it; eval reads the record (it works with the weight file gone, and computes the
+  run's own last validation loss)."""
+  import shutil
+  from transfer import checkpoint, evaluate, metrics
+  from transfer import main as cli_main
+  path = shutil.copy(notop[1]["keras3"], tmp_path / "my_inception.weights.h5")
+  workdir = str(tmp_path / "run")
+  assert cli_main.run([
+      "train", "--workdir", workdir, "--config.model=inception_v3", "--config.head=gap",
+      f"--config.weights={path}", "--config.image_size=75", "--config.batch_size=4",
+      "--config.synthetic.train_size=8", "--config.synthetic.val_size=4",
+      "--config.synthetic.base_size=75", "--config.num_steps=1", "--config.log_every_steps=1",
+      "--config.eval_every_steps=1", "--config.checkpoint_every_steps=1",
+      "--config.augment=none"]) == 0
+  _, meta = checkpoint.load_trained_variables(workdir)
+  assert meta["run"]["preprocessing"] == "tf" and meta["run"]["variant"] == "keras"
+  trained_loss = [r["val_loss"] for r in metrics.read_metrics(workdir) if "val_loss" in r][-1]
+  os.remove(path)
+  result = evaluate.evaluate_workdir(workdir)
+  assert result["val_loss"] == pytest.approx(trained_loss, rel=1e-5)

@@ -9,6 +9,8 @@ way: torchvision's pretrained transform (ToTensor, Normalize with the ImageNet m
 model's `transform_input`), ours `preprocess(x, "torchvision:inception_v3")` ([-1, 1]).
 """
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -331,3 +333,68 @@ def test_info_recognises_a_torchvision_file_with_its_aux_classifier(reference, t
   names = {layer["name"]: layer["model_name"] for layer in meta["layers"]}
   assert names["Mixed_7c.branch3x3dbl_3b.bn"] == "mixed10_branch3x3dbl_3b_bn"
   assert names["AuxLogits.fc"] == "AuxLogits.fc"
+
+
+# --- a torchvision InceptionV3 file by path: tf preprocessing, 342 then the center 299 -----------
+
+
+def test_a_torch_inception_file_by_path_predicts_as_torchvision(reference, tmp_path, capsys):
+  """`transfer predict --weights my_inception.pth`: torchvision's eval transform for these
+  weights (Resize(342), CenterCrop(299), ToTensor, Normalize, then `transform_input`), written
+  out with PIL here, gives torch's probabilities."""
+  import json
+  from PIL import Image
+  from transfer import main as cli_main
+  path = save(reference, tmp_path / "my_inception.pth", "pth")
+  rng = np.random.default_rng(6)
+  t = np.linspace(0, 1, 400)[None, :, None] * np.linspace(0.2, 1, 360)[:, None, None]
+  picture = rng.integers(0, 256, 3) * (1 - t) + rng.integers(0, 256, 3) * t
+  image = str(tmp_path / "x.png")
+  Image.fromarray(np.clip(picture + rng.normal(0, 20, picture.shape), 0, 255)
+                  .astype(np.uint8)).save(image)
+  capsys.readouterr()
+  assert cli_main.run(["predict", "--model", "inception_v3", "--weights", path, "--json",
+                       "--top", "1000", image]) == 0
+  (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  ours = np.zeros(1000)
+  for p in record["top"]:
+    ours[p["class"]] = p["prob"]
+  # Resize(342): short side 360 -> 342, long side int(342 * 400 / 360) = 380, bilinear (PIL,
+  # antialiased); CenterCrop(299): offsets int(round((380 - 299) / 2)), int(round(43 / 2)).
+  resized = Image.open(image).convert("RGB").resize((380, 342), Image.BILINEAR)
+  left, top = int(round((380 - 299) / 2.0)), int(round((342 - 299) / 2.0))
+  pixels = np.asarray(resized.crop((left, top, left + 299, top + 299)), np.uint8)[None]
+  with torch.no_grad():
+    ref = torch.softmax(reference(torch_pixels(pixels)), -1).numpy()[0]
+  assert ref.max() < 0.9  # informative probabilities
+  np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_a_torch_inception_file_by_path_is_parsed_as_torchvision_inception(reference, tmp_path,
+                                                                          fmt):
+  from transfer.weights.preprocess import EvalGeometry, eval_geometry
+  path = save(reference, tmp_path / f"my_inception.{fmt}", fmt)
+  parsed = sources.resolve(path)
+  assert (parsed.arch, parsed.variant, parsed.framework, parsed.preprocess) == (
+      "inception_v3", "torchvision", "torch", "tf")
+  assert parsed.entry is None and parsed.format == {"pth": "torch_pth",
+                                                    "safetensors": "safetensors"}[fmt]
+  assert eval_geometry(path) == EvalGeometry(299, 342, "bilinear")
+  assert weights.info(path)["preprocess"] == "tf"
+
+
+def test_an_official_file_name_by_path_gets_its_ids_geometry(reference, tmp_path):
+  """A file downloaded by hand keeps its official name: it is that registry record, whatever
+  directory it is in (the ResNet one holds no ResNet here: the name alone decides, unread)."""
+  from transfer.weights.preprocess import eval_geometry
+  official = save(reference, tmp_path / "inception_v3_google-0cc3c7bd.pth", "pth")
+  resnet = str(tmp_path / "resnet50-11ad3fa6.pth")
+  os.link(official, resnet)
+  for path, source_id in ((official, "torchvision:inception_v3"),
+                          (resnet, "torchvision:resnet50")):
+    parsed = sources.resolve(path)
+    assert parsed.entry == sources.get(source_id) and parsed.source == path
+    assert eval_geometry(path) == eval_geometry(source_id)
+    assert mode_for(path) == mode_for(source_id)
+  assert eval_geometry(resnet).resize == 232 and eval_geometry(official).resize == 342

@@ -67,6 +67,8 @@ class Run:
     keeps_ema: whether the train state keeps a parameter average (`ema_decay` > 0).
     variables, step, workdir: a trained run's restored variables, checkpoint step and run
       directory (`from_checkpoint`, which leaves `data`, `variable_shapes` and `plan` empty).
+    source: the run's weights parsed once (`runs.weights_source`); None for a trained run,
+      whose preprocessing is on record (`metadata["preprocessing"]`).
   """
 
   config: Any
@@ -82,6 +84,7 @@ class Run:
   variables: dict[str, Any] | None = None
   step: int | None = None
   workdir: str | None = None
+  source: Any = None
   _parts: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @classmethod
@@ -111,8 +114,7 @@ class Run:
   def validation_data(self):
     """A trained run's validation split, checked to be the split it was trained with."""
     from transfer import data as data_lib
-    source = runs.weights_source(self.metadata["weights"]) or "none"
-    ds = data_lib.create(self.config, preprocess_source=source)
+    ds = data_lib.create(self.config, preprocess_source=self.metadata["preprocessing"])
     if not ds.num_val:
       raise UserError(f"{self.workdir} was trained without a validation split "
                       f"({self.config.dataset}, val_fraction={self.config.val_fraction}); there "
@@ -124,8 +126,8 @@ class Run:
 
   @property
   def weights_source(self) -> str:
-    """The weight source as the data pipeline's preprocessing takes it ("none": random init)."""
-    return runs.weights_source(self.config.weights) or "none"
+    """The weights' preprocessing mode, as recorded (`runs.run_metadata`), for the pipeline."""
+    return self.metadata["preprocessing"]
 
   @property
   def total_steps(self) -> int:
@@ -185,7 +187,7 @@ class Run:
   def initial_variables(self) -> tuple[dict[str, Any], str]:
     """Variables before training (`init_from` > weights > random) and where they came from."""
     return runs.initial_variables(self.config, self.model, self.variable_shapes["params"],
-                                  self.data.identity())
+                                  self.data.identity(), source=self.source)
 
   def train_step(self, parts: StageParts, kind: str = "full"):
     """The stage's jitted train step on images (`full`) or cached backbone features (`head`)."""
@@ -244,11 +246,12 @@ def build(config, devices=None, *, dtype: str | None = None) -> Run:
   from transfer import data as data_lib
   mesh = parallel.make_mesh(devices)
   parallel.check_batch_size(config.batch_size, mesh)
-  ds = data_lib.create(config, preprocess_source=runs.weights_source(config.weights) or "none")
+  source = runs.weights_source(config.weights)  # parsed once for the whole run
+  ds = data_lib.create(config, preprocess_source=source)
   num_classes = check_num_classes(config, ds)
-  model, outputs = runs.build_model(config, num_classes, dtype=dtype)
+  model, outputs = runs.build_model(config, num_classes, dtype=dtype, source=source)
   metadata = runs.run_metadata(config, ds.class_names, outputs, ds.identity(), conv=model.conv,
-                               variant=getattr(model, "variant", None))
+                               variant=getattr(model, "variant", None), source=source)
   steps_per_epoch = ds.steps_per_epoch
   plan = stages_lib.plan(config, steps_per_epoch) if steps_per_epoch > 0 else []
   if (stages_lib.total_steps(plan) <= 0 or steps_per_epoch <= 0
@@ -258,7 +261,7 @@ def build(config, devices=None, *, dtype: str | None = None) -> Run:
   # Shapes only: a resumed run never initialises, a fresh one initialises once.
   shapes = jax.eval_shape(lambda: models.init_variables(model, config.image_size, config.seed))
   run = Run(config, mesh, ds, num_classes, model, outputs, shapes, plan, metadata,
-            ema_lib.enabled(config))
+            ema_lib.enabled(config), source=source)
   for stage in plan:  # every stage's patterns are checked before anything runs
     run.stage(stage)
   return run

@@ -17,10 +17,13 @@ from transfer import configs, ema, models
 from transfer.errors import UserError
 from transfer.workdir import format_changes
 
-def weights_source(weights: str) -> str | None:
-  """The weight source without the `?` (use-if-cached) marker; None for random init."""
+def weights_source(weights: str | None):
+  """A run's `weights`, parsed once (`transfer.weights.sources.resolve`): a `ParsedSource` with
+  its format, architecture, variant, preprocessing and eval geometry; `.source` is None for
+  random init. Build it once per run and pass it to `data.create` (`preprocess_source`),
+  `build_model`, `initial_variables` and `run_metadata`."""
   from transfer.weights import sources
-  return sources.parse(weights)[0]
+  return sources.resolve(weights)
 
 
 def output_count(config, num_classes: int) -> int:
@@ -30,11 +33,12 @@ def output_count(config, num_classes: int) -> int:
   return num_classes
 
 
-def model_variant(config) -> str | None:
+def model_variant(config, source=None) -> str | None:
   """The architecture variant to build (ResNet: `keras` v1 or `torchvision` v1.5), else None.
 
   `variant=auto` builds what the run's params need: the variant of the `init_from` run, or the
   one the weight file was made for, or the model's default for random initialisation.
+  `source` is the run's parsed weights (`weights_source`), parsed here when not given.
   """
   spec = models.spec(config.model)
   if not spec.variants:
@@ -46,8 +50,8 @@ def model_variant(config) -> str | None:
     recorded = _recorded_run(config.init_from).get("variant")
     if recorded:
       return recorded
-  source = weights_source(config.weights)
-  if source:
+  source = source or weights_source(config.weights)
+  if source.source:
     from transfer import weights as weights_lib
     needed = weights_lib.variant_for(source, spec.name)
     if needed:
@@ -68,13 +72,14 @@ def _recorded_run(workdir: str) -> dict[str, Any]:
     checkpointer.close()
 
 
-def build_model(config, num_classes: int, dtype: str | None = None):
+def build_model(config, num_classes: int, dtype: str | None = None, source=None):
   """The run's model for a dataset of `num_classes` classes.
 
   Args:
     config: the run config (model, head, head_hidden, head_dropout, image_size, dtype, conv).
     num_classes: classes in the data.
     dtype: compute dtype override (default: `config.dtype`, resolved for this backend).
+    source: the run's parsed weights (`weights_source`), which pick the variant.
 
   Returns:
     `(model, outputs)`: the unbound Flax module and its number of outputs.
@@ -84,11 +89,11 @@ def build_model(config, num_classes: int, dtype: str | None = None):
   model = models.get(config.model, head=config.head, num_classes=outputs,
                      head_hidden=config.head_hidden, head_dropout=config.head_dropout,
                      dtype=dtype or models.resolve_dtype(config.dtype), conv=config.conv,
-                     variant=model_variant(config))
+                     variant=model_variant(config, source))
   return model, outputs
 
 
-def initial_variables(config, model, shapes=None, data_identity=None):
+def initial_variables(config, model, shapes=None, data_identity=None, source=None):
   """Variables before training: another run's (`init_from`), pretrained weights, or random.
 
   Args:
@@ -96,6 +101,7 @@ def initial_variables(config, model, shapes=None, data_identity=None):
     model: the module from `build_model`.
     shapes: its params tree of `jax.ShapeDtypeStruct`s (computed when not given).
     data_identity: this run's `Dataset.identity()`, checked against an `init_from` run's.
+    source: the run's parsed weights (`weights_source`); parsed here when not given.
 
   Returns:
     `(variables, note)`: `{"params"}` (and `"batch_stats"` for BatchNorm networks) and one line
@@ -107,8 +113,8 @@ def initial_variables(config, model, shapes=None, data_identity=None):
       shapes = jax.eval_shape(lambda: models.init_params(model, config.image_size, config.seed))
     variables = variables_from_workdir(config.init_from, shapes, data_identity)
     return variables, f"params from run {config.init_from} (init_from)"
-  source = weights_source(config.weights)
-  if source is None:
+  source = source or weights_source(config.weights)
+  if source.source is None:
     return (models.init_variables(model, config.image_size, config.seed),
             "random initialisation (weights=none)")
   from transfer import weights as weights_lib
@@ -174,19 +180,21 @@ has_ema = ema.has_ema
 
 def run_metadata(config, class_names: list[str], outputs: int,
                  data: dict[str, Any] | None = None, *, conv: str,
-                 variant: str | None = None) -> dict[str, Any]:
+                 variant: str | None = None, source=None) -> dict[str, Any]:
   """The JSON metadata, stored with every checkpoint, that rebuilds the model without the config.
 
   `data` is the dataset's identity (`Dataset.identity()`: absolute root and split fingerprint),
   which resume, `init_from` and eval compare against the data they are given. `conv` is the
   concrete conv choice the run's model compiled with (`build_model(...)[0].conv`), on record
   only: `model_from_meta` resolves `auto` again for the machine that evaluates.
+  `preprocessing` is the parsed weights' (`source`, from `weights_source`; parsed here when not
+  given): eval, predict and export read it from here, never from `weights` again.
   """
-  from transfer.weights.preprocess import mode_for
+  source = source or weights_source(config.weights)
   return {"model": config.model, "head": config.head, "head_hidden": config.head_hidden,
           "head_dropout": config.head_dropout, "outputs": outputs,
           "class_names": list(class_names), "weights": config.weights,
-          "preprocessing": mode_for(weights_source(config.weights)),
+          "preprocessing": source.preprocess,
           "image_size": config.image_size, "eval_crop": config.eval_crop,
           "dtype": models.resolve_dtype(config.dtype), "conv": conv, "variant": variant,
           "dataset": config.dataset, "optimizer": config.optimizer,

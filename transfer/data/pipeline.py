@@ -34,8 +34,9 @@ def create(config, *, preprocess_source: str | None, process_index: int | None =
       labels_from, image_size, batch_size, augment, randaugment_*, eval_crop, train_crop,
       cache_images, cache_dir, strict_data, data_workers, data_worker_kind, prefetch, seed,
       synthetic.*); completed from the defaults and checked by `transfer.configs.validate`.
-    preprocess_source: the weights' source, which decides the pixel normalisation
-      (`transfer.weights.preprocess.mode_for`); None for random initialisation.
+    preprocess_source: the run's parsed weights (`runs.weights_source`) or a preprocessing
+      mode, which decides the pixel normalisation (`transfer.weights.preprocess.mode_for`);
+      None for random initialisation.
     process_index, process_count: this process and the number of processes; default to JAX's.
       Tests pass them to simulate several hosts in one process.
 
@@ -49,7 +50,7 @@ def create(config, *, preprocess_source: str | None, process_index: int | None =
   local_devices = jax.local_device_count()
   check_batch_size(int(config.batch_size), process_count, local_devices)
   from transfer.weights.preprocess import mode_for
-  mode_for(preprocess_source)
+  preprocess_source = mode_for(preprocess_source)  # once: batches normalise by the mode name
   decoder = workers.Decoder(config.data_worker_kind, int(config.data_workers))  # checks; lazy
   train, val, class_names, origin = _sources(config)
   # The CLI, train and lr_find validate first; a config handed in from Python is checked here by

@@ -13,7 +13,7 @@ normalised the same way, so the normalisation is a property of the weights, not 
 Works on numpy arrays (host pipelines) and jax arrays (on-device augmentation) alike.
 
 The eval geometry is a property of the weights too (`eval_geometry`, `eval_image`): Keras'
-loaders squash the whole image to the input size; torchvision resizes the short side (256, or 232
+loaders squash the whole image to the input size (299 for InceptionV3); torchvision resizes the short side (256, or 232
 for its V2 ResNet weights) and center-crops 224 (InceptionV3: 342, then 299), bilinear; timm's
 recipes evaluate at their own test size and crop fraction, mostly bicubic (288 from a short side
 of 288 for the A1 ResNets). Evaluating one family's weights through another's geometry shifts
@@ -22,12 +22,11 @@ their probabilities and costs accuracy.
 
 from __future__ import annotations
 
-from transfer.errors import UserError
-
 import dataclasses
-import os
 
 import numpy as np
+
+from transfer.errors import UserError
 
 from transfer.weights import sources
 
@@ -42,50 +41,45 @@ EVAL_CROP = 224
 TORCH_RESIZE = 256
 
 INTERPOLATIONS = ("bilinear", "bicubic")
-_PREFIX_MODES = {"keras": "caffe", "torchvision": "torch", "timm": "torch"}
-_EXTENSION_MODES = {".h5": "caffe", ".hdf5": "caffe", ".keras": "caffe",
-                    ".pth": "torch", ".pt": "torch", ".safetensors": "torch"}
 
 
-def mode_for(source: str | None) -> str:
+def parsed(source) -> sources.ParsedSource:
+  """`source` as a `sources.ParsedSource`: as is, a mode name's own (a `torch` mode evaluates
+  as torchvision does by default, the others squash), else `sources.resolve(source)`."""
+  if isinstance(source, sources.ParsedSource):
+    return source
+  if source in MODES:
+    return sources.ParsedSource(weights=source, source=None, optional=False, preprocess=source,
+                                resize_size=TORCH_RESIZE if source == "torch" else None)
+  return sources.resolve(source)
+
+
+def mode_for(source) -> str:
   """The preprocessing mode of a weight source.
 
   Args:
-    source: a registry id (`keras:vgg16`, `torchvision:vgg16`, `timm:resnet50.a1_in1k`: timm's
-      mean/std are torchvision's), a weight file path (by format:
-      `.h5` = Keras, `.pth`/`.safetensors` = torchvision), a mode name itself, or `None`/`"none"`
-      for random initialisation.
+    source: a `sources.ParsedSource` (its `preprocess`), a mode name itself, or what
+      `sources.resolve` parses: a registry id (`keras:vgg16`; timm's mean/std are
+      torchvision's), a weight file path (its registry record when it has an official file
+      name, else by the architecture recognised in it and the framework that wrote it: a Keras
+      InceptionV3 `.h5` is `tf`, a Keras VGG16 one `caffe`), or `None`/`"none"` for random
+      initialisation.
 
   Returns:
-    One of `MODES`: a registry id's own (`WeightSource.preprocess`), also for a file named as
-    an official file; else by format, which cannot tell a Keras InceptionV3 `.h5` of another
-    name (pass `tf` then) from the caffe-mode VGG and ResNet files.
+    One of `MODES`.
   """
   if source is None or source == "none":
     return "unit"
-  if source in MODES:
-    return source
-  if sources.is_id(source) and sources.parse(source)[0] in sources.ids():
-    return sources.get(source).preprocess
-  official = _official_file(source)
-  if official is not None:  # an official file by path (downloaded by hand): its own record
-    return official.preprocess
-  prefix = source.split(":", 1)[0] if ":" in source and not os.path.exists(source) else None
-  if prefix in _PREFIX_MODES:
-    return _PREFIX_MODES[prefix]
-  for ext, mode in _EXTENSION_MODES.items():
-    if source.lower().endswith(ext):
-      return mode
-  raise UserError(f"cannot tell the preprocessing of weights {source!r}: use a registry id "
-                   f"(keras:..., torchvision:...), a .h5/.pth/.safetensors file, or one of {MODES}")
+  return parsed(source).preprocess
 
 
-def preprocess(images, source: str | None, dtype=None):
+def preprocess(images, source, dtype=None):
   """Normalises uint8 RGB images (NHWC, any leading dims) for the weights `source`.
 
   Args:
     images: uint8 (or float 0-255) RGB array, numpy or jax, channels last.
-    source: weight source or mode name, see `mode_for`.
+    source: a mode name or a `sources.ParsedSource` (a lookup: what per-batch callers pass),
+      or a weight source string, parsed on every call (see `mode_for`).
     dtype: output dtype; float32 by default.
 
   Returns:
@@ -101,12 +95,6 @@ def preprocess(images, source: str | None, dtype=None):
   else:  # tf, unit
     x = x / 127.5 - 1.0
   return x if dtype is None else x.astype(dtype)
-
-
-def _official_file(path: str) -> sources.WeightSource | None:
-  """The registry record whose official file name `path` has, if any."""
-  name = os.path.basename(path)
-  return next((sources.get(i) for i in sources.ids() if sources.get(i).filename == name), None)
 
 
 def _jnp():
@@ -129,36 +117,34 @@ class EvalGeometry:
   interpolation: str = "bilinear"
 
 
-def eval_geometry(source: str | None, size: int | None = None) -> EvalGeometry:
+def eval_geometry(source, size: int | None = None) -> EvalGeometry:
   """The eval geometry the weights `source` were validated with.
 
   Args:
-    source: as for `mode_for`. A registry id carries its own (`WeightSource.resize_size`,
-      `input_size`, `interpolation`); a torch-format file gets torchvision's default (256 for a
-      224 crop, bilinear), since it was most likely made for that pipeline; Keras weights, modes
-      other than `torch` and random initialisation squash.
-    size: the model's input side; None = the source's own (`WeightSource.input_size`, 224 for
-      files). Another size keeps the source's crop fraction: `round(resize * size / input_size)`.
+    source: as for `mode_for`. Its `ParsedSource` carries the geometry: a registry record's own
+      (`WeightSource.resize_size`, `input_size`, `interpolation`); a file's from its
+      architecture and framework (`sources.for_file`: a torch InceptionV3 file 342/299, a
+      Keras one squashed to 299, other torch files torchvision's 256/224); random
+      initialisation and modes other than `torch` squash.
+    size: the model's input side; None = the source's own (`input_size`). Another size keeps
+      the source's crop fraction: `round(resize * size / input_size)`.
 
   Returns:
     An `EvalGeometry`.
   """
-  if source is not None and sources.is_id(source):
-    entry = sources.get(source)
-    resize, native, interpolation = entry.resize_size, entry.input_size, entry.interpolation
-  else:
-    resize = TORCH_RESIZE if mode_for(source) == "torch" else None
-    native, interpolation = EVAL_CROP, "bilinear"
+  p = parsed(source)
+  resize, native = p.resize_size, p.input_size
   size = size or native
   scaled = None if resize is None else int(round(resize * size / native))
-  return EvalGeometry(size=size, resize=scaled, interpolation=interpolation)
+  return EvalGeometry(size=size, resize=scaled, interpolation=p.interpolation)
 
 
-def eval_resize(source: str | None, size: int = EVAL_CROP) -> int | None:
-  """The short side an eval image is resized to before its center `size` crop; None = squash.
+def eval_resize(source, size: int | None = None) -> int | None:
+  """The short side an eval image is resized to before its center crop; None = squash.
 
-  `eval_geometry(source, size).resize`: e.g. 232 for `torchvision:resnet50`, 256 for a `.pth`
-  file, None for Keras weights; the recorded sizes keep their crop fraction at other sizes.
+  `eval_geometry(source, size).resize`: e.g. 232 for `torchvision:resnet50`, 342 for
+  `torchvision:inception_v3` (at its own 299), 256 for a torch VGG file, None for Keras
+  weights; the recorded sizes keep their crop fraction at other sizes.
   """
   return eval_geometry(source, size).resize
 

@@ -181,14 +181,15 @@ def load_variables(source: str, model, *, image_size: int | None = None,
   return (variables, report) if return_report else variables
 
 
-def variant_for(source: str, arch: str) -> str | None:
+def variant_for(source, arch: str) -> str | None:
   """The variant of `arch` that the weights `source` fit, so a run builds the model they need.
 
   Keras publishes ResNet v1 and torchvision ResNet v1.5 (`transfer.models.resnet`); a file fits
-  the variant of its framework only. Nothing is downloaded or read beyond a file's first bytes.
+  the variant of its framework only. Nothing is downloaded, nor any array read.
 
   Args:
-    source: a registry id (with or without `?`), a path to a weight file, or `""`/`"none"`.
+    source: a `sources.ParsedSource`, or what `sources.resolve` parses (a registry id with or
+      without `?`, a path to a weight file, or `""`/`"none"`).
     arch: the model name (`resnet50`, ...).
 
   Returns:
@@ -199,15 +200,37 @@ def variant_for(source: str, arch: str) -> str | None:
     UserError: unknown model or registry id, or a path that is no weight file.
   """
   spec = models.spec(arch)
-  name = sources.parse(source)[0]
-  if name is None or not spec.variants:
+  if not spec.variants:
     return None
-  if sources.is_id(name):
-    entry = sources.get(name)
-    variant = entry.variant or port.file_variant(entry.format, spec)
+  parsed = source if isinstance(source, sources.ParsedSource) else sources.resolve(source)
+  if parsed.source is None:
+    return None
+  if parsed.entry is not None:
+    variant = parsed.entry.variant or port.file_variant(parsed.entry.format, spec)
     return variant if variant in spec.variants else None
-  path, _ = resolve(name)  # A path: says "no weight file" when there is none.
-  return port.file_variant(formats.detect_format(path), spec)
+  return port.file_variant(parsed.format, spec)
+
+
+def recognise(path: str) -> tuple[str, str | None, str | None]:
+  """A weight file's format, architecture and variant, from its contents (shapes only).
+
+  The one recognition `info` shows and `sources.resolve` decides preprocessing by.
+
+  Returns:
+    `(format, arch, variant)`: arch is the registered architecture whose backbone the file
+    matches (None if none), variant the form of it the file needs (None for single-form models).
+
+  Raises:
+    UserError: no such file, or not a readable weight file.
+  """
+  path, _ = resolve(path)
+  with formats.open_weights(path) as wf:
+    return (wf.format, *_recognised(wf))
+
+
+def _recognised(wf: formats.WeightFile) -> tuple[str | None, str | None]:
+  arch = port.guess_arch(lambda s: port.model_view(wf, s))
+  return arch, port.file_variant(wf.format, models.spec(arch)) if arch else None
 
 
 def fresh_layers(model, shapes: dict[str, Any], image_size: int, rng: jax.Array | int,
@@ -317,7 +340,7 @@ def info(source: str, cache_dir: str | os.PathLike | None = None) -> dict[str, A
       check_cached(sources.get(name), cached)
   path, entry = resolve(name, cache_dir)
   with formats.open_weights(path) as wf:
-    arch = port.guess_arch(lambda s: port.model_view(wf, s))
+    arch, file_variant = _recognised(wf)
     names = port.model_names(wf, models.spec(arch)) if arch else {}
     layers = [{"name": layer, "model_name": names.get(layer, layer),
                "weights": [{"name": t.name, "shape": list(t.shape)} for t in tensors]}
@@ -328,11 +351,13 @@ def info(source: str, cache_dir: str | os.PathLike | None = None) -> dict[str, A
                   else len(order))
     fmt = wf.format
   num_params = sum(_size(w["shape"]) for layer in layers for w in layer["weights"])
-  mode = entry.preprocess if entry else ("caffe" if fmt.startswith("keras") else "torch")
-  variant = entry.variant if entry else None
+  parsed = (sources.from_entry(entry) if entry
+            else sources.for_file(path, fmt, arch, file_variant))
+  variant = parsed.variant
   if variant is None and arch:
-    variant = port.file_variant(fmt, models.spec(arch))
-  return {"source": source, "path": path, "format": fmt, "preprocess": mode, "arch": arch,
+    variant = file_variant
+  return {"source": source, "path": path, "format": fmt, "preprocess": parsed.preprocess,
+          "arch": arch,
           "variant": variant, "num_params": num_params, "layers": layers}
 
 

@@ -5,6 +5,10 @@ hash that proves a download is the real file, the architecture it fits, whether 
 ImageNet top, and the input preprocessing it was trained with. Everything else in
 `transfer.weights` reads these records instead of special-casing names.
 
+A config's `weights` string is parsed once, by `resolve`, into a `ParsedSource` (format,
+framework, architecture, variant, preprocessing, eval geometry, the record when there is one),
+which a run or command passes down instead of the string.
+
 Downloads go to a cache, `$TRANSFER_HOME/weights/<filename>` (default `~/.cache/transfer`). Setting
 `TRANSFER_WEIGHTS_URL_BASE` replaces the directory part of every URL (a mirror, or a local server
 in tests); the file names stay the official ones.
@@ -75,12 +79,13 @@ class WeightSource:
 
 
 def _keras(name: str, arch: str, include_top: bool, md5: str, folder: str | None = None,
-           variant: str | None = None, preprocess: str = "caffe") -> WeightSource:
+           variant: str | None = None, preprocess: str = "caffe",
+           input_size: int = 224) -> WeightSource:
   suffix = "" if include_top else "_notop"
   url = f"{_KERAS}/{folder or arch}/{arch}_weights_tf_dim_ordering_tf_kernels{suffix}.h5"
   return WeightSource(id=f"keras:{name}", arch=arch, url=url, hash_kind="md5", hash=md5,
                       format="keras_h5", include_top=include_top, preprocess=preprocess,
-                      variant=variant)
+                      variant=variant, input_size=input_size)
 
 
 def _keras_resnet(arch: str, md5_top: str, md5_notop: str) -> tuple[WeightSource, ...]:
@@ -107,7 +112,8 @@ def _torchvision(arch: str, sha256_prefix: str, name: str | None = None, resize_
 # torchvision/models/{vgg,resnet,inception}.py (0.29): plain ResNet ids are its current default
 # weights (IMAGENET1K_V2, resize 232), `_v1` the originals; InceptionV3 has one
 # (IMAGENET1K_V1, `inception_v3_google`, ImageClassification(crop_size=299, resize_size=342)).
-# Both InceptionV3 files take [-1, 1] input ("tf"; see `transfer.weights.preprocess`).
+# Both InceptionV3 files take [-1, 1] input ("tf"; see `transfer.weights.preprocess`) at 299
+# (Keras' `InceptionV3` default `input_shape`, squashed by its loaders; torchvision's crop).
 _SOURCES: dict[str, WeightSource] = {s.id: s for s in (
     _keras("vgg16", "vgg16", True, "64373286793e3c8b2b4e3219cbf3544b"),
     _keras("vgg16_notop", "vgg16", False, "6d6bbae143d832006294945121d1f1fc"),
@@ -120,9 +126,9 @@ _SOURCES: dict[str, WeightSource] = {s.id: s for s in (
     *_keras_resnet("resnet152", "100835be76be38e30d865e96f2aaae62",
                    "ee4c566cf9a93f14d82f913c2dc6dd0c"),
     _keras("inception_v3", "inception_v3", True, "9a0d58056eeedaa3f26cb7ebd46da564",
-           variant="keras", preprocess="tf"),
+           variant="keras", preprocess="tf", input_size=299),
     _keras("inception_v3_notop", "inception_v3", False, "bcbd6486424b2319ff4ef7d526e38f63",
-           variant="keras", preprocess="tf"),
+           variant="keras", preprocess="tf", input_size=299),
     _torchvision("vgg16", "397923af"),
     _torchvision("vgg19", "dcbb9e9d"),
     _torchvision("resnet50", "11ad3fa6", "resnet50", 232, "torchvision"),
@@ -239,3 +245,135 @@ def url_for(entry: WeightSource, url_base: str | None = None) -> str:
   if not base:
     return entry.url
   return f"{base.rstrip('/')}/{entry.filename}"
+
+
+# ------------------------------------------------------------------------ a source, parsed once
+
+# Who wrote a file of each format, and the registry prefixes of that framework's own files
+# (timm's recipes are not what an arbitrary torch file was made for).
+FRAMEWORKS = {"keras_h5": "keras", "keras3_h5": "keras", "torch_pth": "torch",
+              "safetensors": "torch"}
+_FRAMEWORK_IDS = {"keras": "keras", "torch": "torchvision"}
+# A framework's defaults when no record of the architecture says more: Keras' caffe scaling,
+# squashed; torchvision's mean/std, short side 256 then the center 224.
+_FRAMEWORK_DEFAULTS = {"keras": ("caffe", None), "torch": ("torch", 256)}
+# Test-sized models (`inception_v3_tiny`) have their full model's layers at a fraction of the
+# width: their files take that model's preprocessing.
+_TINY = "_tiny"
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedSource:
+  """A config's `weights`, read once per run or command and passed down.
+
+  Preprocessing and eval geometry follow what the weights are (their registry record, or the
+  architecture recognised in a file and the framework that wrote it), never a file's extension:
+  a Keras InceptionV3 `.h5` of any name takes [-1, 1] input at 299, like `keras:inception_v3`.
+
+  Attributes:
+    weights: as given (`keras:vgg16?`, a path, `none`).
+    source: the registry id or path without the `?`; None for random initialisation.
+    optional: whether a `?` marked it use-if-cached.
+    preprocess: the `transfer.weights.preprocess` mode (`unit` for random initialisation).
+    entry: the registry record: of an id, or of a file given by its official file name.
+    format: the file format (`transfer.weights.formats.FORMATS`); None for random init.
+    framework: `keras` or `torch`, who wrote the weights; None for random init.
+    arch: the architecture (the record's, or recognised in the file); None when unknown.
+    variant: the variant of `arch` the weights need (ResNet, InceptionV3), else None.
+    resize_size, input_size, interpolation: the eval geometry, as in `WeightSource`.
+  """
+
+  weights: str
+  source: str | None
+  optional: bool
+  preprocess: str
+  entry: WeightSource | None = None
+  format: str | None = None
+  framework: str | None = None
+  arch: str | None = None
+  variant: str | None = None
+  resize_size: int | None = None
+  input_size: int = 224
+  interpolation: str = "bilinear"
+
+
+def resolve(weights: str | None) -> ParsedSource:
+  """Parses a config's `weights` once: the one place a weight source's properties are decided.
+
+  A registry id (with or without `?`) is its record; nothing is downloaded or read. A path
+  whose file name is an official one (`resnet50-11ad3fa6.pth`) is that record too. Any other
+  path is opened (shapes only, no arrays) and its architecture recognised by structure, as
+  `transfer weights info` shows it (`pretrained.recognise`); its framework comes from the
+  file's format (Keras HDF5 or a torch state dict).
+
+  Args:
+    weights: a registry id, a path to a weight file, or `""`/`"none"`/None (random init).
+
+  Returns:
+    A `ParsedSource`.
+
+  Raises:
+    UserError: an unknown registry id, or a path that is no readable weight file.
+  """
+  source, optional = parse(weights)
+  given = weights or "none"
+  if source is None:
+    return ParsedSource(weights=given, source=None, optional=False, preprocess="unit")
+  entry = get(source) if is_id(source) else official_file(source)
+  if entry is not None:
+    return from_entry(entry, weights=given, source=source, optional=optional)
+  from transfer.weights import pretrained  # Deferred: recognising a file needs the models.
+  fmt, arch, variant = pretrained.recognise(source)
+  return for_file(source, fmt, arch, variant, weights=given, optional=optional)
+
+
+def from_entry(entry: WeightSource, *, weights: str | None = None, source: str | None = None,
+               optional: bool = False) -> ParsedSource:
+  """The `ParsedSource` of a registry record (given by id, or as its official file's path)."""
+  return ParsedSource(weights=weights or entry.id, source=source or entry.id, optional=optional,
+                      preprocess=entry.preprocess, entry=entry, format=entry.format,
+                      framework=FRAMEWORKS[entry.format], arch=entry.arch,
+                      variant=entry.variant, resize_size=entry.resize_size,
+                      input_size=entry.input_size, interpolation=entry.interpolation)
+
+
+def for_file(path: str, fmt: str, arch: str | None, variant: str | None, *,
+             weights: str | None = None, optional: bool = False) -> ParsedSource:
+  """The `ParsedSource` of a weight file whose format, architecture and variant are known.
+
+  An official file name is its record. Otherwise the preprocessing and geometry are those of
+  the framework's own published files of the architecture (a torch InceptionV3 file: `tf` at
+  342/299, as `torchvision:inception_v3`), where they agree (torchvision's ResNets: 232 or 256),
+  else the framework's defaults (Keras: caffe, squashed to 224; torch: mean/std, 256/224).
+  """
+  entry = official_file(path)
+  if entry is not None:
+    return from_entry(entry, weights=weights or path, source=path, optional=optional)
+  framework = FRAMEWORKS[fmt]
+  mode, resize = _FRAMEWORK_DEFAULTS[framework]
+  size, interpolation = 224, "bilinear"
+  own = _framework_records(arch, framework)
+  if len({e.preprocess for e in own}) == 1:
+    mode = own[0].preprocess
+  geometries = {(e.resize_size, e.input_size, e.interpolation) for e in own}
+  if len(geometries) == 1:
+    resize, size, interpolation = geometries.pop()
+  return ParsedSource(weights=weights or path, source=path, optional=optional, preprocess=mode,
+                      format=fmt, framework=framework, arch=arch, variant=variant,
+                      resize_size=resize, input_size=size, interpolation=interpolation)
+
+
+def official_file(path: str) -> WeightSource | None:
+  """The registry record whose official file name `path` has (a file downloaded by hand)."""
+  name = os.path.basename(path)
+  return next((s for s in _SOURCES.values() if s.filename == name), None)
+
+
+def _framework_records(arch: str | None, framework: str) -> list[WeightSource]:
+  """The registry records of `arch` (or the full model of a tiny one) from `framework`."""
+  if arch is None:
+    return []
+  if arch.endswith(_TINY) and not any(s.arch == arch for s in _SOURCES.values()):
+    arch = arch[:-len(_TINY)]
+  prefix = _FRAMEWORK_IDS[framework] + ":"
+  return [s for s in _SOURCES.values() if s.arch == arch and s.id.startswith(prefix)]
