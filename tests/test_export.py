@@ -354,3 +354,59 @@ def test_every_registry_model_exports_with_a_symbolic_batch(name, variant, head)
   exported = jax.export.export(jax.jit(serving.serving_function(run)))(shapes, spec)
   (out,) = exported.out_avals
   assert str(out.shape[0]) == "N" and out.shape[1] == max(2, outputs)
+
+
+# --- one decode: an EXIF-rotated JPEG and an RGBA PNG are one picture in predict, eval, export ---
+
+
+def _awkward_files(folder):
+  """A JPEG stored sideways with EXIF orientation 6 (shown rotated 90 degrees clockwise) and a
+  PNG whose alpha fades out over coloured pixels (shown over white)."""
+  rng = np.random.default_rng(7)
+  os.makedirs(folder, exist_ok=True)
+  jpeg, png = str(folder / "sideways.jpg"), str(folder / "faded.png")
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  _photo(rng, (72, 40)).save(jpeg, quality=95, exif=exif.tobytes())
+  rgba = np.dstack([np.asarray(_photo(rng, (48, 56))),
+                    np.linspace(0, 255, 48)[None, :].repeat(56, 0).astype(np.uint8)])
+  Image.fromarray(rgba, "RGBA").save(png)
+  return jpeg, png
+
+
+def test_an_exif_jpeg_and_an_rgba_png_give_one_answer_in_predict_eval_and_export(
+    trained, tmp_path, capsys):
+  import ml_collections
+  from transfer import checkpoint
+  from transfer import data as data_lib
+  workdir = trained["vgg"]
+  variables, meta = checkpoint.load_trained_variables(workdir)
+  run = meta["run"]
+  # A folder dataset whose validation split is the two files (and a train split beside them).
+  root = tmp_path / "data"
+  for name in ("cat", "dog"):
+    os.makedirs(root / "train" / name)
+    for i, picture in enumerate(_photo(np.random.default_rng(i), (40, 40)) for i in range(4)):
+      picture.save(root / "train" / name / f"{i}.png")
+  jpeg, png = _awkward_files(tmp_path / "awkward")
+  os.makedirs(root / "validation" / "cat")
+  os.makedirs(root / "validation" / "dog")
+  os.link(jpeg, root / "validation" / "cat" / "sideways.jpg")
+  os.link(png, root / "validation" / "dog" / "faded.png")
+  config = ml_collections.ConfigDict(meta["config"])
+  config.dataset = f"folder:{root}"
+  ds = data_lib.create(config, preprocess_source=run["preprocessing"])
+  batch = next(ds.eval_batches("val", 4))
+  forward = predict.make_forward(runs.model_from_meta(run, dtype="float32"))
+  evaluated = forward(runs.serving_variables(variables), batch["image"])[batch["mask"]]
+  pixels = ds.eval_images("val", [0, 1])  # what eval decoded, cropped, before normalising
+
+  predicted = _predict_json(workdir, [jpeg, png], capsys)
+  np.testing.assert_allclose(predicted, evaluated, rtol=0, atol=ATOL)
+  artifact = export.export(workdir, "stablehlo")
+  (exported,), _ = _run_stablehlo_without_transfer(artifact.path, [pixels], tmp_path)
+  np.testing.assert_allclose(exported, predicted, rtol=0, atol=ATOL)
+  # The files are awkward: PIL's bare decode (sideways, colour under the alpha) is another picture.
+  bare = np.stack([np.asarray(Image.open(p).convert("RGB").resize((40, 40), Image.BILINEAR))
+                   for p in (jpeg, png)])
+  assert np.abs(image_ops.center_crop(bare, 32).astype(int) - pixels).mean(axis=(1, 2, 3)).min() > 5

@@ -130,14 +130,16 @@ def _imagenet_predictions(paths, model, weights, top, batch_size) -> Iterator[Pr
   """`predict_imagenet`, one result at a time (checks and loading happen before the first)."""
   from transfer import models
   from transfer import weights as weights_lib
+  from transfer.weights import sources
   from transfer.weights.preprocess import eval_geometry
 
   _check_counts(top, batch_size)
-  net = models.get(model, include_top=True, variant=weights_lib.variant_for(weights, model))
+  source = sources.resolve(weights)  # parsed once: variant, geometry and preprocessing below
+  net = models.get(model, include_top=True, variant=weights_lib.variant_for(source, model))
   spec = models.spec(model)
   # The weights' own eval geometry, at their own input size where the top takes any (timm's
-  # A1 ResNets: 288); a VGG's flatten top takes 224 only.
-  geometry = eval_geometry(weights, spec.top_image_size if spec.top_fixed_size else None)
+  # A1 ResNets: 288; InceptionV3: 299); a VGG's flatten top takes 224 only.
+  geometry = eval_geometry(source, spec.top_image_size if spec.top_fixed_size else None)
   size = geometry.size
   params, report = weights_lib.load_variables(weights, net, image_size=size, return_report=True)
   if report.fresh:
@@ -148,7 +150,7 @@ def _imagenet_predictions(paths, model, weights, top, batch_size) -> Iterator[Pr
       paths, batch_size,
       lambda p: load_image(p, size, resize_size=geometry.resize,
                            interpolation=geometry.interpolation),
-      lambda x: forward(params, _pad(weights_lib.preprocess(x, weights), width))[:len(x)],
+      lambda x: forward(params, _pad(weights_lib.preprocess(x, source), width))[:len(x)],
       top, lambda classes: imagenet_labels() if classes == 1000 else None)
 
 
@@ -173,8 +175,10 @@ def _trained_predictions(paths, workdir, top, batch_size, checkpoint) -> Iterato
     x = weights_lib.preprocess(image_ops.center_crop(x, size), run["preprocessing"])
     return forward(params, _pad(x, width))[:len(x)]
 
-  return _in_batches(paths, batch_size, lambda p: load_image(p, stored), classify, top,
-                     lambda classes: run["class_names"])
+  # Decoded as the eval pipeline decodes a stored image (reduced JPEG decoding included), so a
+  # file gets the probabilities `transfer eval` computed for it.
+  return _in_batches(paths, batch_size, lambda p: load_image(p, stored, min_side=stored),
+                     classify, top, lambda classes: run["class_names"])
 
 
 def _check_counts(top: int, batch_size: int) -> None:
@@ -267,24 +271,6 @@ def make_forward(net) -> Callable:
   return lambda params, x: np.asarray(jitted(params, x), np.float32)
 
 
-def predict_probs(net, params, x: np.ndarray, batch: int = BATCH) -> np.ndarray:
-  """Class probabilities of `net` on preprocessed images, in batches of `batch`.
-
-  Args:
-    net: a model returning logits.
-    params: its params.
-    x: preprocessed NHWC float images.
-    batch: images per forward pass (bounds memory; the last batch is padded to keep one shape).
-
-  Returns:
-    (N, classes) float32 numpy probabilities (see `make_forward`).
-  """
-  forward = make_forward(net)
-  width = min(batch, len(x))
-  return np.concatenate([forward(params, _pad(x[i:i + batch], width))[:len(x[i:i + batch])]
-                         for i in range(0, len(x), batch)])
-
-
 def _pad(x: np.ndarray, n: int) -> np.ndarray:
   """`x` with zero images appended up to `n`, so every batch has one shape (one compilation)."""
   if len(x) >= n:
@@ -306,25 +292,32 @@ def load_images(paths: Sequence[str], size: int, resize_size: int | None = None,
 
 
 def load_image(path: str, size: int, resize_size: int | None = None,
-               interpolation: str = "bilinear") -> np.ndarray:
+               interpolation: str = "bilinear", min_side: int = 0) -> np.ndarray:
   """One image file as a (size, size, 3) uint8 RGB array, in the weights' eval geometry.
 
-  Grayscale, palette and RGBA images are converted to RGB. Then (`preprocess.eval_image`):
-  `resize_size=None` squashes the whole image to `size` x `size` with antialiased bilinear, the
-  geometry of Keras' loaders (whose `load_img` defaults to nearest neighbour: we filter, as our
-  training pipeline does); a number resizes the short side to it and center-crops, torchvision's
-  eval transform (`preprocess.eval_geometry` says which one a weight source was validated with,
-  and its filter: `interpolation`, bilinear or timm's bicubic).
+  Decoded by `transfer.data.images.open_file`, the decode training and eval use (EXIF
+  orientation, transparency onto white, 16-bit, CMYK, palette, grayscale), so an image is the
+  same picture here as in training. Then (`preprocess.eval_image`): `resize_size=None` squashes
+  the whole image to `size` x `size` with antialiased bilinear, the geometry of Keras' loaders
+  (whose `load_img` defaults to nearest neighbour: we filter, as our training pipeline does); a
+  number resizes the short side to it and center-crops, torchvision's eval transform
+  (`preprocess.eval_geometry` says which one a weight source was validated with, and its
+  filter: `interpolation`, bilinear or timm's bicubic).
+
+  Args:
+    path, size, resize_size, interpolation: as above.
+    min_side: decode JPEGs at the smallest scale at least this large, as the data pipeline
+      does for its stored images (`open_file`); 0 (the frameworks' way) decodes in full.
 
   Raises:
     UnreadableImage: the file is missing or not a readable image; `reason` says which.
   """
   from PIL import Image, UnidentifiedImageError
 
+  from transfer.data import images as image_ops
   from transfer.weights.preprocess import eval_image
   try:
-    with Image.open(path) as image:
-      rgb = image.convert("RGB")  # Decodes; a damaged file fails here, not in the resize below.
+    rgb = image_ops.open_file(path, min_side)  # Decodes: a damaged file fails here.
   except FileNotFoundError:
     raise UnreadableImage(path, "no such file") from None
   except IsADirectoryError:

@@ -25,18 +25,20 @@ def is_image_name(name: str) -> bool:
 
 
 def open_file(path: str, min_side: int = 0) -> Image.Image:
-  """Decodes an image file completely into an RGB image.
+  """Decodes an image file completely into an RGB image: the one decode for train, eval and
+  predict (and the images an exported artifact is documented to take), so a file is the same
+  picture wherever it is read.
 
   Args:
-    path: any format PIL reads (JPEG, PNG, GIF (first frame), BMP, WebP, ...).
+    path: any format PIL reads (JPEG, PNG, GIF (first frame), BMP, WebP, TIFF, ...).
     min_side: the side the caller will resize to; JPEGs are decoded at the smallest DCT scale
       that stays at least this large, which is several times faster for big photos.
 
   Returns:
-    An RGB `PIL.Image`, fully loaded (a corrupt or truncated file raises here, not later).
+    An RGB `PIL.Image`, fully loaded (a corrupt or truncated file raises here, not later),
+    upright (EXIF orientation applied) and converted by `to_rgb`.
   """
-  with open(path, "rb") as f:
-    return _decode(f, min_side)
+  return _decode(path, min_side)  # By name: PIL's errors name the file.
 
 
 def open_bytes(data: bytes, min_side: int = 0) -> Image.Image:
@@ -46,26 +48,34 @@ def open_bytes(data: bytes, min_side: int = 0) -> Image.Image:
 
 def _decode(f, min_side: int) -> Image.Image:
   """Opens, fully decodes, applies EXIF orientation and converts to RGB."""
-  img = Image.open(f)
-  if min_side > 0:
-    img.draft(None, (min_side, min_side))  # No-op for formats without reduced decoding.
-  img.load()
-  img = ImageOps.exif_transpose(img)
-  return to_rgb(img)
+  with Image.open(f) as img:
+    if min_side > 0:
+      img.draft(None, (min_side, min_side))  # No-op for formats without reduced decoding.
+    img.load()
+    return to_rgb(ImageOps.exif_transpose(img))
+
+
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-  """Converts any PIL mode to RGB; transparent pixels become white rather than undefined colour."""
-  if img.mode == "RGB":
+  """Converts any PIL mode to 8-bit RGB, the way a viewer shows the image.
+
+  Transparency (an alpha channel, or a palette or colour key marked transparent) is composited
+  onto white, not dropped (which would show whatever colour hides under it). 16-bit grayscale
+  (`I;16*`, and PNG/TIFF data PIL opens as 32-bit `I`) keeps its top byte; `convert("RGB")`
+  would clip everything above 255 to white. CMYK, palette, grayscale and bilevel images
+  convert as PIL converts them.
+  """
+  if img.mode == "RGB" and "transparency" not in img.info:
     return img
-  if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+  if img.mode.startswith("I"):
+    arr = np.clip(np.asarray(img, np.int64), 0, 65535) >> 8
+    return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+  if img.mode in _ALPHA_MODES or "transparency" in img.info:
     rgba = img.convert("RGBA")
     background = Image.new("RGBA", rgba.size, _WHITE + (255,))
     return Image.alpha_composite(background, rgba).convert("RGB")
-  if img.mode.startswith("I;16"):
-    # 16-bit grayscale: keep the top byte (convert("RGB") would clip everything above 255).
-    arr = (np.asarray(img, np.uint16) >> 8).astype(np.uint8)
-    return Image.fromarray(arr, "L").convert("RGB")
   return img.convert("RGB")
 
 

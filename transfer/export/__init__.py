@@ -133,11 +133,18 @@ def _check_against_jax(model, chosen: Writer, path: str) -> float:
 
 
 def usage(artifact: Artifact, image: str = "cat.jpg") -> str:
-  """Python lines that classify one image file with `artifact` (without this package)."""
+  """Python lines that classify one image file with `artifact` (without this package).
+
+  The file is decoded as training, eval and `predict` decode it
+  (`transfer.data.images.open_file`: EXIF orientation, transparency onto white), then squashed
+  to `resize_to` and center-cropped: the artifact takes those uint8 pixels.
+  """
   meta = artifact.metadata
   size, resize = meta["image_size"], meta["resize_to"]
-  lines = ["import numpy as np; from PIL import Image",
-           f"x = np.asarray(Image.open({image!r}).convert('RGB')"
+  lines = ["import numpy as np; from PIL import Image, ImageOps",
+           f"img = ImageOps.exif_transpose(Image.open({image!r})).convert('RGBA')  # upright",
+           "img = Image.alpha_composite(Image.new('RGBA', img.size, 'white'), img)  # alpha: white",
+           f"x = np.asarray(img.convert('RGB')"
            f".resize(({resize}, {resize}), Image.BILINEAR))[None]  # uint8 (1, H, W, 3)"]
   if resize != size:
     offset = (resize - size) // 2
