@@ -307,43 +307,65 @@ def _cli_probs(argv, capsys):
   return probs
 
 
+def _informative_top(model):
+  """The top scaled down, so its probabilities are informative rather than one-hot."""
+  top = model.get_layer("predictions")
+  kernel, bias = top.get_weights()
+  top.set_weights([kernel * 0.05, bias * 0.0])
+
+
 @pytest.fixture(scope="module")
 def with_top(keras, tmp_path_factory):
   """A random Keras InceptionV3 with its top (299), written by Keras 3 both ways it writes: its
   own `.weights.h5` and, through `model.save("*.h5")`, the legacy HDF5 layout. The file names
-  say nothing of the architecture; the top is scaled so its probabilities are informative."""
+  say nothing of the architecture."""
   model = keras.applications.InceptionV3(weights=None)
   randomize(keras, model, seed=4)
-  top = model.get_layer("predictions")
-  kernel, bias = top.get_weights()
-  top.set_weights([kernel * 0.05, bias * 0.0])
+  _informative_top(model)
   tmp = tmp_path_factory.mktemp("inception_top")
   own, legacy = str(tmp / "my_inception.weights.h5"), str(tmp / "my_inception.h5")
   model.save_weights(own)
   model.save(legacy)
-  return model, {"keras3": own, "keras3_legacy": legacy}
+  return keras, model, {"keras3": own, "keras3_legacy": legacy}
 
 
-def test_a_keras_inception_file_by_path_predicts_as_keras_at_299(keras, with_top, tmp_path,
+@pytest.fixture(scope="module")
+def tf_keras_top(tmp_path_factory):
+  """The same from Keras 2 (`tf_keras`): `save_weights("*.h5")`, the official files' layout."""
+  tf_keras = pytest.importorskip("tf_keras", reason="tf_keras not installed")
+  model = tf_keras.applications.InceptionV3(weights=None)
+  randomize(tf_keras, model, seed=5)
+  _informative_top(model)
+  path = str(tmp_path_factory.mktemp("inception_tf_keras") / "my_inception_v3.h5")
+  model.save_weights(path)
+  return tf_keras, model, {"tf_keras": path}
+
+
+_WRITERS = {"keras3": "with_top", "keras3_legacy": "with_top", "tf_keras": "tf_keras_top"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("writer", ["keras3", "tf_keras"])
+def test_a_keras_inception_file_by_path_predicts_as_keras_at_299(request, writer, tmp_path,
                                                                  capsys):
-  """`transfer predict --weights my_inception.weights.h5`: squashed to 299, [-1, 1] input, the
+  """`transfer predict --weights my_inception.h5`: squashed to 299, [-1, 1] input, the
   probabilities Keras computes (caffe scaling at 224, the extension's old guess, is far off)."""
   from PIL import Image
-  model, files = with_top
+  framework, model, files = request.getfixturevalue(_WRITERS[writer])
   image = _photo(tmp_path / "x.png", (360, 280), seed=5)
-  ours = _cli_probs(["predict", "--model", "inception_v3", "--weights", files["keras3"], image],
+  ours = _cli_probs(["predict", "--model", "inception_v3", "--weights", files[writer], image],
                     capsys)
   pixels = np.asarray(Image.open(image).convert("RGB").resize((299, 299), Image.BILINEAR),
                       np.float32)[None]
-  ref = np.asarray(model(keras.applications.inception_v3.preprocess_input(pixels)))
+  ref = np.asarray(model(framework.applications.inception_v3.preprocess_input(pixels)))
   assert ref.max() < 0.9  # informative probabilities
   np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("writer", ["keras3", "keras3_legacy"])
-def test_a_keras_inception_file_by_path_is_parsed_as_keras_inception(with_top, writer, capsys):
+@pytest.mark.parametrize("writer", ["keras3", "keras3_legacy", "tf_keras"])
+def test_a_keras_inception_file_by_path_is_parsed_as_keras_inception(request, writer, capsys):
   from transfer import main as cli_main
-  path = with_top[1][writer]
+  path = request.getfixturevalue(_WRITERS[writer])[2][writer]
   parsed = sources.resolve(path)
   assert (parsed.arch, parsed.variant, parsed.framework, parsed.preprocess) == (
       "inception_v3", "keras", "keras", "tf")
@@ -361,6 +383,7 @@ def test_keras_inception_v3_evaluates_at_299_without_being_told():
   assert eval_geometry("keras:resnet50").size == 224
 
 
+@pytest.mark.slow
 def test_a_run_fine_tuned_from_a_keras_inception_file_records_and_uses_tf(notop, tmp_path):
   """`transfer train --config.weights=my_inception.weights.h5` trains on [-1, 1] input and
   records it; eval reads the record (it works with the weight file gone, and computes the

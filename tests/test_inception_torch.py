@@ -338,6 +338,7 @@ def test_info_recognises_a_torchvision_file_with_its_aux_classifier(reference, t
 # --- a torchvision InceptionV3 file by path: tf preprocessing, 342 then the center 299 -----------
 
 
+@pytest.mark.slow
 def test_a_torch_inception_file_by_path_predicts_as_torchvision(reference, tmp_path, capsys):
   """`transfer predict --weights my_inception.pth`: torchvision's eval transform for these
   weights (Resize(342), CenterCrop(299), ToTensor, Normalize, then `transform_input`), written
