@@ -388,6 +388,7 @@ def test_a_run_fine_tuned_from_a_keras_inception_file_records_and_uses_tf(notop,
   """`transfer train --config.weights=my_inception.weights.h5` trains on [-1, 1] input and
   records it; eval reads the record (it works with the weight file gone, and computes the
   run's own last validation loss)."""
+  import os
   import shutil
   from transfer import checkpoint, evaluate, metrics
   from transfer import main as cli_main
