@@ -1,5 +1,6 @@
 """Helpers shared by the test files: configs at test size, batch and tree comparisons, a CLI run in
-a subprocess, and waiting on events.
+a subprocess, waiting on events, and the harness for "interrupted then resumed equals
+uninterrupted" (`kill_and_resume`, `preempt_and_resume`).
 
 Fixtures live in `conftest.py`; everything a test file calls lives here, so that no test file
 imports another. Import it as `from helpers import ...` (pytest puts `tests/` on the path).
@@ -7,6 +8,7 @@ imports another. Import it as `from helpers import ...` (pytest puts `tests/` on
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from transfer import checkpoint, configs, optim, parallel, train_state
+from transfer import checkpoint, configs, metrics, optim, parallel, train_state
 from transfer import steps as steps_lib
 
 F32_U = float(np.finfo(np.float32).eps) / 2  # float32 unit round-off, 2**-24
@@ -287,3 +289,83 @@ def wait_for_checkpoint(workdir, step, proc):
   # A short poll: the test then signals a run that has trained on by only a step or two.
   wait_for(committed, f"checkpoint {step} in {workdir}", poll=0.02)
 
+
+def kill_and_resume(workdir, checkpoint_step: int, *, reference=None, killed_extra=None,
+                    before_kill=None, after_kill=None, **config) -> str:
+  """Interrupted then resumed: the one harness for "resume equals an uninterrupted run".
+
+  Starts `cli_train(workdir, **config)` (with `killed_extra` on top for this first run only),
+  SIGKILLs it once checkpoint `checkpoint_step` is committed, checks that it had not finished,
+  and reruns it (with `config`) to the end, which must resume and succeed. The caller compares
+  the result with the uninterrupted run as its test requires.
+
+  Args:
+    workdir: the run's directory.
+    checkpoint_step: the checkpoint to wait for before the kill.
+    reference: a directory for the uninterrupted run with the same `config`, started beside the
+      one to be killed and finished before the rerun; None when the caller has one already.
+    killed_extra: config keys of the killed run only (e.g. another decode worker kind).
+    before_kill: called with the running process just before the kill.
+    after_kill: called once the killed process is gone, before the rerun.
+    **config: keys over `LONG`, as for `cli_train`.
+
+  Returns:
+    The resumed run's output.
+  """
+  ref = cli_train(reference, **config) if reference is not None else None
+  proc = cli_train(workdir, **config, **(killed_extra or {}))
+  wait_for_checkpoint(workdir, checkpoint_step, proc)
+  if before_kill:
+    before_kill(proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  if after_kill:
+    after_kill()
+  killed_at = max(r["step"] for r in metrics.read_metrics(str(workdir)))
+  assert killed_at < {**LONG, **config}["num_steps"], "the run finished before it could be killed"
+  if ref is not None:
+    out = finish(ref, reference)
+    assert ref.returncode == 0, out[-3000:]
+
+  proc = cli_train(workdir, **config)
+  out = finish(proc, workdir)
+  assert proc.returncode == 0, out[-3000:]
+  assert "resumed from step" in out
+  return out
+
+
+def preempt_and_resume(make_config, workdir, stop_step: int, monkeypatch, *, reference=None,
+                       after_stop=None) -> dict:
+  """The in-process form of `kill_and_resume`: `train.train_and_evaluate(make_config(), workdir)`
+  stops after `stop_step` as on a SIGTERM (it checkpoints and raises `Preempted`), then the same
+  call is rerun to the end. The caller compares the result with the uninterrupted run.
+
+  Args:
+    make_config: returns a fresh config for each run.
+    workdir: the run's directory.
+    stop_step: the step after which the first run stops.
+    monkeypatch: the test's fixture (patches `Preemption.stop_at` for the first run only).
+    reference: a directory where the uninterrupted run is trained first; None when the caller
+      has one already.
+    after_stop: called once the first run has stopped, before the rerun.
+
+  Returns:
+    The rerun's summary.
+  """
+  from transfer import preemption, train
+  if reference is not None:
+    train.train_and_evaluate(make_config(), str(reference))
+  original = preemption.Preemption.stop_at
+
+  def stop(self, step):
+    if step == stop_step:
+      self.signal = signal.SIGTERM
+      return True
+    return original(self, step)
+  with monkeypatch.context() as patch:
+    patch.setattr(preemption.Preemption, "stop_at", stop)
+    with pytest.raises(preemption.Preempted):
+      train.train_and_evaluate(make_config(), str(workdir))
+  if after_stop:
+    after_stop()
+  return train.train_and_evaluate(make_config(), str(workdir))

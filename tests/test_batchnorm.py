@@ -1,15 +1,14 @@
 """BatchNorm in training (ResNet): frozen layers in inference mode, trainable ones on global-batch
 statistics, running statistics in the train state and the checkpoint, equal on any device count."""
 
-import signal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transfer import checkpoint, metrics, models, optim, preemption, train
-from helpers import cli_train, finish, flatten, tiny_config, train_steps, wait_for_checkpoint
+from transfer import checkpoint, metrics, models, optim, train
+from helpers import flatten, kill_and_resume, preempt_and_resume, tiny_config, train_steps
 
 
 def _resnet(**overrides):
@@ -91,18 +90,7 @@ def test_bfloat16_keeps_batchnorm_statistics_in_float32(start):
 
 def test_resume_with_trainable_batchnorm_matches_an_uninterrupted_run(tmp_path, monkeypatch):
   config = lambda: _resnet(num_steps=6, trainable=["^head/", "^conv5_"], checkpoint_every_steps=2)
-  train.train_and_evaluate(config(), str(tmp_path / "ref"))
-
-  def stop_at_3(self, step):
-    if step == 3:
-      self.signal = signal.SIGTERM
-      return True
-    return False
-  with monkeypatch.context() as patch:
-    patch.setattr(preemption.Preemption, "stop_at", stop_at_3)
-    with pytest.raises(preemption.Preempted):
-      train.train_and_evaluate(config(), str(tmp_path / "run"))
-  train.train_and_evaluate(config(), str(tmp_path / "run"))
+  preempt_and_resume(config, tmp_path / "run", 3, monkeypatch, reference=tmp_path / "ref")
   ref, _ = checkpoint.load_trained_variables(str(tmp_path / "ref"))
   got, meta = checkpoint.load_trained_variables(str(tmp_path / "run"))
   assert meta["step"] == 6 and set(got) == {"params", "batch_stats"}
@@ -119,20 +107,8 @@ _TRAINABLE_BN = {"model": "resnet50_tiny", "head": "gap", "trainable": "^head/,^
 
 def test_resume_after_sigkill_with_trainable_batchnorm_matches_an_uninterrupted_run(tmp_path):
   ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-  ref = cli_train(ref_dir, **_TRAINABLE_BN)  # runs beside the one to be killed
-  proc = cli_train(run_dir, **_TRAINABLE_BN)
-  wait_for_checkpoint(run_dir, 20, proc)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  killed_at = max(r["step"] for r in metrics.read_metrics(str(run_dir)))
-  assert killed_at < 60, "the run finished before it could be killed"
-  out = finish(ref, ref_dir)
-  assert ref.returncode == 0, out[-3000:]
-
-  proc = cli_train(run_dir, **_TRAINABLE_BN)
-  out = finish(proc, run_dir)
-  assert proc.returncode == 0, out[-3000:]
-  assert "resumed from step" in out
+  # The reference runs beside the one killed; that one must not have finished; the rerun resumes.
+  kill_and_resume(run_dir, 20, reference=ref_dir, **_TRAINABLE_BN)
   want, _ = checkpoint.load_trained_variables(str(ref_dir))
   got, meta = checkpoint.load_trained_variables(str(run_dir))
   assert meta["step"] == 60 and set(got) == {"params", "batch_stats"}

@@ -15,7 +15,8 @@ import pytest
 from transfer import checkpoint, metrics, parallel, train
 from transfer.errors import UserError
 from helpers import (assert_trained_alike, assert_trees_equal, cli_train, final_params, finish,
-                     tiny_config, wait_for_checkpoint)
+                     kill_and_resume, tiny_config, wait_for_checkpoint)
+
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
@@ -30,17 +31,7 @@ def reference(tmp_path_factory):
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, reference):
   ref_params, ref_metrics = reference
   workdir = tmp_path / "run"
-  proc = cli_train(workdir)
-  wait_for_checkpoint(workdir, 30, proc)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  killed_at = max(r["step"] for r in metrics.read_metrics(str(workdir)))
-  assert killed_at < 120, "the run finished before it could be killed"
-
-  proc = cli_train(workdir)
-  out = finish(proc, workdir)
-  assert proc.returncode == 0, out[-3000:]
-  assert "resumed from step" in out
+  kill_and_resume(workdir, 30)  # the run must not have finished; the rerun resumes
   params, meta = final_params(workdir)
   assert meta["step"] == 120
   assert_trees_equal(params, ref_params)  # bitwise: same program, steps, data and RNG

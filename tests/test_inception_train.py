@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import bench_config, flatten, tiny_config, train_steps
+from helpers import bench_config, flatten, preempt_and_resume, tiny_config, train_steps
 from transfer import bench, checkpoint, evaluate, models, optim, predict, train
 from transfer.errors import UserError
 
@@ -167,21 +167,8 @@ def test_bfloat16_keeps_statistics_and_params_in_float32(start):
 
 
 def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
-  import signal
-  from transfer import preemption
   config = lambda: _config(num_steps=4, trainable=TOP_TWO, checkpoint_every_steps=2)
-  train.train_and_evaluate(config(), str(tmp_path / "ref"))
-
-  def stop_at_2(self, step):
-    if step == 2:
-      self.signal = signal.SIGTERM
-      return True
-    return False
-  with monkeypatch.context() as patch:
-    patch.setattr(preemption.Preemption, "stop_at", stop_at_2)
-    with pytest.raises(preemption.Preempted):
-      train.train_and_evaluate(config(), str(tmp_path / "run"))
-  train.train_and_evaluate(config(), str(tmp_path / "run"))
+  preempt_and_resume(config, tmp_path / "run", 2, monkeypatch, reference=tmp_path / "ref")
   ref, _ = checkpoint.load_trained_variables(str(tmp_path / "ref"))
   got, meta = checkpoint.load_trained_variables(str(tmp_path / "run"))
   assert meta["step"] == 4 and set(got) == {"params", "batch_stats"}

@@ -4,7 +4,6 @@ resume lands in the right stage bit for bit, and the stage list is checked and p
 import contextlib
 import io
 import os
-import signal
 
 import jax
 import numpy as np
@@ -12,9 +11,9 @@ import pytest
 
 import ml_collections
 
-from transfer import checkpoint, configs, metrics, optim, preemption, stages, train
+from transfer import checkpoint, configs, metrics, optim, stages, train
 from transfer.errors import UserError
-from helpers import cli_train, final_params, finish, tiny_config, wait_for_checkpoint
+from helpers import final_params, kill_and_resume, preempt_and_resume, tiny_config
 
 HEAD = ["^head/"]
 BLOCK5 = ["^head/", "^block5_"]
@@ -121,21 +120,11 @@ def test_a_run_stopped_at_the_stage_boundary_resumes_into_stage_two(staged, tmp_
                                                                     monkeypatch):
   """Stopped right after stage 1's last step: the rerun starts stage 2 from the checkpoint and
   ends bit for bit where the uninterrupted run did."""
-  original = preemption.Preemption.stop_at
-
-  def stop_at_four(self, step):
-    if step == 4:
-      self.signal = signal.SIGTERM
-      return True
-    return original(self, step)
-
   workdir = str(tmp_path / "run")
-  with monkeypatch.context() as m:
-    m.setattr(preemption.Preemption, "stop_at", stop_at_four)
-    with pytest.raises(preemption.Preempted):
-      train.train_and_evaluate(staged_config(), workdir)
-  assert checkpoint.Checkpointer(workdir).latest_step() == 4
-  summary = train.train_and_evaluate(staged_config(), workdir)
+
+  def stopped_at_four():
+    assert checkpoint.Checkpointer(workdir).latest_step() == 4
+  summary = preempt_and_resume(staged_config, workdir, 4, monkeypatch, after_stop=stopped_at_four)
   assert summary["trained_steps"] == 4
   for a, b in zip(jax.tree_util.tree_leaves(_params(workdir)),
                   jax.tree_util.tree_leaves(_params(staged[0]))):
@@ -201,25 +190,14 @@ KILL = dict(stages=KILL_STAGES, num_steps=90, augment="none", cache_features="tr
 
 
 def test_sigkill_in_stage_two_resumes_there_bit_for_bit(tmp_path):
-  reference = tmp_path / "reference"
-  proc = cli_train(reference, **KILL)
-  out = finish(proc, reference)
-  assert proc.returncode == 0, out[-3000:]
+  reference, workdir = tmp_path / "reference", tmp_path / "run"
+  latest = []  # the checkpoint the rerun resumes from
+  out = kill_and_resume(  # after stage 2's first checkpoint; the run must not have finished
+      workdir, 40, reference=reference, **KILL,
+      after_kill=lambda: latest.append(checkpoint.Checkpointer(str(workdir)).latest_step()))
   ref_params, _ = final_params(reference)
-
-  workdir = tmp_path / "run"
-  proc = cli_train(workdir, **KILL)
-  wait_for_checkpoint(workdir, 40, proc)  # stage 2's first checkpoint
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  killed_at = max(r["step"] for r in metrics.read_metrics(str(workdir)))
-  assert killed_at < 90, "the run finished before it could be killed"
-  resumed_from = checkpoint.Checkpointer(str(workdir)).latest_step()
+  (resumed_from,) = latest
   assert 40 <= resumed_from < 90
-
-  proc = cli_train(workdir, **KILL)
-  out = finish(proc, workdir)
-  assert proc.returncode == 0, out[-3000:]
   assert f"resumed from step {resumed_from}" in out and "stage 1/2" not in out
   assert "stage 2/2 (block5)" in out
   params, meta = final_params(workdir)
