@@ -7,7 +7,6 @@ each, 246 MB encoded), prepared once per module in both formats (about 10 s each
 """
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -18,7 +17,7 @@ import pytest
 import transfer.data
 from transfer.errors import UserError
 from helpers import (assert_batches_equal, assert_trees_equal, cli_train, final_params, finish,
-                     make_config, noise_config, take, wait_for, wait_for_checkpoint)
+                     kill_and_resume, make_config, noise_config, take, wait_for)
 
 try:
   import tfds_noise  # needs tensorflow_datasets; the worker tests below do not
@@ -248,25 +247,25 @@ def test_array_record_resume_after_sigkill_matches_an_uninterrupted_run(noise, t
   processes, the others in threads: the kind never changes the batches."""
   data = {"dataset": f"tfds:{tfds_noise.NAME}", "data_dir": noise["array_record"],
           "cache_dir": str(tmp_path / "cache"), "augment": "crop_flip", "num_steps": 30}
-  reference = tmp_path / "reference"
+  reference = tmp_path / "reference"  # first and alone, as the runs share one cache_dir
   proc = cli_train(reference, **data)
   out = finish(proc, reference)
   assert proc.returncode == 0, out[-3000:]
 
-  workdir = tmp_path / "run"
-  proc = cli_train(workdir, **data, data_worker_kind="process", data_workers=2)
-  wait_for_checkpoint(workdir, 10, proc)
-  decoders = _children(proc.pid)
-  assert len(decoders) >= 2  # the two decode workers (and multiprocessing's resource tracker)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  # Orphaned workers would wait forever on their queue; they notice the parent is gone and exit.
-  wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in decoders),
-           f"the killed run's decode workers {decoders} to exit", timeout=120)
-  proc = cli_train(workdir, **data)
-  out = finish(proc, workdir)
-  assert proc.returncode == 0, out[-3000:]
-  assert "resumed from step" in out
+  workdir, decoders = tmp_path / "run", []
+
+  def find_decoders(proc):
+    decoders.extend(_children(proc.pid))
+    assert len(decoders) >= 2  # the two decode workers (and multiprocessing's resource tracker)
+
+  def decoders_exit():
+    # Orphaned workers would wait forever on their queue; they notice the parent is gone and exit.
+    wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in decoders),
+             f"the killed run's decode workers {decoders} to exit", timeout=120)
+
+  kill_and_resume(workdir, 10, **data,
+                  killed_extra=dict(data_worker_kind="process", data_workers=2),
+                  before_kill=find_decoders, after_kill=decoders_exit)
   params, meta = final_params(workdir)
   assert meta["step"] == 30
   assert_trees_equal(params, final_params(reference)[0])
