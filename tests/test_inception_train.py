@@ -1,4 +1,4 @@
-"""InceptionV3 in training, as ResNet (tests/test_batchnorm.py, whose helpers this reuses): a frozen
+"""InceptionV3 in training, as ResNet (tests/test_batchnorm.py; both use helpers.py): a frozen
 base keeps params and BatchNorm statistics bit for bit (also the Keras form's scale-less
 BatchNorm), trainable blocks move exactly their own statistics, any device count computes the
 same steps, and train / init_from / cached features / evaluate / predict / bench run end to end.
