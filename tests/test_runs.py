@@ -9,7 +9,7 @@ import signal
 import jax
 import pytest
 
-from transfer import checkpoint, main, metrics, preemption, steps, train
+from transfer import checkpoint, eval_loop, main, metrics, preemption, train
 from transfer import workdir as workdir_lib
 from transfer.errors import UserError
 from helpers import snapshot, tiny_config
@@ -122,7 +122,7 @@ def test_an_empty_validation_split_trains_without_evaluating(tmp_path, capsys):
 def test_a_failing_eval_keeps_the_trained_steps(tmp_path, monkeypatch):
   def broken(*args, **kwargs):
     raise RuntimeError("eval exploded")
-  monkeypatch.setattr(steps, "evaluate", broken)
+  monkeypatch.setattr(eval_loop, "evaluate", broken)
   workdir = str(tmp_path / "run")
   with pytest.raises(RuntimeError, match="eval exploded"):
     train.train_and_evaluate(tiny_config(num_steps=6, eval_every_steps=3,
