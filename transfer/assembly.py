@@ -11,7 +11,7 @@ eval steps. `bench` therefore times, and `lr_find` sweeps, the step `train` trai
     state = run.new_state(run.initial_variables()[0], stage)
     state, metrics = run.train_step(stage)(state, batch)
 
-A trained run read back from its checkpoint (eval, export) is `TrainedRun.load`.
+A trained run read back from its checkpoint (eval, export) is `Run.from_checkpoint`.
 """
 
 from __future__ import annotations
