@@ -167,6 +167,20 @@ def randomize(keras, model, seed):
     layer.set_weights([np.asarray(v, np.float32) for v in values])
 
 
+def cli_probabilities(argv, capsys):
+  """`transfer ARGV --json --top 1000` probabilities as an (N, classes) array in class order."""
+  import json
+  from transfer import main as cli_main
+  capsys.readouterr()
+  assert cli_main.run(list(argv) + ["--json", "--top", "1000"]) == 0
+  records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  probs = np.zeros((len(records), len(records[0]["top"])))
+  for row, record in zip(probs, records):
+    for p in record["top"]:
+      row[p["class"]] = p["prob"]
+  return probs
+
+
 def one_line_error(excinfo):
   """The message of a `pytest.raises` error, asserted to be one line (what the CLI prints)."""
   message = str(excinfo.value)

@@ -19,7 +19,7 @@ from transfer.errors import UserError
 from transfer.export import serving, to_onnx, to_stablehlo
 from transfer.weights import export as weight_files
 from transfer.weights import port
-from helpers import tiny_config
+from helpers import cli_probabilities, tiny_config
 
 pytestmark = pytest.mark.usefixtures("home")
 
@@ -124,14 +124,7 @@ def trained(tmp_path_factory):
 
 def _predict_json(workdir, paths, capsys):
   """`transfer predict --json` probabilities, (N, classes) in class order."""
-  capsys.readouterr()
-  assert main.run(["predict", "--workdir", workdir, "--json", "--top", "1000", *paths]) == 0
-  records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-  probs = np.zeros((len(records), len(records[0]["top"])))
-  for row, record in zip(probs, records):
-    for p in record["top"]:
-      row[p["class"]] = p["prob"]
-  return probs
+  return cli_probabilities(["predict", "--workdir", workdir, *paths], capsys)
 
 
 def _inputs(workdir, paths):

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import assert_close, randomize
+from helpers import assert_close, cli_probabilities, randomize
 from transfer import models
 from transfer import weights
 from transfer.errors import UserError
@@ -293,20 +293,6 @@ def _photo(path, size, seed):
   return str(path)
 
 
-def _cli_probs(argv, capsys):
-  """`transfer ... --json --top 1000` probabilities, (N, classes) in class order."""
-  import json
-  from transfer import main as cli_main
-  capsys.readouterr()
-  assert cli_main.run(argv + ["--json", "--top", "1000"]) == 0
-  records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-  probs = np.zeros((len(records), len(records[0]["top"])))
-  for row, record in zip(probs, records):
-    for p in record["top"]:
-      row[p["class"]] = p["prob"]
-  return probs
-
-
 def _informative_top(model):
   """The top scaled down, so its probabilities are informative rather than one-hot."""
   top = model.get_layer("predictions")
@@ -353,7 +339,7 @@ def test_a_keras_inception_file_by_path_predicts_as_keras_at_299(request, writer
   from PIL import Image
   framework, model, files = request.getfixturevalue(_WRITERS[writer])
   image = _photo(tmp_path / "x.png", (360, 280), seed=5)
-  ours = _cli_probs(["predict", "--model", "inception_v3", "--weights", files[writer], image],
+  ours = cli_probabilities(["predict", "--model", "inception_v3", "--weights", files[writer], image],
                     capsys)
   pixels = np.asarray(Image.open(image).convert("RGB").resize((299, 299), Image.BILINEAR),
                       np.float32)[None]

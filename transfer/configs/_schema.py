@@ -120,7 +120,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("auto", "float32", "bfloat16", "float16"),        # models.as_dtype
     "conv": ("auto", "xla", "winograd"),                        # models.CONVS
     "parallel": ("shard_map", "pmap"),                          # parallel.MODES
-    "augment": ("none", "flip", "crop_flip", "inception_crop", "randaugment"),  # data.pipeline.AUGMENTS
+    "augment": ("none", "flip", "crop_flip", "inception_crop", "randaugment"),  # data.augmentation.AUGMENTS
     "cache_images": ("", "memory", "disk"),                     # data.pipeline.CACHES
     "data_worker_kind": ("thread", "process"),                  # data.workers.KINDS
     "labels_from": ("folders", "filename"),
