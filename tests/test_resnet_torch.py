@@ -276,11 +276,23 @@ def test_torchvision_registry(source_id, file, resize):
 
 
 def test_eval_resize_by_source(tmp_path):
+  """A file's geometry follows what its contents are (issue 21: never the name alone): a torch
+  state dict of no registered architecture gets torchvision's 256, a Keras .h5 Keras' squash."""
+  import h5py
+  from safetensors.torch import save_file
   assert eval_resize("keras:vgg16") is None
   assert eval_resize(None) is None
   assert eval_resize("torchvision:resnet50?") == 232
-  assert eval_resize(str(tmp_path / "w.safetensors")) == 256  # a torch file
-  assert eval_resize(str(tmp_path / "w.h5")) is None
+  torch_file = str(tmp_path / "w.safetensors")
+  save_file(torch.nn.Linear(3, 2).state_dict(), torch_file)
+  assert eval_resize(torch_file) == 256  # a torch file
+  keras_file = str(tmp_path / "w.h5")
+  with h5py.File(keras_file, "w") as f:  # the legacy Keras layout: layer group, weight names
+    f.attrs["layer_names"] = [b"dense"]
+    group = f.create_group("dense")
+    group.attrs["weight_names"] = [b"dense/kernel:0"]
+    group.create_dataset("dense/kernel:0", data=np.zeros((3, 2), np.float32))
+  assert eval_resize(keras_file) is None
   assert eval_resize("torchvision:vgg16", size=112) == 128  # same crop fraction
 
 
