@@ -337,7 +337,8 @@ def likely_cause(view_for: Callable[[models.ModelSpec], dict[str, dict[str, Tens
   if head == "imagenet" and any(m.startswith("predictions/") for m in plan.misshaped):
     return "the file's top has another number of classes: pass fresh_head=True for a new top"
   if not any(layer in view for layer in spec.conv_layers):
-    return f"the file holds none of {spec.name}'s layers (is it a VGG weight file?)"
+    return (f"the file holds none of {spec.name}'s layers (is it a weight file of another "
+            f"architecture? `transfer weights info FILE` says what it holds)")
   return None
 
 
