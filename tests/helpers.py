@@ -167,6 +167,29 @@ def randomize(keras, model, seed):
     layer.set_weights([np.asarray(v, np.float32) for v in values])
 
 
+def random_variables(arch="resnet50_tiny", image_size=32, seed=0, **kw):
+  """Random arrays in the model's collections; running variances positive."""
+  from transfer import models
+  from transfer.weights import port
+  shapes = port.variable_shapes(models.get(arch, **kw), image_size)
+  rng = np.random.default_rng(seed)
+  out = jax.tree.map(lambda s: rng.standard_normal(s.shape, dtype=np.float32) * 0.05, shapes)
+  out["batch_stats"] = jax.tree.map(lambda a: np.abs(a) + 0.5, out["batch_stats"])
+  return out
+
+
+def tiny_keras_file(path, top=False, naming="keras2"):
+  """A Keras-variant resnet50_tiny in the legacy layout of the official files; returns its path
+  and variables."""
+  from transfer import models
+  from transfer.weights import export
+  variables = random_variables(variant="keras", include_top=top)
+  layers = export.keras_layers(variables["params"], models.spec("resnet50_tiny"),
+                               variables["batch_stats"])
+  export.write_keras_h5(path, {"input_1": [], **layers}, naming=naming)
+  return str(path), variables
+
+
 def cli_probabilities(argv, capsys):
   """`transfer ARGV --json --top 1000` probabilities as an (N, classes) array in class order."""
   import json

@@ -65,6 +65,14 @@ def test_out_of_range_values_name_key_value_and_range(key, value, message):
   assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
+def test_a_warmup_not_shorter_than_the_run_is_one_line():
+  configs.validate(overridden(num_steps=100, warmup_steps=99, schedule="warmup_cosine"))
+  with pytest.raises(UserError) as e:
+    configs.validate(overridden(num_steps=100, warmup_steps=100, schedule="warmup_cosine"))
+  assert str(e.value).startswith("warmup_steps=100 is not shorter than the 100 steps it warms up")
+  assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("overrides", [
     dict(val_fraction=0, head_dropout=0, momentum=0, eval_crop=1, train_crop=1),
     dict(weight_decay=0, grad_clip_norm=0, warmup_steps=0, keep_best_checkpoints=0),

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import assert_close, one_line_error, randomize
+from helpers import assert_close, one_line_error, random_variables, randomize, tiny_keras_file
 from transfer import models
 from transfer import weights
 from transfer.errors import UserError
@@ -109,23 +109,6 @@ def test_keras3_file_names_batch_norm_variables(keras, tmp_path):
 
 
 # --- tiny files, no Keras needed -------------------------------------------------------------------
-
-
-def random_variables(arch=TINY, image_size=32, seed=0, **kw):
-  """Random arrays in the model's collections; running variances positive."""
-  shapes = port.variable_shapes(models.get(arch, **kw), image_size)
-  rng = np.random.default_rng(seed)
-  out = jax.tree.map(lambda s: rng.standard_normal(s.shape, dtype=np.float32) * 0.05, shapes)
-  out["batch_stats"] = jax.tree.map(lambda a: np.abs(a) + 0.5, out["batch_stats"])
-  return out
-
-
-def tiny_keras_file(path, top=False, naming="keras2"):
-  """A Keras-variant resnet50_tiny in the legacy layout of the official files."""
-  variables = random_variables(variant="keras", include_top=top)
-  layers = export.keras_layers(variables["params"], models.spec(TINY), variables["batch_stats"])
-  export.write_keras_h5(path, {"input_1": [], **layers}, naming=naming)
-  return str(path), variables
 
 
 @pytest.mark.parametrize("naming", ["keras1", "keras2"])

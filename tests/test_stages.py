@@ -146,17 +146,32 @@ def test_changing_the_stages_is_refused_on_resume(staged):
 @pytest.mark.parametrize("stage,message", [
     (dict(step=3), r"^stages\[1\] has unknown key 'step'; a stage may set: name, epochs"),
     (dict(steps=3, epochs=1), r"^stages\[1\] sets both epochs and steps"),
-    (dict(learning_rate=-1.0), r"^stages\[1\]: learning_rate=-1.0 is out of range"),
-    (dict(schedule="linear"), r"^stages\[1\]: schedule='linear' is not valid"),
+    (dict(learning_rate=-1.0), r"^stages\[1\]\.learning_rate=-1.0 is out of range"),
+    (dict(schedule="linear"), r"^stages\[1\]\.schedule='linear' is not valid"),
+    (dict(steps=3, warmup_steps=3), r"^stages\[1\]\.warmup_steps=3 is not shorter than the 3 "),
+    # A check across keys, one of them inherited: the stage, then the message.
+    (dict(schedule="one_cycle"), r"^stages\[1\]: warmup_steps=2 does not apply"),
     (dict(learning_rate="fast"), r"^stages\[1\]\.learning_rate='fast' has the wrong type"),
     ("head", r"^stages\[1\] is 'head', not a dict"),
 ])
 def test_a_bad_stage_is_one_line(stage, message):
-  c = tiny_config()
-  c.stages = [dict(steps=2), stage]
+  c = tiny_config(warmup_steps=2)
+  c.stages = [dict(steps=3), stage]
   with pytest.raises(UserError, match=message) as error:
     configs.validate(c)
   assert "\n" not in str(error.value)
+
+
+def test_a_warmup_longer_than_an_epochs_stage_is_refused_once_its_length_is_known(tmp_path):
+  """A stage given in epochs has its length only once the data is read: 48 images, batch 8,
+  one epoch is 6 steps."""
+  c = tiny_config(warmup_steps=6)
+  c.stages = [dict(steps=8), dict(epochs=1, name="second")]
+  configs.validate(c)  # the length is not known yet
+  with pytest.raises(UserError, match=r"^stages\[1\]: warmup_steps=6 is not shorter than the 6 "
+                                      r"steps") as error:
+    train.train_and_evaluate(c, str(tmp_path / "w"))
+  assert "\n" not in str(error.value) and not os.path.exists(tmp_path / "w" / "checkpoints")
 
 
 def test_stage_plan_inherits_the_run_and_maps_steps_to_stages():

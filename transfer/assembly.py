@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import optax
 
+from transfer import configs
 from transfer import ema as ema_lib
 from transfer import models, optim, parallel, regularisation, runs, steps, train_state
 from transfer import stages as stages_lib
@@ -246,7 +247,7 @@ def build(config, devices=None, *, dtype: str | None = None) -> Run:
   from transfer import data as data_lib
   mesh = parallel.make_mesh(devices)
   parallel.check_batch_size(config.batch_size, mesh)
-  source = runs.weights_source(config.weights)  # parsed once for the whole run
+  source = runs.run_source(config)  # parsed once for the whole run (an init_from run's own)
   ds = data_lib.create(config, preprocess_source=source)
   num_classes = check_num_classes(config, ds)
   model, outputs = runs.build_model(config, num_classes, dtype=dtype, source=source)
@@ -258,6 +259,7 @@ def build(config, devices=None, *, dtype: str | None = None) -> Run:
       or min(s.steps for s in plan) <= 0):
     raise UserError(f"nothing to train: {ds.num_train} training examples, batch_size="
                     f"{config.batch_size}; lower batch_size or add data")
+  configs.check_lengths(config, [(stage.config, stage.steps) for stage in plan])
   # Shapes only: a resumed run never initialises, a fresh one initialises once.
   shapes = jax.eval_shape(lambda: models.init_variables(model, config.image_size, config.seed))
   run = Run(config, mesh, ds, num_classes, model, outputs, shapes, plan, metadata,

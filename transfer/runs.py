@@ -26,6 +26,58 @@ def weights_source(weights: str | None):
   return sources.resolve(weights)
 
 
+def run_source(config):
+  """The parsed source a run's params, preprocessing, eval geometry and variant follow.
+
+  Without `init_from`, the config's `weights` (`weights_source`). With `init_from`, the params
+  come from that run, so its source does too, as recorded with its checkpoint (`source_record`):
+  training them on another input normalisation than they learned would silently start from
+  worse features. The config's own `weights` then loads nothing; when it would imply another
+  preprocessing, `inherited_note` says which one is kept.
+  """
+  if not config.init_from:
+    return weights_source(config.weights)
+  recorded = _recorded_run(config.init_from)
+  if not recorded:  # no checkpoint there: `variables_from_workdir` says so
+    return weights_source(config.weights)
+  return source_from_record(recorded)
+
+
+def inherited_note(config, source) -> str:
+  """For an `init_from` run: one line when its config's `weights` would have preprocessed
+  otherwise than the run its params come from ('' when they agree)."""
+  if not config.init_from:
+    return ""
+  own = weights_source(config.weights)
+  if own.preprocess == source.preprocess:
+    return ""
+  return (f"preprocessing {source.preprocess} kept from {config.init_from} (its weights "
+          f"{source.weights}); this config's weights={own.weights} would use {own.preprocess} "
+          f"and load nothing with init_from")
+
+
+def source_record(source) -> dict[str, Any]:
+  """The JSON record of a parsed source, stored with a run's checkpoints (`run_metadata`)."""
+  return {"weights": source.weights, "source": source.source, "format": source.format,
+          "framework": source.framework, "arch": source.arch, "variant": source.variant,
+          "preprocess": source.preprocess, "resize_size": source.resize_size,
+          "input_size": source.input_size, "interpolation": source.interpolation}
+
+
+def source_from_record(recorded: dict[str, Any]):
+  """The parsed source of a trained run, from its run metadata: nothing is re-read from the
+  weights (their file may be gone). Runs recorded before `source` was stored give their
+  `preprocessing` and `variant`, with the default geometry."""
+  from transfer.weights import sources
+  record = recorded.get("source") or {
+      "weights": recorded.get("weights") or "none", "source": None,
+      "preprocess": recorded["preprocessing"], "variant": recorded.get("variant")}
+  record = dict(record, optional=False)
+  entry = sources.get(record["source"]) if (record.get("source") and
+                                            sources.is_id(record["source"])) else None
+  return sources.ParsedSource(entry=entry, **record)
+
+
 def output_count(config, num_classes: int) -> int:
   """Model outputs: one sigmoid logit for two classes (`binary_sigmoid`), else one per class."""
   if num_classes == 2 and config.binary_sigmoid and config.head != "imagenet":
@@ -44,12 +96,16 @@ def model_variant(config, source=None) -> str | None:
   if not spec.variants:
     return None
   chosen = config.variant
-  if chosen != "auto":
-    return chosen
   if config.init_from:
     recorded = _recorded_run(config.init_from).get("variant")
+    if recorded and chosen not in ("auto", recorded):
+      raise UserError(f"variant={chosen} but init_from={config.init_from} trained the "
+                      f"{recorded} variant, whose params fit only that form; use "
+                      f"--config.variant=auto")
     if recorded:
       return recorded
+  if chosen != "auto":
+    return chosen
   source = source or weights_source(config.weights)
   if source.source:
     from transfer import weights as weights_lib
@@ -101,7 +157,7 @@ def initial_variables(config, model, shapes=None, data_identity=None, source=Non
     model: the module from `build_model`.
     shapes: its params tree of `jax.ShapeDtypeStruct`s (computed when not given).
     data_identity: this run's `Dataset.identity()`, checked against an `init_from` run's.
-    source: the run's parsed weights (`weights_source`); parsed here when not given.
+    source: the run's parsed source (`run_source`); parsed here when not given.
 
   Returns:
     `(variables, note)`: `{"params"}` (and `"batch_stats"` for BatchNorm networks) and one line
@@ -112,7 +168,9 @@ def initial_variables(config, model, shapes=None, data_identity=None, source=Non
     if shapes is None:
       shapes = jax.eval_shape(lambda: models.init_params(model, config.image_size, config.seed))
     variables = variables_from_workdir(config.init_from, shapes, data_identity)
-    return variables, f"params from run {config.init_from} (init_from)"
+    note = inherited_note(config, source or run_source(config))
+    return variables, f"params from run {config.init_from} (init_from)" + (f"; {note}" if note
+                                                                             else "")
   source = source or weights_source(config.weights)
   if source.source is None:
     return (models.init_variables(model, config.image_size, config.seed),
@@ -158,9 +216,11 @@ def variables_from_workdir(other: str, shapes, data_identity=None):
   problems = [("/".join(k), v.shape, their_flat[k].shape) for k, v in fresh_flat.items()
               if k in their_flat and tuple(their_flat[k].shape) != tuple(v.shape)]
   missing = ["/".join(k) for k in fresh_flat if k not in their_flat]
-  if problems or missing:
-    raise UserError(f"init_from={other} (model {meta['run']['model']}, head {meta['run']['head']}) "
-                    f"does not fit this model: missing {missing[:5]}, mis-shaped {problems[:5]}")
+  extra = ["/".join(k) for k in their_flat if k not in fresh_flat]  # never dropped silently
+  if problems or missing or extra:
+    raise UserError(f"init_from={other} (model {meta['run']['model']}, head {meta['run']['head']}"
+                    f", variant {meta['run'].get('variant')}) does not fit this model: missing "
+                    f"{missing[:5]}, extra {extra[:5]}, mis-shaped {problems[:5]}")
   variables = {"params": traverse_util.unflatten_dict(
       {k: jnp.asarray(their_flat[k]) for k in fresh_flat})}
   if "batch_stats" in their_variables:
@@ -187,14 +247,15 @@ def run_metadata(config, class_names: list[str], outputs: int,
   which resume, `init_from` and eval compare against the data they are given. `conv` is the
   concrete conv choice the run's model compiled with (`build_model(...)[0].conv`), on record
   only: `model_from_meta` resolves `auto` again for the machine that evaluates.
-  `preprocessing` is the parsed weights' (`source`, from `weights_source`; parsed here when not
-  given): eval, predict and export read it from here, never from `weights` again.
+  `preprocessing` is the parsed weights' (`source`, from `run_source`; parsed here when not
+  given): eval, predict and export read it from here, never from `weights` again; `source` the
+  whole parsed source (`source_record`), which an `init_from` run inherits.
   """
-  source = source or weights_source(config.weights)
+  source = source or run_source(config)
   return {"model": config.model, "head": config.head, "head_hidden": config.head_hidden,
           "head_dropout": config.head_dropout, "outputs": outputs,
           "class_names": list(class_names), "weights": config.weights,
-          "preprocessing": source.preprocess,
+          "preprocessing": source.preprocess, "source": source_record(source),
           "image_size": config.image_size, "eval_crop": config.eval_crop,
           "dtype": models.resolve_dtype(config.dtype), "conv": conv, "variant": variant,
           "dataset": config.dataset, "optimizer": config.optimizer,

@@ -28,6 +28,8 @@ from transfer.configs import _schema
 # Each key's role in a run (identity or bookkeeping), read by the rerun checks in workdir/runs.
 from transfer.configs._schema import (BOOKKEEPING, DERIVED_STATE, IDENTITY, LENGTH, ROLES,
                                       STATE, keys_with)
+# The checks that need the run's length in steps (known once the data is): assembly.build.
+from transfer.configs._schema import check_lengths
 
 DEFAULT = "quickstart"
 
@@ -160,6 +162,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not rule.allows(config[key]):
       raise UserError(f"{key}={config[key]!r} is out of range: must be {rule.describe()}")
   _schema.check_one_cycle(config)
+  _schema.check_warmup(config)
   _schema.check_labels_from(config)
   _schema.check_stages(config, validate)
   return config

@@ -142,11 +142,49 @@ def check_stages(config, check) -> None:
     stage_configs = stages.stage_configs(config)
   except ValueError as e:
     raise UserError(str(e)) from None
-  for i, stage_config in enumerate(stage_configs):
+  for i, (stage, stage_config) in enumerate(zip(config.stages, stage_configs)):
     try:
       check(stage_config)
     except UserError as e:
-      raise UserError(f"stages[{i}]: {e}") from None
+      raise UserError(stage_error(i, stage, str(e))) from None
+
+
+def stage_error(index: int, stage, message: str) -> str:
+  """A stage's error: `stages[1].learning_rate=-1.0 ...` when it is about a key the stage sets,
+  else `stages[1]: ...` (a check across keys, one of them inherited)."""
+  key = message.split("=", 1)[0]
+  if "=" in message and key in dict(stage):
+    return f"stages[{index}].{message}"
+  return f"stages[{index}]: {message}"
+
+
+def check_lengths(config, plan) -> None:
+  """The checks that need each stage's length in steps, known once the data is (`num_epochs`):
+  `plan` is `[(stage config, steps), ...]`, one per stage (`stages.plan`)."""
+  from transfer.errors import UserError
+  for i, (stage_config, steps) in enumerate(plan):
+    try:
+      check_warmup(stage_config, steps)
+    except UserError as e:
+      if not config.stages:
+        raise
+      raise UserError(stage_error(i, config.stages[i], str(e))) from None
+
+
+def check_warmup(config, steps: int | None = None) -> None:
+  """A warm-up must end before the steps it warms up do, or the rate never reaches
+  `learning_rate`. `steps`: the (stage) config's length, when known only from the data (epochs);
+  by default `num_steps` when set. A staged config is checked stage by stage."""
+  from transfer.errors import UserError
+  if steps is None:
+    steps = config.num_steps if config.num_steps > 0 else None
+  if (config.stages or steps is None or config.warmup_steps <= 0
+      or config.schedule == "one_cycle"):
+    return
+  if config.warmup_steps >= steps:
+    raise UserError(f"warmup_steps={config.warmup_steps} is not shorter than the {steps} steps it "
+                    f"warms up, so the rate would never reach learning_rate="
+                    f"{config.learning_rate}; lower warmup_steps below {steps} or train longer")
 
 
 def check_one_cycle(config) -> None:
