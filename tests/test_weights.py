@@ -250,7 +250,6 @@ def test_registry_records_official_files():
   assert tv.url == "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
   assert (tv.hash_kind, tv.hash, tv.include_top) == ("sha256_prefix", "dcbb9e9d", True)
   for entry in entries.values():
-    assert weights.mode_for(entry.id) == entry.preprocess
     assert entry.preprocess == ("tf" if entry.arch == "inception_v3" else  # [-1, 1], both
                                 "caffe" if entry.id.startswith("keras") else "torch")
     # Keras squashes; torchvision resizes the short side, then center-crops 224.
@@ -438,3 +437,36 @@ def test_torch_export_of_batch_norm_needs_the_statistics():
   params = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes["params"])
   with pytest.raises(ValueError, match="conv1_bn is a BatchNorm layer: pass batch_stats"):
     export.torch_state_dict(params, models.spec("resnet50_tiny"))
+
+
+# What each publisher's own loader feeds its weights, written out from their code rather than
+# read from our registry: keras.applications' `preprocess_input` (vgg16/resnet: caffe; inception_v3:
+# tf), torchvision's `ImageClassification` (mean/std; its InceptionV3 transform too, but the
+# Google port sets `transform_input` to map mean/std input back to [-1, 1]), timm's cfg mean/std.
+PUBLISHED_MODE = {("keras", "vgg"): "caffe", ("keras", "resnet"): "caffe",
+                  ("keras", "inception"): "tf", ("torchvision", "vgg"): "torch",
+                  ("torchvision", "resnet"): "torch", ("torchvision", "inception"): "tf",
+                  ("timm", "resnet"): "torch"}
+# Which form each publisher's ResNet and InceptionV3 are: Keras v1, torchvision/timm v1.5; Keras'
+# scale-less InceptionV3, torchvision's with scale.
+PUBLISHED_VARIANT = {"keras": "keras", "torchvision": "torchvision", "timm": "torchvision"}
+
+
+@pytest.mark.parametrize("source_id", sources.ids())
+def test_mode_and_variant_of_every_registry_id_are_its_publishers(source_id):
+  framework, name = source_id.split(":")
+  family = next(f for f in ("vgg", "resnet", "inception") if name.startswith(f))
+  arch = sources.get(source_id).arch
+  assert weights.mode_for(source_id) == PUBLISHED_MODE[framework, family]
+  assert weights.mode_for(source_id + "?") == PUBLISHED_MODE[framework, family]
+  want = None if family == "vgg" else PUBLISHED_VARIANT[framework]
+  assert weights.variant_for(source_id, arch) == want
+  # The mode is what the pipeline applies: the same pixels through each publisher's formula.
+  x = np.arange(2 * 3 * 3 * 3, dtype=np.float32).reshape(2, 3, 3, 3) * 2.5
+  got = weights.preprocess(x.astype(np.uint8), source_id)
+  formula = {"caffe": lambda v: v[..., ::-1] - np.array([103.939, 116.779, 123.68], np.float32),
+             "torch": lambda v: (v / 255 - np.array([0.485, 0.456, 0.406], np.float32))
+             / np.array([0.229, 0.224, 0.225], np.float32),
+             "tf": lambda v: v / 127.5 - 1}[PUBLISHED_MODE[framework, family]]
+  np.testing.assert_allclose(got, formula(x.astype(np.uint8).astype(np.float32)), rtol=1e-5,
+                             atol=1e-5)
