@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from transfer.errors import UserError
 from transfer.models import inception, resnet, vgg
-from transfer.models.heads import HEADS
+from transfer.models.heads import HEADS, POOLINGS
 from transfer.models.spec import (BATCH_NORM, CONV, DENSE, EMBEDDING, KINDS, LAYER_NORM,
                                   ModelSpec, Porting)
 from transfer.platform import resolve_conv
@@ -148,7 +148,8 @@ def as_dtype(dtype: Any):
 def get(name: str, *, include_top: bool | None = None, head: str | None = None,
         num_classes: int | None = None, head_hidden: int | None = None,
         head_dropout: float | None = None, dtype: Any = "float32",
-        param_dtype: Any = "float32", conv: str = "auto", variant: str | None = None) -> nn.Module:
+        param_dtype: Any = "float32", conv: str = "auto", variant: str | None = None,
+        pooling: str | None = None) -> nn.Module:
   """Builds a registered model.
 
   Args:
@@ -172,6 +173,8 @@ def get(name: str, *, include_top: bool | None = None, head: str | None = None,
     variant: for architectures that exist in several forms (`spec(name).variants`: ResNet's
       `"keras"` v1 and `"torchvision"` v1.5), the one to build; default the first. Weight files
       fit one variant only (`transfer.weights` says which).
+    pooling: with `head="none"`, None returns the backbone's features unpooled (an NHWC map),
+      `"avg"` / `"max"` one vector per image (Keras' `pooling`); only with `head="none"`.
 
   Returns:
     An unbound `flax.linen.Module`; `module.apply({"params": p}, x)` gives float32 logits.
@@ -189,7 +192,12 @@ def get(name: str, *, include_top: bool | None = None, head: str | None = None,
     num_classes = 1000
   if num_classes < 1:
     raise UserError(f"num_classes must be >= 1, got {num_classes}")
-  extra = {}
+  if pooling not in POOLINGS:
+    raise UserError(f"unknown pooling {pooling!r}; valid: None, 'avg', 'max'")
+  if pooling is not None and head != "none":
+    raise UserError(f"pooling={pooling!r} pools the features of a model without a classifier; "
+                    f"head={head!r} has its own (drop pooling, or use head='none')")
+  extra = {"pooling": pooling} if pooling is not None else {}
   if model_spec.variants:
     variant = variant or model_spec.variants[0]
     if variant not in model_spec.variants:

@@ -45,6 +45,9 @@ class Classifier(nn.Module):
       are the same either way.
     batch_norm_axis: the mapped axis over which a training BatchNorm averages its batch
       statistics (`"data"` inside the data-parallel step: global-batch statistics), or None.
+    pooling: with `head="none"`, what `stage="full"` returns (`heads.POOLINGS`): None the
+      backbone's features as they are, `"avg"` / `"max"` one float32 vector per image (global
+      average or max pooling, Keras' `pooling`). `stage="features"` is never pooled.
   """
 
   arch: str = ""
@@ -56,6 +59,7 @@ class Classifier(nn.Module):
   param_dtype: Any = jnp.float32
   conv: str = "xla"
   batch_norm_axis: str | None = None
+  pooling: str | None = None
 
   @nn.compact
   def __call__(self, x, train: bool = False, stage: str = "full", example_ids=None,
@@ -81,8 +85,10 @@ class Classifier(nn.Module):
     self.check()
     if stage != "head":
       x = self.backbone(x.astype(self.dtype), frozenset(batch_norm_train))
-      if stage == "features" or self.head == "none":
+      if stage == "features":
         return x
+      if self.head == "none":
+        return heads.pool(x, self.pooling)
     return self.classify(x, train, example_ids).astype(jnp.float32)
 
   def check(self) -> None:

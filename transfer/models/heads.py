@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 
 HEADS = ("imagenet", "flatten_dense", "gap", "none")
+# How a model without a classifier (`head="none"`) returns its features: the unpooled map (or
+# token sequence), or one vector per image (Keras' `pooling`, timm's `global_pool`).
+POOLINGS = (None, "avg", "max")
 
 
 class ExampleDropout(nn.Module):
@@ -65,6 +68,22 @@ def global_average(x):
   """(N, ..., C) -> (N, C) in float32: the mean over every axis between batch and channels (the
   pixels of a map, the tokens of a sequence); float32 so a bfloat16 map sums without loss."""
   return jnp.mean(x.astype(jnp.float32), axis=tuple(range(1, x.ndim - 1)))
+
+
+def global_max(x):
+  """(N, ..., C) -> (N, C) in float32: the maximum over every axis between batch and channels."""
+  return jnp.max(x, axis=tuple(range(1, x.ndim - 1))).astype(jnp.float32)
+
+
+def pool(x, pooling: str | None):
+  """Features pooled as `pooling` says (`POOLINGS`): None returns `x` as it is."""
+  if pooling is None:
+    return x
+  if pooling == "avg":
+    return global_average(x)
+  if pooling == "max":
+    return global_max(x)
+  raise UserError(f"unknown pooling {pooling!r}; valid: None, 'avg', 'max'")
 
 
 class FlattenDense(nn.Module):
