@@ -211,14 +211,17 @@ def variant_for(source, arch: str) -> str | None:
   return port.file_variant(parsed.format, spec)
 
 
-def recognise(path: str) -> tuple[str, str | None, str | None]:
-  """A weight file's format, architecture and variant, from its contents (shapes only).
+def recognise(path: str) -> tuple[str, str | None, str | None, bool | None]:
+  """A weight file's format, architecture, variant and whether it holds the ImageNet top, from
+  its contents (shapes only).
 
   The one recognition `info` shows and `sources.resolve` decides preprocessing by.
 
   Returns:
-    `(format, arch, variant)`: arch is the registered architecture whose backbone the file
-    matches (None if none), variant the form of it the file needs (None for single-form models).
+    `(format, arch, variant, include_top)`: arch is the registered architecture whose backbone
+    the file matches (None if none), variant the form of it the file needs (None for
+    single-form models), include_top whether it has that architecture's top layers (None
+    when no architecture is recognised).
 
   Raises:
     UserError: no such file, or not a readable weight file.
@@ -228,9 +231,13 @@ def recognise(path: str) -> tuple[str, str | None, str | None]:
     return (wf.format, *_recognised(wf))
 
 
-def _recognised(wf: formats.WeightFile) -> tuple[str | None, str | None]:
+def _recognised(wf: formats.WeightFile) -> tuple[str | None, str | None, bool | None]:
   arch = port.guess_arch(lambda s: port.model_view(wf, s))
-  return arch, port.file_variant(wf.format, models.spec(arch)) if arch else None
+  if arch is None:
+    return None, None, None
+  spec = models.spec(arch)
+  has_top = set(spec.top_layers) <= set(port.model_view(wf, spec))
+  return arch, port.file_variant(wf.format, spec), has_top
 
 
 def fresh_layers(model, shapes: dict[str, Any], image_size: int, rng: jax.Array | int,
@@ -340,7 +347,7 @@ def info(source: str, cache_dir: str | os.PathLike | None = None) -> dict[str, A
       check_cached(sources.get(name), cached)
   path, entry = resolve(name, cache_dir)
   with formats.open_weights(path) as wf:
-    arch, file_variant = _recognised(wf)
+    arch, file_variant, include_top = _recognised(wf)
     names = port.model_names(wf, models.spec(arch)) if arch else {}
     layers = [{"name": layer, "model_name": names.get(layer, layer),
                "weights": [{"name": t.name, "shape": list(t.shape)} for t in tensors]}
@@ -352,7 +359,7 @@ def info(source: str, cache_dir: str | os.PathLike | None = None) -> dict[str, A
     fmt = wf.format
   num_params = sum(_size(w["shape"]) for layer in layers for w in layer["weights"])
   parsed = (sources.from_entry(entry) if entry
-            else sources.for_file(path, fmt, arch, file_variant))
+            else sources.for_file(path, fmt, arch, file_variant, include_top=include_top))
   variant = parsed.variant
   if variant is None and arch:
     variant = file_variant

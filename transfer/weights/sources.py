@@ -281,6 +281,8 @@ class ParsedSource:
     arch: the architecture (the record's, or recognised in the file); None when unknown.
     variant: the variant of `arch` the weights need (ResNet, InceptionV3), else None.
     resize_size, input_size, interpolation: the eval geometry, as in `WeightSource`.
+    include_top: whether the weights hold the ImageNet top (the record's; a file's, from its
+      layers); None for random init or a file of no registered architecture.
   """
 
   weights: str
@@ -295,6 +297,7 @@ class ParsedSource:
   resize_size: int | None = None
   input_size: int = 224
   interpolation: str = "bilinear"
+  include_top: bool | None = None
 
 
 def resolve(weights: str | None) -> ParsedSource:
@@ -323,8 +326,9 @@ def resolve(weights: str | None) -> ParsedSource:
   if entry is not None:
     return from_entry(entry, weights=given, source=source, optional=optional)
   from transfer.weights import pretrained  # Deferred: recognising a file needs the models.
-  fmt, arch, variant = pretrained.recognise(source)
-  return for_file(source, fmt, arch, variant, weights=given, optional=optional)
+  fmt, arch, variant, include_top = pretrained.recognise(source)
+  return for_file(source, fmt, arch, variant, weights=given, optional=optional,
+                  include_top=include_top)
 
 
 def from_entry(entry: WeightSource, *, weights: str | None = None, source: str | None = None,
@@ -334,11 +338,13 @@ def from_entry(entry: WeightSource, *, weights: str | None = None, source: str |
                       preprocess=entry.preprocess, entry=entry, format=entry.format,
                       framework=FRAMEWORKS[entry.format], arch=entry.arch,
                       variant=entry.variant, resize_size=entry.resize_size,
-                      input_size=entry.input_size, interpolation=entry.interpolation)
+                      input_size=entry.input_size, interpolation=entry.interpolation,
+                      include_top=entry.include_top)
 
 
 def for_file(path: str, fmt: str, arch: str | None, variant: str | None, *,
-             weights: str | None = None, optional: bool = False) -> ParsedSource:
+             weights: str | None = None, optional: bool = False,
+             include_top: bool | None = None) -> ParsedSource:
   """The `ParsedSource` of a weight file whose format, architecture and variant are known.
 
   An official file name is its record. Otherwise the preprocessing and geometry are those of
@@ -360,7 +366,8 @@ def for_file(path: str, fmt: str, arch: str | None, variant: str | None, *,
     resize, size, interpolation = geometries.pop()
   return ParsedSource(weights=weights or path, source=path, optional=optional, preprocess=mode,
                       format=fmt, framework=framework, arch=arch, variant=variant,
-                      resize_size=resize, input_size=size, interpolation=interpolation)
+                      resize_size=resize, input_size=size, interpolation=interpolation,
+                      include_top=include_top)
 
 
 def official_file(path: str) -> WeightSource | None:
