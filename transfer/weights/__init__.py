@@ -5,16 +5,19 @@ download, inspect, export.
     variables = transfer.weights.load_variables("keras:resnet50_notop", resnet)  # + batch_stats
     params, report = transfer.weights.load("my.h5", model, return_report=True)
     x = transfer.weights.preprocess(images, "keras:vgg16_notop")   # the weights' own input scaling
+    prep = transfer.weights.transform("torchvision:resnet50")      # + resize and crop, from uint8
     source = transfer.weights.sources.resolve("my_inception.h5")   # parsed once: arch, tf, 299
 
 Modules: `sources` (the registry: ids, URLs, hashes, cache paths; `resolve`, a config's
 `weights` parsed once into a `ParsedSource`), `downloader` (verified, all-or-nothing fetch),
 `formats` (reading .h5 / .weights.h5 / .pth / .safetensors), `port` (names, layouts, strict merge),
-`pretrained` (the public calls), `preprocess` (per-source input normalisation), `cli`.
+`pretrained` (the public calls), `preprocess` (per-source input normalisation and eval geometry:
+`transform`, `resolve_data_config`), `cli`.
 """
 
 from transfer.weights.cli import cli
-from transfer.weights.preprocess import mode_for, preprocess
+from transfer.weights.preprocess import (DataConfig, Transform, mode_for, preprocess,
+                                         resolve_data_config, transform)
 from transfer.weights.pretrained import (LoadReport, download, info, load, load_variables, resolve,
                                         variant_for)
 from transfer.weights.sources import ParsedSource, WeightSource, ids
@@ -26,5 +29,6 @@ def registry() -> list[WeightSource]:
   return [sources.get(i) for i in sources.ids()]
 
 
-__all__ = ["LoadReport", "ParsedSource", "WeightSource", "cli", "download", "ids", "info", "load",
-           "load_variables", "mode_for", "preprocess", "registry", "resolve", "variant_for"]
+__all__ = ["DataConfig", "LoadReport", "ParsedSource", "Transform", "WeightSource", "cli",
+           "download", "ids", "info", "load", "load_variables", "mode_for", "preprocess",
+           "registry", "resolve", "resolve_data_config", "transform", "variant_for"]

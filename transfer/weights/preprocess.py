@@ -198,3 +198,154 @@ def eval_image(image, size: int, resize_size: int | None, interpolation: str = "
   top = int(round((new[1] - size) / 2.0))
   left = int(round((new[0] - size) / 2.0))
   return np.asarray(image.crop((left, top, left + size, top + size)), np.uint8)
+
+
+# ------------------------------------------------------------------ data config and transform
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Everything that turns an image into a model's eval input, resolved once (timm's
+  `resolve_data_config`): the geometry, then the normalisation.
+
+  Attributes:
+    input_size: the model's input side (the centre crop).
+    resize_size: the short side an image is resized to before the centre crop (torchvision's
+      and timm's eval), or None to squash the whole image (see `squash_size`).
+    interpolation: the resize filter, one of `INTERPOLATIONS`.
+    mode: the normalisation, one of `MODES` (`preprocess`).
+    squash_size: with `resize_size` None, the square side the whole image is squashed to before
+      the centre `input_size` crop: `input_size` for Keras' weights (no crop), larger for a run
+      trained with `eval_crop` < 1 (`run_data_config`).
+    decode_min_side: JPEG files are decoded at the smallest scale at least this large (the
+      data pipeline's reduced decoding, for trained runs); 0 decodes in full (the frameworks').
+  """
+
+  input_size: int
+  resize_size: int | None
+  interpolation: str
+  mode: str
+  squash_size: int | None = None
+  decode_min_side: int = 0
+
+  @property
+  def crop_pct(self) -> float:
+    """The fraction of the resized side the crop keeps (timm's `crop_pct`)."""
+    side = self.resize_size or self.squash_size or self.input_size
+    return self.input_size / side
+
+  @property
+  def mean(self) -> tuple[float, ...]:
+    """Per RGB channel, in [0, 1] units: the model sees `(x / 255 - mean) / std`."""
+    if self.mode == "torch":
+      return TORCH_MEAN
+    if self.mode == "caffe":
+      return tuple(m / 255.0 for m in CAFFE_BGR_MEAN[::-1])
+    return (0.5, 0.5, 0.5)
+
+  @property
+  def std(self) -> tuple[float, ...]:
+    """Per RGB channel, in [0, 1] units (caffe: 1/255, pixels stay in 0-255)."""
+    if self.mode == "torch":
+      return TORCH_STD
+    if self.mode == "caffe":
+      return (1 / 255.0,) * 3
+    return (0.5, 0.5, 0.5)
+
+  @property
+  def channel_order(self) -> str:
+    """`"BGR"` for caffe (Keras' VGG and ResNet), else `"RGB"`."""
+    return "BGR" if self.mode == "caffe" else "RGB"
+
+
+def resolve_data_config(source, image_size: int | None = None) -> DataConfig:
+  """The eval preprocessing of the weights `source`, what `transfer predict --weights` applies.
+
+  Args:
+    source: as for `mode_for` (a registry id, a weight file, a `ParsedSource`, a mode, None).
+    image_size: the model's input side; None = the source's own (`eval_geometry`).
+
+  Returns:
+    A `DataConfig` (decoded in full, as the frameworks decode).
+  """
+  p = parsed(source)
+  geometry = eval_geometry(p, image_size)
+  return DataConfig(input_size=geometry.size, resize_size=geometry.resize,
+                    interpolation=geometry.interpolation, mode=p.preprocess,
+                    squash_size=geometry.size if geometry.resize is None else None)
+
+
+def run_data_config(run: dict) -> DataConfig:
+  """The eval preprocessing of a trained run from its checkpoint metadata (`runs.run_metadata`):
+  squashed to the stored side `eval_crop` implies, the centre `image_size` cropped, normalised
+  as its weights were, decoded as the eval pipeline decodes a stored image."""
+  from transfer.data import images as image_ops  # Deferred: PIL.
+  size = run["image_size"]
+  stored = image_ops.stored_size(size, float(run["eval_crop"]))
+  return DataConfig(input_size=size, resize_size=None, interpolation="bilinear",
+                    mode=run["preprocessing"], squash_size=stored, decode_min_side=stored)
+
+
+class Transform:
+  """Uint8 RGB images -> the model's float input, one `DataConfig` applied (timm's
+  `create_transform`). See `transform`.
+
+  Attributes:
+    config: the `DataConfig` applied.
+  """
+
+  def __init__(self, config: DataConfig):
+    self.config = config
+
+  def __repr__(self) -> str:
+    return f"Transform({self.config})"
+
+  def geometry(self, images) -> np.ndarray:
+    """Resized and cropped, still uint8: one image ((H, W, 3) or a PIL image) -> (S, S, 3);
+    a (N, H, W, 3) batch or a list of images of any sizes -> (N, S, S, 3)."""
+    if isinstance(images, np.ndarray) and images.ndim == 3 or hasattr(images, "getbands"):
+      return self._one(images)
+    return np.stack([self._one(image) for image in images])
+
+  def __call__(self, images, dtype=None) -> np.ndarray:
+    """`geometry`, then `preprocess` in the config's mode: float32 unless `dtype` is given."""
+    return preprocess(self.geometry(images), self.config.mode, dtype)
+
+  def _one(self, image) -> np.ndarray:
+    from PIL import Image  # Deferred: only image work needs PIL.
+    from transfer.data import images as image_ops
+    if not isinstance(image, Image.Image):
+      image = np.asarray(image)
+      if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise UserError(f"an image must be uint8 RGB (H, W, 3), got {image.dtype} "
+                        f"{image.shape}")
+      image = Image.fromarray(image)
+    c = self.config
+    if c.resize_size is not None:
+      return eval_image(image, c.input_size, c.resize_size, c.interpolation)
+    x = eval_image(image, c.squash_size or c.input_size, None, c.interpolation)
+    return image_ops.center_crop(x[None], c.input_size)[0]
+
+
+def transform(source, image_size: int | None = None) -> Transform:
+  """The weights' own eval preprocessing on uint8 images: resize, centre crop, normalise.
+
+      prep = transfer.weights.transform("torchvision:resnet50")  # 232 short side, 224 crop
+      x = prep(np.asarray(Image.open("cat.jpg").convert("RGB")))  # (224, 224, 3) float32
+      prep.config  # DataConfig(input_size=224, resize_size=232, ...)
+
+  What `transfer predict --weights` applies to each image, from the one decision of each
+  source's geometry (`eval_geometry`) and normalisation (`mode_for`).
+
+  Args:
+    source: a registry id, a weight file, a `ParsedSource`, a `DataConfig` (e.g. a trained
+      run's, `run_data_config`), a mode name, or None (random init: [-1, 1], squashed).
+    image_size: the model's input side; None = the source's own.
+
+  Returns:
+    A `Transform`: call it on a (H, W, 3) uint8 image, a (N, H, W, 3) batch or a list of
+    images of any sizes; `.geometry` stops before the normalisation; `.config` says what it does.
+  """
+  if isinstance(source, DataConfig):
+    return Transform(source)
+  return Transform(resolve_data_config(source, image_size))
