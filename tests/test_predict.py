@@ -240,9 +240,9 @@ def test_batch_size_that_does_not_divide_the_images(tmp_path, images, monkeypatc
   whole = predict.predict_imagenet(paths, model="vgg16_tiny", weights=path, top=3, batch_size=8)
 
   decoded, decoded_when_printed = [], []
-  load_image = predict.load_image
-  monkeypatch.setattr(predict, "load_image",
-                      lambda p, *a, **k: decoded.append(p) or load_image(p, *a, **k))
+  decode_image = predict.decode_image
+  monkeypatch.setattr(predict, "decode_image",
+                      lambda p, *a, **k: decoded.append(p) or decode_image(p, *a, **k))
   format_predictions = predict.format_predictions
   monkeypatch.setattr(predict, "format_predictions",
                       lambda *a, **k: decoded_when_printed.append(len(decoded)) or

@@ -9,6 +9,7 @@ short side `floor(size / crop_pct)`, center crop, the cfg's interpolation.
 
 import dataclasses
 import hashlib
+import importlib
 import http.server
 import math
 import os
@@ -183,12 +184,14 @@ def test_predict_with_a_timm_id_uses_its_size_resize_and_filter(tmp_path, monkey
   image = str(tmp_path / "photo.png")
   photo.save(image)
   calls = []
-  real_load = predict.load_image
-  monkeypatch.setattr(predict, "load_image",
-                      lambda p, *a, **k: calls.append((a, k)) or real_load(p, *a, **k))
+  # `transfer.weights.preprocess` is also a function the package exports: the module by name.
+  preprocess_lib = importlib.import_module("transfer.weights.preprocess")
+  real_eval_image = preprocess_lib.eval_image
+  monkeypatch.setattr(preprocess_lib, "eval_image",
+                      lambda img, *a, **k: calls.append((a, k)) or real_eval_image(img, *a, **k))
   [result] = predict.predict_imagenet([image], model="resnet50_tiny", weights=entry.id, top=1)
   assert result.error is None and len(result.top) == 1
-  assert calls == [((288,), {"resize_size": 288, "interpolation": "bicubic"})]
+  assert calls == [((288, 288, "bicubic"), {})]
 
 
 # --- ResNet-D ---------------------------------------------------------------------------------

@@ -2,9 +2,10 @@
 
     transfer predict --model vgg16 --weights keras:vgg16 [--top 5] [--json] cat.jpg photos/
 
-The ImageNet path runs a pretrained network with its 1000-class top. The helpers (`load_images`,
-`top_k`, `format_predictions`) are shared with the trained-run path (`--workdir`), which only
-differs in where the model, its weights and its class names come from.
+Both paths, ImageNet classes with pretrained weights and a trained run (`--workdir`), go through
+`transfer.predictor.Predictor` (`from_pretrained`, `from_workdir`), which differ only in where the
+model, its variables, its eval preprocessing and its class names come from; this module adds the
+file walking, the error lines and the printing.
 
 Each image is decoded on its own, a batch at a time: one unreadable file among thousands costs
 its own line, not the whole run, and only `batch_size` decoded images are in memory at once.
@@ -128,57 +129,20 @@ def predict_trained(images: Sequence[str], workdir: str, *, top: int = 5,
 
 def _imagenet_predictions(paths, model, weights, top, batch_size) -> Iterator[Prediction]:
   """`predict_imagenet`, one result at a time (checks and loading happen before the first)."""
-  from transfer import models
-  from transfer import weights as weights_lib
-  from transfer.weights import sources
-  from transfer.weights.preprocess import eval_geometry
-
+  from transfer.predictor import Predictor
   _check_counts(top, batch_size)
-  source = sources.resolve(weights)  # parsed once: variant, geometry and preprocessing below
-  net = models.get(model, include_top=True, variant=weights_lib.variant_for(source, model))
-  spec = models.spec(model)
-  # The weights' own eval geometry, at their own input size where the top takes any (timm's
-  # A1 ResNets: 288; InceptionV3: 299); a VGG's flatten top takes 224 only.
-  geometry = eval_geometry(source, spec.top_image_size if spec.top_fixed_size else None)
-  size = geometry.size
-  params, report = weights_lib.load_variables(weights, net, image_size=size, return_report=True)
-  if report.fresh:
-    print(f"transfer: warning: {report.summary()}; predictions are meaningless", file=sys.stderr)
-  forward = make_forward(net)
-  width = min(batch_size, len(paths))
-  return _in_batches(
-      paths, batch_size,
-      lambda p: load_image(p, size, resize_size=geometry.resize,
-                           interpolation=geometry.interpolation),
-      lambda x: forward(params, _pad(weights_lib.preprocess(x, source), width))[:len(x)],
-      top, lambda classes: imagenet_labels() if classes == 1000 else None)
+  predictor = Predictor.from_pretrained(model, weights, batch_size=batch_size)
+  if predictor.report is not None and predictor.report.fresh:
+    print(f"transfer: warning: {predictor.report.summary()}; predictions are meaningless",
+          file=sys.stderr)
+  return predictor.predictions(paths, top)
 
 
 def _trained_predictions(paths, workdir, top, batch_size, checkpoint) -> Iterator[Prediction]:
   """`predict_trained`, one result at a time (checks and loading happen before the first)."""
-  from transfer import checkpoint as checkpoint_lib
-  from transfer import ema, runs
-  from transfer import weights as weights_lib
-  from transfer.data import images as image_ops
-
+  from transfer.predictor import Predictor
   _check_counts(top, batch_size)
-  variables, meta = checkpoint_lib.load_trained_variables(workdir, checkpoint)
-  params = ema.serving_variables(variables)  # the EMA params when the run kept them
-  run = meta["run"]
-  size = run["image_size"]
-  stored = image_ops.stored_size(size, float(run["eval_crop"]))
-  net = runs.model_from_meta(run, dtype="float32")
-  forward = make_forward(net)
-  width = min(batch_size, len(paths))
-
-  def classify(x):
-    x = weights_lib.preprocess(image_ops.center_crop(x, size), run["preprocessing"])
-    return forward(params, _pad(x, width))[:len(x)]
-
-  # Decoded as the eval pipeline decodes a stored image (reduced JPEG decoding included), so a
-  # file gets the probabilities `transfer eval` computed for it.
-  return _in_batches(paths, batch_size, lambda p: load_image(p, stored, min_side=stored),
-                     classify, top, lambda classes: run["class_names"])
+  return Predictor.from_workdir(workdir, checkpoint, batch_size=batch_size).predictions(paths, top)
 
 
 def _check_counts(top: int, batch_size: int) -> None:
@@ -186,30 +150,6 @@ def _check_counts(top: int, batch_size: int) -> None:
     raise UserError(f"--top must be >= 1, got {top}")
   if batch_size < 1:
     raise UserError(f"--batch_size must be >= 1, got {batch_size}")
-
-
-def _in_batches(paths: Sequence[str], batch_size: int, decode: Callable[[str], np.ndarray],
-                classify: Callable[[np.ndarray], np.ndarray], top: int,
-                labels: Callable[[int], Sequence[str] | None]) -> Iterator[Prediction]:
-  """Decodes, classifies and yields `batch_size` paths at a time; unreadable ones carry why.
-
-  `labels` maps the number of classes to their names (None: name classes by index).
-  """
-  for start in range(0, len(paths), batch_size):
-    chunk = paths[start:start + batch_size]
-    decoded, errors = [], []
-    for path in chunk:
-      try:
-        decoded.append(decode(path))
-        errors.append(None)
-      except UnreadableImage as e:
-        errors.append(e.reason)
-    best = iter(())
-    if decoded:
-      probs = np.asarray(classify(np.stack(decoded)))
-      best = iter(top_k(probs, top, labels(probs.shape[-1])))
-    for path, error in zip(chunk, errors):
-      yield Prediction(path, None, error) if error is not None else Prediction(path, next(best))
 
 
 def expand_images(args: Sequence[str]) -> list[str]:
@@ -271,7 +211,7 @@ def make_forward(net) -> Callable:
   return lambda params, x: np.asarray(jitted(params, x), np.float32)
 
 
-def _pad(x: np.ndarray, n: int) -> np.ndarray:
+def pad(x: np.ndarray, n: int) -> np.ndarray:
   """`x` with zero images appended up to `n`, so every batch has one shape (one compilation)."""
   if len(x) >= n:
     return x
@@ -295,17 +235,32 @@ def load_image(path: str, size: int, resize_size: int | None = None,
                interpolation: str = "bilinear", min_side: int = 0) -> np.ndarray:
   """One image file as a (size, size, 3) uint8 RGB array, in the weights' eval geometry.
 
-  Decoded by `transfer.data.images.open_file`, the decode training and eval use (EXIF
-  orientation, transparency onto white, 16-bit, CMYK, palette, grayscale), so an image is the
-  same picture here as in training. Then (`preprocess.eval_image`): `resize_size=None` squashes
-  the whole image to `size` x `size` with antialiased bilinear, the geometry of Keras' loaders
-  (whose `load_img` defaults to nearest neighbour: we filter, as our training pipeline does); a
+  `decode_image`, then (`preprocess.eval_image`): `resize_size=None` squashes the whole image
+  to `size` x `size` with antialiased bilinear, the geometry of Keras' loaders (whose
+  `load_img` defaults to nearest neighbour: we filter, as our training pipeline does); a
   number resizes the short side to it and center-crops, torchvision's eval transform
   (`preprocess.eval_geometry` says which one a weight source was validated with, and its
-  filter: `interpolation`, bilinear or timm's bicubic).
+  filter: `interpolation`, bilinear or timm's bicubic). `transfer.weights.transform` applies
+  the same to arrays.
 
   Args:
     path, size, resize_size, interpolation: as above.
+    min_side: as for `decode_image`.
+
+  Raises:
+    UnreadableImage: the file is missing or not a readable image; `reason` says which.
+  """
+  from transfer.weights.preprocess import eval_image
+  return eval_image(decode_image(path, min_side), size, resize_size, interpolation)
+
+
+def decode_image(path: str, min_side: int = 0):
+  """An image file as an RGB PIL image, decoded by `transfer.data.images.open_file`, the decode
+  training and eval use (EXIF orientation, transparency onto white, 16-bit, CMYK, palette,
+  grayscale), so an image is the same picture here as in training.
+
+  Args:
+    path: the file.
     min_side: decode JPEGs at the smallest scale at least this large, as the data pipeline
       does for its stored images (`open_file`); 0 (the frameworks' way) decodes in full.
 
@@ -315,9 +270,8 @@ def load_image(path: str, size: int, resize_size: int | None = None,
   from PIL import Image, UnidentifiedImageError
 
   from transfer.data import images as image_ops
-  from transfer.weights.preprocess import eval_image
   try:
-    rgb = image_ops.open_file(path, min_side)  # Decodes: a damaged file fails here.
+    return image_ops.open_file(path, min_side)  # Decodes: a damaged file fails here.
   except FileNotFoundError:
     raise UnreadableImage(path, "no such file") from None
   except IsADirectoryError:
@@ -326,7 +280,6 @@ def load_image(path: str, size: int, resize_size: int | None = None,
           SyntaxError) as e:
     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise UnreadableImage(path, reason) from None
-  return eval_image(rgb, size, resize_size, interpolation)
 
 
 def top_k(probs: np.ndarray, k: int, labels: Sequence[str] | None = None) -> list[list[dict]]:
