@@ -1,31 +1,43 @@
 """transfer: fine-tune ImageNet networks in JAX/Flax.
 
     import transfer
-    model = transfer.models.get("vgg16", head="flatten_dense", num_classes=1)
+    model, variables = transfer.create_model("resnet50", weights="torchvision:resnet50",
+                                             num_classes=0, pooling="avg")
+    prep = transfer.weights.transform("torchvision:resnet50")      # resize, crop, normalise
+    features = model.apply(variables, prep(uint8_images))
+    predictor = transfer.Predictor.from_workdir("workdirs/cats_vs_dogs")
+    probs = predictor.predict(["cat.jpg"])
 
-Importing the package is cheap: it imports neither JAX nor TensorFlow. Each submodule
-(`transfer.models`, `transfer.weights`, `transfer.data`, `transfer.train`, ...) is imported the
-first time it is used, so the CLI starts fast and nothing pulls in TensorFlow unless a TFDS dataset
-is read.
+Importing the package is cheap: it imports neither JAX nor TensorFlow. Every submodule
+(`transfer.models`, `transfer.weights`, `transfer.export`, `transfer.train`, ...) is imported
+the first time it is used, and so are the top-level names `create_model` (`transfer.factory`)
+and `Predictor` (`transfer.predictor`), so the CLI starts fast and nothing pulls in TensorFlow
+unless a TFDS dataset is read.
 """
 
 import importlib
+import os
+import pkgutil
 
 __version__ = "0.1.0"
 
-_SUBMODULES = frozenset({
-    "bench", "checkpoint", "configs", "data", "distributed", "errors", "evaluate", "features",
-    "main", "metrics", "models", "optim", "parallel", "platform", "predict", "runs", "steps",
-    "train", "weights", "workdir",
-})
+# Every module and package in this directory: listed from the files, so a new module is
+# reachable as `transfer.<name>` without being registered here.
+_SUBMODULES = frozenset(m.name for m in pkgutil.iter_modules([os.path.dirname(__file__)])
+                        if not m.name.startswith("_"))
+
+# Top-level names and the module that defines each.
+_EXPORTS = {"create_model": "factory", "Predictor": "predictor"}
 
 
 def __getattr__(name: str):
-  """`transfer.models` and friends, imported on first use (PEP 562)."""
+  """`transfer.models`, `transfer.create_model` and friends, imported on first use (PEP 562)."""
   if name in _SUBMODULES:
     return importlib.import_module(f"transfer.{name}")
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f"transfer.{_EXPORTS[name]}"), name)
   raise AttributeError(f"module 'transfer' has no attribute {name!r}")
 
 
 def __dir__():
-  return sorted(set(globals()) | _SUBMODULES)
+  return sorted(set(globals()) | _SUBMODULES | set(_EXPORTS))
