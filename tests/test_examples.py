@@ -1,0 +1,44 @@
+"""The scripts in examples/, each run as a user runs it (a subprocess), at a tiny size."""
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import HANG_S
+
+pytestmark = pytest.mark.usefixtures("home")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_example(script, *args):
+  """`python examples/SCRIPT ARGS` from the repository root with this checkout's `transfer`;
+  returns its stdout, asserting it exited 0."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+  done = subprocess.run([sys.executable, os.path.join("examples", script), *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=HANG_S)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done.stdout
+
+
+def test_linear_probe(tmp_path):
+  """Two classes a linear probe must tell apart (bright and dark noise images of various
+  sizes), on random vgg16_tiny features at 32 px."""
+  rng = np.random.default_rng(0)
+  for name, low in [("bright", 170), ("dark", 0)]:
+    os.makedirs(tmp_path / name)
+    for i in range(10):
+      size = (int(rng.integers(30, 60)), int(rng.integers(30, 60)), 3)
+      pixels = rng.integers(low, low + 86, size, dtype=np.uint8)
+      Image.fromarray(pixels).save(tmp_path / name / f"{i}.png")
+  out = run_example("linear_probe.py", "--data", str(tmp_path), "--model", "vgg16_tiny",
+                    "--weights", "none", "--image_size", "32", "--batch_size", "4")
+  found = re.search(r"2 classes, 16 train / 4 val images: linear probe val accuracy (\S+)", out)
+  assert found, out
+  assert float(found.group(1)) == 1.0
