@@ -98,6 +98,40 @@ def test_no_tensorflow_for_synthetic_and_folders(tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
 
 
+_OPEN_AT_EXIT = textwrap.dedent("""
+    import sys, types
+    # Iterators left open in a namespace that outlives the modules they use (as a notebook's).
+    state = sys.modules["notebook_state"] = types.ModuleType("notebook_state")
+    import transfer.data
+    from tests.helpers import make_config
+    if __name__ == "__main__":
+      config = make_config(data_worker_kind=sys.argv[1], data_workers=2)
+      ds = transfer.data.create(config, preprocess_source="unit")
+      state.train, state.val = ds.train_batches(), ds.eval_batches()
+      next(state.train), next(iter(state.val))
+      print("took a batch")
+    """)
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_open_batch_iterators_exit_without_noise(kind, tmp_path):
+  """A program that ends with batch iterators open (decode threads or processes busy) exits
+  quietly: no `Exception ignored ...` from executors shut down during module teardown."""
+  script = tmp_path / "open_at_exit.py"  # a file: spawned workers re-import __main__
+  script.write_text(_OPEN_AT_EXIT)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=_ROOT)
+  result = subprocess.run([sys.executable, str(script), kind], cwd=_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == "took a batch"
+  noise = [line for line in result.stderr.splitlines()
+           if "Exception ignored" in line or "Traceback" in line or "Error" in line]
+  assert not noise, result.stderr[-2000:]
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 # Image folders.
 
 GOOD = {  # name -> (class, writer)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import threading
+import weakref
 from typing import Callable, Iterable, Iterator
 
 
@@ -53,6 +54,7 @@ def run_ahead(make_jobs: Callable[[], Iterator[Callable]], ahead: int) -> Iterat
   results are yielded in submission order, so the batches do not depend on the thread count.
   """
   executor = concurrent.futures.ThreadPoolExecutor(ahead, thread_name_prefix="transfer-batches")
+  stop = stop_at_exit(executor, owner=executor)
   try:
     jobs = make_jobs()
     pending = collections.deque(executor.submit(job) for job in take(jobs, ahead))
@@ -61,7 +63,20 @@ def run_ahead(make_jobs: Callable[[], Iterator[Callable]], ahead: int) -> Iterat
       pending.extend(executor.submit(job) for job in take(jobs, 1))
       yield batch
   finally:
-    executor.shutdown(wait=False, cancel_futures=True)
+    stop()
+
+
+def stop_at_exit(executor: concurrent.futures.Executor, owner: object,
+                 wait: bool = False) -> weakref.finalize:
+  """A once-only `executor.shutdown(cancel_futures=True)`, called when `owner` is collected or
+  at interpreter exit, whichever comes first (or earlier, by calling it).
+
+  An iterator or pool left open when the program ends is otherwise closed during module
+  teardown, when the `concurrent.futures` globals its shutdown needs are already gone
+  (`Exception ignored ... 'NoneType' object has no attribute 'Empty'`). `weakref.finalize`
+  runs the call from an atexit hook, before that teardown, and makes later calls no-ops.
+  """
+  return weakref.finalize(owner, executor.shutdown, wait=wait, cancel_futures=True)
 
 
 def take(iterator: Iterator, n: int) -> list:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from transfer.data import images
+from transfer.data import images, pool
 from transfer.errors import UserError
 
 KINDS = ("thread", "process")
@@ -84,8 +84,12 @@ class Decoder:
       raise UserError(f"unknown data_worker_kind {kind!r}; expected one of {KINDS}")
     self.kind, self.count = kind, int(count) or default_count()
     self._executor: concurrent.futures.Executor | None = None
+    self._stop = None
+    self._broken = False
 
   def _pool(self) -> concurrent.futures.Executor:
+    if self._broken:
+      raise self._died()
     if self._executor is None:
       if self.kind == "thread":
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -94,6 +98,10 @@ class Decoder:
         self._executor = concurrent.futures.ProcessPoolExecutor(
             self.count, mp_context=multiprocessing.get_context("spawn"),
             initializer=_exit_with_parent, initargs=(os.getpid(),))
+      # A pool still open at exit is shut down before module teardown, which would otherwise
+      # print `Exception ignored in ... weakref_cb` from concurrent.futures; one whose decoder
+      # is collected is shut down then.
+      self._stop = pool.stop_at_exit(self._executor, owner=self, wait=True)
     return self._executor
 
   def images(self, jobs: Iterable[Job], size: int) -> list[np.ndarray]:
@@ -130,13 +138,23 @@ class Decoder:
       raise self._died() from None
 
   def _died(self) -> UserError:
-    self._executor = None  # Unusable now; a rerun starts fresh workers.
+    # Unusable until `close`: the other threads of this pass fail with the same line instead of
+    # starting fresh workers. Shutting the broken pool down (its pending jobs already failed;
+    # cancelling them would race other threads' reads of that failure) frees its queues'
+    # semaphores, which an exit through `os._exit` would otherwise leave to the resource
+    # tracker ("There appear to be N leaked semaphore objects").
+    self._broken = True
+    executor, stop, self._executor, self._stop = self._executor, self._stop, None, None
+    if executor is not None:
+      stop.detach()
+      executor.shutdown(wait=True)
     return UserError(f"a data worker process died (killed, perhaps for memory) with "
                      f"data_workers={self.count}; rerun to resume, with fewer data_workers or "
                      f"data_worker_kind=thread")
 
   def close(self) -> None:
-    """Stops the workers (a later call starts them again)."""
+    """Stops the workers (a later call starts them again, also after one died)."""
+    self._broken = False
     if self._executor is not None:
-      self._executor.shutdown(wait=True, cancel_futures=True)
-      self._executor = None
+      self._stop()
+      self._executor = self._stop = None
