@@ -131,8 +131,10 @@ def test_eval_still_reports_when_the_plot_cannot_be_written(trained, monkeypatch
   out, err = capsys.readouterr()
   result = json.loads(out)
   assert result["val_count"] == 20 and result["confusion_png"] is None
-  assert err.strip() == (f"transfer: warning: could not write {png} (No space left on device); "
-                         f"the metrics are reported all the same")
+  assert err.strip().splitlines() == [
+      "eval: checkpoint step 4 (latest)",
+      f"transfer: warning: could not write {png} (No space left on device); the metrics are "
+      f"reported all the same"]
   assert not os.path.exists(png) and not glob.glob(png + "*")
 
 

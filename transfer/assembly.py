@@ -90,19 +90,21 @@ class Run:
 
   @classmethod
   def from_checkpoint(cls, workdir: str, checkpoint: str | int | None = "latest", *,
-                      dtype: str | None = None, conv: str = "auto", devices=None) -> "Run":
+                      dtype: str | None = None, conv: str = "auto", devices=None,
+                      announce: str | None = None) -> "Run":
     """A trained run rebuilt from one of its checkpoints, without the original config (eval,
     export): the model from the stored run metadata, the config stored with the checkpoint
     (its dataset path the absolute one recorded), the variables restored (`variables`, with
     `ema_params` when the run kept an average; `ema.serving_variables` chooses), its `step`.
-    No data is opened (`validation_data` does) and there is no plan to train.
+    No data is opened (`validation_data` does) and there is no plan to train. `announce` (a
+    command name) prints which step was read, on stderr.
 
     Raises:
       UserError: no checkpoint that restores (see `checkpoint.load_trained_variables`).
     """
     import ml_collections
     from transfer import checkpoint as checkpoint_lib
-    variables, meta = checkpoint_lib.load_trained_variables(workdir, checkpoint)
+    variables, meta = checkpoint_lib.load_trained_variables(workdir, checkpoint, announce)
     recorded = meta["run"]
     config = ml_collections.ConfigDict(meta["config"])
     if (recorded.get("data") or {}).get("dataset"):  # absolute: works from any directory

@@ -44,7 +44,7 @@ def evaluate_workdir(workdir: str, checkpoint: str | int | None = "latest", tta:
     `top_losses_images` (their uint8 images as evaluated, for `plot_top_losses`).
   """
   from transfer import assembly
-  trained = assembly.Run.from_checkpoint(workdir, checkpoint)
+  trained = assembly.Run.from_checkpoint(workdir, checkpoint, announce="eval")
   variables, mesh, config = trained.variables, trained.mesh, trained.config
   ds = trained.validation_data()
   if top_losses and jax.process_count() > 1:

@@ -142,7 +142,8 @@ def _trained_predictions(paths, workdir, top, batch_size, checkpoint) -> Iterato
   """`predict_trained`, one result at a time (checks and loading happen before the first)."""
   from transfer.predictor import Predictor
   _check_counts(top, batch_size)
-  return Predictor.from_workdir(workdir, checkpoint, batch_size=batch_size).predictions(paths, top)
+  return Predictor.from_workdir(workdir, checkpoint, batch_size=batch_size,
+                                announce="predict").predictions(paths, top)
 
 
 def _check_counts(top: int, batch_size: int) -> None:

@@ -52,7 +52,8 @@ class Predictor:
 
   @classmethod
   def from_workdir(cls, workdir: str, checkpoint: str | int | None = "latest", *,
-                   batch_size: int = predict_lib.BATCH) -> "Predictor":
+                   batch_size: int = predict_lib.BATCH,
+                   announce: str | None = None) -> "Predictor":
     """A run trained by `transfer train`, rebuilt from one checkpoint (`assembly.Run`).
 
     The model, class names, input size, eval crop and preprocessing come from the checkpoint's
@@ -63,13 +64,15 @@ class Predictor:
       workdir: the run directory.
       checkpoint: "latest" (or None), "best" or a step number.
       batch_size: images per forward pass.
+      announce: a command name: print which step was read on stderr (`predict: checkpoint
+        step 94 (latest)`).
 
     Raises:
       UserError: no checkpoint there that restores, or an unknown step.
     """
     from transfer import assembly, ema
     from transfer.weights.preprocess import run_data_config
-    run = assembly.Run.from_checkpoint(workdir, checkpoint, dtype="float32")
+    run = assembly.Run.from_checkpoint(workdir, checkpoint, dtype="float32", announce=announce)
     predictor = cls(run.model, ema.serving_variables(run.variables),
                     run_data_config(run.metadata), run.metadata["class_names"],
                     batch_size=batch_size)

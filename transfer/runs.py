@@ -120,7 +120,7 @@ def _recorded_run(workdir: str) -> dict[str, Any]:
   from transfer import checkpoint as ckpt_lib
   if not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
     return {}
-  checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
+  checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
     step = checkpointer.latest_step()
     return checkpointer.restore_meta(step).get("run", {}) if step is not None else {}
@@ -199,7 +199,7 @@ def variables_from_workdir(other: str, shapes, data_identity=None):
   from transfer import checkpoint as ckpt_lib
   if not os.path.isdir(ckpt_lib.checkpoint_dir(other)):
     raise UserError(f"init_from={other}: no checkpoint there; train that run first")
-  checkpointer = ckpt_lib.Checkpointer(other, async_save=False)
+  checkpointer = ckpt_lib.Checkpointer(other, read_only=True)
   try:
     step = checkpointer.latest_step()
     if step is None:

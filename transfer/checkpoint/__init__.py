@@ -10,6 +10,12 @@ Orbax writes each step into a temporary directory and renames it only once compl
 mid-save never replaces a committed checkpoint. A checkpoint that is damaged anyway (a file
 truncated or deleted) fails to restore; `restore_latest` reports it in one line and falls back to
 the previous step.
+
+A run directory has one writer (`train`, which holds its lock) and any number of readers (eval,
+predict, export, `init_from`). Readers open it with `read_only=True`: they never clean Orbax's
+temporary folders (the writer's save in progress) nor set damaged steps aside; they skip what
+they cannot read. How a reader keeps its step from being rotated away under it is
+`transfer.checkpoint.trained`'s job.
 """
 
 from __future__ import annotations
@@ -32,15 +38,37 @@ from transfer.errors import UserError
 log = logging.getLogger("transfer")
 
 
-class _WithoutMetricNotice(logging.Filter):
-  """Drops Orbax's notice for every step saved without a val metric: saves between evaluations
-  are meant to have none (BestN then keeps them only as latest)."""
+class _ExpectedNotices(logging.Filter):
+  """Drops Orbax's notices of what is meant: a step saved without a val metric (saves between
+  evaluations have none; BestN then keeps them only as latest), and a reader's manager being
+  read-only."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return "did not provide metrics" not in record.getMessage()
+    message = record.getMessage()
+    return not any(notice in message for notice in (
+        "did not provide metrics", "is read only",
+        "Failed to json parse Metadata"))  # a damaged record: `Checkpointer` says it in one line
 
 
-logging.getLogger("absl").addFilter(_WithoutMetricNotice())
+class _DiskFailures(logging.Filter):
+  """Drops Orbax's reports of a write that failed for lack of space or permission.
+
+  Each of a save's background threads logs its own traceback of the same full or read-only
+  disk (dozens per failed save); the error also reaches the training loop, which stops with one
+  line naming the checkpoint that is kept (`workdir.disk_error`). `TRANSFER_DEBUG=1` keeps them.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR or os.environ.get("TRANSFER_DEBUG"):
+      return True
+    from transfer import workdir  # the one judge of what a disk failure is
+    error = record.exc_info[1] if record.exc_info else None
+    return (error is None or workdir.disk_reason(error) is None) and \
+        workdir.disk_reason(Exception(record.getMessage())) is None
+
+
+logging.getLogger("absl").addFilter(_ExpectedNotices())
+logging.getLogger("absl").addFilter(_DiskFailures())
 
 STATE, META = "state", "meta"
 
@@ -57,34 +85,49 @@ class Checkpointer:
     keep: latest checkpoints to keep.
     keep_best: best checkpoints (by `val_accuracy`) to keep in addition.
     async_save: write in a background thread while training continues.
+    read_only: a reader's view (eval, predict, export, `init_from`): nothing in the directory is
+      created, cleaned, deleted or moved; `save` is refused, a damaged step is only skipped.
   """
 
-  def __init__(self, workdir: str, keep: int = 2, keep_best: int = 1, async_save: bool = True):
-    policies = [pp.LatestN(n=max(1, keep))]
-    if keep_best > 0:
-      policies.append(pp.BestN(get_metric_fn=lambda m: m["val_accuracy"], n=keep_best,
-                               keep_checkpoints_without_metrics=False))
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=pp.AnyPreservationPolicy(policies),
-        # best_fn makes Orbax write each step's metrics to disk: without it BestN forgets them on
-        # resume (and drops the best step), and `best_step()` is just the latest.
-        best_fn=lambda m: m["val_accuracy"], best_mode="max",
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)
+  def __init__(self, workdir: str, keep: int = 2, keep_best: int = 1, async_save: bool = True,
+               read_only: bool = False):
+    # best_fn makes Orbax write each step's metrics to disk: without it BestN forgets them on
+    # resume (and drops the best step), and `best_step()` is just the latest.
+    common = dict(best_fn=lambda m: m["val_accuracy"], best_mode="max")
+    if read_only:
+      # Nothing is created, deleted or cleaned: the writer's in-progress save (a temporary
+      # folder) and its rotation are its own business.
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
+                                             enable_async_checkpointing=False, **common)
+    else:
+      policies = [pp.LatestN(n=max(1, keep))]
+      if keep_best > 0:
+        policies.append(pp.BestN(get_metric_fn=lambda m: m["val_accuracy"], n=keep_best,
+                                 keep_checkpoints_without_metrics=False))
+      options = ocp.CheckpointManagerOptions(
+          preservation_policy=pp.AnyPreservationPolicy(policies),
+          enable_async_checkpointing=async_save, cleanup_tmp_directories=True, **common)
+    self.read_only = read_only
     self.directory = checkpoint_dir(workdir)
     self.manager = None
-    self._set_aside_unreadable_records()
+    # Steps whose commit record is damaged: the writer sets them aside, a reader skips them.
+    self.unreadable = self._unreadable_records()
+    for step, error in sorted(self.unreadable.items()):
+      self._report_damaged(step, error)
+    if not read_only:
+      self.unreadable = {}  # set aside: a step saved again under that number is a new one
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=(STATE, META))
 
-  def _set_aside_unreadable_records(self) -> None:
-    """Sets aside steps whose commit record (`_CHECKPOINT_METADATA`) is not JSON.
+  def _unreadable_records(self) -> dict[int, Exception]:
+    """`{step: error}` for steps whose commit record (`_CHECKPOINT_METADATA`) is not JSON.
 
     Orbax reads every step's record when a manager opens (for the metrics of BestN) and fails
     outright on one damaged file; such a step is unusable anyway.
     """
+    unreadable = {}
     if not os.path.isdir(self.directory):
-      return
+      return unreadable
     for name in sorted(os.listdir(self.directory)):
       record = os.path.join(self.directory, name, "_CHECKPOINT_METADATA")
       if not name.isdigit() or not os.path.isfile(record):
@@ -92,13 +135,16 @@ class Checkpointer:
       try:
         with open(record) as f:
           json.load(f)
+      except FileNotFoundError:
+        continue  # rotated away while listed
       except (OSError, ValueError) as e:
-        self._report_damaged(int(name), e)
+        unreadable[int(name)] = e
+    return unreadable
 
   def steps(self) -> list[int]:
-    """Committed steps, oldest first."""
+    """Committed steps, oldest first (a reader leaves out those with a damaged record)."""
     self.manager.reload()
-    return sorted(self.manager.all_steps())
+    return sorted(s for s in self.manager.all_steps() if s not in self.unreadable)
 
   def latest_step(self) -> int | None:
     steps = self.steps()
@@ -107,6 +153,8 @@ class Checkpointer:
   def save(self, step: int, state, meta: dict[str, Any], val_accuracy: float | None = None,
            force: bool = True) -> None:
     """Starts saving `state` and `meta` at `step` (returns before the write finishes)."""
+    if self.read_only:
+      raise RuntimeError(f"{self.directory} was opened read-only; only `train` saves there")
     metrics = None if val_accuracy is None else {"val_accuracy": float(val_accuracy)}
     self.manager.save(step, args=ocp.args.Composite(**{
         STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}),
@@ -240,6 +288,10 @@ class Checkpointer:
   def _report_damaged(self, step: int, error: Exception) -> None:
     text = str(error).strip()
     first = text.splitlines()[0] if text else type(error).__name__
+    if self.read_only:  # only the writer moves things
+      log.warning("checkpoint at step %d is damaged (%s: %s); skipped, trying the previous one",
+                  step, type(error).__name__, first[:200])
+      return
     moved = self._set_aside(step)
     log.warning("checkpoint at step %d is damaged (%s: %s); moved to %s, trying the previous one",
                 step, type(error).__name__, first[:200], moved)

@@ -83,7 +83,8 @@ def load_serving_model(workdir: str, checkpoint: str | int | None = "latest",
   import jax.numpy as jnp
 
   from transfer import assembly
-  trained = assembly.Run.from_checkpoint(workdir, checkpoint, dtype=dtype, conv="xla")
+  trained = assembly.Run.from_checkpoint(workdir, checkpoint, dtype=dtype, conv="xla",
+                                           announce="export")
   variables, params_kind = inference_params(trained.variables)
   run = trained.metadata
   return ServingModel(apply=serving_function(run, dtype),
