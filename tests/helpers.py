@@ -279,6 +279,17 @@ def wait_for(predicate, what: str, timeout: float = HANG_S, poll: float = 0.1):
     time.sleep(poll)
 
 
+# The environment of a CLI subprocess: 4 fake CPU devices.
+CLI_ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+
+
+def train_argv(workdir, **extra):
+  """The `transfer train` command line (after `python -m transfer.main`) of the LONG run."""
+  args = ["train", "--workdir", str(workdir), "--config", "default"]
+  return args + [f"--config.{k}={v}" for k, v in {**LONG, **extra}.items()]
+
+
 def cli_train(workdir, **extra):
   """Starts `transfer train` (the LONG run, `extra` overriding) in a subprocess with 4 fake CPU
   devices.
@@ -286,13 +297,9 @@ def cli_train(workdir, **extra):
   Its output goes to `<workdir>.log`: a file, not a pipe, which nobody would read while the run
   goes on and which would block it once full.
   """
-  args = [sys.executable, "-m", "transfer.main", "train", "--workdir", str(workdir),
-          "--config", "default"]
-  args += [f"--config.{k}={v}" for k, v in {**LONG, **extra}.items()]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
+  args = [sys.executable, "-m", "transfer.main", *train_argv(workdir, **extra)]
   with open(f"{workdir}.log", "w") as log:
-    return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(args, env=CLI_ENV, stdout=log, stderr=subprocess.STDOUT)
 
 
 def cli_output(workdir) -> str:

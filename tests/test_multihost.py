@@ -18,6 +18,7 @@ import time
 import pytest
 
 from transfer import checkpoint, distributed, metrics, train
+from transfer import workdir as workdir_lib
 from transfer.errors import UserError
 from helpers import F32_U, HANG_S, assert_trained_alike, default_config, wait_for
 
@@ -157,6 +158,20 @@ def test_kill_fails_fast_then_rerun_resumes_and_matches_one_process(tmp_path):
 _CLUSTER_ENV = ("TRANSFER_COORDINATOR", "TRANSFER_NUM_PROCESSES", "TRANSFER_PROCESS_ID",
                 "TRANSFER_DISTRIBUTED", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
                 "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def test_a_run_directory_in_use_stops_every_process_before_anything_is_written(tmp_path):
+  """Process 0 takes the run directory's lock for all; refused, every process stops with it."""
+  workdir, logdir = tmp_path / "multi", tmp_path / "logs"
+  workdir.mkdir()
+  logdir.mkdir()
+  with workdir_lib.lock_run(str(workdir)):  # this test process is the other `train`
+    codes = _wait_all(_launch(workdir, logdir, num_steps=4))
+  first, second = _log(logdir, 0), _log(logdir, 1)
+  assert codes == [2, 2], first[-3000:] + second[-3000:]
+  assert f"is in use by another train (host {socket.gethostname()}, pid {os.getpid()}, " in first
+  assert "is in use by another train (process 0 says which)" in second
+  assert os.listdir(workdir) == [workdir_lib.LOCK_FILE]
 
 
 def test_single_process_runs_do_not_join_a_cluster(monkeypatch):

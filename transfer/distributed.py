@@ -126,6 +126,38 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   return True
 
 
+def lock_run_directory(workdir: str):
+  """The run directory's writer lock (`workdir.lock_run`), taken once, by process 0.
+
+  Every process of a multi-host run writes to the same directory, as one writer: process 0
+  holds the lock for all of them, and when it is refused every process stops with it (they
+  learn it through a broadcast, before anything is written).
+
+  Returns:
+    The `workdir.RunLock` (unheld on processes other than 0).
+
+  Raises:
+    UserError: another `train` holds the directory.
+  """
+  from transfer import workdir as workdir_lib
+  lock, refusal = workdir_lib.RunLock(None), None
+  if jax.process_index() == 0:
+    try:
+      lock = workdir_lib.lock_run(workdir)
+    except UserError as e:
+      refusal = e
+  if jax.process_count() > 1:
+    import numpy as np
+    from jax.experimental import multihost_utils
+    refused = bool(multihost_utils.broadcast_one_to_all(np.int32(refusal is not None)))
+    if refused and refusal is None:
+      refusal = UserError(f"{workdir} is in use by another train (process 0 says which); "
+                          "nothing was changed there")
+  if refusal is not None:
+    raise refusal
+  return lock
+
+
 def _announce(heartbeat_s: int) -> None:
   """One line from process 0: the run's shape, and how a lost process will show up."""
   if jax.process_index() != 0:

@@ -8,6 +8,9 @@ values that only change bookkeeping (how long, how often to log/evaluate/checkpo
 caches) are accepted, logged and appended to the history. Which is which is each key's role in
 `transfer/configs/_schema.py`, the one place it is declared. A start that fails before its first
 step is undone; a full or read-only disk is one line naming the checkpoint that is kept.
+
+One writer per run directory: `train` holds an exclusive lock on `WORKDIR/train.lock` for its
+lifetime (`lock_run`), so a second `train` there is refused before it touches anything.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
+import sys
 from typing import Any
 
 from transfer import configs
@@ -26,6 +32,9 @@ from transfer.errors import UserError
 
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "config_history.jsonl"
+LOCK_FILE = "train.lock"
+# flock's errors on a file system that cannot lock (some NFS mounts, FUSE file systems).
+_NO_LOCKING = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
 def canonical_config(config):
@@ -211,7 +220,7 @@ def saved_config(workdir: str) -> dict[str, Any] | None:
   saved = read_config(workdir)
   if saved is not None or not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
     return saved
-  checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
+  checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
     for step in reversed(checkpointer.steps()):
       try:
@@ -232,7 +241,7 @@ def disk_error(error: BaseException, workdir: str) -> UserError | None:
   Python's own writes raise `OSError`; Orbax's writer (TensorStore) raises a `ValueError` whose
   text carries the OS error code, so both are recognised.
   """
-  reason = _disk_reason(error)
+  reason = disk_reason(error)
   if reason is None:
     return None
   from transfer import checkpoint as ckpt_lib
@@ -245,16 +254,25 @@ def disk_error(error: BaseException, workdir: str) -> UserError | None:
                    f"permissions, then rerun the same command to resume")
 
 
-def _disk_reason(error: BaseException) -> str | None:
-  """The OS's words for a failed write somewhere in `error`'s chain, else None."""
+def disk_reason(error: BaseException) -> str | None:
+  """The OS's words for a failed write (no space, read-only, forbidden) somewhere in `error`'s
+  chain, else None.
+
+  Python's writes raise `OSError`; TensorStore (Orbax) and TensorFlow raise their own types,
+  whose text carries the OS error code or the OS's own words for it.
+  """
   seen, cause = set(), error
   while cause is not None and id(cause) not in seen:
     seen.add(id(cause))
     if isinstance(cause, OSError) and cause.errno in _DISK_ERRNOS:
       return cause.strerror or str(cause)
-    code = re.search(r"os_error_code='?(\d+)", str(cause))
+    text = str(cause)
+    code = re.search(r"os_error_code='?(\d+)", text)
     if code and int(code.group(1)) in _DISK_ERRNOS:
       return os.strerror(int(code.group(1)))
+    for number in _DISK_ERRNOS:
+      if os.strerror(number) in text:
+        return os.strerror(number)
     cause = cause.__cause__ or cause.__context__
   return None
 
@@ -291,3 +309,79 @@ def remove_failed_start(workdir: str, created: bool, before: set[str]) -> None:
         os.remove(target)
       except OSError:
         pass
+
+
+class RunLock:
+  """The exclusive lock of one run directory, held by its only writer (`train`).
+
+  An `fcntl.flock` on `WORKDIR/train.lock`: the kernel drops it when the process ends, however
+  it ends, so a killed run leaves no stale lock (the file stays; its contents only say who held
+  it last). `held` is False where the file system cannot lock (then nothing is enforced).
+  """
+
+  def __init__(self, fd: int | None):
+    self._fd = fd
+
+  @property
+  def held(self) -> bool:
+    return self._fd is not None
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # closing the last descriptor drops the flock
+      self._fd = None
+
+  def __enter__(self) -> "RunLock":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+def lock_run(workdir: str) -> RunLock:
+  """Takes the run directory's writer lock, or refuses: one `train` per directory.
+
+  On success the holder (host, pid, start time) is written into the lock file, for the message
+  a refused `train` prints. Where the file system cannot lock files (flock fails with ENOLCK or
+  EOPNOTSUPP), says so on stderr and returns an unheld lock: the run goes on unguarded.
+
+  Raises:
+    UserError: another process holds the lock (the message names it); nothing was written.
+  """
+  path = os.path.join(workdir, LOCK_FILE)
+  try:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+  except OSError as e:
+    raise UserError(f"cannot open the run lock {path}: {e.strerror or e}; give a directory you "
+                    "can write to") from None
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as e:
+    holder = _read_holder(fd)
+    os.close(fd)
+    if e.errno in _NO_LOCKING:
+      print(f"transfer: warning: the file system of {workdir} cannot lock files "
+            f"({e.strerror}); nothing stops a second train there: run one at a time",
+            file=sys.stderr, flush=True)
+      return RunLock(None)
+    if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+      raise UserError(f"{workdir} is in use by another train ({holder}); nothing was changed "
+                      "there. Wait for it to end (or stop it), or use another --workdir") from None
+    raise
+  holder = {"host": socket.gethostname(), "pid": os.getpid(),
+            "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+  try:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+  except OSError:
+    pass  # the lock holds without its label (a full disk shows up at the first real write)
+  return RunLock(fd)
+
+
+def _read_holder(fd: int) -> str:
+  """`host H, pid P, since T` from a lock file's contents ("holder unknown" if unreadable)."""
+  try:
+    holder = json.loads(os.pread(fd, 4096, 0).decode())
+    return f"host {holder['host']}, pid {holder['pid']}, since {holder['since']}"
+  except (OSError, ValueError, KeyError, TypeError):
+    return "holder unknown"
