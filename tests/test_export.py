@@ -19,7 +19,7 @@ from transfer.errors import UserError
 from transfer.export import serving, to_onnx, to_stablehlo
 from transfer.weights import export as weight_files
 from transfer.weights import port
-from helpers import cli_probabilities, tiny_config
+from helpers import cli_probabilities, snapshot, tiny_config
 
 pytestmark = pytest.mark.usefixtures("home")
 
@@ -287,6 +287,68 @@ def test_out_of_the_wrong_kind_is_refused(trained, tmp_path):
     export.export(trained["vgg"], "saved_model", out=str(tmp_path / "file"))
   with pytest.raises(UserError, match="is a directory; name the onnx file"):
     export.export(trained["vgg"], "onnx", out=str(tmp_path))
+
+
+def _export_error(argv, capsys) -> str:
+  """The one line `transfer export ARGV` prints when it exits 2."""
+  with pytest.raises(SystemExit) as e:
+    main.main(["export", *argv])
+  err = capsys.readouterr().err
+  assert e.value.code == 2, err[-3000:]
+  assert "Traceback" not in err
+  lines = err.strip().splitlines()
+  assert lines[0].startswith("export: checkpoint step ") and len(lines) == 2, err
+  return lines[-1]
+
+
+@pytest.mark.parametrize("fmt,name", [("stablehlo", "m.stablehlo"), ("onnx", "m.onnx"),
+                                      ("saved_model", "saved_model")])
+def test_a_read_only_or_forbidden_target_is_one_line(trained, tmp_path, capsys, fmt, name):
+  forbidden = "/sys/transfer-export-test/" + name  # refused to root as well (EPERM)
+  line = _export_error(["--workdir", trained["vgg"], "--format", fmt, "--out", forbidden],
+                       capsys)
+  assert line.startswith("transfer: error: cannot create /sys/transfer-export-test for --out ")
+  if os.geteuid() == 0:
+    pytest.skip("root writes into a read-only (chmod) folder anyway")
+  folder = tmp_path / "read_only"
+  folder.mkdir()
+  folder.chmod(0o555)
+  try:
+    out = folder / name
+    line = _export_error(["--workdir", trained["vgg"], "--format", fmt, "--out", str(out)],
+                         capsys)
+    assert line.startswith(f"transfer: error: cannot write the ") and "Permission denied" in line
+    assert os.listdir(folder) == []
+  finally:
+    folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("fmt", ["stablehlo", "onnx"])
+def test_a_full_disk_is_one_line(trained, tmp_path, capsys, fmt):
+  # /dev/full answers every write with ENOSPC, as a full disk does: the artifact's path is a
+  # link to it (its extra files, beside the link, go to the real folder).
+  out = tmp_path / f"model.{fmt}"
+  os.symlink("/dev/full", out)
+  line = _export_error(["--workdir", trained["vgg"], "--format", fmt, "--out", str(out)], capsys)
+  assert line == (f"transfer: error: cannot write the {export.get_writer(fmt).title} to {out}: "
+                  f"No space left on device; free space or fix permissions there, or choose "
+                  f"another --out")
+
+
+def test_export_skips_a_damaged_latest_step_moves_nothing_and_names_the_step(tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config(num_steps=4, checkpoint_every_steps=2,
+                                       eval_every_steps=2), workdir)
+  with open(os.path.join(workdir, "checkpoints", "4", "_CHECKPOINT_METADATA"), "w") as f:
+    f.write("{not json")
+  before = snapshot(workdir)
+  capsys.readouterr()
+  artifact = main.run(["export", "--workdir", workdir, "--format", "stablehlo", "--out",
+                       str(tmp_path / "m.stablehlo")])
+  assert artifact == 0
+  assert "export: checkpoint step 2 (latest readable; 1 newer skipped)" in \
+      capsys.readouterr().err.splitlines()
+  assert snapshot(workdir) == before  # nothing moved into checkpoints_damaged/, nothing added
 
 
 def test_ema_params_are_served_when_the_run_has_them():

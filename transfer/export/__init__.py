@@ -26,7 +26,7 @@ from typing import Any
 
 from transfer.errors import UserError
 from transfer.export import to_onnx, to_saved_model, to_stablehlo
-from transfer.export.writer import Writer, registry
+from transfer.export.writer import Writer, registry, write_artifact
 
 # Every format `transfer export` writes, in `--format`'s order: one module each, one line here.
 WRITERS: dict[str, Writer] = registry(
@@ -93,7 +93,8 @@ def export(workdir: str, format: str, out: str | None = None,  # pylint: disable
 
   Raises:
     UserError: an unknown format or dtype, a missing converter (the message names the pip
-      command), or a workdir without a checkpoint that restores.
+      command), a workdir without a checkpoint that restores, or an `out` that cannot be
+      written (read-only, forbidden, full).
   """
   from transfer.export import serving
   chosen = get_writer(format)
@@ -106,8 +107,7 @@ def export(workdir: str, format: str, out: str | None = None,  # pylint: disable
   model = serving.load_serving_model(workdir, checkpoint, dtype)
   path = out or default_path(workdir, format, dtype)
   _check_out(path, chosen)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  chosen.write(model, path)
+  write_artifact(chosen, model, path)  # a full or read-only target: one line
   return Artifact(path=path, format=format, size_bytes=chosen.size_bytes(path),
                   metadata=chosen.read_metadata(path),
                   max_abs_diff=_check_against_jax(model, chosen, path))

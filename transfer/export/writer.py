@@ -3,6 +3,10 @@
 `transfer.export` knows formats only through this record (`transfer.export.WRITERS`), so adding a
 format is one module that defines a `WRITER` plus one line in that registry; nothing in the
 export command branches on a format's name. Nothing here imports a converter.
+
+`write_artifact` is the one edge where an artifact meets the file system: a target that is
+read-only, forbidden or full is one line naming the path and the reason, whatever the
+converter's own error type (Python's `OSError`, TensorFlow's `PermissionDeniedError`, ...).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import dataclasses
 import os
 from typing import Any, Callable, Mapping
 
+from transfer.errors import UserError
 from transfer.export.serving import ServingModel
 
 
@@ -74,3 +79,35 @@ def registry(*writers: Writer) -> dict[str, Writer]:
   if len(named) != len(writers):
     raise ValueError(f"two export writers share a name: {[w.name for w in writers]}")
   return named
+
+
+def write_artifact(writer: Writer, model: ServingModel, path: str) -> str:
+  """`writer.write(model, path)`, creating the folder; a failed write is one line.
+
+  A file artifact left half-written (a full disk) is removed with its extra files, so nothing
+  at `path` looks like a usable export; a directory artifact is left as it is (it may be a
+  folder the user already had).
+
+  Raises:
+    UserError: the folder cannot be created, or the file system refused the write (no space,
+      read-only, permission): the message names `path` and the OS's reason.
+  """
+  from transfer import workdir  # the one judge of what a failed write is
+  folder = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot create {folder} for --out {path}: {e.strerror or e}; choose "
+                    "another --out") from None
+  try:
+    return writer.write(model, path)
+  except Exception as e:  # pylint: disable=broad-except  (each converter has its own types)
+    reason = workdir.disk_reason(e)
+    if reason is None:
+      raise
+    if not writer.directory and os.path.isfile(path) and not os.path.islink(path):
+      for written in (path, *writer.extra_files(path)):
+        if os.path.isfile(written) and not os.path.islink(written):
+          os.remove(written)
+    raise UserError(f"cannot write the {writer.title} to {path}: {reason}; free space or fix "
+                    "permissions there, or choose another --out") from None
