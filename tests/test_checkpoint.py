@@ -5,6 +5,8 @@ import glob
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import jax
@@ -14,8 +16,9 @@ import pytest
 
 from transfer import checkpoint, metrics, parallel, train
 from transfer.errors import UserError
-from helpers import (assert_trained_alike, assert_trees_equal, cli_train, final_params, finish,
-                     kill_and_resume, tiny_config, wait_for_checkpoint)
+from helpers import (CLI_ENV, HANG_S, assert_trained_alike, assert_trees_equal, cli_train,
+                     final_params, finish, kill_and_resume, tiny_config, train_argv,
+                     wait_for_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +165,38 @@ def test_resuming_a_different_run_is_refused_and_init_from_starts_fresh(tmp_path
     np.testing.assert_allclose(a, b, atol=1e-3)  # 2 steps of lr 1e-4 times gradients below 5
   with pytest.raises(UserError, match="init_from=.*no checkpoint"):
     train.train_and_evaluate(tiny_config(init_from=str(tmp_path / "nowhere")), str(tmp_path / "x"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 2 MB tmpfs: a disk that really fills up mid-run (mounting needs root with
+  CAP_SYS_ADMIN; skipped elsewhere)."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+                           capture_output=True)
+  if mounted.returncode != 0:
+    pytest.skip("cannot mount a small tmpfs here (needs root and CAP_SYS_ADMIN)")
+  yield disk
+  subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_disk_full_mid_run_is_one_line_and_the_last_checkpoint_is_intact(small_disk, tmp_path):
+  workdir = small_disk / "run"
+  log_path = tmp_path / "train.log"  # off the full disk
+  argv = train_argv(workdir, num_steps=40, checkpoint_every_steps=1, keep_checkpoints=50,
+                    keep_best_checkpoints=0, log_every_steps=100)
+  with open(log_path, "w") as log:
+    proc = subprocess.run([sys.executable, "-m", "transfer.main", *argv], env=CLI_ENV,
+                          stdout=log, stderr=subprocess.STDOUT, timeout=HANG_S)
+  out = log_path.read_text()
+  assert proc.returncode == 2, out[-3000:]
+  # Orbax's background threads each report the failed write; none of it reaches the user.
+  assert "Traceback" not in out and "ERROR:absl" not in out, out[-3000:]
+  last = out.strip().splitlines()[-1]
+  kept = re.fullmatch(rf"transfer: error: cannot write to {re.escape(str(workdir))}: No space "
+                      rf"left on device; the last good checkpoint \(step (\d+)\) is intact\. "
+                      rf"Free space or fix permissions, then rerun the same command to resume",
+                      last)
+  assert kept, last
+  assert final_params(workdir)[1]["step"] == int(kept.group(1))

@@ -130,3 +130,21 @@ def test_a_second_train_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
   out = finish(rerun, workdir)
   assert rerun.returncode == 0, out[-3000:]
   assert "resumed from step" in out
+
+
+def test_a_file_system_without_locks_is_said_once_and_the_run_goes_on(tmp_path, monkeypatch,
+                                                                    capsys):
+  import errno
+  import fcntl
+
+  from transfer import workdir as workdir_lib
+
+  def no_locks(fd, operation):
+    raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+  monkeypatch.setattr(fcntl, "flock", no_locks)
+  lock = workdir_lib.lock_run(str(tmp_path))
+  assert not lock.held
+  assert capsys.readouterr().err.strip() == (
+      f"transfer: warning: the file system of {tmp_path} cannot lock files (No locks "
+      f"available); nothing stops a second train there: run one at a time")
