@@ -212,12 +212,18 @@ def one_line_error(excinfo):
 
 
 def snapshot(root):
-  """Every file under `root` with its bytes' hash and mtime: equal snapshots = untouched."""
+  """Every file under `root` with its bytes' hash and mtime: equal snapshots = untouched.
+
+  Leaves out the run's lock file (`train.lock`), whose label names whoever took it last: every
+  `train` start rewrites it, including one refused afterwards for a config change.
+  """
   out = {}
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames.sort()
     for name in sorted(filenames) + sorted(dirnames):
       path = os.path.join(dirpath, name)
+      if name == "train.lock" and dirpath == str(root):
+        continue
       st = os.lstat(path)
       digest = ""
       if os.path.isfile(path):

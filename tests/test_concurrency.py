@@ -32,7 +32,8 @@ checkpoint.Checkpointer.save = gated
 from transfer import main
 main.main(sys.argv[3:])
 """
-ROTATING = {"checkpoint_every_steps": 1, "keep_checkpoints": 1, "keep_best_checkpoints": 0}
+ROTATING = {"num_steps": 60, "checkpoint_every_steps": 1, "keep_checkpoints": 1,
+            "keep_best_checkpoints": 0}
 READERS, AT_ONCE = 20, 4
 
 
@@ -54,7 +55,7 @@ def _wait(proc, log_path) -> str:
 
 def test_eval_export_and_predict_while_training_rotates_every_step(tmp_path):
   workdir, reference = tmp_path / "run", tmp_path / "reference"
-  gate_file, gate = tmp_path / "readers_done", 100
+  gate_file, gate = tmp_path / "readers_done", ROTATING["num_steps"] - 10
   image = str(tmp_path / "x.png")
   Image.fromarray(np.full((40, 50, 3), 128, np.uint8)).save(image)
   ref = cli_train(reference, **ROTATING)
@@ -109,10 +110,11 @@ def test_a_second_train_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
   wait_for_checkpoint(workdir, 10, first)
   first.send_signal(signal.SIGSTOP)  # the directory holds still while the second one tries
   try:
-    before = snapshot(workdir)
+    before, label = snapshot(workdir), (workdir / "train.lock").read_text()
     second = subprocess.run([sys.executable, "-m", "transfer.main", *train_argv(workdir)],
                             env=CLI_ENV, capture_output=True, text=True, timeout=HANG_S)
     after = snapshot(workdir)
+    assert (workdir / "train.lock").read_text() == label  # still names the first
   finally:
     first.send_signal(signal.SIGCONT)
   assert second.returncode == 2, second.stderr[-3000:]

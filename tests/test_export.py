@@ -297,7 +297,8 @@ def _export_error(argv, capsys) -> str:
   assert e.value.code == 2, err[-3000:]
   assert "Traceback" not in err
   lines = err.strip().splitlines()
-  assert lines[0].startswith("export: checkpoint step ") and len(lines) == 2, err
+  assert any(line.startswith("export: checkpoint step ") for line in lines), err
+  assert [line for line in lines if line.startswith("transfer: error:")] == lines[-1:], err
   return lines[-1]
 
 
