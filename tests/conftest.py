@@ -5,6 +5,7 @@ here at the top. Shared functions are in `helpers.py`; fixtures are here.
 """
 
 import os
+import subprocess
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -50,6 +51,28 @@ def home(tmp_path, monkeypatch):
   monkeypatch.setenv("TRANSFER_HOME", str(path))
   monkeypatch.setenv("TRANSFER_WEIGHTS_URL_BASE", "http://127.0.0.1:9/none")
   return path
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+  """`tmpfs(options)` mounts a tmpfs with `options` ("size=2m", "ro") in the test's directory and
+  returns its path: a disk that really fills up, or a file system read-only even to root.
+  Mounting needs root with CAP_SYS_ADMIN; the test is skipped elsewhere."""
+  mounted = []
+
+  def mount(options: str):
+    path = tmp_path / f"tmpfs{len(mounted)}"
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                          capture_output=True)
+    if done.returncode != 0:
+      pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
+    mounted.append(path)
+    return path
+
+  yield mount
+  for path in mounted:
+    subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 @pytest.fixture(scope="session")

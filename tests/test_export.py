@@ -302,15 +302,20 @@ def _export_error(argv, capsys) -> str:
   return lines[-1]
 
 
-@pytest.mark.parametrize("fmt,name", [("stablehlo", "m.stablehlo"), ("onnx", "m.onnx"),
-                                      ("saved_model", "saved_model")])
-def test_a_read_only_or_forbidden_target_is_one_line(trained, tmp_path, capsys, fmt, name):
+TARGETS = [("stablehlo", "m.stablehlo"), ("onnx", "m.onnx"), ("saved_model", "saved_model")]
+
+
+@pytest.mark.parametrize("fmt,name", TARGETS)
+def test_a_forbidden_target_is_one_line(trained, capsys, fmt, name):
   forbidden = "/sys/transfer-export-test/" + name  # refused to root as well (EPERM)
   line = _export_error(["--workdir", trained["vgg"], "--format", fmt, "--out", forbidden],
                        capsys)
   assert line.startswith("transfer: error: cannot create /sys/transfer-export-test for --out ")
-  if os.geteuid() == 0:
-    pytest.skip("root writes into a read-only (chmod) folder anyway")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only (chmod) folder")
+@pytest.mark.parametrize("fmt,name", TARGETS)
+def test_a_read_only_target_is_one_line(trained, tmp_path, capsys, fmt, name):
   folder = tmp_path / "read_only"
   folder.mkdir()
   folder.chmod(0o555)
@@ -322,6 +327,15 @@ def test_a_read_only_or_forbidden_target_is_one_line(trained, tmp_path, capsys, 
     assert os.listdir(folder) == []
   finally:
     folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("fmt,name", TARGETS)
+def test_a_read_only_file_system_is_one_line(trained, tmpfs, capsys, fmt, name):
+  out = tmpfs("ro") / name  # read-only even to root
+  line = _export_error(["--workdir", trained["vgg"], "--format", fmt, "--out", str(out)], capsys)
+  assert line == (f"transfer: error: cannot write the {export.get_writer(fmt).title} to {out}: "
+                  f"Read-only file system; free space or fix permissions there, or choose "
+                  f"another --out")
 
 
 @pytest.mark.parametrize("fmt", ["stablehlo", "onnx"])

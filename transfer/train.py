@@ -81,14 +81,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   workdir = os.path.abspath(workdir)
   config = workdir_lib.canonical_config(configs.validate(config))
   created = workdir_lib.prepare_workdir(workdir)
+  before = set(os.listdir(workdir))
   from transfer import distributed
   with distributed.lock_run_directory(workdir):  # one writer: before anything is read or written
-    return _train_locked(config, workdir, created, devices)
+    return _train_locked(config, workdir, created, before, devices)
 
 
-def _train_locked(config, workdir: str, created: bool, devices) -> dict[str, Any]:
+def _train_locked(config, workdir: str, created: bool, before: set[str],
+                  devices) -> dict[str, Any]:
   """`train_and_evaluate` once this process holds the run directory's lock."""
-  before = set(os.listdir(workdir))
   saved_config = workdir_lib.saved_config(workdir)
   changes = workdir_lib.check_rerun(workdir, config, saved_config)
   progress = {"started": False}

@@ -296,11 +296,16 @@ def prepare_workdir(workdir: str) -> bool:
 
 
 def remove_failed_start(workdir: str, created: bool, before: set[str]) -> None:
-  """Undoes a start that failed before its first step: what it created goes, nothing else."""
+  """Undoes a start that failed before its first step: what it created goes, nothing else.
+
+  Called while the lock is held; a lock file this start created goes last, so a `train` that
+  locks a new one meanwhile finds the directory as it was.
+  """
   if created:
     shutil.rmtree(workdir, ignore_errors=True)
     return
-  for name in set(os.listdir(workdir)) - before if os.path.isdir(workdir) else ():
+  new = set(os.listdir(workdir)) - before if os.path.isdir(workdir) else set()
+  for name in sorted(new, key=lambda n: n == LOCK_FILE):
     target = os.path.join(workdir, name)
     if os.path.isdir(target) and not os.path.islink(target):
       shutil.rmtree(target, ignore_errors=True)
