@@ -42,6 +42,40 @@ def test_loop_writes_metrics_config_curves_and_checkpoints(trained):
     assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
 
 
+def test_images_per_sec_counts_train_steps_only(tmp_path, monkeypatch):
+  """Compiling the first step and evaluating take 1000 s each on a shifted clock: a rate that
+  counted either would be at most 16 images / 1000 s."""
+  import time
+  from transfer import assembly, eval_loop
+  shift, clock = [0.0], time.perf_counter
+  monkeypatch.setattr(time, "perf_counter", lambda: clock() + shift[0])
+  evaluate = eval_loop.evaluate_state
+
+  def slow_eval(*args, **kwargs):
+    shift[0] += 1000.0
+    return evaluate(*args, **kwargs)
+
+  make_step = assembly.Run.train_step
+
+  def compiling_step(self, *args, **kwargs):
+    step, calls = make_step(self, *args, **kwargs), []
+
+    def first_compiles(*a):
+      if not calls:
+        shift[0] += 1000.0
+      calls.append(1)
+      return step(*a)
+    return first_compiles
+
+  monkeypatch.setattr(eval_loop, "evaluate_state", slow_eval)
+  monkeypatch.setattr(assembly.Run, "train_step", compiling_step)
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config(log_every_steps=2, eval_every_steps=2), workdir)
+  rates = [r["images_per_sec"] for r in metrics.read_metrics(workdir) if "train_loss" in r]
+  assert len(rates) == 3 and shift[0] == 4000.0
+  assert all(rate > 1.0 for rate in rates), rates
+
+
 def _has(module: str) -> bool:
   import importlib.util
   return importlib.util.find_spec(module) is not None

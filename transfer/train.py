@@ -184,11 +184,18 @@ def _loop(run: assembly.Run, workdir: str, checkpointer, start_step: int, state,
             marked.add(stage.index)
         current = _open_stage(run, parts, state, checkpointer, local, is_main)
         make_meta = current.make_meta
-        sums, count, window_start, window_time = None, 0, step, time.perf_counter()
+        sums, count = None, 0
+        # Speed over train steps only: a stage's first step (it compiles) and the time spent
+        # evaluating, checkpointing and logging are left out of `images_per_sec`.
+        timed_steps, timed_s, tick = 0, 0.0, None
         while local < stage.steps:
           batch = next(current.batches)
           state, metrics = current.train_step(state, {"image": batch["image"],
                                                       "label": batch["label"]})
+          if tick is None:
+            jax.block_until_ready(metrics)  # the compiled first step, finished before timing
+          else:
+            timed_steps, timed_s = timed_steps + 1, timed_s + time.perf_counter() - tick
           step += 1
           local += 1
           progress_flag["started"] = True
@@ -196,14 +203,14 @@ def _loop(run: assembly.Run, workdir: str, checkpointer, start_step: int, state,
           count += 1
           if _is_due(local, config.log_every_steps, stage.steps):
             _check_finite(state, stage)
-            record = _train_record(run, stage, step, local, sums, count,
-                                   time.perf_counter() - window_time, step - window_start,
+            record = _train_record(run, stage, step, local, sums, count, timed_s, timed_steps,
                                    current.schedule)
             writer.write(record)
-            progress.set_postfix(loss=f"{record['train_loss']:.4f}",
-                                 acc=f"{record['train_accuracy']:.3f}",
-                                 img_s=f"{record['images_per_sec']:.0f}")
-            sums, count, window_start, window_time = None, 0, step, time.perf_counter()
+            if record["images_per_sec"] is not None:
+              progress.set_postfix(loss=f"{record['train_loss']:.4f}",
+                                   acc=f"{record['train_accuracy']:.3f}",
+                                   img_s=f"{record['images_per_sec']:.0f}")
+            sums, count, timed_steps, timed_s = None, 0, 0, 0.0
           progress.update(1)
           eval_now = run.data.num_val > 0 and _is_due(local, eval_every, stage.steps)
           stop = preemption.stop_at(step)
@@ -230,6 +237,7 @@ def _loop(run: assembly.Run, workdir: str, checkpointer, start_step: int, state,
             _log(is_main, f"{name}: saved a checkpoint at step {step} in {workdir}; rerun the "
                           f"same command to resume (exit status {128 + preemption.signal})")
             raise preemption_lib.Preempted(step, preemption.signal)
+          tick = time.perf_counter()
         del current  # a stage's feature cache goes with it
     except (preemption_lib.Preempted, NonFiniteLossError):
       raise
@@ -306,13 +314,18 @@ def _check_finite(state, stage: stages_lib.Stage) -> None:
 
 
 def _train_record(run: assembly.Run, stage, step: int, local: int, sums, count: int,
-                  elapsed: float, window_steps: int, schedule) -> dict[str, Any]:
-  """The metrics.jsonl record of a logging window: mean loss and accuracy, speed, rate."""
+                  timed_s: float, timed_steps: int, schedule) -> dict[str, Any]:
+  """The metrics.jsonl record of a logging window: mean loss and accuracy, speed, rate.
+
+  `images_per_sec` is over the window's timed train steps (`timed_steps` in `timed_s`), None
+  when the window holds only a stage's first, compiling step.
+  """
   host = eval_loop.host(sums)
   record = {"step": step, "epoch": step / run.data.steps_per_epoch,
             "train_loss": float(host["loss"]) / count,
             "train_accuracy": float(host["accuracy"]) / count,
-            "images_per_sec": window_steps * run.config.batch_size / max(elapsed, 1e-9),
+            "images_per_sec": (timed_steps * run.config.batch_size / max(timed_s, 1e-9)
+                               if timed_steps else None),
             "learning_rate": float(schedule(local - 1))}
   if run.staged:
     record["stage"] = stage.name
