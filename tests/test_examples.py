@@ -1,5 +1,6 @@
 """The scripts in examples/, each run as a user runs it (a subprocess), at a tiny size."""
 
+import json
 import os
 import re
 import subprocess
@@ -42,3 +43,26 @@ def test_linear_probe(tmp_path):
   found = re.search(r"2 classes, 16 train / 4 val images: linear probe val accuracy (\S+)", out)
   assert found, out
   assert float(found.group(1)) == 1.0
+
+
+def test_read_bench(tmp_path):
+  """Runs two tiny train benchmarks (head only, head + block5) into a JSON-lines file, then
+  reads the file alone: the same two rows, rates from the median step, compared with the first."""
+  results = tmp_path / "bench.jsonl"
+  tiny = ["model=vgg16_tiny", "image_size=32", "batch_size=8", "epoch_images=32",
+          "synthetic.train_size=32", "synthetic.val_size=8", "synthetic.base_size=16"]
+  ran = run_example("read_bench.py", "--run", str(results), "--trainable", "^head/",
+                    "^head/,^block5_", "--set", *tiny, "--steps", "3", "--warmup", "1")
+  rows = [json.loads(line) for line in results.read_text().splitlines()]
+  assert [r["trainable"] for r in rows] == [["^head/"], ["^head/", "^block5_"]]
+  for r in rows:
+    assert r["steps_per_sec"] == pytest.approx(1e3 / r["step_ms_median"])
+  read = run_example("read_bench.py", str(results))
+  assert read == ran
+  lines = read.splitlines()
+  assert lines[0].split()[:3] == ["mode", "model", "trainable"] and len(lines) == 3
+  assert lines[1].split()[:3] == ["train", "vgg16_tiny", "^head/"]
+  assert lines[2].split()[:3] == ["train", "vgg16_tiny", "^head/,^block5_"]
+  assert lines[1].split()[-2:] == ["1.00x", "same"]
+  ratio = rows[0]["step_ms_median"] / rows[1]["step_ms_median"]
+  assert lines[2].split()[-2:] == [f"{ratio:.2f}x", "same"]
