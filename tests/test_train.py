@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -143,6 +144,45 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert err.startswith("transfer: error: loss became NaN/inf at step 2;")
   assert checkpoint.Checkpointer(workdir).steps() == [1]
+
+
+TINY_CLI = ["--config", "default", "--config.model=vgg16_tiny", "--config.weights=none",
+            "--config.image_size=32", "--config.batch_size=8", "--config.synthetic.train_size=16",
+            "--config.synthetic.val_size=8", "--config.augment=none"]
+
+
+def _cli(argv, capsys) -> tuple[int, str]:
+  """`transfer ARGV` in this process: (exit status, stderr)."""
+  with pytest.raises(SystemExit) as exit_info:
+    main.main(argv)
+  return exit_info.value.code, capsys.readouterr().err
+
+
+def test_the_finished_staged_run_hint_works_when_followed(tmp_path, capsys):
+  """A finished staged run, rerun, says how to train further; doing what it says trains on
+  (raising num_steps, the hint of a one-stage run, is refused for a staged run)."""
+  workdir, stages = str(tmp_path / "staged"), ("--config.stages=[{'steps': 2, 'trainable': "
+                                               "['^head/']}, {'steps': 2}]")
+  assert _cli(["train", "--workdir", workdir, *TINY_CLI, stages], capsys)[0] == 0
+  status, err = _cli(["train", "--workdir", workdir, *TINY_CLI, stages], capsys)
+  assert status == 0 and "already finished: step 4 of 4" in err
+  hint = re.search(r"to train further, start a new run from its params: "
+                   r"--config\.init_from=(\S+) --workdir NEW_DIR with the stages to train next "
+                   r"as --config\.stages", err)
+  assert hint and hint.group(1) == workdir, err
+  status, err = _cli(["train", "--workdir", workdir, *TINY_CLI, stages, "--config.num_steps=9"],
+                     capsys)
+  assert status == 2 and "holds a different run" in err
+  further = str(tmp_path / "further")
+  status, err = _cli(["train", f"--config.init_from={hint.group(1)}", "--workdir", further,
+                      *TINY_CLI, "--config.stages=[{'steps': 3, 'trainable': ['^head/']}]"],
+                     capsys)
+  assert status == 0, err[-2000:]
+  params, meta = checkpoint.load_trained(further)
+  assert meta["step"] == 3
+  before, _ = checkpoint.load_trained(workdir)
+  np.testing.assert_array_equal(params["block1_conv1"]["kernel"],
+                                before["block1_conv1"]["kernel"])  # from the staged run's params
 
 
 def test_blog_config_builds_with_a_generated_weight_file(tmp_path, mock_tfds):

@@ -150,3 +150,22 @@ def describe(stage: Stage, count: int) -> str:
   return (f"stage {stage.index + 1}/{count} ({stage.name}): steps {stage.start + 1}-{stage.end}, "
           f"trainable {list(c.trainable)}, learning_rate {c.learning_rate:g} ({c.schedule})"
           + (f", lr_mults {dict(c.lr_mults)}" if c.lr_mults else ""))
+
+
+def how_to_train_further(config, workdir: str, longer_is_same_run: bool) -> str:
+  """What to change to train a finished run further, in words a rerun will accept.
+
+  Where the length is bookkeeping (`longer_is_same_run`: one stage, constant schedule), more
+  epochs or steps continue the run. A staged run's length is its stages, and a schedule other
+  than constant is shaped by the length, so both are the run's identity: more training is a new
+  run from its params (`init_from`), which for a staged run takes the stages to run next.
+  """
+  if longer_is_same_run:
+    return "raise num_epochs or num_steps to train further"
+  new_run = f"start a new run from its params: --config.init_from={workdir} --workdir NEW_DIR"
+  if is_staged(config):
+    return (f"a staged run's length is its stages, part of the run; to train further, {new_run}"
+            f" with the stages to train next as --config.stages (or --config.stages=[] for one "
+            f"stage of num_epochs)")
+  return (f"num_epochs/num_steps shape its {config.schedule} schedule, part of the run; to "
+          f"train further, {new_run}")

@@ -133,7 +133,7 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
     init_note = f"resumed from step {start_step} in {workdir}"
     if start_step >= run.total_steps:
       checkpointer.close()
-      return _already_finished(workdir, start_step, run.total_steps, is_main)
+      return _already_finished(workdir, start_step, run.total_steps, is_main, config)
     state_stage = run.stage_of(start_step).stage.index
   if changes:
     _log(is_main, f"config changes accepted (bookkeeping only, recorded in "
@@ -363,15 +363,21 @@ def _result_line(best: float | None, last_eval: dict[str, Any]) -> str:
   return f"best val_accuracy {best:.4f}" + (f", last {last:.4f}" if last is not None else "")
 
 
-def _already_finished(workdir: str, step: int, total_steps: int, is_main: bool) -> dict[str, Any]:
-  """A rerun of a finished run: report its final metrics, train nothing."""
+def _already_finished(workdir: str, step: int, total_steps: int, is_main: bool,
+                      config) -> dict[str, Any]:
+  """A rerun of a finished run: report its final metrics and how to train further, train
+  nothing."""
   records = metrics_lib.read_metrics(workdir) if is_main else []
   evals = [r for r in records if "val_accuracy" in r]
   best = max((r["val_accuracy"] for r in evals), default=None)
   last_eval = dict(evals[-1]) if evals else {}
+  staged = stages_lib.is_staged(config)
+  # Whether a longer rerun is the same run is `workdir.identity_changes`' decision: ask it.
+  longer_is_same_run = not workdir_lib.identity_changes(
+      {"num_steps": (total_steps, total_steps + 1)}, str(config.schedule), staged)
+  hint = stages_lib.how_to_train_further(config, workdir, longer_is_same_run)
   _log(is_main, f"already finished: step {step} of {total_steps}, {_result_line(best, last_eval)}"
-                f"; nothing to train (raise num_epochs or num_steps to train further); "
-                f"workdir {workdir}")
+                f"; nothing to train ({hint}); workdir {workdir}")
   return {"step": step, "best_val_accuracy": best, "final": last_eval, "workdir": workdir,
           "trained_steps": 0}
 
