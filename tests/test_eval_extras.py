@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -86,6 +87,11 @@ def test_top_losses_figure_has_one_panel_per_example():
   assert sum(1 for ax in fig.axes if ax.images) == 5
   titles = [ax.get_title() for ax in fig.axes if ax.images]
   assert titles[0] == "true cat (0.10)\npred dog (0.90)"
+  top[0]["path"], top[1]["path"] = "/data/pets/cat/1.jpg", "/data/" + "x" * 40 + "/dog/22.jpg"
+  titles = [ax.get_title() for ax in evaluate.top_losses_figure(top, images, ["cat", "dog"]).axes
+            if ax.images]
+  assert titles[0] == "/data/pets/cat/1.jpg\ntrue cat (0.10)\npred dog (0.90)"
+  assert titles[1].splitlines()[0] == "..." + "x" * 16 + "/dog/22.jpg"  # the end, 30 chars
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +129,36 @@ def test_eval_tta_and_top_losses_from_the_cli(ema_run, capsys):
   with pytest.raises(SystemExit) as e:
     main.main(["eval", "--workdir", ema_run, "--tta", "--top_losses", "2"])
   assert e.value.code == 0
-  assert f"top losses (2 most confidently wrong): {path}" in capsys.readouterr().err
+  assert f"top losses plot: {path}" in capsys.readouterr().err
+
+
+def test_top_losses_name_the_files(tmp_path, capsys):
+  """`transfer eval --top_losses` on a folder run prints each wrong image's path, true and
+  predicted class: the way to find a mislabeled image. Validation images of both classes are
+  alike (mid-grey noise), so some are wrong."""
+  rng = np.random.default_rng(0)
+  for split in ("train", "val"):
+    for name, low in [("bright", 150), ("dark", 0)]:
+      os.makedirs(tmp_path / "data" / split / name)
+      for i in range(8 if split == "train" else 4):
+        low_i = low if split == "train" else 60
+        pixels = rng.integers(low_i, low_i + 100, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "data" / split / name / f"{name}{i}.png")
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config(dataset=f"folder:{tmp_path / 'data'}", num_steps=2,
+                                       augment="none"), workdir)
+  with pytest.raises(SystemExit) as e:
+    main.main(["eval", "--workdir", workdir, "--top_losses", "8"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  listed = out.split("most confidently wrong):\n")[1].strip().splitlines()
+  assert listed, out
+  for line in listed:
+    found = re.fullmatch(r"(\S+)  true (\w+)  predicted (\w+) \(p=([\d.]+)\)", line)
+    assert found, line
+    path, true, pred, p = found.groups()
+    assert os.path.isfile(path) and path.startswith(str(tmp_path / "data" / "val"))
+    assert os.path.basename(os.path.dirname(path)) == true != pred and float(p) >= 0.5
 
 
 def test_predict_serves_the_ema_params(ema_run, tmp_path):

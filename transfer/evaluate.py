@@ -40,7 +40,8 @@ def evaluate_workdir(workdir: str, checkpoint: str | int | None = "latest", tta:
   Returns:
     `{"step", "val_loss", "val_accuracy", "val_count", "confusion", "class_names", "tta"}`,
     plus `ema_val_loss` and `ema_val_accuracy` for a run with an EMA, and when asked
-    `top_losses` (a list of `{"id", "true", "pred", "prob_pred", "prob_true", "loss"}`) with
+    `top_losses` (a list of `{"id", "path", "true", "pred", "prob_pred", "prob_true", "loss"}`;
+    `path` is the image file, or the source's id for it when it has none) with
     `top_losses_images` (their uint8 images as evaluated, for `plot_top_losses`).
   """
   from transfer import assembly
@@ -61,8 +62,11 @@ def evaluate_workdir(workdir: str, checkpoint: str | int | None = "latest", tta:
   if top_losses:
     probs_step = steps.make_probabilities_step(trained.model, mesh, tta=tta)
     probs, labels, ids = example_probabilities(probs_step, serving, batches(), mesh)
-    result["top_losses"] = find_top_losses(probs, labels, ids, top_losses)
-    result["top_losses_images"] = ds.eval_images("val", [t["id"] for t in result["top_losses"]])
+    top = find_top_losses(probs, labels, ids, top_losses)
+    for item, path in zip(top, ds.example_paths("val", [t["id"] for t in top])):
+      item["path"] = path
+    result["top_losses"] = top
+    result["top_losses_images"] = ds.eval_images("val", [t["id"] for t in top])
   return result
 
 
@@ -122,10 +126,23 @@ def top_losses_figure(top: list[dict[str, Any]], images: np.ndarray, class_names
     ax.axis("off")
   for ax, item, image in zip(axes.flat, top, images):
     ax.imshow(image)
-    ax.set_title(f"true {class_names[item['true']][:14]} ({item['prob_true']:.2f})\n"
+    where = f"{_tail(item['path'], 30)}\n" if item.get("path") else ""
+    ax.set_title(f"{where}true {class_names[item['true']][:14]} ({item['prob_true']:.2f})\n"
                  f"pred {class_names[item['pred']][:14]} ({item['prob_pred']:.2f})", fontsize=9)
-  fig.suptitle("most confidently wrong: true (p), predicted (p)", fontsize=10)
+  fig.suptitle("most confidently wrong: file, true (p), predicted (p)", fontsize=10)
   return fig
+
+
+def _tail(path: str, width: int) -> str:
+  """The end of `path` in `width` characters (the file name and its nearest folders)."""
+  return path if len(path) <= width else "..." + path[-(width - 3):]
+
+
+def format_top_losses(top: list[dict[str, Any]], class_names) -> str:
+  """One line per example of `find_top_losses`: its path, true and predicted class and the
+  predicted probability, so a mislabeled image can be found and fixed."""
+  return "\n".join(f"{item['path']}  true {class_names[item['true']]}  predicted "
+                   f"{class_names[item['pred']]} (p={item['prob_pred']:.3f})" for item in top)
 
 
 def format_confusion(confusion, class_names) -> str:
@@ -217,9 +234,11 @@ def main(workdir: str, as_json: bool = False, checkpoint: str | int | None = "la
     print(format_confusion(confusion, names))
     if result.get("confusion_png"):
       print(f"confusion matrix plot: {result['confusion_png']}", file=sys.stderr)
+  if top_losses and not as_json and result["top_losses"]:
+    print(f"top losses ({len(result['top_losses'])} most confidently wrong):")
+    print(format_top_losses(result["top_losses"], names))
   if result.get("top_losses_png"):
-    print(f"top losses ({len(result['top_losses'])} most confidently wrong): "
-          f"{result['top_losses_png']}", file=sys.stderr)
+    print(f"top losses plot: {result['top_losses_png']}", file=sys.stderr)
   return result
 
 

@@ -60,6 +60,12 @@ class Split:
     names = self._source.identities()
     return [names[i] for i in self._index]
 
+  def paths(self, rows) -> list[str]:
+    """Where the examples `rows` come from, as a user finds them: a file's absolute path, else
+    the source's id for it (`tfds:NAME/SPLIT#i`, ...)."""
+    names = self._source.names
+    return [names[i] for i in self._index[np.asarray(rows, np.int64)]]
+
   def images(self, rows: np.ndarray, size: int) -> np.ndarray:
     """uint8 (len(rows), size, size, 3) for the split's examples `rows`."""
     idx = self._index[rows]
@@ -269,6 +275,10 @@ class Dataset:
     num_batches = -(-n // batch_size)
     make = lambda k: functools.partial(self._eval_batch, split, k, batch_size)
     return pool.run_ahead(lambda: (make(k) for k in range(num_batches)), self._ahead)
+
+  def example_paths(self, split: str, rows) -> list[str]:
+    """The file paths (or source ids) of the split's examples `rows` (`Split.paths`)."""
+    return self._splits[split].paths(rows)
 
   def eval_images(self, split: str, rows: np.ndarray) -> np.ndarray:
     """uint8 (len(rows), S, S, 3) of the split's examples `rows` in the eval geometry (resize,
