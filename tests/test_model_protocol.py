@@ -137,7 +137,7 @@ def test_platform_imports_nothing_from_models():
   """models -> platform only: the platform code owns the conv choice's spelling."""
   for path in (ROOT / "transfer" / "platform").glob("*.py"):
     assert not any(m.startswith("transfer.models") for m in _imports(path)), path
-  code = ("import sys, transfer.platform as p; p.resolve_conv('auto', 'cpu', False); "
+  code = ("import sys, transfer.platform as p; p.resolve_conv('auto', 'cpu'); "
           "assert not [m for m in sys.modules if m.startswith('transfer.models')]")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 

@@ -247,6 +247,8 @@ def build(config, devices=None, *, dtype: str | None = None) -> Run:
       match the data, or nothing to train.
   """
   from transfer import data as data_lib
+  from transfer import platform
+  platform.setup()  # first use from Python: the CLI's XLA flags and compile cache (idempotent)
   mesh = parallel.make_mesh(devices)
   parallel.check_batch_size(config.batch_size, mesh)
   source = runs.run_source(config)  # parsed once for the whole run (an init_from run's own)

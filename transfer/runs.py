@@ -249,8 +249,11 @@ def run_metadata(config, class_names: list[str], outputs: int,
   only: `model_from_meta` resolves `auto` again for the machine that evaluates.
   `preprocessing` is the parsed weights' (`source`, from `run_source`; parsed here when not
   given): eval, predict and export read it from here, never from `weights` again; `source` the
-  whole parsed source (`source_record`), which an `init_from` run inherits.
+  whole parsed source (`source_record`), which an `init_from` run inherits. `platform` is what
+  else the compiled programs depended on (`transfer.platform.facts`: the XLA flags in effect,
+  huge pages), on record only.
   """
+  from transfer import platform
   source = source or run_source(config)
   return {"model": config.model, "head": config.head, "head_hidden": config.head_hidden,
           "head_dropout": config.head_dropout, "outputs": outputs,
@@ -261,7 +264,7 @@ def run_metadata(config, class_names: list[str], outputs: int,
           "dataset": config.dataset, "optimizer": config.optimizer,
           # The optimizer's state structure follows these, so resuming needs them unchanged.
           "trainable": list(config.trainable), "lr_mults": dict(config.lr_mults),
-          "data": data}
+          "data": data, "platform": platform.facts()}
 
 
 def model_from_meta(meta: dict[str, Any], dtype: str | None = None, conv: str = "auto"):

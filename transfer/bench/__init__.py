@@ -10,7 +10,8 @@ The package follows the job's seams: `cases` (what runs: `Setup` and the `prepar
 `timing` (compile, warm up, time), `flops` (FLOP counts and device peaks for MFU) and `report`
 (the environment header, the table and the JSON line). The conv algorithm the model compiled
 with is the concrete choice `transfer.platform.resolve_conv` made (`conv`, e.g.
-`winograd_from_64`), next to `hugepages` and `xla_flags`.
+`winograd_from_64`), next to `hugepages`, `xla_flags` and the train step's `step_fingerprint`
+(`step_fingerprint(config)` gives the same from Python: equal values, the same program).
 
 Python API:
     config = transfer.configs.load("bench")
@@ -23,15 +24,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from transfer.bench.cases import (Setup, bench_cached_epoch, bench_input, prepare_eval,
-                                  prepare_forward, prepare_train)
+from transfer.bench.cases import (Setup, bench_cached_epoch, bench_input, fingerprint_of,
+                                  prepare_eval, prepare_forward, prepare_train, train_batch)
 from transfer.bench.flops import PEAK_TFLOPS, analytic_flops, peak_tflops
 from transfer.bench.report import add_rates, environment, print_result, step_result
 from transfer.bench.timing import measure
 from transfer.errors import UserError
 
 __all__ = ["MODES", "PEAK_TFLOPS", "Setup", "UserError", "analytic_flops", "main", "peak_tflops",
-           "run"]
+           "run", "step_fingerprint"]
 
 MODES = ("train", "forward", "eval", "input")
 
@@ -40,6 +41,8 @@ def run(config, mode: str = "train", steps: int = 20, warmup: int = 2,
         peak: float | None = None) -> dict[str, Any]:
   """Runs one benchmark and returns the flat JSON-able result (see `main`)."""
   import jax
+  from transfer import platform
+  platform.setup()  # first use from Python: the CLI's XLA flags and compile cache (idempotent)
   if mode not in MODES:
     raise UserError(f"unknown bench mode {mode!r}; valid: {', '.join(MODES)}")
   if steps < 1 or warmup < 0:
@@ -64,6 +67,8 @@ def run(config, mode: str = "train", steps: int = 20, warmup: int = 2,
     steps_to_time.append(prepare_forward(setup, warmup))
   durations = measure(steps_to_time, steps, rounds=3 if len(steps_to_time) > 1 else 1)
   result = step_result(setup, steps_to_time[0], durations[0])
+  if mode in ("train", "input"):
+    result["step_fingerprint"] = steps_to_time[0].fingerprint
   add_rates(result, env, peak)
 
   if mode == "train":
@@ -104,8 +109,20 @@ def main(config, mode: str = "train", steps: int = 20, warmup: int = 2, as_json:
     `train_forward_ratio`, `flops_ratio_train_forward`; input: `input_images_per_sec`,
     `limited_by`; cache_features: the epoch comparison).
   """
-  from transfer import platform
-  platform.setup()  # nothing new after the CLI did it; for calls from Python
   result = run(config, mode, steps, warmup, peak_tflops)
   print_result(result, as_json)
   return result
+
+
+def step_fingerprint(config) -> str | None:
+  """The `step_fingerprint` `transfer bench --json` reports for `config`, computed without
+  compiling or timing anything: the program of the run's first train step
+  (`transfer.platform.program_fingerprint`; None for the pmap step, which has no lowering).
+
+  A notebook and the `transfer` command compile the same step exactly when these agree.
+  """
+  import jax
+  from transfer import models, platform
+  platform.setup()
+  setup = Setup(config, models.resolve_dtype(config.dtype, jax.devices()[0].platform))
+  return fingerprint_of(setup.run.train_step(setup.parts), setup.state(), train_batch(setup))

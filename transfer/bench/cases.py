@@ -67,15 +67,27 @@ class Setup:
 def prepare_train(setup: Setup, warmup: int, stage: str = "full", batch=None) -> Prepared:
   """The run's train step (`assembly.Run.train_step`) on an on-device batch."""
   step = setup.run.train_step(setup.parts, stage)
-  batch = batch or {"image": setup.images(), "label": setup.labels_batch()}
+  batch = batch or train_batch(setup)
   holder = {"state": setup.state()}
+  fingerprint = fingerprint_of(step, holder["state"], batch)
   step, compile_s, compiled = compile_step(step, holder["state"], batch)
 
   def run():
     holder["state"], metrics = step(holder["state"], batch)
     return metrics
 
-  return warm(Prepared(run, compile_s, compiled, setup.labels, stage), warmup)
+  return warm(Prepared(run, compile_s, compiled, setup.labels, stage, fingerprint), warmup)
+
+
+def train_batch(setup: Setup) -> dict[str, Any]:
+  """An on-device batch of noise images and random labels, as the train step takes it."""
+  return {"image": setup.images(), "label": setup.labels_batch()}
+
+
+def fingerprint_of(step, *args) -> str | None:
+  """`transfer.platform.program_fingerprint` of a jitted step for `args` (None for pmap's)."""
+  from transfer import platform
+  return platform.program_fingerprint(step.lower(*args)) if hasattr(step, "lower") else None
 
 
 def forward_fn(setup: Setup):

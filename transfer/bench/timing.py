@@ -77,6 +77,7 @@ class Prepared:
     compiled: the AOT-compiled executable (for XLA's FLOP count), or None.
     labels: the freeze labels for a train step (analytic backward FLOPs), None otherwise.
     stage: `"full"` or `"head"`.
+    fingerprint: `transfer.platform.program_fingerprint` of the step's program, or None.
   """
 
   run: Callable[[], Any]
@@ -84,6 +85,7 @@ class Prepared:
   compiled: Any
   labels: Any
   stage: str = "full"
+  fingerprint: str | None = None
 
 
 def warm(prepared: Prepared, warmup: int) -> Prepared:

@@ -23,6 +23,7 @@ from transfer.models import inception, resnet, vgg
 from transfer.models.heads import HEADS, POOLINGS
 from transfer.models.spec import (BATCH_NORM, CONV, DENSE, EMBEDDING, KINDS, LAYER_NORM,
                                   ModelSpec, Porting)
+from transfer import platform
 from transfer.platform import resolve_conv
 
 __all__ = ["BATCH_NORM", "CONV", "DENSE", "EMBEDDING", "KINDS", "LAYER_NORM", "ModelSpec",
@@ -179,6 +180,7 @@ def get(name: str, *, include_top: bool | None = None, head: str | None = None,
   Returns:
     An unbound `flax.linen.Module`; `module.apply({"params": p}, x)` gives float32 logits.
   """
+  platform.setup()  # first use: XLA flags and compile cache as the CLI sets them (idempotent)
   model_spec = spec(name)
   if head is None:
     head = "imagenet" if include_top or include_top is None and num_classes is None else "none"
@@ -212,18 +214,22 @@ def get(name: str, *, include_top: bool | None = None, head: str | None = None,
 
 
 def init_params(model: nn.Module, image_size: int, rng: jax.Array | int = 0):
-  """Freshly initialised float params for `model` on `image_size` x `image_size` RGB input.
-
-  `lazy_init` on a shape-only input runs the initialisers without the forward pass, and eagerly:
-  each initialiser op is compiled once per shape and process, whereas a fresh `jax.jit` of the
-  whole init would recompile (seconds on a CPU) for every model built.
-  """
+  """Freshly initialised float params for `model` on `image_size` x `image_size` RGB input
+  (`init_variables`' params)."""
   return init_variables(model, image_size, rng)["params"]
 
 
 def init_variables(model: nn.Module, image_size: int, rng: jax.Array | int = 0) -> dict:
   """All of a fresh model's collections: `params`, and `batch_stats` for BatchNorm networks
-  (running means 0, variances 1)."""
+  (running means 0, variances 1).
+
+  `lazy_init` on a shape-only input runs the initialisers without the forward pass, eagerly:
+  each initialiser op is compiled once per shape and process, and kept in the persistent
+  compilation cache (`transfer.platform.compile_cache`), so a second process reads them back.
+  One `jax.jit` of the whole init gives the same values but took XLA:CPU twice as long to
+  compile (its ~270 inlined threefry generators; docs/BENCHMARKS.md, "Seconds to the first
+  step"). Under `jax.eval_shape` (shapes only) nothing is compiled.
+  """
   if isinstance(rng, int):
     rng = jax.random.PRNGKey(rng)
   x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)

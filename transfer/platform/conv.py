@@ -11,7 +11,6 @@ Python. Nothing decides it later, while tracing, from the state of the process.
 from __future__ import annotations
 
 from transfer.errors import UserError
-from transfer.platform import hugepages as hugepages_lib
 
 # A model's `conv` is one of these concrete choices of which 3x3 layers run by Winograd:
 #   "xla"              none (XLA's convolution everywhere),
@@ -52,27 +51,27 @@ def use_for(conv: str, in_channels: int) -> bool:
 
 
 # The fewest input channels for which `auto` takes Winograd on CPU. Measured at batch 16 on
-# VGG16's layers with huge pages (`transfer.platform.hugepages`): 3 -> 64 channels runs 0.55-0.65x
-# as fast as XLA's convolution, 64 -> 64 1.0-1.2x, 512 -> 512 1.7-1.9x. Without huge pages the
-# transforms' large temporaries are page-faulted in on every call and Winograd only wins from 256
-# input channels (1.1-1.4x; 0.5-0.9x below). docs/BENCHMARKS.md has the tables.
+# VGG16's layers with huge pages (`transfer.platform.hugepages`, which the `transfer` command
+# turns on): 3 -> 64 channels runs 0.55-0.65x as fast as XLA's convolution, 64 -> 64 1.0-1.2x,
+# 512 -> 512 1.7-1.9x. Without huge pages (a Python process started without the glibc tunable)
+# Winograd's temporaries are page-faulted in on every call and it wins only from 256 input
+# channels, but `auto` does not follow the process's malloc: the same config must compile the
+# same program from the CLI and from Python. docs/BENCHMARKS.md has the tables and the cost.
 MIN_CHANNELS = 64
-MIN_CHANNELS_WITHOUT_HUGEPAGES = 256
 
 
-def resolve_conv(conv: str, backend: str | None = None, hugepages: bool | None = None) -> str:
-  """The concrete conv choice for `conv` on this machine.
+def resolve_conv(conv: str, backend: str | None = None) -> str:
+  """The concrete conv choice for `conv` on this backend.
 
   `"auto"` is XLA's convolution on GPU and TPU (cuDNN picks its own algorithms, Winograd among
   them, and the TPU's MXU runs plain convolutions at full rate) and, on CPU, Winograd from
-  `MIN_CHANNELS` input channels with huge pages or `MIN_CHANNELS_WITHOUT_HUGEPAGES` without. A
-  concrete choice is returned as it is.
+  `MIN_CHANNELS` input channels. It depends on the backend only, never on how the process was
+  started. A concrete choice is returned as it is.
 
   Args:
     conv: `"auto"`, or a concrete choice (`"xla"`, `"winograd"`, `"winograd_from_N"`).
     backend: JAX's backend (`"cpu"`, `"gpu"`, `"tpu"`); default: `jax.default_backend()`, which
       starts JAX's backend if none exists yet.
-    hugepages: whether malloc uses huge pages; default: `hugepages.active()` for this process.
 
   Returns:
     The concrete choice, e.g. `"winograd_from_64"`.
@@ -90,8 +89,4 @@ def resolve_conv(conv: str, backend: str | None = None, hugepages: bool | None =
   if backend is None:
     import jax
     backend = jax.default_backend()
-  if backend != "cpu":
-    return choice(None)
-  if hugepages is None:
-    hugepages = hugepages_lib.active()
-  return choice(MIN_CHANNELS if hugepages else MIN_CHANNELS_WITHOUT_HUGEPAGES)
+  return choice(MIN_CHANNELS if backend == "cpu" else None)
