@@ -69,3 +69,22 @@ def test_an_unknown_attribute_of_the_package_is_an_attribute_error():
   import transfer
   with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
     transfer.nonsense  # pylint: disable=pointless-statement
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["tarin"], ["train", "--help"]])
+def test_help_and_a_mistyped_command_answer_before_jax_is_imported(argv):
+  """`transfer --help`, `train --help` and a typo parse their arguments before anything heavy
+  is imported (they answered in ~4 s when JAX came first; docs/BENCHMARKS.md has the times)."""
+  done = subprocess.run([sys.executable, "-X", "importtime", "-m", "transfer.main", *argv],
+                        capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines()
+              if line.startswith("import time:")}
+  assert done.returncode == (2 if argv == ["tarin"] else 0), done.stderr[-2000:]
+  assert imported and not {"jax", "jaxlib", "tensorflow", "flax"} & imported
+  if argv == ["--help"]:
+    assert "VGG16/19, ResNet50/101/152, InceptionV3" in " ".join(done.stdout.split())
+  if argv == ["train", "--help"]:  # every config key, its default and its rule
+    from transfer.configs import default
+    for key, value in default.get_config().items():
+      assert f"\n  {key}=" in done.stdout, key
+    assert "learning_rate=0.0001  (> 0)" in done.stdout

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-import jax.numpy as jnp
+# jax is imported inside the functions: the command line reads `FIELD` (through the export
+# registry) while parsing its arguments, before JAX may be imported.
 
 # The train state's field holding the average, and its key in a trained run's restored variables
 # (`checkpoint.Checkpointer.restore_variables`); checkpoints store it under this name.
@@ -37,6 +37,8 @@ def init(params, keep: bool):
   stays equal to the param, and a later stage that unfreezes it starts its average from the
   right value. One more copy of the params buys one code path for every stage.
   """
+  import jax
+  import jax.numpy as jnp
   return jax.tree_util.tree_map(jnp.array, params) if keep else {}
 
 
@@ -48,6 +50,7 @@ def update(ema_params, params, decay: float, mask):
   """
   if not ema_params:
     return ema_params
+  import jax
   return jax.tree_util.tree_map(
       lambda e, p, trains: decay * e + (1.0 - decay) * p if trains else e,
       ema_params, params, mask)

@@ -27,14 +27,34 @@ import sys
 from transfer.errors import UserError
 
 
-def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="transfer",
-      description="Fine-tune ImageNet networks (VGG16/VGG19) in JAX. "
-                  "Config keys are overridden with --config.KEY=VALUE.")
-  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+class _Parser(argparse.ArgumentParser):
+  """An argument parser whose epilog may be a function, called only when the help is printed
+  (the config keys' table loads the default config, which the other answers need not)."""
 
-  train = sub.add_parser("train", help="train (or resume) a run in a workdir")
+  def format_help(self) -> str:
+    if callable(self.epilog):
+      self.epilog = self.epilog()
+    return super().format_help()
+
+
+def _config_keys_help() -> str:
+  from transfer import configs
+  return ("config keys (--config.KEY=VALUE; defaults from transfer/configs/default.py, the "
+          "--config file changes some):\n  " + "\n  ".join(configs.describe_keys()))
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = _Parser(
+      prog="transfer",
+      description="Fine-tune ImageNet networks (VGG16/19, ResNet50/101/152, InceptionV3) in "
+                  "JAX/Flax. Config keys are overridden with --config.KEY=VALUE "
+                  "(`transfer train --help` lists them).")
+  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                              parser_class=_Parser)
+
+  train = sub.add_parser("train", help="train (or resume) a run in a workdir",
+                         epilog=_config_keys_help,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
   train.add_argument("--workdir", help="run directory; resumes if it holds checkpoints "
                                        "(default: a new ./workdirs/<config>-<time>)")
   train.add_argument("--config", help="config name (quickstart, cats_vs_dogs, ...), .py file, or "
@@ -116,14 +136,21 @@ def _add_distributed_flags(p: argparse.ArgumentParser) -> None:
 
 
 def run(argv: list[str]) -> int:
-  """Runs one subcommand; returns the exit status."""
-  from transfer import configs, platform
+  """Runs one subcommand; returns the exit status.
 
-  platform.setup()  # XLA flags, before anything creates a JAX backend
+  Nothing heavy is imported before the arguments are parsed (`--help` and a mistyped command
+  answer at once); then `transfer.platform.setup()` sets the process up (XLA flags, compilation
+  cache) before anything creates a JAX backend.
+  """
+  from transfer import configs
+
   args_only, overrides = configs.split_overrides(argv)
   args = _parser().parse_args(args_only)
   if overrides and args.command not in ("train", "bench", "lr_find"):
     raise UserError(f"--config.* overrides apply to train, bench and lr_find, not {args.command}")
+  if args.command != "weights":  # everything else compiles
+    from transfer import platform
+    platform.setup()
 
   if args.command == "train":
     from transfer import train

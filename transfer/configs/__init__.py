@@ -21,9 +21,8 @@ import json
 import numbers
 import os
 
-import ml_collections
-import numpy as np
-
+# ml_collections and numpy are imported where they are used: the command line splits and parses
+# its arguments (`split_overrides`) before anything heavy is imported, so `--help` is instant.
 from transfer.configs import _schema
 # Each key's role in a run (identity or bookkeeping), read by the rerun checks in workdir/runs.
 from transfer.configs._schema import (BOOKKEEPING, DERIVED_STATE, IDENTITY, LENGTH, ROLES,
@@ -111,6 +110,7 @@ def load_json(path: str) -> ml_collections.ConfigDict:
 
 def _merge_json(node: ml_collections.ConfigDict, data: dict, path: str, prefix: str) -> None:
   """Sets `data`'s values on `node` in place, recursing into nested ConfigDicts."""
+  import ml_collections
   for key, value in data.items():
     name = f"{prefix}{key}"
     if key not in node:
@@ -170,6 +170,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def fill_defaults(config, defaults=None) -> None:
   """Sets each key `config` lacks to its default from `default.py`, in place (nested: by key)."""
+  import ml_collections
   if defaults is None:
     from transfer.configs import default
     defaults = default.get_config()
@@ -184,6 +185,7 @@ def fill_defaults(config, defaults=None) -> None:
 
 def _check_types(config, defaults=None, prefix: str = "") -> None:
   """Rejects a value whose type differs from its default's (e.g. `batch_size="32"` in a file)."""
+  import ml_collections
   if defaults is None:
     from transfer.configs import default
     defaults = default.get_config()
@@ -210,6 +212,7 @@ _ACCEPTS = {"bool": ("bool",), "int": ("int",), "float": ("float", "int"), "str"
 
 def _type_name(value) -> str | None:
   """`bool`, `int`, `float`, `str`, `list` or `tuple`; numpy scalars count as int or float."""
+  import numpy as np
   if isinstance(value, (bool, np.bool_)):
     return "bool"
   if isinstance(value, numbers.Integral):
@@ -307,3 +310,28 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
       rest.append(arg)
     i += 1
   return rest, overrides
+
+
+def describe_keys() -> list[str]:
+  """One line per config key for `transfer train --help`: the key, its default (`default.py`),
+  its allowed values (`_schema.py`) and the comment beside it in `default.py`, so the help
+  lists what the two homes of the keys say, not a copy of them."""
+  import re
+  from transfer.configs import default
+  comments = {}
+  with open(default.__file__, encoding="utf-8") as f:
+    for line in f:
+      found = re.match(r"\s*c\.(\w+)\s*=.*?#\s*(.*)$", line)
+      if found:
+        comments[found.group(1)] = found.group(2).strip()
+  lines = []
+  for key, value in default.get_config().items():
+    shown = dict(value) if hasattr(value, "items") else value
+    comment = comments.get(key, "")
+    choices = _schema.CHOICES.get(key, ())
+    rule = (" | ".join(c or "''" for c in choices) if not all(c in comment for c in choices)
+            else "" if choices
+            else _schema.RANGES[key].describe() if key in _schema.RANGES else "")
+    note = "; ".join(p for p in (rule, comment) if p)
+    lines.append(f"{key}={shown!r}" + (f"  ({note})" if note else ""))
+  return lines
