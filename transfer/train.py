@@ -77,7 +77,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     UserError: bad config or data; `NonFiniteLossError` when the loss becomes NaN/inf.
     preemption.Preempted: a signal stopped training after a checkpoint was saved.
   """
-  from transfer import configs
+  from transfer import configs, platform
+  platform.setup()  # first use from Python: before `jax.process_count` starts the backend
   workdir = os.path.abspath(workdir)
   config = workdir_lib.canonical_config(configs.validate(config))
   created = workdir_lib.prepare_workdir(workdir)
@@ -111,6 +112,7 @@ def _train_locked(config, workdir: str, created: bool, before: set[str],
 def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) -> dict[str, Any]:
   """`train_and_evaluate` once the workdir is known to hold this run (or none)."""
   is_main = jax.process_index() == 0
+  started = time.perf_counter()
   run = assembly.build(config, devices)  # data first: bad input fails before any compilation
   _log(is_main, f"data: {config.dataset}: {run.data.describe()}")
   if not run.data.num_val:
@@ -123,6 +125,8 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
   try:
     resumed = checkpointer.restore_latest(
         run.abstract_state, check_meta=lambda meta: run.check_checkpoint(meta, workdir))
+    if resumed is None:
+      _log(is_main, f"building model {config.model} ...")
     variables, init_note = run.initial_variables() if resumed is None else (None, "")
   except BaseException:
     checkpointer.close()
@@ -139,7 +143,8 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
     _log(is_main, f"config changes accepted (bookkeeping only, recorded in "
                   f"{workdir_lib.HISTORY_FILE}): {workdir_lib.format_changes(changes)}")
   _log(is_main, f"{config.model} + {config.head} head, {run.outputs} output(s), "
-                f"{run.num_classes} classes; {init_note}")
+                f"{run.num_classes} classes; {init_note} "
+                f"({time.perf_counter() - started:.1f}s)")
   if is_main:
     workdir_lib.record_start(workdir, config, changes, start_step)
   return _loop(run, workdir, checkpointer, start_step, state, state_stage, variables,
@@ -190,10 +195,15 @@ def _loop(run: assembly.Run, workdir: str, checkpointer, start_step: int, state,
         timed_steps, timed_s, tick = 0, 0.0, None
         while local < stage.steps:
           batch = next(current.batches)
+          if tick is None:  # the stage's first step compiles its train step (or loads it)
+            _log(is_main, "compiling the train step ...")
+            compiling = time.perf_counter()
           state, metrics = current.train_step(state, {"image": batch["image"],
                                                       "label": batch["label"]})
           if tick is None:
             jax.block_until_ready(metrics)  # the compiled first step, finished before timing
+            _log(is_main, f"compiled and ran the first step in "
+                          f"{time.perf_counter() - compiling:.1f}s")
           else:
             timed_steps, timed_s = timed_steps + 1, timed_s + time.perf_counter() - tick
           step += 1
