@@ -1,16 +1,33 @@
-"""Test set-up: 4 fake CPU devices, quiet TensorFlow, and the shared fixtures.
+"""Test set-up: 4 fake CPU devices, quiet TensorFlow, one compilation cache, and the shared
+fixtures.
 
 XLA_FLAGS (and KERAS_BACKEND) must be set before jax (keras) is imported anywhere, so they live
-here at the top. Shared functions are in `helpers.py`; fixtures are here.
+here at the top, followed by `transfer.platform.setup()`, so every test process (and every
+`transfer` command a test starts) compiles as the CLI does. Shared functions are in `helpers.py`;
+fixtures are here.
+
+Compiled programs are kept in one persistent cache for the whole suite and later runs of it
+(`TRANSFER_COMPILE_CACHE`, default a per-user directory under the temp dir; `0` turns it off):
+the `home` fixture moves `TRANSFER_HOME` per test, and the cache must not move with it. JAX's
+cache is keyed by program, flags and versions, and xdist workers share it safely
+(`transfer.platform.compile_cache`).
 """
 
+import getpass
 import os
 import subprocess
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TRANSFER_COMPILE_CACHE", os.path.join(
+    tempfile.gettempdir(), f"transfer-tests-{getpass.getuser()}", "compile_cache"))
+
+from transfer import platform  # noqa: E402  (after the environment set-up above)
+
+platform.setup()
 
 
 import pytest  # noqa: E402  (after the environment set-up above)
