@@ -4,6 +4,8 @@ import glob
 import json
 import os
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -183,6 +185,35 @@ def test_the_finished_staged_run_hint_works_when_followed(tmp_path, capsys):
   before, _ = checkpoint.load_trained(workdir)
   np.testing.assert_array_equal(params["block1_conv1"]["kernel"],
                                 before["block1_conv1"]["kernel"])  # from the staged run's params
+
+
+_QUIET_LIBRARY = """
+import logging, sys
+sys.path.insert(0, "tests")
+from helpers import tiny_config
+from transfer import train
+config = tiny_config(num_steps=4, log_every_steps=1)
+config.stages = [dict(steps=2, trainable=["^head/"]), dict(steps=2)]
+train.train_and_evaluate(config, sys.argv[1])
+print(len(logging.root.handlers), logging.getLevelName(logging.root.level))
+"""
+
+
+def test_training_leaves_the_root_logger_alone_and_prints_above_the_bar(tmp_path):
+  """From Python, in a fresh interpreter: no handler on the root logger afterwards (so a
+  program's own `logging.basicConfig` still works), and the data, model and stage lines are
+  whole lines above the progress bar, never written into it."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
+  done = subprocess.run([sys.executable, "-c", _QUIET_LIBRARY, str(tmp_path / "run")], cwd=root,
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.split() == ["0", "WARNING"]  # and nothing else on stdout
+  pieces = re.split(r"[\r\n]", done.stderr)
+  for start in ("data: synthetic", "vgg16_tiny + ", "stage 1/2", "stage 2/2", "params: ",
+                "step 2: val_loss", "step 4: val_loss"):
+    lines = [p for p in pieces if start in p]
+    assert lines and all(p.startswith(start) for p in lines), (start, lines)
 
 
 def test_blog_config_builds_with_a_generated_weight_file(tmp_path, mock_tfds):

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from transfer import assembly, eval_loop, features, metrics as metrics_lib, optim, parallel
+from transfer import assembly, eval_loop, features, logs, metrics as metrics_lib, optim, parallel
 from transfer import checkpoint as ckpt_lib
 from transfer import preemption as preemption_lib
 from transfer import stages as stages_lib
@@ -98,7 +98,7 @@ def _train_locked(config, workdir: str, created: bool, before: set[str],
   signals = (preemption_lib.sigterm_raises() if jax.process_count() == 1
              else contextlib.nullcontext())
   try:
-    with signals:
+    with signals, logs.root_unchanged():
       return _train(config, workdir, devices, changes, progress)
   except BaseException as error:
     if not progress["started"] and saved_config is None:
@@ -232,9 +232,8 @@ def _loop(run: assembly.Run, workdir: str, checkpointer, start_step: int, state,
                           **{k: v for k, v in last_eval.items() if k != "confusion"}})
             best = (last_eval["val_accuracy"] if best is None
                     else max(best, last_eval["val_accuracy"]))
-            if is_main:
-              progress.write(f"step {step}: val_loss {last_eval['val_loss']:.4f} "
-                             f"val_accuracy {last_eval['val_accuracy']:.4f}")
+            _log(is_main, f"step {step}: val_loss {last_eval['val_loss']:.4f} "
+                          f"val_accuracy {last_eval['val_accuracy']:.4f}")
           if _is_due(local, ckpt_every, stage.steps) or eval_now or stop:
             _check_finite(state, stage)
             checkpointer.save(step, state, make_meta(step, local),
@@ -398,7 +397,7 @@ class NonFiniteLossError(UserError):
 
 def _log(enabled: bool, message: str) -> None:
   if enabled:
-    print(message, file=sys.stderr, flush=True)
+    logs.console(message)
 
 
 def _progress_bar(enabled: bool, start: int, total: int):

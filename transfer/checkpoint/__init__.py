@@ -28,9 +28,13 @@ import time
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
+
+from transfer import logs
+
+with logs.root_unchanged():  # absl, logging as Orbax imports, would configure the root logger
+  import orbax.checkpoint as ocp
+  from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 from etils import epath
-from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from transfer import ema
 from transfer.errors import UserError
