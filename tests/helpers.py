@@ -243,7 +243,7 @@ def train_steps(model, variables, trainable, devices, mode="shard_map", steps=3,
   config = tiny_config(model="resnet50_tiny", head="gap", trainable=trainable, learning_rate=lr,
                        optimizer="sgd")
   mesh = parallel.make_mesh(devices)
-  tx, labels = optim.make_optimizer(config, variables["params"], 10)
+  tx, labels = optim.make_optimizer(variables["params"], config, 10)
   state = parallel.replicate(train_state.create_train_state(
       variables["params"], tx, 0, variables["batch_stats"]), mesh)
   step = steps_lib.make_train_step(model, tx, labels, mesh, mode)

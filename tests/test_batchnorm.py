@@ -51,10 +51,31 @@ def test_a_trainable_block_moves_exactly_its_own_statistics(start):
 
 def test_train_bn_trains_batchnorm_inside_frozen_blocks(start):
   config = _resnet(train_bn=True)
-  _, labels = optim.make_optimizer(config, start[1]["params"], 10)
+  _, labels = optim.make_optimizer(start[1]["params"], config, 10)
   flat = flatten(labels)
   assert flat["conv2_block1_1_bn/scale"] != optim.FROZEN
   assert flat["conv2_block1_1_conv/kernel"] == optim.FROZEN
+
+
+def test_train_true_trains_batchnorm_as_in_flax_except_the_frozen_layers(start):
+  """`model.apply(v, x, train=True, mutable=["batch_stats"])` moves every layer's running
+  statistics; the layers in `frozen_batch_norm` (the optimizer's frozen ones) keep theirs, and
+  `train=False` is inference everywhere."""
+  model, variables = start
+  x = np.random.default_rng(3).normal(size=(4, 32, 32, 3)).astype(np.float32)
+  before = flatten(variables["batch_stats"])
+  moved = lambda m: {k.split("/")[0] for k, v in flatten(
+      m.apply(variables, x, train=True, mutable=["batch_stats"])[1]["batch_stats"]).items()
+      if not np.array_equal(v, before[k])}
+  every = set(optim.batch_norm_layers(variables["params"]))
+  assert moved(model) == every
+  opt = optim.make_optimizer(variables["params"], trainable=["^head/", "^conv5_"])
+  frozen = opt.frozen_batch_norm
+  assert frozen == {k for k in every if not k.startswith("conv5_")}
+  assert moved(model.clone(frozen_batch_norm=frozen)) == every - frozen
+  np.testing.assert_array_equal(model.apply(variables, x),  # inference: no mutable needed
+                                model.clone(frozen_batch_norm=tuple(every)).apply(
+                                    variables, x, train=True))
 
 
 @pytest.mark.parametrize("devices,mode", [(2, "shard_map"), (4, "shard_map"), (4, "pmap")])

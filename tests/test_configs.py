@@ -185,7 +185,7 @@ def test_every_optimizer_and_schedule_name_builds(optimizer, schedule):
   config = overridden(optimizer=optimizer, schedule=schedule, warmup_steps=warmup,
                       trainable="^head/")
   params = {"head": {"kernel": jnp.ones((2, 2))}}
-  tx, _ = optim.make_optimizer(config, params, 10)
+  tx, _ = optim.make_optimizer(params, config, 10)
   updates, _ = tx.update(params, tx.init(params), params)
   assert updates["head"]["kernel"].shape == (2, 2)
 

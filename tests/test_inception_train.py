@@ -45,8 +45,7 @@ def calibrated_statistics(model, variables, size):
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
-    model.apply(variables, x, batch_norm_train=optim.batch_norm_layers(variables["params"]),
-                mutable=["batch_stats"])
+    model.apply(variables, x, train=True, mutable=["batch_stats"])
   assert set(stats) == set(variables["batch_stats"])
   return stats
 

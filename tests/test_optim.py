@@ -42,7 +42,7 @@ def test_lr_mults_make_groups_and_must_touch_trainable_params(params):
 
 
 def test_frozen_parameters_have_no_optimizer_state(params):
-  tx, labels = optim.make_optimizer(default_config(optimizer="adam"), params, 10)
+  tx, labels = optim.make_optimizer(params, default_config(optimizer="adam"), 10)
   state = tx.init(params)
   leaves = jax.tree_util.tree_leaves(state)
   n_trainable, n_frozen = optim.count_params(params, labels)
@@ -55,7 +55,7 @@ def test_lr_mult_scales_the_update(params):
   config = default_config(optimizer="sgd", momentum=0.0, learning_rate=1.0,
                           trainable=["^head/", "^block5_conv3"])
   config.lr_mults = ml_collections.ConfigDict({"^block5_conv3": 0.1})
-  tx, _ = optim.make_optimizer(config, params, 10)
+  tx, _ = optim.make_optimizer(params, config, 10)
   grads = jax.tree_util.tree_map(jnp.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   assert np.allclose(updates["head"]["logits"]["bias"], -1.0)
@@ -64,7 +64,7 @@ def test_lr_mult_scales_the_update(params):
 
 
 def test_describe_counts(params):
-  _, labels = optim.make_optimizer(default_config(), params, 10)
+  _, labels = optim.make_optimizer(params, default_config(), 10)
   line = optim.describe(params, labels)
   trainable = 32 * 256 + 256 + 256 * 2 + 2  # 32x32 input -> 1x1x32 features
   assert line.startswith(f"params: {trainable:,} trainable")
@@ -115,7 +115,7 @@ def test_one_cycle_cycles_momentum_where_the_optimizer_has_it(params, optimizer,
   """0.95 at the start, 0.85 at the peak rate, back to 0.95 at the end (fastai's moms)."""
   config = default_config(schedule="one_cycle", optimizer=optimizer, learning_rate=0.01,
                           pct_start=0.25)
-  tx, _ = optim.make_optimizer(config, params, 8)
+  tx, _ = optim.make_optimizer(params, config, 8)
   state = tx.init(params)
   grads = jax.tree_util.tree_map(jnp.ones_like, params)
   seen = []
@@ -138,3 +138,41 @@ def test_one_cycle_with_warmup_steps_is_one_line():
   from transfer import configs
   with pytest.raises(UserError, match=r"^warmup_steps=5 does not apply to schedule=one_cycle"):
     configs.validate(default_config(schedule="one_cycle", warmup_steps=5))
+
+
+def test_keywords_build_what_the_config_builds(params):
+  """`make_optimizer(params, learning_rate=..., ...)`: the config's keys as keywords, the
+  default config's values for the rest."""
+  config = default_config(optimizer="sgd", momentum=0.0, learning_rate=0.5,
+                          trainable=["^head/", "^block5_conv3"])
+  config.lr_mults = ml_collections.ConfigDict({"^block5_conv3": 0.1})
+  by_config = optim.make_optimizer(params, config, 10)
+  by_keywords = optim.make_optimizer(params, optimizer="sgd", momentum=0.0, learning_rate=0.5,
+                                     trainable=("^head/", "^block5_conv3"),
+                                     lr_mults={"^block5_conv3": 0.1})
+  assert jax.tree_util.tree_leaves(by_keywords.labels) == jax.tree_util.tree_leaves(
+      by_config.labels)
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  want, _ = by_config.tx.update(grads, by_config.tx.init(params), params)
+  got, _ = by_keywords.tx.update(grads, by_keywords.tx.init(params), params)
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_array_equal(a, b)
+  # A keyword overrides the config's value; nothing given is the default config's.
+  faster = optim.make_optimizer(params, config, 10, learning_rate=1.0)
+  up, _ = faster.tx.update(grads, faster.tx.init(params), params)
+  assert np.allclose(up["head"]["logits"]["bias"], -1.0)
+  defaults = optim.make_optimizer(params)
+  assert optim.describe(params, defaults.labels) == optim.describe(
+      params, optim.make_optimizer(params, default_config(), 10).labels)
+
+
+def test_bad_keywords_are_one_line_errors(params):
+  with pytest.raises(UserError, match="unknown option.* lr; valid: optimizer, learning_rate"):
+    optim.make_optimizer(params, lr=1e-3)
+  with pytest.raises(UserError, match=r"learning_rate=-1.0 is out of range: must be > 0"):
+    optim.make_optimizer(params, learning_rate=-1.0)
+  with pytest.raises(UserError, match="optimizer='lamb' is not valid"):
+    optim.make_optimizer(params, optimizer="lamb")
+  with pytest.raises(UserError, match="schedule 'cosine' decays .* pass total_steps="):
+    optim.make_optimizer(params, schedule="cosine")
+  assert optim.make_optimizer(params, schedule="cosine", total_steps=10).tx is not None

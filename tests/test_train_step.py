@@ -8,6 +8,7 @@ import pytest
 from transfer import models, optim, parallel
 from transfer import steps as steps_lib, train_state
 from transfer.configs import default
+from transfer.errors import UserError
 from helpers import F32_U, assert_trained_alike
 
 IMAGE = 32
@@ -19,7 +20,7 @@ def _setup(dtype="float32", trainable=("^head/",), lr=1e-2, optimizer="adam", co
   config.trainable, config.learning_rate, config.optimizer = list(trainable), lr, optimizer
   model = models.get("vgg16_tiny", head="flatten_dense", num_classes=1, dtype=dtype, conv=conv)
   params = models.init_params(model, IMAGE, 0)
-  tx, labels = optim.make_optimizer(config, params, 100)
+  tx, labels = optim.make_optimizer(params, config, 100)
   return model, params, tx, labels
 
 
@@ -137,3 +138,56 @@ def test_eval_step_counts_masked_examples_once():
   logits = model.apply({"params": params}, batch["image"][:5])
   pred = (np.asarray(logits)[:, 0] > 0).astype(int)
   assert sums["correct"] == pytest.approx(np.sum(pred == batch["label"][:5]), abs=1e-4)
+
+
+def test_the_step_leaves_the_callers_variables_readable():
+  """A researcher's own variables (device arrays) go into a state and through the step, placed
+  by `replicate` or as they are: afterwards they still read, unchanged (donation is opt-in)."""
+  model, params, tx, labels = _setup()
+  want = jax.device_get(params)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  step = steps_lib.make_train_step(model, tx, labels, mesh)
+  for place in (lambda s: parallel.replicate(s, mesh), lambda s: s):
+    state = place(train_state.create_train_state(params, tx, 0))
+    for batch in _batches(3):
+      state, _ = step(state, jax.device_put(batch, parallel.batch_sharding(mesh)))
+    assert int(state.step) == 3
+    for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(params)),
+                    jax.tree_util.tree_leaves(want)):
+      np.testing.assert_array_equal(a, b)
+  # Asked for, donation hands the state's buffers (here the caller's params) to the step.
+  donating = steps_lib.make_train_step(model, tx, labels, mesh, donate=True)
+  donating(train_state.create_train_state(params, tx, 0),
+           jax.device_put(next(_batches(1)), parallel.batch_sharding(mesh)))
+  with pytest.raises(RuntimeError, match="deleted"):
+    jax.device_get(params["head"]["logits"]["kernel"])
+
+
+def test_the_state_is_a_flax_train_state():
+  """flax's fields and `apply_gradients` (its `tx`), with `apply_fn` and `tx` static."""
+  from flax.training import train_state as flax_train_state
+  model, params, tx, _ = _setup(optimizer="sgd", lr=1.0)
+  state = train_state.create_train_state(params, tx, 0, apply_fn=model.apply)
+  assert isinstance(state, flax_train_state.TrainState)
+  names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+  assert not any(n.startswith((".apply_fn", ".tx")) for n in names)
+  x = next(_batches(1))["image"]
+  np.testing.assert_array_equal(state.apply_fn(state.variables, x),
+                                model.apply({"params": params}, x))
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  after = state.apply_gradients(grads=grads)
+  assert int(after.step) == 1
+  np.testing.assert_allclose(after.params["head"]["logits"]["bias"],
+                             params["head"]["logits"]["bias"] - 1.0)
+  np.testing.assert_array_equal(after.params["block1_conv1"]["kernel"],  # frozen
+                                params["block1_conv1"]["kernel"])
+
+
+def test_a_state_of_another_optimizer_is_refused():
+  model, params, tx, labels = _setup()
+  _, _, other, _ = _setup()
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  step = steps_lib.make_train_step(model, tx, labels, mesh)
+  state = train_state.create_train_state(params, other, 0)
+  with pytest.raises(UserError, match="another optimizer"):
+    step(state, jax.device_put(next(_batches(1)), parallel.batch_sharding(mesh)))

@@ -145,7 +145,7 @@ class Run:
     stage = self.plan[which] if isinstance(which, int) else which
     if stage.index not in self._parts:
       c = stage.config
-      tx, labels = optim.make_optimizer(c, self.variable_shapes["params"], stage.steps)
+      tx, labels = optim.make_optimizer(self.variable_shapes["params"], c, stage.steps)
       self._parts[stage.index] = StageParts(stage, tx, labels,
                                             regularisation.Regularisation.from_config(c),
                                             ema_lib.decay(c))
@@ -157,7 +157,7 @@ class Run:
 
   def sweep(self, parts: StageParts, total_steps: int, schedule) -> StageParts:
     """`parts` with its optimizer driven by `schedule` over `total_steps` (`lr_find`)."""
-    tx, labels = optim.make_optimizer(parts.config, self.variable_shapes["params"], total_steps,
+    tx, labels = optim.make_optimizer(self.variable_shapes["params"], parts.config, total_steps,
                                       schedule=schedule)
     return dataclasses.replace(parts, tx=tx, param_labels=labels)
 
@@ -193,10 +193,14 @@ class Run:
                                   self.data.identity(), source=self.source)
 
   def train_step(self, parts: StageParts, kind: str = "full"):
-    """The stage's jitted train step on images (`full`) or cached backbone features (`head`)."""
+    """The stage's jitted train step on images (`full`) or cached backbone features (`head`).
+
+    It donates the state (the run's own: `new_state`, `restart_state`, a restored checkpoint),
+    so the state passed in is deleted, with any array it shares with `new_state`'s variables.
+    """
     return steps.make_train_step(self.model, parts.tx, parts.param_labels, self.mesh,
                                  self.config.parallel, kind, parts.regularisation,
-                                 parts.ema_decay)
+                                 parts.ema_decay, donate=True)
 
   def eval_step(self, kind: str = "full", tta: bool = False):
     """The jitted eval step (sums over a masked batch)."""
@@ -204,10 +208,15 @@ class Run:
                                 kind, tta=tta)
 
   def new_state(self, variables: dict[str, Any], parts: StageParts):
-    """A fresh train state of `variables` for the stage's optimizer, replicated on the mesh."""
+    """A fresh train state of `variables` for the stage's optimizer, replicated on the mesh.
+
+    Device arrays already placed like that are taken over, not copied (the CLI keeps one copy
+    of the params): `train_step` donates the state, so pass host arrays or a copy to keep
+    `variables` readable.
+    """
     return parallel.replicate(train_state.create_train_state(
         variables["params"], parts.tx, self.config.seed, variables.get("batch_stats"),
-        ema=self.keeps_ema), self.mesh)
+        ema=self.keeps_ema, apply_fn=self.model.apply), self.mesh)
 
   def restart_state(self, state, parts: StageParts):
     """The state a new stage starts from: these params and BatchNorm statistics, a fresh
@@ -215,7 +224,8 @@ class Run:
     processes; params pass through bit for bit. The parameter average restarts at the params
     too, as in a run started with `init_from`."""
     restart = lambda params, batch_stats: train_state.create_train_state(
-        params, parts.tx, self.config.seed, batch_stats, ema=self.keeps_ema)
+        params, parts.tx, self.config.seed, batch_stats, ema=self.keeps_ema,
+        apply_fn=self.model.apply)
     return jax.jit(restart, out_shardings=parallel.replicated(self.mesh))(state.params,
                                                                           state.batch_stats)
 
@@ -224,7 +234,8 @@ class Run:
     parts = self.stage_of(step)
     abstract = jax.eval_shape(
         lambda v: train_state.create_train_state(v["params"], parts.tx, self.config.seed,
-                                                 v.get("batch_stats"), ema=self.keeps_ema),
+                                                 v.get("batch_stats"), ema=self.keeps_ema,
+                                                 apply_fn=self.model.apply),
         self.variable_shapes)
     return jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(self.mesh)),

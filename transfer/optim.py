@@ -10,7 +10,7 @@ typo in a freeze pattern would otherwise silently train (or freeze) the wrong la
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import optax
@@ -160,24 +160,80 @@ def _base_optimizer(config, learning_rate, momentum=None) -> optax.GradientTrans
   return tx
 
 
-def make_optimizer(config, params, total_steps: int, schedule: optax.Schedule | None = None):
-  """Builds the optimizer and its freeze labels.
+# The config keys the optimizer reads; each is also a keyword of `make_optimizer`, with the
+# default config's value (`transfer/configs/default.py`) as its default.
+OPTIONS = ("optimizer", "learning_rate", "schedule", "warmup_steps", "momentum", "weight_decay",
+           "grad_clip_norm", "trainable", "lr_mults", "train_bn", "pct_start", "div_factor",
+           "final_div_factor", "cycle_momentum", "max_momentum", "base_momentum")
+
+
+class Optimizer(NamedTuple):
+  """What `make_optimizer` builds: unpacks as `tx, labels = make_optimizer(...)`.
+
+  Attributes:
+    tx: an `optax.partition` over the label groups: `frozen` params go through
+      `optax.set_to_zero()` (no update, no optimizer state), each `trainable[_x<mult>]` group
+      through the named optimizer at its learning rate.
+    labels: the label tree, the params' structure with one label per parameter (`FROZEN`,
+      `TRAINABLE` or `trainable_x<mult>`): which params train, at which rate multiple.
+  """
+
+  tx: optax.GradientTransformation
+  labels: Any
+
+  @property
+  def frozen_batch_norm(self) -> frozenset[str]:
+    """The BatchNorm layers that stay in inference mode when training (`frozen_batch_norm`)."""
+    return frozen_batch_norm(self.labels)
+
+  def describe(self, params) -> str:
+    """One line: trainable and frozen counts, and the trained layers."""
+    return describe(params, self.labels)
+
+
+def make_optimizer(params, config=None, total_steps: int | None = None, *,
+                   schedule: str | optax.Schedule | None = None, **options) -> Optimizer:
+  """Builds the optimizer and its freeze labels, from a run config or from keywords.
+
+      tx, labels = make_optimizer(params, learning_rate=1e-3, optimizer="sgd",
+                                  trainable=["^head/", "^conv5_"], train_bn=True)
+      tx, labels = make_optimizer(params, config, total_steps)   # a run's config
 
   Args:
-    config: needs `optimizer`, `learning_rate`, `schedule`, `warmup_steps`, `momentum`,
-      `weight_decay`, `grad_clip_norm`, `trainable`, `lr_mults` (and the one-cycle keys).
-    params: the params tree to label.
-    total_steps: for decaying schedules.
-    schedule: a learning-rate schedule to use instead of `config.schedule`'s (the LR finder's
-      exponential sweep); `lr_mults` still scale it.
+    params: the params tree to label (arrays or `jax.ShapeDtypeStruct`s).
+    config: a run config (`transfer.configs`); None: the default config's values.
+    total_steps: the steps decaying schedules (`cosine`, `warmup_cosine`, `one_cycle`) decay
+      over; not needed for a `constant` one.
+    schedule: a schedule's name (the config key: constant, cosine, warmup_cosine, one_cycle),
+      or an optax schedule to use instead of the configured one (the LR finder's exponential
+      sweep); `lr_mults` still scale it.
+    **options: any of `OPTIONS`, overriding the config's value: `optimizer` (adam, adamw, sgd,
+      rmsprop), `learning_rate`, `warmup_steps`, `momentum`, `weight_decay`,
+      `grad_clip_norm`, `trainable` (regexes over paths like `block5_conv1/kernel`; the rest is
+      frozen), `lr_mults` (`{regex: multiplier}`), `train_bn` (BatchNorm layers train inside
+      frozen blocks, fastai's `train_bn`) and the one-cycle keys (`pct_start`, `div_factor`,
+      `final_div_factor`, `cycle_momentum`, `max_momentum`, `base_momentum`). Defaults and
+      allowed values are the config's (`transfer/configs/default.py`, checked as a config is).
 
   Returns:
-    `(tx, param_labels)`: an `optax.partition` over the label groups, and the label tree.
+    An `Optimizer`: `(tx, labels)`.
+
+  Raises:
+    UserError: an unknown option or a bad value (one line naming it), a decaying schedule
+      without `total_steps`, or a freeze pattern that matches nothing.
   """
+  if isinstance(schedule, str):  # the config key, not a schedule function
+    options, schedule = {**options, "schedule": schedule}, None
+  kinds = models.spec(config.model).layer_kinds if config is not None else None
+  config = _optimizer_config(config, options)
+  if total_steps is None:
+    if schedule is None and config.schedule != "constant":
+      raise UserError(f"schedule {config.schedule!r} decays over the run: pass total_steps= "
+                      f"to make_optimizer (or schedule='constant')")
+    total_steps = 1
   lr_mults = {k: float(v) for k, v in dict(config.lr_mults).items()}
   trainable = list(config.trainable)
   if config.train_bn:  # fastai's train_bn: BatchNorm keeps training in frozen blocks
-    kinds = models.spec(config.model).layer_kinds
     trainable += [f"^{name}/" for name in batch_norm_layers(params, kinds)]
   labels = param_labels(params, trainable, lr_mults)
   schedule = make_schedule(config, total_steps) if schedule is None else schedule
@@ -188,7 +244,25 @@ def make_optimizer(config, params, total_steps: int, schedule: optax.Schedule | 
     transforms[_group_label(mult)] = _base_optimizer(config, scaled, momentum)
   used = set(jax.tree_util.tree_leaves(labels))
   transforms = {k: v for k, v in transforms.items() if k in used or k == FROZEN}
-  return optax.partition(transforms, labels), labels
+  return Optimizer(optax.partition(transforms, labels), labels)
+
+
+def _optimizer_config(config, options: dict[str, Any]):
+  """`config` with `options` set (validated as a config is), or the default config with them."""
+  unknown = sorted(set(options) - set(OPTIONS))
+  if unknown:
+    raise UserError(f"make_optimizer got unknown option(s) {', '.join(unknown)}; valid: "
+                    f"{', '.join(OPTIONS)}")
+  if config is not None and not options:
+    return config
+  from transfer import configs
+  import ml_collections
+  base = ml_collections.ConfigDict() if config is None else ml_collections.ConfigDict(
+      config.to_dict())
+  with base.unlocked():
+    for key, value in options.items():
+      base[key] = list(value) if key == "trainable" and not isinstance(value, str) else value
+  return configs.validate(base)
 
 
 def batch_norm_layers(params, kinds: Mapping[str, str] | None = None) -> tuple[str, ...]:
@@ -203,6 +277,18 @@ def batch_norm_layers(params, kinds: Mapping[str, str] | None = None) -> tuple[s
   """
   kinds = models.layer_kinds_of(params) if kinds is None else kinds
   return tuple(sorted(k for k in params if kinds.get(k) == models.BATCH_NORM))
+
+
+def frozen_batch_norm(labels) -> frozenset[str]:
+  """The BatchNorm layers a train step keeps in inference mode: those whose bias is frozen.
+
+  A frozen BatchNorm layer normalises with its running statistics and never updates them
+  (Keras' behaviour since TF 2, timm's FrozenBatchNorm), so a frozen backbone trains as VGG's
+  does; a layer that trains (`trainable` or `train_bn`) uses batch statistics. This is what a
+  model's `frozen_batch_norm` attribute takes (`transfer.models.backbone.Classifier`).
+  """
+  return frozenset(name for name in batch_norm_layers(labels)
+                   if labels[name]["bias"] == FROZEN)
 
 
 def trainable_mask(labels) -> Any:

@@ -83,7 +83,7 @@ def example_ids(local_batch: int):
 
 
 def data_parallel(per_device: Callable, mesh: Mesh, mode: str = "shard_map",
-                  donate_state: bool = True) -> Callable:
+                  donate_state: bool = False) -> Callable:
   """Wraps `per_device(state, batch) -> (state, out)` to run data-parallel over `mesh`.
 
   Inside `per_device`, the batch is this device's slice and `lax.pmean(x, "data")` averages over
@@ -93,7 +93,9 @@ def data_parallel(per_device: Callable, mesh: Mesh, mode: str = "shard_map",
     per_device: the per-device step.
     mesh: the `data` mesh.
     mode: `"shard_map"` or `"pmap"`.
-    donate_state: donate the state's buffers (the caller must not reuse the old state).
+    donate_state: donate the state's buffers to the step: XLA writes the new state into them,
+      and the state passed in (and any array it shares, e.g. params it was built from) is
+      deleted. Off by default; the CLI's train step turns it on for its own state.
 
   Returns:
     `fn(state, batch) -> (state, out)` taking the replicated state and a batch sharded over `data`.

@@ -1,17 +1,25 @@
 """The jitted train, eval, probability and feature steps: pure device code.
 
 Nothing here reads files, logs or checkpoints; the loop (`transfer.train`) does, at steps it
-chooses. Each step is compiled once, with the state donated. Freezing comes from the optimizer's
-labels (see `transfer.optim`): the train step differentiates only the trainable parameters, so a
-frozen conv base costs a forward pass and no backward pass. The state is `transfer.train_state`,
+chooses. Each step is compiled once. Freezing comes from the optimizer's labels (see
+`transfer.optim`): the train step differentiates only the trainable parameters, so a frozen conv
+base costs a forward pass and no backward pass, and keeps frozen BatchNorm layers in inference
+mode (the model's `frozen_batch_norm`).
+
+The train step donates the state only when asked (`donate=True`): donation lets XLA write the
+new state into the old one's buffers (half the state's memory), and deletes the state passed in
+with every array it shares, e.g. the params a caller built it from (`create_train_state` does
+not copy them). The CLI's run asks for it (`assembly.Run.train_step`): nobody else holds its
+state. The state is `transfer.train_state`,
 the loss `transfer.losses`, smoothing and mixing `transfer.regularisation`, the parameter
 average `transfer.ema`; the host-side eval loop is `transfer.eval_loop`. A run builds its steps
 through `transfer.assembly`, so train, lr_find and bench compile the same ones.
 
-    tx, param_labels = transfer.optim.make_optimizer(config, params, total_steps)
+    tx, param_labels = transfer.optim.make_optimizer(params, config, total_steps)
     state = parallel.replicate(train_state.create_train_state(params, tx, seed), mesh)
     train_step = make_train_step(model, tx, param_labels, mesh)
     state, metrics = train_step(state, {"image": images, "label": labels})
+    params["head"]  # still readable: the step does not donate unless donate=True
 """
 
 from __future__ import annotations
@@ -31,16 +39,6 @@ from transfer.regularisation import Regularisation, flipped_partner, mix_batch, 
 from transfer.train_state import TrainState, as_variables
 
 
-def training_batch_norm(param_labels) -> frozenset[str]:
-  """The BatchNorm layers a train step runs on batch statistics: those whose bias (and scale,
-  where there is one) trains.
-
-  A frozen BatchNorm layer normalises with its running statistics and never updates them (Keras'
-  behaviour since TF 2, timm's FrozenBatchNorm), so a frozen backbone trains as VGG's does.
-  """
-  return frozenset(name for name in optim.batch_norm_layers(param_labels)
-                   if param_labels[name]["bias"] != optim.FROZEN)
-
 def _split(params, mask):
   """(trainable, frozen) flat dicts of `params` by the bool tree `mask`."""
   flat, flat_mask = traverse_util.flatten_dict(params), traverse_util.flatten_dict(mask)
@@ -52,17 +50,20 @@ def _split(params, mask):
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, param_labels, mesh,
                     parallel_mode: str = "shard_map", stage: str = "full",
                     regularisation: Regularisation | None = None,
-                    ema_decay: float = 0.0) -> Callable:
+                    ema_decay: float = 0.0, donate: bool = False) -> Callable:
   """Builds the jitted data-parallel `train_step(state, batch) -> (state, metrics)`.
 
   Gradients are taken only with respect to the trainable parameters (those not labelled
   `frozen`), so JAX never builds the backward pass of a frozen backbone; frozen leaves still go
   through `tx` (as zeros, which `set_to_zero` drops), keeping `optax.partition` the single
-  source of truth for what trains.
+  source of truth for what trains. The model runs with `train=True` and its `frozen_batch_norm`
+  set from the labels (`optim.frozen_batch_norm`): BatchNorm layers whose params train use
+  global-batch statistics and update their running ones, frozen ones stay in inference mode.
 
   Args:
     model: the Flax module.
-    tx: the optimizer from `optim.make_optimizer`.
+    tx: the optimizer from `optim.make_optimizer`: the state's (`state.tx`, which the step
+      applies); a state made with another optimizer is refused when the step is traced.
     param_labels: its label tree (which parameters are frozen).
     mesh: the `data` mesh.
     parallel_mode: `"shard_map"` or `"pmap"`.
@@ -72,6 +73,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, param_la
       across the global batch (`flipped_partner`).
     ema_decay: the parameter average's decay (`ema.decay(config)`); the average is updated when
       the state carries one (`create_train_state(ema=True)`).
+    donate: donate the state to the step (see the module docstring): the state passed in, and
+      any array it shares with the caller, is deleted. Off by default.
 
   Returns:
     A function taking the replicated state and a batch `{"image", "label"}` sharded over `data`;
@@ -83,11 +86,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, param_la
     raise UserError("mixup/cutmix mix images; they cannot train on cached features "
                     "(set cache_features=False)")
   partner = flipped_partner(mesh.devices.size)
-  bn_train = training_batch_norm(param_labels) if stage == "full" else frozenset()
-  if bn_train:  # batch statistics over the global batch: mean over the `data` axis
-    model = model.clone(batch_norm_axis=parallel.AXIS)
+  frozen_bn = optim.frozen_batch_norm(param_labels)
+  bn_train = stage == "full" and bool(set(optim.batch_norm_layers(param_labels)) - frozen_bn)
+  # Training BatchNorm averages its statistics over the global batch (the `data` axis).
+  model = model.clone(frozen_batch_norm=frozen_bn,
+                      **({"batch_norm_axis": parallel.AXIS} if bn_train else {}))
 
   def per_device(state: TrainState, batch):
+    if state.tx != tx:
+      raise UserError("the train state was created with another optimizer than this train "
+                      "step's; create it with the tx make_optimizer returned with these labels")
     local_batch = batch["label"].shape[0]
     ids = parallel.example_ids(local_batch)
     dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -104,8 +112,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, param_la
       variables = as_variables(params, state.batch_stats)
       kwargs = dict(train=True, stage=stage, example_ids=ids, rngs={"dropout": dropout_rng})
       if bn_train:
-        logits, updated = model.apply(variables, images, batch_norm_train=bn_train,
-                                      mutable=["batch_stats"], **kwargs)
+        logits, updated = model.apply(variables, images, mutable=["batch_stats"], **kwargs)
         batch_stats = updated["batch_stats"]
       else:
         logits, batch_stats = model.apply(variables, images, **kwargs), state.batch_stats
@@ -117,7 +124,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, param_la
     metrics = jax.lax.pmean(metrics, parallel.AXIS)
     full_grads = traverse_util.unflatten_dict(
         {**{k: jnp.zeros_like(v) for k, v in frozen.items()}, **grads})
-    updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+    updates, opt_state = state.tx.update(full_grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     ema_params = ema.update(state.ema_params, new_params, ema_decay, mask)
 
@@ -134,7 +141,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, param_la
                                  state.nonfinite_step))
     return new_state, metrics
 
-  return parallel.data_parallel(per_device, mesh, parallel_mode)
+  return parallel.data_parallel(per_device, mesh, parallel_mode, donate_state=donate)
+
 
 def tta_probabilities(model: nn.Module, variables, images, stage: str = "full"):
   """Test-time augmentation: the mean of the probabilities of the images and their mirrors."""

@@ -364,13 +364,15 @@ def _saved_structure(abstract_state, saved_keys: set[str] | None):
   unchanged = abstract_state, lambda restored: restored
   if saved_keys is None or not dataclasses.is_dataclass(abstract_state):
     return unchanged
-  fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
+  # The saved fields only: flax's static ones (a TrainState's `apply_fn`, `tx`) hold no arrays.
+  fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)
+            if f.metadata.get("pytree_node", True)}
   missing = {k for k, v in fields.items()
              if k not in saved_keys and not jax.tree_util.tree_leaves(v)}
   if not missing:
     return unchanged
   target = {k: v for k, v in fields.items() if k not in missing}
-  return target, lambda restored: type(abstract_state)(
+  return target, lambda restored: abstract_state.replace(
       **dict(restored), **{k: fields[k] for k in missing})
 
 

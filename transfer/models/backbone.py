@@ -1,7 +1,7 @@
 """The backbone + head protocol, written once: every family's module is a `Classifier`.
 
 A family (VGG, ResNet, InceptionV3; a ViT or ConvNeXt next) subclasses `Classifier`, adds its
-own fields (stage sizes, widths, variant) and implements `backbone(x, training)`: preprocessed
+own fields (stage sizes, widths, variant) and implements `backbone(x, train)`: preprocessed
 NHWC images -> its features, an NHWC map (N, H, W, C) or a token sequence (N, T, C). The stage
 dispatch, the heads and the dtype handling live here:
 
@@ -13,12 +13,21 @@ dispatch, the heads and the dtype handling live here:
 the top level of the params tree under the family's names (`block1_conv1`, `conv2_block1_1_bn`,
 `mixed9_branch1x1_conv`, and the ImageNet top's `fc1`/`predictions`); a new head is one module
 called `head`. The call interface, `model.apply(variables, x, train=..., stage=...,
-example_ids=..., batch_norm_train=..., mutable=...)`, is the same for every family.
+example_ids=..., mutable=...)`, is the same for every family.
+
+BatchNorm follows flax's convention: `train=True` normalises with batch statistics and updates
+the running ones (apply with `mutable=["batch_stats"]`), `train=False` uses the running ones
+(`use_running_average=not train`). Layers named in the `frozen_batch_norm` attribute stay in
+inference mode even when training, as a frozen backbone's BatchNorm should (Keras since TF 2,
+timm's FrozenBatchNorm): the train step sets it from the optimizer's labels,
+
+    model = model.clone(frozen_batch_norm=optim.frozen_batch_norm(labels))
+    logits, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Collection
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -48,6 +57,10 @@ class Classifier(nn.Module):
     pooling: with `head="none"`, what `stage="full"` returns (`heads.POOLINGS`): None the
       backbone's features as they are, `"avg"` / `"max"` one float32 vector per image (global
       average or max pooling, Keras' `pooling`). `stage="features"` is never pooled.
+    frozen_batch_norm: names of the BatchNorm layers that run in inference mode (running
+      statistics, never updated) even with `train=True`; a frozenset or tuple
+      (`transfer.optim.frozen_batch_norm(labels)`: the layers the optimizer freezes). Empty:
+      every BatchNorm layer trains when `train` is True, as in any flax model.
   """
 
   arch: str = ""
@@ -60,22 +73,22 @@ class Classifier(nn.Module):
   conv: str = "xla"
   batch_norm_axis: str | None = None
   pooling: str | None = None
+  frozen_batch_norm: Collection[str] = ()
 
   @nn.compact
-  def __call__(self, x, train: bool = False, stage: str = "full", example_ids=None,
-               batch_norm_train: Iterable[str] = ()):
+  def __call__(self, x, train: bool = False, stage: str = "full", example_ids=None):
     """Runs the network (or one stage of it).
 
     Args:
       x: NHWC images preprocessed for the weights (`transfer.weights.preprocess`), or, for
         `stage="head"`, the backbone's features.
-      train: enables dropout in the head (needs a `"dropout"` RNG in `apply`).
+      train: training mode: dropout in the head (needs a `"dropout"` RNG in `apply` when the
+        head has dropout), and BatchNorm on batch statistics, updating the running ones
+        (`mutable=["batch_stats"]`), except in the `frozen_batch_norm` layers. False (the
+        default) is inference everywhere.
       stage: `"full"`, `"features"` or `"head"` (see the module docstring).
       example_ids: (N,) global example indices; when given, dropout masks are keyed per example
         so results do not depend on how the batch is split over devices.
-      batch_norm_train: names of the BatchNorm layers that normalise with batch statistics and
-        update their running statistics (apply with `mutable=["batch_stats"]`); every other one
-        runs in inference mode. Empty (the default) is inference everywhere.
 
     Returns:
       float32 logits (N, num_classes), or the features for `head="none"`/`stage="features"`.
@@ -84,7 +97,7 @@ class Classifier(nn.Module):
       raise UserError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
     self.check()
     if stage != "head":
-      x = self.backbone(x.astype(self.dtype), frozenset(batch_norm_train))
+      x = self.backbone(x.astype(self.dtype), train)
       if stage == "features":
         return x
       if self.head == "none":
@@ -94,9 +107,16 @@ class Classifier(nn.Module):
   def check(self) -> None:
     """Raises a UserError for fields the family cannot build (an unknown variant)."""
 
-  def backbone(self, x, training: frozenset):
-    """Images (already in `dtype`) -> features; `training`: the BatchNorm layers in batch mode."""
+  def backbone(self, x, train: bool):
+    """Images (already in `dtype`) -> features; `train`: training mode (see `batch_norm_mode`)."""
     raise NotImplementedError
+
+  def batch_norm_mode(self, name: str, train: bool) -> tuple[bool, str | None]:
+    """`(use_running_average, axis_name)` of the BatchNorm layer `name`: inference mode unless
+    training and the layer is not in `frozen_batch_norm`; a training layer averages its
+    statistics over `batch_norm_axis`. Every family's BatchNorm asks here."""
+    use_batch = train and name not in self.frozen_batch_norm
+    return not use_batch, self.batch_norm_axis if use_batch else None
 
   def imagenet_top(self, x):
     """The ImageNet top on the features: global average pooling and `predictions` (Keras'

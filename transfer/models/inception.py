@@ -20,9 +20,10 @@ Keras' own are generated (`conv2d_17`): the stem is `stem_1a` ... `stem_4a` (tor
 `^(stem|mixed[0-8])_`, and training the top two blocks is `trainable=["^mixed9_", "^mixed10_",
 "^head/"]`. The ImageNet top is global average pooling and `predictions` (Keras' name).
 
-BatchNorm statistics live in `batch_stats`, used in inference mode unless a layer is named in
-`batch_norm_train`. The stage dispatch and heads are `transfer.models.backbone.Classifier`'s;
-`porting` is this family's adapter (torchvision's names, Keras' layer order).
+BatchNorm statistics live in `batch_stats`: `train=True` trains every BatchNorm layer not in
+`frozen_batch_norm`, `train=False` is inference mode (`Classifier.batch_norm_mode`). The stage
+dispatch and heads are `transfer.models.backbone.Classifier`'s; `porting` is this family's
+adapter (torchvision's names, Keras' layer order).
 """
 
 from __future__ import annotations
@@ -224,19 +225,19 @@ class InceptionV3(Classifier):
     if self.variant not in VARIANTS:
       raise UserError(f"unknown InceptionV3 variant {self.variant!r}; valid: {', '.join(VARIANTS)}")
 
-  def backbone(self, x, training: frozenset = frozenset()):
+  def backbone(self, x, train: bool = False):
     """Stem and mixed0 ... mixed10 -> the mixed10 map; called inside `__call__`'s compact scope."""
-    x = self._chain(STEM, x, "", training)
+    x = self._chain(STEM, x, "", train)
     for block, _, branches in BLOCKS:
-      x = jnp.concatenate([self._chain(b, x, f"{block}_", training) for b in branches], axis=-1)
+      x = jnp.concatenate([self._chain(b, x, f"{block}_", train) for b in branches], axis=-1)
     return x
 
-  def _chain(self, ops: Sequence[Any], x, prefix: str, training: frozenset):
+  def _chain(self, ops: Sequence[Any], x, prefix: str, train: bool):
     for op in ops:
       if isinstance(op, Conv):
-        x = self._conv_bn(x, op, prefix + op.name, training)
+        x = self._conv_bn(x, op, prefix + op.name, train)
       elif isinstance(op, Split):
-        x = jnp.concatenate([self._chain(b, x, prefix, training) for b in op.branches], axis=-1)
+        x = jnp.concatenate([self._chain(b, x, prefix, train) for b in op.branches], axis=-1)
       elif op == MAX_POOL:
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
       else:  # Keras' `same` pool averages the window's real pixels; torch counts the zero padding.
@@ -244,15 +245,14 @@ class InceptionV3(Classifier):
                         count_include_pad=self.variant == "torchvision")
     return x
 
-  def _conv_bn(self, x, op: Conv, name: str, training: frozenset):
+  def _conv_bn(self, x, op: Conv, name: str, train: bool):
     fast = winograd.use_for(self.conv, x.shape[-1])  # applies only where it can (3x3, stride 1)
     x = nn.Conv(max(1, op.features // self.width_divisor), op.kernel,
                 strides=(op.stride, op.stride), padding=op.padding, use_bias=False,
                 dtype=self.dtype, param_dtype=self.param_dtype, name=f"{name}_conv",
                 conv_general_dilated=winograd.conv_general_dilated if fast else None)(x)
-    use_batch = f"{name}_bn" in training
-    x = nn.BatchNorm(use_running_average=not use_batch, momentum=_MOMENTUM[self.variant],
+    running, axis = self.batch_norm_mode(f"{name}_bn", train)
+    x = nn.BatchNorm(use_running_average=running, momentum=_MOMENTUM[self.variant],
                      epsilon=_EPSILON, use_scale=self.variant == "torchvision", dtype=self.dtype,
-                     param_dtype=self.param_dtype,
-                     axis_name=self.batch_norm_axis if use_batch else None, name=f"{name}_bn")(x)
+                     param_dtype=self.param_dtype, axis_name=axis, name=f"{name}_bn")(x)
     return nn.relu(x)

@@ -13,9 +13,9 @@ Both variants use the Keras layer names (`conv1_conv`, `conv2_block1_1_conv`, `c
 porter maps torchvision's state-dict names (`layer4.0.conv1`) onto them (`porting`, this family's
 adapter). The stage dispatch and heads are `transfer.models.backbone.Classifier`'s.
 
-BatchNorm layers keep their running statistics in the `batch_stats` collection. They normalise
-with those statistics (inference mode) unless their name is in `batch_norm_train`, the layers
-whose statistics a train step computes from the batch and updates (see `__call__`).
+BatchNorm layers keep their running statistics in the `batch_stats` collection. With `train=True`
+they normalise with batch statistics and update the running ones, except the layers in
+`frozen_batch_norm` (`Classifier.batch_norm_mode`); with `train=False`, inference mode.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ class ResNet(Classifier):
                    param_dtype=self.param_dtype, name=name,
                    conv_general_dilated=winograd.conv_general_dilated if fast else None)(x)
 
-  def _bn(self, x, name: str, training: frozenset):
+  def _bn(self, x, name: str, train: bool):
     # A training layer's variance is the mean of squared deviations from the global-batch mean
     # (two cross-device means), not Flax's default E[x^2] - E[x]^2 in one: that difference
     # cancels most of its digits when a channel's mean is large against its spread, and the
@@ -140,35 +140,35 @@ class ResNet(Classifier):
     # (`tf.nn.moments`) and torch compute, and keeps 1, 2 and 4 devices within 1e-5 of each
     # other (tests/test_batchnorm.py). Inference-mode layers compute no statistics: the frozen
     # path is unchanged.
-    use_batch = name in training
-    return nn.BatchNorm(use_running_average=not use_batch, momentum=_MOMENTUM[self.variant],
+    running, axis = self.batch_norm_mode(name, train)
+    return nn.BatchNorm(use_running_average=running, momentum=_MOMENTUM[self.variant],
                         epsilon=_EPSILON[self.variant], dtype=self.dtype,
                         param_dtype=self.param_dtype, use_fast_variance=False,
-                        axis_name=self.batch_norm_axis if use_batch else None, name=name)(x)
+                        axis_name=axis, name=name)(x)
 
-  def backbone(self, x, training: frozenset = frozenset()):
+  def backbone(self, x, train: bool = False):
     """Stem and bottleneck stages -> the conv5 map; called inside `__call__`'s compact scope."""
     x = self._conv(x, self.width, 7, 2, "conv1_conv")
-    x = nn.relu(self._bn(x, "conv1_bn", training))
+    x = nn.relu(self._bn(x, "conv1_bn", train))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for s, blocks in enumerate(self.stage_sizes):
       inner = self.width * 2 ** s
       for b in range(blocks):
         stride = 2 if s > 0 and b == 0 else 1
-        x = self._bottleneck(x, inner, stride, f"conv{s + 2}_block{b + 1}", b == 0, training)
+        x = self._bottleneck(x, inner, stride, f"conv{s + 2}_block{b + 1}", b == 0, train)
     return x
 
   def _bottleneck(self, x, inner: int, stride: int, prefix: str, project: bool,
-                  training: frozenset):
+                  train: bool):
     v1 = self.variant == "keras"
     shortcut = x
     if project:
       shortcut = self._conv(x, 4 * inner, 1, stride, f"{prefix}_0_conv")
-      shortcut = self._bn(shortcut, f"{prefix}_0_bn", training)
+      shortcut = self._bn(shortcut, f"{prefix}_0_bn", train)
     y = self._conv(x, inner, 1, stride if v1 else 1, f"{prefix}_1_conv")
-    y = nn.relu(self._bn(y, f"{prefix}_1_bn", training))
+    y = nn.relu(self._bn(y, f"{prefix}_1_bn", train))
     y = self._conv(y, inner, 3, 1 if v1 else stride, f"{prefix}_2_conv")
-    y = nn.relu(self._bn(y, f"{prefix}_2_bn", training))
+    y = nn.relu(self._bn(y, f"{prefix}_2_bn", train))
     y = self._conv(y, 4 * inner, 1, 1, f"{prefix}_3_conv")
-    y = self._bn(y, f"{prefix}_3_bn", training)
+    y = self._bn(y, f"{prefix}_3_bn", train)
     return nn.relu(shortcut + y)
