@@ -1,16 +1,18 @@
 """The scripts in examples/, each run as a user runs it (a subprocess), at a tiny size."""
 
+import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import HANG_S
+from helpers import HANG_S, flatten
 
 pytestmark = pytest.mark.usefixtures("home")
 
@@ -66,3 +68,19 @@ def test_read_bench(tmp_path):
   assert lines[1].split()[-2:] == ["1.00x", "same"]
   ratio = rows[0]["step_ms_median"] / rows[1]["step_ms_median"]
   assert lines[2].split()[-2:] == [f"{ratio:.2f}x", "same"]
+
+
+def test_custom_loop_trains_the_unfrozen_layers_and_leaves_the_callers_variables(capsys):
+  """Imported rather than run, to look at what the loop returns: the caller's variables (still
+  readable) and the state, in which only conv5 and the head moved (params and statistics)."""
+  spec = importlib.util.spec_from_file_location(
+      "custom_loop", os.path.join(ROOT, "examples", "custom_loop.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  variables, state = module.main(steps=3)
+  assert int(state.step) == 3 and "step 3: loss" in capsys.readouterr().out
+  before, after = flatten(jax.device_get(variables)), flatten(jax.device_get(state.variables))
+  changed = {k.split("/")[1] for k in before if not np.array_equal(before[k], after[k])}
+  trained = {k.split("/")[1] for k in before if k.startswith("params/")
+             and k.split("/")[1].startswith(("conv5_", "head"))}
+  assert changed == trained  # params and BatchNorm statistics of conv5 and the head only
