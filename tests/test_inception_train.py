@@ -121,16 +121,24 @@ def test_cached_features_train_the_head_as_streaming_images_do(tmp_path):
 
 
 def test_train_then_fine_tune_the_top_blocks_then_evaluate_and_predict(tmp_path):
+  """The first run is the torchvision form (BatchNorm with scale), which `weights=none` would
+  not build: the continued run must inherit it, its BatchNorm scales included."""
   first = str(tmp_path / "first")
-  train.train_and_evaluate(_config(num_steps=2), first)
+  train.train_and_evaluate(_config(num_steps=2, variant="torchvision",
+                                   trainable=["^head/", "^mixed10_"]), first)
   second = str(tmp_path / "second")
   summary = train.train_and_evaluate(
       _config(num_steps=2, init_from=first, trainable=TOP_TWO, optimizer="sgd", momentum=0.9,
               learning_rate=1e-4), second)
   assert summary["step"] == 2
-  a, _ = checkpoint.load_trained_variables(first)
+  a, first_meta = checkpoint.load_trained_variables(first)
   b, meta = checkpoint.load_trained_variables(second)
-  assert meta["run"]["variant"] == "keras"
+  assert first_meta["run"]["variant"] == meta["run"]["variant"] == "torchvision"
+  # BatchNorm scales came across: frozen ones bit for bit, the first run's trained ones too.
+  assert np.array_equal(a["params"]["mixed8_branch3x3_1_bn"]["scale"],
+                        b["params"]["mixed8_branch3x3_1_bn"]["scale"])
+  trained_scale = a["params"]["mixed10_branch1x1_bn"]["scale"]
+  assert not np.array_equal(trained_scale, np.ones_like(trained_scale))
   assert np.array_equal(a["params"]["mixed8_branch3x3_1_conv"]["kernel"],
                         b["params"]["mixed8_branch3x3_1_conv"]["kernel"])
   assert not np.array_equal(a["batch_stats"]["mixed9_branch1x1_bn"]["mean"],
