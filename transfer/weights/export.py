@@ -8,6 +8,7 @@ and building small fixture files for tests in exactly the layout of the official
 from __future__ import annotations
 
 import os
+import re
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -55,19 +56,40 @@ def _keras_weight_name(layer: str, index: int, count: int, naming: str) -> str:
   raise ValueError(f"unknown naming {naming!r}; use 'keras1' or 'keras2'")
 
 
+# Where a ResNet block's layers sit in a Keras model's `layers` (topological order, by depth from
+# the output): the shortcut (`_0_`) is built first but is as deep as the block's last conv, so it
+# comes between the second and third. Keras and tf_keras load a legacy file by that position, not
+# by name: written in our own order, a file loads the shortcut's kernel into `_1_conv`.
+_RESNET_BLOCK = re.compile(r"^(conv\d+_block\d+)_(\d)_(conv|bn)$")
+_RESNET_POSITION = {("1", "conv"): 0, ("1", "bn"): 1, ("2", "conv"): 2, ("2", "bn"): 3,
+                    ("0", "conv"): 4, ("3", "conv"): 5, ("0", "bn"): 6, ("3", "bn"): 7}
+
+
+def keras_file_order(names: Sequence[str]) -> list[str]:
+  """`names` in the order Keras' model lists them (ResNet blocks reordered, see above)."""
+  def key(item):
+    index, name = item
+    match = _RESNET_BLOCK.match(name)
+    if not match:
+      return (index, 0)
+    first = next(i for i, n in enumerate(names) if n.startswith(match.group(1) + "_"))
+    return (first, _RESNET_POSITION[match.group(2), match.group(3)])
+  return [name for _, name in sorted(enumerate(names), key=key)]
+
+
 def keras_layers(params: Mapping, spec: models.ModelSpec,
                  batch_stats: Mapping | None = None) -> dict[str, list[np.ndarray]]:
   """Our params (conv layers and, if present, the ImageNet top) as Keras layer arrays.
 
   Args:
     params: the `params` collection.
-    spec: the model's spec (its layer order; Keras' order where Keras generates the names,
-      which the port matches by position).
+    spec: the model's spec (its layer order; written in Keras' model order, `keras_file_order`,
+      since Keras loads a legacy file by position).
     batch_stats: a BatchNorm model's running statistics; BatchNorm layers then get Keras' arrays
       (gamma, beta, moving_mean, moving_variance; no gamma where the model has no scale).
   """
-  order = spec.port.keras_order or spec.conv_layers  # Keras order, where Keras generates names
-  names = [n for n in order + spec.top_layers if n in params]
+  order = spec.port.keras_order or keras_file_order(spec.conv_layers)
+  names = [n for n in list(order) + list(spec.top_layers) if n in params]
   layers = {}
   for n in names:
     if spec.kind(n) == models.BATCH_NORM:
