@@ -61,7 +61,8 @@ def source_record(source) -> dict[str, Any]:
   return {"weights": source.weights, "source": source.source, "format": source.format,
           "framework": source.framework, "arch": source.arch, "variant": source.variant,
           "preprocess": source.preprocess, "resize_size": source.resize_size,
-          "input_size": source.input_size, "interpolation": source.interpolation}
+          "input_size": source.input_size, "interpolation": source.interpolation,
+          "include_top": source.include_top}
 
 
 def source_from_record(recorded: dict[str, Any]):
