@@ -10,8 +10,10 @@ trains on fixed features, computed once (`cache_features`).
     transfer train --config inception_v3_cats_vs_dogs --workdir workdirs/inception_v3_cats_vs_dogs
 
 `--config.weights=torchvision:inception_v3` takes torchvision's port of Google's weights instead
-(its pool branches count padding: the model builds that variant, `variant=auto`; its eval
-geometry is resize 342, centre crop 299).
+(its pool branches count padding: the model builds that variant, `variant=auto`). torchvision
+evaluates them at short side 342, centre crop 299, as `transfer predict --weights` does; a run's
+validation keeps this config's `eval_crop` (1.0, the squash): add `--config.eval_crop=0.874`
+(299/342) for torchvision's crop fraction.
 
 Data: TFDS `cats_vs_dogs` as in `cats_vs_dogs.py`. Expected: validation accuracy of about 98%
 (InceptionV3's GAP features on this task); not measured on this project's offline CI. Second
