@@ -41,8 +41,10 @@ def test_init_from_a_keras_run_keeps_its_caffe_input_under_a_torch_config(keras_
   from a run on a Keras file it must keep caffe input and the v1 form."""
   second = str(tmp_path / "second")
   capsys.readouterr()
+  # eval_crop is the config's own choice (resnet50_cats_vs_dogs crops 224/232): set to the first
+  # run's so the two validation batches can be compared pixel for pixel.
   assert main.run(["train", "--workdir", second, "--config", "resnet50_cats_vs_dogs",
-                   f"--config.init_from={keras_run}", *TINY]) == 0
+                   f"--config.init_from={keras_run}", "--config.eval_crop=1.0", *TINY]) == 0
   printed = "".join(capsys.readouterr())
   assert f"preprocessing caffe kept from {keras_run}" in printed
   assert "weights=torchvision:resnet50 would use torch" in printed
