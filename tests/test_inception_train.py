@@ -5,14 +5,13 @@ same steps, and train / init_from / cached features / evaluate / predict / bench
 `inception_v3_tiny` has InceptionV3's layers and names at 1/8 of the width; 75x75 is the
 smallest input InceptionV3 takes."""
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import bench_config, flatten, preempt_and_resume, tiny_config, train_steps
+from helpers import (bench_config, calibrated_statistics, flatten, preempt_and_resume, tiny_config,
+                     train_steps)
 from transfer import bench, checkpoint, evaluate, models, optim, predict, train
 from transfer.errors import UserError
 
@@ -22,32 +21,6 @@ TOP_TWO = ["^head/", "^mixed9_", "^mixed10_"]
 
 def _config(**overrides):
   return tiny_config(model=TINY, head="gap", image_size=SIZE, **overrides)
-
-
-def calibrated_statistics(model, variables, size):
-  """Running statistics equal to each BatchNorm's input statistics on a random batch.
-
-  Random running statistics (or the fresh 0 and 1) do not fit the activations they meet: through
-  ~90 BatchNorm layers in inference mode the activations drift far from zero mean and unit scale,
-  and a trainable BatchNorm's variance E[x^2] - E[x]^2 then cancels catastrophically, which makes
-  any comparison of float32 runs meaningless (in float64 two device counts agree; in float32 they
-  differed by 16%). Statistics measured on data, as a trained network's are, keep every layer's
-  input near unit scale.
-  """
-  x = np.random.default_rng(1).normal(size=(16, size, size, 3)).astype(np.float32)
-  stats = {}
-
-  def record(next_fun, args, kwargs, context):
-    if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
-      h = np.asarray(args[0], np.float64)
-      stats[context.module.name] = {"mean": jnp.asarray(h.mean((0, 1, 2)), jnp.float32),
-                                    "var": jnp.asarray(h.var((0, 1, 2)), jnp.float32)}
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(record):
-    model.apply(variables, x, train=True, mutable=["batch_stats"])
-  assert set(stats) == set(variables["batch_stats"])
-  return stats
 
 
 @pytest.fixture(scope="module", params=["keras", "torchvision"])
