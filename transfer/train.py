@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from transfer import assembly, eval_loop, features, logs, metrics as metrics_lib, optim, parallel
+from transfer import run_end
 from transfer import checkpoint as ckpt_lib
 from transfer import preemption as preemption_lib
 from transfer import stages as stages_lib
@@ -137,7 +138,7 @@ def _train(config, workdir: str, devices, changes: dict, progress_flag: dict) ->
     init_note = f"resumed from step {start_step} in {workdir}"
     if start_step >= run.total_steps:
       checkpointer.close()
-      return _already_finished(workdir, start_step, run.total_steps, is_main, config)
+      return run_end.already_finished(workdir, start_step, run.total_steps, is_main, config)
     state_stage = run.stage_of(start_step).stage.index
   if changes:
     _log(is_main, f"config changes accepted (bookkeeping only, recorded in "
@@ -267,7 +268,7 @@ def _loop(run: assembly.Run, workdir: str, checkpointer, start_step: int, state,
       progress.close()
       writer.close()
       _close_checkpointer(checkpointer, workdir)
-  return _finish(workdir, step, start_step, best, last_eval, is_main)
+  return run_end.finish(workdir, step, start_step, best, last_eval, is_main)
 
 
 @dataclasses.dataclass
@@ -341,19 +342,6 @@ def _train_record(run: assembly.Run, stage, step: int, local: int, sums, count: 
   return record
 
 
-def _finish(workdir: str, step: int, start_step: int, best, last_eval, is_main: bool):
-  """The run's summary, after plotting its curves."""
-  summary = {"step": step, "best_val_accuracy": best, "final": last_eval, "workdir": workdir,
-             "trained_steps": step - start_step}
-  if is_main:
-    try:
-      metrics_lib.plot_curves(workdir)
-    except (OSError, RuntimeError, ValueError) as e:
-      _log(True, f"warning: could not write {os.path.join(workdir, 'curves.png')}: {e}")
-    _log(True, f"done: {step} steps, {_result_line(best, last_eval)}; workdir {workdir}")
-  return summary
-
-
 def _close_checkpointer(checkpointer, workdir: str) -> None:
   """Closes (waits for) the checkpointer; its own failure is reported only if nothing else is."""
   in_flight = sys.exc_info()[1]
@@ -363,32 +351,6 @@ def _close_checkpointer(checkpointer, workdir: str) -> None:
     if in_flight is None:
       raise
     log.warning("closing the checkpointer also failed: %s", str(error).splitlines()[0][:200])
-
-
-def _result_line(best: float | None, last_eval: dict[str, Any]) -> str:
-  if best is None:
-    return "no validation split"
-  last = last_eval.get("val_accuracy")
-  return f"best val_accuracy {best:.4f}" + (f", last {last:.4f}" if last is not None else "")
-
-
-def _already_finished(workdir: str, step: int, total_steps: int, is_main: bool,
-                      config) -> dict[str, Any]:
-  """A rerun of a finished run: report its final metrics and how to train further, train
-  nothing."""
-  records = metrics_lib.read_metrics(workdir) if is_main else []
-  evals = [r for r in records if "val_accuracy" in r]
-  best = max((r["val_accuracy"] for r in evals), default=None)
-  last_eval = dict(evals[-1]) if evals else {}
-  staged = stages_lib.is_staged(config)
-  # Whether a longer rerun is the same run is `workdir.identity_changes`' decision: ask it.
-  longer_is_same_run = not workdir_lib.identity_changes(
-      {"num_steps": (total_steps, total_steps + 1)}, str(config.schedule), staged)
-  hint = stages_lib.how_to_train_further(config, workdir, longer_is_same_run)
-  _log(is_main, f"already finished: step {step} of {total_steps}, {_result_line(best, last_eval)}"
-                f"; nothing to train ({hint}); workdir {workdir}")
-  return {"step": step, "best_val_accuracy": best, "final": last_eval, "workdir": workdir,
-          "trained_steps": 0}
 
 
 class NonFiniteLossError(UserError):
@@ -422,13 +384,6 @@ def main(config, workdir: str | None, config_name: str, distributed: dict[str, A
     return stopped.exit_status
   demo = config_name == "quickstart" and config.dataset == "synthetic"
   if demo and summary["trained_steps"] and jax.process_index() == 0:
-    print(_NEXT_STEPS.format(workdir=workdir), file=sys.stderr)
+    print(run_end.NEXT_STEPS.format(workdir=workdir), file=sys.stderr)
   return 0
 
-
-_NEXT_STEPS = """
-That was the offline demo (synthetic images). Look at it, then run the real recipe:
-  transfer eval --workdir {workdir}
-  transfer weights download keras:vgg16_notop        # ImageNet conv weights, 58 MB
-  pip install -e '.[tfds]'                           # TensorFlow Datasets for cats_vs_dogs
-  transfer train --config cats_vs_dogs --workdir workdirs/cats_vs_dogs"""

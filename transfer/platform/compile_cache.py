@@ -12,12 +12,11 @@ use):
     TRANSFER_COMPILE_CACHE=0      off (also `off`, `false`, `no`)
     JAX_COMPILATION_CACHE_DIR     JAX's own setting, when given, is left as it is
 
-With the `filelock` package installed (a dependency of torch and huggingface_hub, so usually
-there), the cache is capped at `MAX_BYTES`, least recently used entries going first, and every
-read and write holds a lock on the directory, so concurrent processes (`pytest -n 2`, two runs on
-one machine) never read an entry another is still writing. Without it the cache is unbounded and
-unlocked: a torn read costs a warning and a recompile, never a wrong program. In a multi-process
-run JAX writes entries from process 0 only. Delete the directory to reclaim its space.
+The cache is capped at `MAX_BYTES`, least recently used entries going first. JAX enforces the cap
+through the `filelock` package (a dependency of ours), and then every read and write holds a lock
+on the directory, so concurrent processes (`pytest -n 2`, two runs on one machine) never read an
+entry another is still writing. In a multi-process run JAX writes entries from process 0 only.
+Delete the directory to reclaim its space.
 """
 
 from __future__ import annotations
@@ -25,8 +24,9 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+from transfer import home
+
 ENV = "TRANSFER_COMPILE_CACHE"
-HOME_ENV = "TRANSFER_HOME"
 _OFF = ("0", "off", "false", "no")
 
 # What gets written: everything. Flax's eager init compiles each initialiser op apart (~150
@@ -39,12 +39,6 @@ MIN_ENTRY_BYTES = -1
 MAX_BYTES = 4 << 30
 
 
-def home(environ: Mapping[str, str] | None = None) -> str:
-  """`$TRANSFER_HOME`, default `~/.cache/transfer` (weights and compiled programs live there)."""
-  environ = os.environ if environ is None else environ
-  return environ.get(HOME_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "transfer")
-
-
 def directory(environ: Mapping[str, str] | None = None) -> str | None:
   """The cache directory this process should use, or None when the cache is switched off."""
   environ = os.environ if environ is None else environ
@@ -52,7 +46,7 @@ def directory(environ: Mapping[str, str] | None = None) -> str | None:
   if chosen.lower() in _OFF:
     return None
   return os.path.abspath(os.path.expanduser(chosen)) if chosen else os.path.join(
-      home(environ), "compile_cache")
+      home.path(environ), "compile_cache")
 
 
 def configure() -> str | None:
@@ -76,14 +70,6 @@ def configure() -> str | None:
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECS)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", MIN_ENTRY_BYTES)
-  if _have_filelock():  # JAX needs it to cap the size, and then locks reads and writes
-    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+  # Capped, JAX evicts through `filelock` and also locks every read and write with it.
+  jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
   return path
-
-
-def _have_filelock() -> bool:
-  try:
-    import filelock  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
-  except ImportError:
-    return False
-  return True

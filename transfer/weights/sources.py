@@ -20,10 +20,10 @@ import dataclasses
 import math
 import os
 
+from transfer import home
 from transfer.errors import UserError
 
 URL_BASE_ENV = "TRANSFER_WEIGHTS_URL_BASE"
-HOME_ENV = "TRANSFER_HOME"
 OPTIONAL_SUFFIX = "?"
 
 _KERAS = "https://storage.googleapis.com/tensorflow/keras-applications"
@@ -230,8 +230,7 @@ def cache_dir(override: str | os.PathLike | None = None) -> str:
   """The directory downloaded weights live in: `override`, else `$TRANSFER_HOME/weights`."""
   if override is not None:
     return os.fspath(override)
-  home = os.environ.get(HOME_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "transfer")
-  return os.path.join(home, "weights")
+  return os.path.join(home.path(), "weights")
 
 
 def cached_path(entry: WeightSource, cache: str | os.PathLike | None = None) -> str:
