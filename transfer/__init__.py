@@ -17,14 +17,28 @@ unless a TFDS dataset is read.
 
 import importlib
 import os
-import pkgutil
 
 __version__ = "0.1.0"
 
-# Every module and package in this directory: listed from the files, so a new module is
-# reachable as `transfer.<name>` without being registered here.
-_SUBMODULES = frozenset(m.name for m in pkgutil.iter_modules([os.path.dirname(__file__)])
-                        if not m.name.startswith("_"))
+
+
+def _modules_here() -> frozenset[str]:
+  """Every public module and package in this directory, listed from the files (so a new module is
+  reachable as `transfer.<name>` without being registered here); plain `os`, as `pkgutil` would
+  import `inspect` on the way to every `transfer --help`."""
+  here = os.path.dirname(__file__)
+  names = set()
+  for entry in os.scandir(here):
+    if entry.name.startswith("_"):
+      continue
+    if entry.is_file() and entry.name.endswith(".py"):
+      names.add(entry.name[:-3])
+    elif entry.is_dir() and os.path.isfile(os.path.join(entry.path, "__init__.py")):
+      names.add(entry.name)
+  return frozenset(names)
+
+
+_SUBMODULES = _modules_here()
 
 # Top-level names and the module that defines each.
 _EXPORTS = {"create_model": "factory", "Predictor": "predictor"}
