@@ -27,6 +27,7 @@ pytestmark = pytest.mark.usefixtures("home")
 torch = pytest.importorskip("torch", reason="torch extra not installed")
 nn = torch.nn
 F = torch.nn.functional
+from torch_models import randomize  # noqa: E402  (needs torch, so after the skip)
 
 # float32 on both sides, sums in another order: measured 2.2e-7 (features at 99) and 4.8e-7
 # (logits at 299) of the output's scale; a pool that ignores padding is off by percents.
@@ -191,21 +192,7 @@ class TorchInception3(nn.Module):
 def torch_inception(seed):
   """The reference with random weights (He-scaled convs) and random running statistics."""
   torch.manual_seed(seed)
-  model = TorchInception3()
-  with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, nn.Conv2d):
-        module.weight.normal_(0.0, (2.0 / module.weight[0].numel()) ** 0.5)
-      elif isinstance(module, nn.BatchNorm2d):
-        module.running_mean.normal_(0.5, 1.0)
-        module.running_var.uniform_(0.5, 3.0)
-        module.weight.uniform_(0.5, 1.5)
-        module.bias.normal_(0.0, 0.2)
-        module.num_batches_tracked.fill_(1234)
-      elif isinstance(module, nn.Linear):
-        module.weight.normal_(0.0, (1.0 / module.in_features) ** 0.5)
-        module.bias.normal_(0.0, 0.1)
-  return model.eval()
+  return randomize(TorchInception3())
 
 
 def torch_pixels(pixels):

@@ -65,24 +65,19 @@ class TorchResNet(nn.Module):
     return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-def torch_resnet(stage_sizes, seed, width=64):
-  """The reference with random weights and random, non-trivial running statistics, in eval mode.
-
-  Convolutions are He-scaled so activations stay O(1); the last BN of each block gets a smaller
-  scale so the residual sum does not grow through 30+ blocks.
-  """
-  torch.manual_seed(seed)
-  model = TorchResNet(stage_sizes, width)
+def randomize(model, damped=()):
+  """Random weights in place, in eval mode: He-scaled convolutions (activations stay O(1)),
+  BatchNorm with non-trivial running statistics and affine parameters (the layers whose names
+  end with one of `damped` at a third of the scale), and Linear layers."""
   with torch.no_grad():
     for name, module in model.named_modules():
       if isinstance(module, nn.Conv2d):
-        fan_in = module.weight[0].numel()
-        module.weight.normal_(0.0, (2.0 / fan_in) ** 0.5)
+        module.weight.normal_(0.0, (2.0 / module.weight[0].numel()) ** 0.5)
       elif isinstance(module, nn.BatchNorm2d):
         module.running_mean.normal_(0.5, 1.0)
         module.running_var.uniform_(0.5, 3.0)
         module.weight.uniform_(0.5, 1.5)
-        if name.endswith("bn3") or name.endswith("downsample.1"):
+        if name.endswith(tuple(damped)):
           module.weight.mul_(0.3)
         module.bias.normal_(0.0, 0.2)
         module.num_batches_tracked.fill_(1234)
@@ -90,6 +85,14 @@ def torch_resnet(stage_sizes, seed, width=64):
         module.weight.normal_(0.0, (1.0 / module.in_features) ** 0.5)
         module.bias.normal_(0.0, 0.1)
   return model.eval()
+
+
+def torch_resnet(stage_sizes, seed, width=64):
+  """The reference with random weights and random, non-trivial running statistics, in eval mode;
+  the last BN of each block gets a smaller scale so the residual sum does not grow through 30+
+  blocks."""
+  torch.manual_seed(seed)
+  return randomize(TorchResNet(stage_sizes, width), damped=("bn3", "downsample.1"))
 
 
 def run_torch(fn, x_nhwc):
