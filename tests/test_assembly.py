@@ -21,13 +21,15 @@ def _config(**overrides):
 
 
 def _recording(monkeypatch):
-  """Records every train step `steps.make_train_step` builds, whoever asks for it."""
+  """Records every train step `steps.make_train_step` builds, whoever asks for it, with the
+  optimizer it was built for (a step applies only a state made with that optimizer)."""
   made = []
   real = steps.make_train_step
 
   def record(*args, **kwargs):
-    made.append(real(*args, **kwargs))
-    return made[-1]
+    step = real(*args, **kwargs)
+    made.append((step, kwargs["tx"] if "tx" in kwargs else args[1]))
+    return step
 
   monkeypatch.setattr(steps, "make_train_step", record)
   return made
@@ -42,15 +44,16 @@ def test_bench_times_the_step_train_trains(tmp_path, monkeypatch):
   setup = bench.Setup(config, models.resolve_dtype(config.dtype))
   bench.cases.prepare_train(setup, warmup=0)
   benched = made[-1]
-  assert benched is not trains
-  args = (setup.state(), {"image": setup.images(), "label": setup.labels_batch()})
-  assert setup.state().ema_params  # the average is part of what is timed
-  hlo = lambda step: step.lower(*args).as_text()
+  assert benched[0] is not trains[0]
+  state, batch = setup.state(), {"image": setup.images(), "label": setup.labels_batch()}
+  assert state.ema_params  # the average is part of what is timed
+  # Each step on bench's arrays, under the optimizer it was built for (tx is static state).
+  hlo = lambda made: made[0].lower(state.replace(tx=made[1]), batch).as_text()
   assert hlo(benched) == hlo(trains)
 
   # The comparison sees the regularisation: the step bench used to time (none) differs.
   plain = steps.make_train_step(setup.model, setup.tx, setup.labels, setup.mesh, config.parallel)
-  assert hlo(plain) != hlo(trains)
+  assert hlo((plain, setup.tx)) != hlo(trains)
 
 
 def test_lr_find_sweeps_the_regularised_step(monkeypatch):
@@ -67,14 +70,16 @@ def test_lr_find_sweeps_the_regularised_step(monkeypatch):
   batch = next(iter(run.data.train_batches(0)))
   batch = jax.device_put({"image": batch["image"], "label": batch["label"]},
                          parallel.batch_sharding(run.mesh))
-  hlo = lambda step: step.lower(state, batch).as_text()
+  # Each step on these arrays, under the optimizer it was built for (tx is static state).
+  hlo = lambda made: made[0].lower(state.replace(tx=made[1]), batch).as_text()
+  # donating the state, as every step a Run makes does
   regularised = steps.make_train_step(run.model, parts.tx, parts.param_labels, run.mesh,
                                       config.parallel, "full", parts.regularisation,
-                                      parts.ema_decay)
+                                      parts.ema_decay, donate=True)
   plain = steps.make_train_step(run.model, parts.tx, parts.param_labels, run.mesh,
-                                config.parallel)
-  assert hlo(swept) == hlo(regularised)
-  assert hlo(swept) != hlo(plain)
+                                config.parallel, donate=True)
+  assert hlo(swept) == hlo((regularised, parts.tx))
+  assert hlo(swept) != hlo((plain, parts.tx))
 
 
 def test_lr_find_refuses_a_class_count_mismatch_as_train_does(tmp_path, capsys):

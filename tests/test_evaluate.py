@@ -148,7 +148,9 @@ def test_eval_text_in_a_read_only_workdir(trained, monkeypatch, capsys):
   assert out.startswith("step 4: val_loss ") and "(20 examples)" in out
   assert "<- predicted" in out
   assert "could not write" in err and "Read-only file system" in err
-  assert len(err.strip().splitlines()) == 1
+  # the step it read, then the one warning
+  assert err.strip().splitlines()[0] == "eval: checkpoint step 4 (latest)"
+  assert len(err.strip().splitlines()) == 2
 
 
 def test_eval_of_a_relative_workdir_from_another_directory(trained, tmp_path, monkeypatch,

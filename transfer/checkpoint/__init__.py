@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -73,6 +74,29 @@ class _DiskFailures(logging.Filter):
 
 logging.getLogger("absl").addFilter(_ExpectedNotices())
 logging.getLogger("absl").addFilter(_DiskFailures())
+
+
+def _quiet_closed_loop(previous):
+  """`sys.unraisablehook` that drops a late TensorStore callback's `Event loop is closed`.
+
+  When a save fails (a full disk), Orbax closes the save's event loop while TensorStore still
+  holds futures on it; their done callbacks then fail in a C++ thread, which can only report the
+  error as unraisable: a bare traceback above the one line the loop stops with
+  (`workdir.disk_error`). Everything else (and this with `TRANSFER_DEBUG=1`) goes to the hook
+  that was there before.
+  """
+  def hook(unraisable):
+    if (unraisable.exc_type is RuntimeError
+        and str(unraisable.exc_value) == "Event loop is closed"
+        and not os.environ.get("TRANSFER_DEBUG")):
+      return
+    previous(unraisable)
+  hook.quiet_closed_loop = True
+  return hook
+
+
+if not getattr(sys.unraisablehook, "quiet_closed_loop", False):
+  sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
 
 STATE, META = "state", "meta"
 
