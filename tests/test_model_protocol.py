@@ -29,7 +29,7 @@ class TinyTokens(Classifier):
 
   width: int = 8
 
-  def backbone(self, x, train: bool = False):
+  def backbone(self, x, train: bool = False, example_ids=None):
     n, h, w, c = x.shape
     x = x.reshape(n, h // 4, 4, w // 4, 4, c).transpose(0, 1, 3, 2, 4, 5)
     x = x.reshape(n, (h // 4) * (w // 4), 16 * c)
@@ -155,7 +155,7 @@ class PosEmbed(nn.Module):
 
 class TinyTokensPos(TinyTokens):
 
-  def backbone(self, x, train: bool = False):
+  def backbone(self, x, train: bool = False, example_ids=None):
     x = super().backbone(x, train)
     return PosEmbed(x.shape[1], x.shape[2], name="pos_embedding")(x)
 

@@ -1,7 +1,7 @@
 """The backbone + head protocol, written once: every family's module is a `Classifier`.
 
 A family (VGG, ResNet, InceptionV3; a ViT or ConvNeXt next) subclasses `Classifier`, adds its
-own fields (stage sizes, widths, variant) and implements `backbone(x, train)`: preprocessed
+own fields (stage sizes, widths, variant) and implements `backbone(x, train, example_ids)`: preprocessed
 NHWC images -> its features, an NHWC map (N, H, W, C) or a token sequence (N, T, C). The stage
 dispatch, the heads and the dtype handling live here:
 
@@ -97,7 +97,7 @@ class Classifier(nn.Module):
       raise UserError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
     self.check()
     if stage != "head":
-      x = self.backbone(x.astype(self.dtype), train)
+      x = self.backbone(x.astype(self.dtype), train, example_ids)
       if stage == "features":
         return x
       if self.head == "none":
@@ -107,8 +107,10 @@ class Classifier(nn.Module):
   def check(self) -> None:
     """Raises a UserError for fields the family cannot build (an unknown variant)."""
 
-  def backbone(self, x, train: bool):
-    """Images (already in `dtype`) -> features; `train`: training mode (see `batch_norm_mode`)."""
+  def backbone(self, x, train: bool, example_ids=None):
+    """Images (already in `dtype`) -> features; `train`: training mode (see `batch_norm_mode`);
+    `example_ids`: the global example indices, for per-example randomness in the backbone (a
+    ViT's stochastic depth) that must not depend on how the batch is split over devices."""
     raise NotImplementedError
 
   def batch_norm_mode(self, name: str, train: bool) -> tuple[bool, str | None]:

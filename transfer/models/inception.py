@@ -225,7 +225,7 @@ class InceptionV3(Classifier):
     if self.variant not in VARIANTS:
       raise UserError(f"unknown InceptionV3 variant {self.variant!r}; valid: {', '.join(VARIANTS)}")
 
-  def backbone(self, x, train: bool = False):
+  def backbone(self, x, train: bool = False, example_ids=None):
     """Stem and mixed0 ... mixed10 -> the mixed10 map; called inside `__call__`'s compact scope."""
     x = self._chain(STEM, x, "", train)
     for block, _, branches in BLOCKS:

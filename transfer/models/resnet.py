@@ -146,7 +146,7 @@ class ResNet(Classifier):
                         param_dtype=self.param_dtype, use_fast_variance=False,
                         axis_name=axis, name=name)(x)
 
-  def backbone(self, x, train: bool = False):
+  def backbone(self, x, train: bool = False, example_ids=None):
     """Stem and bottleneck stages -> the conv5 map; called inside `__call__`'s compact scope."""
     x = self._conv(x, self.width, 7, 2, "conv1_conv")
     x = nn.relu(self._bn(x, "conv1_bn", train))

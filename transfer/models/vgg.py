@@ -58,7 +58,7 @@ class VGG(Classifier):
   widths: Sequence[int] = (64, 128, 256, 512, 512)
   top_hidden: int = 4096
 
-  def backbone(self, x, train: bool = False):
+  def backbone(self, x, train: bool = False, example_ids=None):
     """Conv blocks -> the block5_pool map; called inside `__call__`'s compact scope."""
     for block, (size, width) in enumerate(zip(self.stage_sizes, self.widths), start=1):
       for i in range(1, size + 1):
