@@ -1,8 +1,13 @@
 """Reference torch models for parity tests: a plain `torch.nn` ResNet with torchvision's module
-names (torchvision itself is not installed beside torch here), its random weights, and the ways
-its state dict is published. Imported only by tests that `pytest.importorskip("torch")` first.
+names, its random weights, and the ways its state dict is published; and `import_torchvision`,
+for tests that need torchvision's own code beside this CPU torch. Imported only by tests that
+`pytest.importorskip("torch")` first.
 """
 
+import importlib.util
+import sys
+
+import pytest
 import torch
 
 nn = torch.nn
@@ -110,3 +115,34 @@ def save(model, path, fmt, *, counters=True):
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
   return str(path)
+
+
+# --- torchvision ----------------------------------------------------------------------------------
+
+
+def import_torchvision():
+  """Imports torchvision beside a torch build it was not compiled for (skips where not installed).
+
+  torchvision's import registers fake (meta) kernels for its C++ ops (`torchvision::nms`, ...),
+  which fails when its compiled extension does not load against this torch. The models and
+  functions the parity tests use never reach those ops, so the registrations are skipped while
+  it imports; every other `register_fake` call goes through untouched. timm imports torchvision,
+  so call this before importing timm too.
+  """
+  if "torchvision" in sys.modules:
+    return sys.modules["torchvision"]
+  if importlib.util.find_spec("torchvision") is None:
+    pytest.skip("torchvision is not installed")
+  real = torch.library.register_fake
+
+  def register_fake(op, *args, **kwargs):
+    if isinstance(op, str) and op.startswith("torchvision::"):
+      return args[0] if args else (lambda fn: fn)  # called directly, or as a decorator
+    return real(op, *args, **kwargs)
+
+  torch.library.register_fake = register_fake
+  try:
+    import torchvision  # only with the registrations skipped
+  finally:
+    torch.library.register_fake = real
+  return torchvision
