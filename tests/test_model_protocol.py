@@ -160,7 +160,7 @@ class TinyTokensPos(TinyTokens):
     return PosEmbed(x.shape[1], x.shape[2], name="pos_embedding")(x)
 
 
-def _grid_resample(layer, name, have, want):
+def _grid_resample(layer, name, have, want, dialect=None):
   """Nearest-neighbour upsampling of a square token grid (a test's stand-in for a ViT's
   bilinear resampling)."""
   if layer != "pos_embedding" or have[1] >= want[1]:

@@ -19,12 +19,12 @@ import jax
 import jax.numpy as jnp
 
 from transfer.errors import UserError
-from transfer.models import inception, resnet, vgg
+from transfer.models import inception, resnet, vgg, vit
 from transfer.models.heads import HEADS, POOLINGS
 from transfer.models.spec import (BATCH_NORM, CONV, DENSE, EMBEDDING, KINDS, LAYER_NORM,
                                   ModelSpec, Porting)
 from transfer import platform
-from transfer.platform import resolve_conv
+from transfer.platform import resolve_attention, resolve_conv
 
 __all__ = ["BATCH_NORM", "CONV", "DENSE", "EMBEDDING", "KINDS", "LAYER_NORM", "ModelSpec",
            "Porting", "as_dtype", "check_image_size", "get", "init_params", "init_variables",
@@ -73,6 +73,29 @@ def _inception_spec(name: str, width_divisor: int = 1) -> ModelSpec:
                          "count padding)"})
 
 
+def _vit_spec(name: str, patch: int, width: int, depth: int, num_heads: int,
+              registers: int = 0, layer_scale: bool = False, top_image_size: int = 224,
+              token_pool: str = "tok") -> ModelSpec:
+  def build(**kw):
+    kw.setdefault("token_pool", token_pool)
+    return vit.ViT(arch=name, patch=patch, width=width, depth=depth, num_heads=num_heads,
+                   mlp_dim=4 * width, registers=registers, layer_scale=layer_scale, **kw)
+
+  return ModelSpec(
+      name=name, build=build, family="dinov2" if layer_scale else "vit",
+      conv_layers=vit.layer_names(depth, registers, layer_scale), top_layers=("predictions",),
+      layer_kinds=vit.layer_kinds(depth, registers, layer_scale),
+      port=vit.porting(depth, registers, layer_scale), top_image_size=top_image_size,
+      min_image_size=patch, feature_stride=patch, top_fixed_size=False,
+      options=("token_pool", "drop_path_rate", "attention"), size_multiple=patch)
+
+
+def _dinov2_spec(name: str, width: int, depth: int, num_heads: int, registers: int = 0):
+  # DINOv2 was trained at 518 (a 37 x 37 grid); its own evaluations run at 224.
+  return _vit_spec(name, 14, width, depth, num_heads, registers, layer_scale=True,
+                   top_image_size=224)
+
+
 _SPECS = {
     "vgg16": _vgg_spec("vgg16", (2, 2, 3, 3, 3)),
     "vgg19": _vgg_spec("vgg19", (2, 2, 4, 4, 4)),
@@ -86,6 +109,21 @@ _SPECS = {
     "inception_v3": _inception_spec("inception_v3"),
     # InceptionV3's layers and names at 1/8 of the width: for tests.
     "inception_v3_tiny": _inception_spec("inception_v3_tiny", width_divisor=8),
+    "vit_s16": _vit_spec("vit_s16", 16, 384, 12, 6),
+    "vit_b16": _vit_spec("vit_b16", 16, 768, 12, 12),
+    "vit_b32": _vit_spec("vit_b32", 32, 768, 12, 12),
+    "vit_l16": _vit_spec("vit_l16", 16, 1024, 24, 16),
+    # A ViT's layers and names at width 32, 2 blocks: for tests.
+    "vit_tiny": _vit_spec("vit_tiny", 16, 32, 2, 2),
+    "dinov2_s14": _dinov2_spec("dinov2_s14", 384, 12, 6),
+    "dinov2_b14": _dinov2_spec("dinov2_b14", 768, 12, 12),
+    "dinov2_l14": _dinov2_spec("dinov2_l14", 1024, 24, 16),
+    "dinov2_s14_reg4": _dinov2_spec("dinov2_s14_reg4", 384, 12, 6, registers=4),
+    "dinov2_b14_reg4": _dinov2_spec("dinov2_b14_reg4", 768, 12, 12, registers=4),
+    "dinov2_l14_reg4": _dinov2_spec("dinov2_l14_reg4", 1024, 24, 16, registers=4),
+    # DINOv2's layers (LayerScale; with and without registers) at width 32, 2 blocks: for tests.
+    "dinov2_tiny": _dinov2_spec("dinov2_tiny", 32, 2, 2),
+    "dinov2_tiny_reg4": _dinov2_spec("dinov2_tiny_reg4", 32, 2, 2, registers=4),
 }
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -150,7 +188,8 @@ def get(name: str, *, include_top: bool | None = None, head: str | None = None,
         num_classes: int | None = None, head_hidden: int | None = None,
         head_dropout: float | None = None, dtype: Any = "float32",
         param_dtype: Any = "float32", conv: str = "auto", variant: str | None = None,
-        pooling: str | None = None) -> nn.Module:
+        pooling: str | None = None, token_pool: str | None = None,
+        drop_path_rate: float | None = None, attention: str = "auto") -> nn.Module:
   """Builds a registered model.
 
   Args:
@@ -176,6 +215,14 @@ def get(name: str, *, include_top: bool | None = None, head: str | None = None,
       fit one variant only (`transfer.weights` says which).
     pooling: with `head="none"`, None returns the backbone's features unpooled (an NHWC map),
       `"avg"` / `"max"` one vector per image (Keras' `pooling`); only with `head="none"`.
+    token_pool: a transformer's features (`spec(name).options`): `"tok"` the class token,
+      `"gap"` the mean of the patch tokens, `"tok_gap"` both (DINOv2's linear probe), `"none"`
+      the token sequence; None: `"tok"`.
+    drop_path_rate: a transformer's stochastic depth in training (last block's rate, linear
+      over depth); None: 0.
+    attention: a transformer's attention implementation: `"auto"` (resolved here, once:
+      `transfer.platform.resolve_attention`, cuDNN's fused kernel on an NVIDIA GPU in
+      bfloat16/float16, else XLA's), `"xla"` or `"cudnn"`.
 
   Returns:
     An unbound `flax.linen.Module`; `module.apply({"params": p}, x)` gives float32 logits.
@@ -208,6 +255,15 @@ def get(name: str, *, include_top: bool | None = None, head: str | None = None,
     extra["variant"] = variant
   elif variant is not None:
     raise UserError(f"{name} has no variants; drop variant={variant!r}")
+  given = {"token_pool": token_pool, "drop_path_rate": drop_path_rate}
+  for option, value in given.items():
+    if value is not None and option not in model_spec.options:
+      raise UserError(f"{name} has no {option} (a transformer's option); drop "
+                      f"{option}={value!r}")
+    if value is not None:
+      extra[option] = value
+  if "attention" in model_spec.options:
+    extra["attention"] = resolve_attention(attention, as_dtype(dtype))
   return model_spec.build(head=head, num_classes=num_classes, head_hidden=head_hidden,
                           head_dropout=head_dropout, dtype=as_dtype(dtype),
                           param_dtype=as_dtype(param_dtype), conv=resolve_conv(conv), **extra)
@@ -242,6 +298,10 @@ def check_image_size(name: str, head: str, image_size: int) -> None:
   if head == "imagenet" and s.top_fixed_size and image_size != s.top_image_size:
     raise UserError(f"the ImageNet top of {name} needs {s.top_image_size}x{s.top_image_size} "
                      f"input, got {image_size}; use another head for other sizes")
+  if image_size % s.size_multiple:
+    raise UserError(f"{name} takes input sides that are multiples of its patch "
+                    f"({s.size_multiple}), got {image_size}; e.g. "
+                    f"{image_size // s.size_multiple * s.size_multiple or s.size_multiple}")
   if image_size < s.min_image_size:
     raise UserError(f"{name} needs input of at least {s.min_image_size}x{s.min_image_size}, "
                      f"got {image_size}")

@@ -15,7 +15,7 @@ the spec as `spec.port` and read by the porting code without knowing the family.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 
@@ -43,9 +43,16 @@ class Porting:
       files name the layers as we do.
     unsupported: torch state-dict prefixes -> why the file is a form of the family this
       package does not build (timm's ResNet-D), or None.
-    resample: `(layer, param, file shape, model shape)` -> a function that turns the file's
-      array into the model's shape (a ViT's position embeddings, interpolated over the patch
-      grid for another image size), or None where it does not apply; None: no resampling.
+    resample: `(layer, param, file shape, model shape, dialect)` -> a function that turns the
+      file's array into the model's shape (a ViT's position embeddings, interpolated over the
+      patch grid for another image size, as the file's publisher does it), or None where it
+      does not apply; None: no resampling.
+    convert: `(format, tensors by full key)` -> the same tensors under the family's torch
+      names (`torch_names`' right-hand side) and torch layouts, for families whose publishers
+      name their files differently (a ViT: torchvision's, DINOv2's, Google's `.npz`, renamed to
+      timm's); None: torch files are read as they are, other formats are not converted.
+    dialect: `(format, keys)` -> who wrote the file (`"timm"`, `"torchvision"`, ...), for
+      `resample`; None when the family's resampling does not depend on it.
   """
 
   torch_names: Mapping[str, str]
@@ -53,7 +60,9 @@ class Porting:
   torch_flatten: tuple[str, int] | None = None
   keras_order: tuple[str, ...] | None = None
   unsupported: Callable[[Sequence[str]], str | None] = lambda layers: None
-  resample: Callable[[str, str, tuple, tuple], Callable | None] | None = None
+  resample: Callable[[str, str, tuple, tuple, str | None], Callable | None] | None = None
+  convert: Callable[[str, Mapping[str, Any]], dict[str, Any]] | None = None
+  dialect: Callable[[str, Sequence[str]], str | None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +89,9 @@ class ModelSpec:
       an error can say which block of a file does not fit; empty when layer names say it.
     variant_traits: variant -> what a file of that variant is, in words, for the error when a
       file needs the other variant.
+    options: the family's own build options `transfer.models.get` passes on (a ViT's
+      `token_pool`, `drop_path_rate`, `attention`); empty for the CNNs.
+    size_multiple: the input side must be a multiple of it (a ViT's patch); 1: any side.
   """
 
   name: str
@@ -96,6 +108,8 @@ class ModelSpec:
   variants: tuple[str, ...] = ()
   blocks: tuple[str, ...] = ()
   variant_traits: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  options: tuple[str, ...] = ()
+  size_multiple: int = 1
 
   def __post_init__(self):
     undeclared = [n for n in self.conv_layers + self.top_layers if n not in self.layer_kinds]

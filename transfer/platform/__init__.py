@@ -31,10 +31,11 @@ import re
 from typing import Any
 
 from transfer.platform import compile_cache, hugepages, xla_flags
+from transfer.platform.attention import resolve_attention
 from transfer.platform.conv import resolve_conv
 
 __all__ = ["compile_cache", "facts", "hugepages", "program_fingerprint", "program_text",
-           "resolve_conv", "setup", "xla_flags"]
+           "resolve_attention", "resolve_conv", "setup", "xla_flags"]
 
 _DONE: dict[str, Any] = {}  # setup()'s facts, once per process
 

@@ -243,7 +243,7 @@ def _open_torch(path: str):
     raise UserError(f"{path} holds a {type(state).__name__}, not a state dict")
   tensors = {k: Tensor(k, tuple(v.shape), _torch_reader(v)) for k, v in state.items()
              if isinstance(v, torch.Tensor)}
-  yield WeightFile(path=path, format="torch_pth", layers=_by_prefix(tensors))
+  yield WeightFile(path=path, format="torch_pth", layers=by_prefix(tensors))
 
 
 def _torch_reader(tensor) -> Callable[[], np.ndarray]:
@@ -266,10 +266,10 @@ def _open_safetensors(path: str):
     tensors = {k: Tensor(k, tuple(f.get_slice(k).get_shape()), lambda k=k: f.get_tensor(k))
                for k in f.keys()}
     yield WeightFile(path=path, format="safetensors",
-                     layers=_guard_reads(_by_prefix(tensors), path))
+                     layers=_guard_reads(by_prefix(tensors), path))
 
 
-def _by_prefix(tensors: dict[str, Tensor]) -> dict[str, list[Tensor]]:
+def by_prefix(tensors: dict[str, Tensor]) -> dict[str, list[Tensor]]:
   """Groups state-dict keys `features.0.weight` by module prefix `features.0`, keeping order."""
   layers: dict[str, list[Tensor]] = {}
   for key, tensor in tensors.items():

@@ -167,7 +167,7 @@ def mismatch_error(plan: Plan, *, source: str, arch: str, cause: str | None) -> 
 
 
 def fit_view(view: dict[str, dict[str, Tensor]], shapes: dict[str, Any],
-             spec: Any) -> dict[str, dict[str, Tensor]]:
+             spec: Any, dialect: str | None = None) -> dict[str, dict[str, Tensor]]:
   """`view` with the arrays the family's adapter resamples (`spec.port.resample`: a ViT's
   position embeddings for another image size) brought to the model's shapes, lazily; every
   other array as it was, so the merge still reports a real misfit.
@@ -176,6 +176,8 @@ def fit_view(view: dict[str, dict[str, Tensor]], shapes: dict[str, Any],
     view: `model_view` of a file.
     shapes: the model's shapes by layer (`by_layer(variable_shapes(...))`).
     spec: the model's spec.
+    dialect: who wrote the file (`spec.port.dialect`), whose resampling the adapter follows;
+      None where only the shapes matter (recognising a file).
   """
   resample = spec.port.resample
   if resample is None:
@@ -183,14 +185,15 @@ def fit_view(view: dict[str, dict[str, Tensor]], shapes: dict[str, Any],
   out = {}
   for layer, params in view.items():
     want = flatten(shapes.get(layer, {}))
-    out[layer] = {name: _resampled(resample, layer, name, t, tuple(want[name].shape))
+    out[layer] = {name: _resampled(resample, layer, name, t, tuple(want[name].shape), dialect)
                   if name in want and tuple(t.shape) != tuple(want[name].shape) else t
                   for name, t in params.items()}
   return out
 
 
-def _resampled(resample, layer: str, name: str, t: Tensor, shape: tuple[int, ...]) -> Tensor:
-  convert = resample(layer, name, tuple(t.shape), shape)
+def _resampled(resample, layer: str, name: str, t: Tensor, shape: tuple[int, ...],
+               dialect: str | None) -> Tensor:
+  convert = resample(layer, name, tuple(t.shape), shape, dialect)
   if convert is None:
     return t
   return Tensor(t.name, shape, lambda: np.asarray(convert(t.read())))

@@ -40,6 +40,7 @@ import numpy as np
 
 from transfer import models
 from transfer.errors import UserError
+from transfer.weights import formats
 from transfer.weights.formats import Tensor, WeightFile
 # The merge is its own module; its names stay importable from here, where callers found them.
 from transfer.weights.merge import (Plan, by_collection, by_layer, fit_view,  # noqa: F401
@@ -47,6 +48,9 @@ from transfer.weights.merge import (Plan, by_collection, by_layer, fit_view,  # 
                                     read_layers, variable_shapes)
 
 _TORCH_FORMATS = ("torch_pth", "safetensors")
+# Formats read only through a family's converter (`spec.port.convert`) into its torch names:
+# Google's `.npz` ViTs (Flax paths and layouts).
+_CONVERTED_FORMATS = ("npz",)
 # Keras' BatchNormalization variables -> ours (Flax: params scale/bias, batch_stats mean/var).
 _KERAS_BATCH_NORM = {"gamma": "scale", "beta": "bias", "moving_mean": "mean",
                      "moving_variance": "var"}
@@ -85,8 +89,8 @@ def model_view(wf: WeightFile, spec: models.ModelSpec) -> dict[str, dict[str, Te
     Our layer name -> param -> a `Tensor` whose shape and data are in our layout. File layers with
     no counterpart keep their file name, so they show up as unexpected.
   """
-  if wf.format in _TORCH_FORMATS:
-    return _torch_view(wf, spec)
+  if wf.format in _TORCH_FORMATS + _CONVERTED_FORMATS:
+    return _torch_view(torch_layers(wf, spec), spec)
   view = {layer: _keras_params(tensors) for layer, tensors in wf.layers.items()}
   if spec.port.keras_order is None:
     return view
@@ -96,9 +100,9 @@ def model_view(wf: WeightFile, spec: models.ModelSpec) -> dict[str, dict[str, Te
 
 def model_names(wf: WeightFile, spec: models.ModelSpec) -> dict[str, str]:
   """File layer -> our layer name under `spec` (a layer it does not rename keeps its name)."""
-  if wf.format in _TORCH_FORMATS:
+  if wf.format in _TORCH_FORMATS + _CONVERTED_FORMATS:
     ours = {prefix: name for name, prefix in spec.port.torch_names.items()}
-    return {layer: ours.get(layer, layer) for layer in wf.layers}
+    return {layer: ours.get(layer, layer) for layer in torch_layers(wf, spec)}
   names = {}
   if spec.port.keras_order is not None:
     view = {layer: _keras_params(tensors) for layer, tensors in wf.layers.items()}
@@ -220,7 +224,25 @@ def _last_name(t: Tensor) -> str:
   return t.name.rsplit("/", 1)[-1].split(":")[0]
 
 
-def _torch_view(wf: WeightFile, spec: models.ModelSpec) -> dict[str, dict[str, Tensor]]:
+def torch_layers(wf: WeightFile, spec: models.ModelSpec) -> dict[str, list[Tensor]]:
+  """A torch (or converted) file's modules under the family's torch names: the file's own for
+  families that read torch files as they are, else renamed by the family's adapter
+  (`spec.port.convert`: torchvision's, DINOv2's or Google's ViT files under timm's names)."""
+  if spec.port.convert is None:
+    return wf.layers if wf.format in _TORCH_FORMATS else {}
+  flat = {t.name: t for tensors in wf.layers.values() for t in tensors}
+  return formats.by_prefix(spec.port.convert(wf.format, flat))
+
+
+def dialect(wf: WeightFile, spec: models.ModelSpec) -> str | None:
+  """Who wrote a file of `spec`'s family (`spec.port.dialect`), or None."""
+  if spec.port.dialect is None:
+    return None
+  return spec.port.dialect(wf.format, [t.name for ts in wf.layers.values() for t in ts])
+
+
+def _torch_view(layers: dict[str, list[Tensor]],
+                spec: models.ModelSpec) -> dict[str, dict[str, Tensor]]:
   """A torch state dict's modules under our names, in our layouts (see `model_view`).
 
   A layer's arrays are renamed by its declared kind (`spec.layer_kinds`); a module the model
@@ -232,7 +254,7 @@ def _torch_view(wf: WeightFile, spec: models.ModelSpec) -> dict[str, dict[str, T
   # pooling (ResNet) the fc's input rows are just channels, in the same order as ours.
   first_fc, side = spec.port.torch_flatten or (None, None)
   view = {}
-  for prefix, tensors in wf.layers.items():
+  for prefix, tensors in layers.items():
     layer = ours.get(prefix, prefix)
     by_kind = {t.name.rsplit(".", 1)[-1]: t for t in tensors}
     by_kind = {k: t for k, t in by_kind.items() if k not in _TORCH_DROPPED}
@@ -351,6 +373,7 @@ def guess_arch(view_for: Callable[[models.ModelSpec], dict[str, dict[str, Tensor
     if set(view) - set(spec.top_layers) - set(ignored_parts(view, spec)) != set(spec.conv_layers):
       continue
     shapes = _backbone_shapes(name)
+    view = fit_view(view, shapes, spec)  # a ViT's position embeddings for any grid
     if all(p in view[layer] and tuple(view[layer][p].shape) == tuple(s.shape)
            for layer in shapes for p, s in flatten(shapes[layer]).items()):
       matches.append(name)
@@ -374,7 +397,7 @@ def unsupported_structure(wf: WeightFile) -> str | None:
   Returns:
     A phrase for the error, e.g. `"deep-stem ResNet-D is not supported; ..."`.
   """
-  if wf.format not in _TORCH_FORMATS:
+  if wf.format not in _TORCH_FORMATS + _CONVERTED_FORMATS:
     return None
   layers = tuple(wf.layers)
   for check in dict.fromkeys(models.spec(name).port.unsupported for name in models.names()):

@@ -164,7 +164,7 @@ def load_variables(source: str, model, *, image_size: int | None = None,
     unsupported = port.unsupported_structure(wf)
     if unsupported:
       raise UserError(f"weights {source}: {unsupported}")
-    view = port.fit_view(port.model_view(wf, spec), layers, spec)
+    view = port.fit_view(port.model_view(wf, spec), layers, spec, port.dialect(wf, spec))
     left_out = port.ignored_parts(view, spec)
     plan = port.plan_merge(layers, view, fresh=fresh, ignorable=ignorable + left_out)
     if plan.problems:
