@@ -70,6 +70,14 @@ def home(tmp_path, monkeypatch):
   return path
 
 
+@pytest.fixture(scope="module")
+def weight_server():
+  """A local HTTP server for downloads (`helpers.file_server`), one per test module."""
+  from helpers import file_server
+  with file_server() as server:
+    yield server
+
+
 @pytest.fixture
 def tmpfs(tmp_path):
   """`tmpfs(options)` mounts a tmpfs with `options` ("size=2m", "ro") in the test's directory and

@@ -1,16 +1,20 @@
 """Helpers shared by the test files: configs at test size, batch and tree comparisons, a CLI run in
 a subprocess, waiting on events, and the harness for "interrupted then resumed equals
-uninterrupted" (`kill_and_resume`, `preempt_and_resume`).
+uninterrupted" (`kill_and_resume`, `preempt_and_resume`), and a local HTTP server for downloads
+(`file_server`).
 
 Fixtures live in `conftest.py`; everything a test file calls lives here, so that no test file
 imports another. Import it as `from helpers import ...` (pytest puts `tests/` on the path).
 """
 
+import contextlib
 import hashlib
+import http.server
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import flax
@@ -446,3 +450,44 @@ def preempt_and_resume(make_config, workdir, stop_step: int, monkeypatch, *, ref
   if after_stop:
     after_stop()
   return train.train_and_evaluate(make_config(), str(workdir))
+
+
+# --- a local HTTP server for downloads ------------------------------------------------------------
+
+
+class _FileHandler(http.server.BaseHTTPRequestHandler):
+  """Serves `server.files[path] = (body, declared)`: `declared` is the Content-Length sent (a
+  body shorter than it is a transfer cut short), None sends none; anything else is a 404."""
+
+  def do_GET(self):
+    self.server.requests.append(self.path)
+    if self.path not in self.server.files:
+      self.send_error(404)
+      return
+    body, declared = self.server.files[self.path]
+    self.send_response(200)
+    if declared is not None:
+      self.send_header("Content-Length", str(declared))
+    self.end_headers()
+    self.wfile.write(body)
+    self.wfile.flush()
+    self.close_connection = True
+
+  def log_message(self, *args):
+    pass
+
+
+@contextlib.contextmanager
+def file_server():
+  """A threaded HTTP server on 127.0.0.1: fill its `files` (see `_FileHandler`), read its
+  `requests` (paths asked for, in order), and `url(path)` to reach it."""
+  httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FileHandler)
+  httpd.files, httpd.requests = {}, []
+  httpd.url = lambda path: f"http://127.0.0.1:{httpd.server_address[1]}{path}"
+  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+  thread.start()
+  try:
+    yield httpd
+  finally:
+    httpd.shutdown()
+    httpd.server_close()

@@ -4,10 +4,8 @@ After every failure the cache directory must hold no file at all (no partial, no
 """
 
 import hashlib
-import http.server
 import os
 import socket
-import threading
 import urllib.request
 
 import numpy as np
@@ -22,40 +20,11 @@ from transfer.weights import downloader, export, sources
 BODY = os.urandom(300_000)
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-  """Serves `server.files[path] = (body, declared_length)`; a short body then hangs up."""
-
-  def do_GET(self):
-    self.server.requests.append(self.path)
-    if self.path not in self.server.files:
-      self.send_error(404)
-      return
-    body, declared = self.server.files[self.path]
-    self.send_response(200)
-    self.send_header("Content-Length", str(declared))
-    self.end_headers()
-    self.wfile.write(body)
-    self.wfile.flush()
-    self.close_connection = True
-
-  def log_message(self, *args):
-    pass
-
-
 @pytest.fixture(scope="module")
-def server():
-  httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-  httpd.files = {"/w/good.bin": (BODY, len(BODY)), "/w/cut.bin": (BODY[:1000], len(BODY))}
-  httpd.requests = []
-  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-  thread.start()
-  yield httpd
-  httpd.shutdown()
-  httpd.server_close()
-
-
-def url(server, path):
-  return f"http://127.0.0.1:{server.server_address[1]}{path}"
+def server(weight_server):
+  weight_server.files.update({"/w/good.bin": (BODY, len(BODY)),
+                              "/w/cut.bin": (BODY[:1000], len(BODY))})
+  return weight_server
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +44,7 @@ def md5(data):
 
 def test_success(server, cache):
   dest = str(cache / "good.bin")
-  assert downloader.fetch(url(server, "/w/good.bin"), dest, hash_kind="md5",
+  assert downloader.fetch(server.url("/w/good.bin"), dest, hash_kind="md5",
                         expected=md5(BODY)) == dest
   assert open(dest, "rb").read() == BODY
   assert os.listdir(cache) == ["good.bin"]
@@ -83,7 +52,7 @@ def test_success(server, cache):
 
 def test_sha256_prefix(server, cache):
   prefix = hashlib.sha256(BODY).hexdigest()[:8]
-  dest = downloader.fetch(url(server, "/w/good.bin"), str(cache / f"w-{prefix}.pth"),
+  dest = downloader.fetch(server.url("/w/good.bin"), str(cache / f"w-{prefix}.pth"),
                         hash_kind="sha256_prefix", expected=prefix, progress=False)
   assert os.path.getsize(dest) == len(BODY)
 
@@ -92,7 +61,7 @@ def test_sha256_prefix(server, cache):
 def test_hash_mismatch_leaves_nothing(server, cache, kind, expected):
   dest = str(cache / "good.bin")
   with pytest.raises(UserError) as e:
-    downloader.fetch(url(server, "/w/good.bin"), dest, hash_kind=kind, expected=expected)
+    downloader.fetch(server.url("/w/good.bin"), dest, hash_kind=kind, expected=expected)
   message = str(e.value)
   assert "nothing was saved" in message and dest in message and "\n" not in message
   assert os.listdir(cache) == []
@@ -101,7 +70,7 @@ def test_hash_mismatch_leaves_nothing(server, cache, kind, expected):
 def test_interrupted_transfer_leaves_nothing(server, cache):
   dest = str(cache / "cut.bin")
   with pytest.raises(UserError, match=f"interrupted: got 1000 of {len(BODY)} bytes"):
-    downloader.fetch(url(server, "/w/cut.bin"), dest, hash_kind="md5", expected=md5(BODY))
+    downloader.fetch(server.url("/w/cut.bin"), dest, hash_kind="md5", expected=md5(BODY))
   assert os.listdir(cache) == []
 
 
@@ -120,7 +89,7 @@ def test_no_server_names_url_and_manual_path(cache):
 
 def test_not_found(server, cache):
   with pytest.raises(UserError, match="Not Found"):
-    downloader.fetch(url(server, "/w/missing.bin"), str(cache / "m.bin"), hash_kind="md5",
+    downloader.fetch(server.url("/w/missing.bin"), str(cache / "m.bin"), hash_kind="md5",
                    expected="0" * 32)
   assert os.listdir(cache) == []
 
@@ -146,7 +115,7 @@ def test_ctrl_c_leaves_nothing(server, cache, monkeypatch):
 
   monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: Interrupting(real(*a, **k)))
   with pytest.raises(KeyboardInterrupt):
-    downloader.fetch(url(server, "/w/good.bin"), str(cache / "good.bin"), hash_kind="md5",
+    downloader.fetch(server.url("/w/good.bin"), str(cache / "good.bin"), hash_kind="md5",
                    expected=md5(BODY))
   assert os.listdir(cache) == []
 
@@ -167,7 +136,7 @@ def tiny_entry(server, tmp_path, monkeypatch):
       id="keras:vgg16_tiny", arch="vgg16_tiny", url="https://example.invalid/k/vgg16_tiny_weights.h5",
       hash_kind="md5", hash=md5(data), format="keras_h5", include_top=True, preprocess="caffe")
   monkeypatch.setitem(sources._SOURCES, entry.id, entry)
-  monkeypatch.setenv("TRANSFER_WEIGHTS_URL_BASE", url(server, "/mirror"))
+  monkeypatch.setenv("TRANSFER_WEIGHTS_URL_BASE", server.url("/mirror"))
   return entry, params
 
 
