@@ -21,6 +21,12 @@ Formats:
     positions (`0`, `1`) as names.
   * `torch_pth`: a torch state dict (`features.0.weight`, ...), read with `weights_only=True`.
   * `safetensors`: the same keys in a safetensors file, read with numpy (no torch needed).
+  * `npz`: numpy's `.npz`, the checkpoints of Google's vision_transformer and big_vision (the
+    AugReg files): a zip whose members are all `.npy` arrays, told apart by that from a Keras 3
+    `.keras` archive (a zip holding `model.weights.h5`) and a torch `.pth` (a zip of pickles).
+    Tensors keep their full names (`Transformer/encoderblock_0/LayerNorm_0/scale`), grouped into
+    layers by the part before the last `/`. Read with `allow_pickle=False`: an array of Python
+    objects is refused, never unpickled.
 """
 
 from __future__ import annotations
@@ -36,12 +42,15 @@ import numpy as np
 
 from transfer.errors import UserError
 
-FORMATS = ("keras_h5", "keras3_h5", "torch_pth", "safetensors")
+FORMATS = ("keras_h5", "keras3_h5", "torch_pth", "safetensors", "npz")
 # A Keras BatchNormalization layer's variables in the order Keras creates and stores them.
 BATCH_NORM_VARS = ("gamma", "beta", "moving_mean", "moving_variance")
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _ZIP_MAGIC = b"PK\x03\x04"
 _KERAS_ARCHIVE_WEIGHTS = "model.weights.h5"
+_NPY = ".npy"
+# A zip's local file header: fixed fields, then the member's name (its length at offset 26).
+_ZIP_HEADER = 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +82,8 @@ def open_weights(path: str | os.PathLike) -> Iterator[WeightFile]:
   """Opens a weight file of any supported format; arrays can be read until the block ends.
 
   Args:
-    path: a `.h5`/`.weights.h5`/`.keras`, `.pth`/`.pt` or `.safetensors` file.
+    path: a `.h5`/`.weights.h5`/`.keras`, `.pth`/`.pt`, `.safetensors` or `.npz` file (told
+      apart by their contents, not their names).
 
   Yields:
     A `WeightFile`.
@@ -86,25 +96,54 @@ def open_weights(path: str | os.PathLike) -> Iterator[WeightFile]:
     raise UserError(f"no weight file {path}")
   kind = detect_format(path)
   opener = {"keras_h5": _open_h5, "keras3_h5": _open_h5, "torch_pth": _open_torch,
-            "safetensors": _open_safetensors}[kind]
+            "safetensors": _open_safetensors, "npz": _open_npz}[kind]
   with opener(path) as wf:
     yield wf
 
 
 def detect_format(path: str) -> str:
-  """The format of `path`, from its leading bytes (and its HDF5 layout), not only its name."""
+  """The format of `path`, from its leading bytes (its HDF5 layout, a zip's members), not only
+  its name."""
   with open(path, "rb") as f:
     head = f.read(16)
   if head.startswith(_HDF5_MAGIC):
     return _h5_layout(path)
   if path.lower().endswith(".safetensors") or _looks_like_safetensors(head):
     return "safetensors"
-  if head.startswith(_ZIP_MAGIC) and _keras_archive_member(path):
+  if head.startswith(_ZIP_MAGIC):
+    return _zip_format(path)
+  if path.lower().endswith((".pth", ".pt", ".bin")):
+    return "torch_pth"  # torch's legacy (pre-1.6) pickle format is no zip.
+  raise UserError(f"cannot tell the format of {path}: expected a Keras .h5, a torch .pth, a "
+                   f".safetensors or a numpy .npz file")
+
+
+def _zip_format(path: str) -> str:
+  """What a zip holds: a Keras 3 archive, numpy arrays (`.npz`) or a torch state dict.
+
+  A zip cut short has no readable member list; its first member's name, at the start of the
+  file, still says whether it is an `.npz`, so the reader's error names the right format.
+  """
+  try:
+    with zipfile.ZipFile(path) as archive:
+      names = archive.namelist()
+  except zipfile.BadZipFile:
+    names = [_first_zip_member(path)]
+  if _KERAS_ARCHIVE_WEIGHTS in names:
     return "keras3_h5"
-  if head.startswith(_ZIP_MAGIC) or path.lower().endswith((".pth", ".pt", ".bin")):
-    return "torch_pth"
-  raise UserError(f"cannot tell the format of {path}: expected a Keras .h5, a torch .pth or a "
-                   f".safetensors file")
+  if names and all(name.endswith(_NPY) for name in names):
+    return "npz"
+  return "torch_pth"
+
+
+def _first_zip_member(path: str) -> str:
+  """The name in a zip's first local file header (`""` if there is none to read)."""
+  with open(path, "rb") as f:
+    header = f.read(_ZIP_HEADER)
+    if len(header) < _ZIP_HEADER:
+      return ""
+    name = f.read(int.from_bytes(header[26:28], "little"))
+  return name.decode("utf8", "replace")
 
 
 def _looks_like_safetensors(head: bytes) -> bool:
@@ -126,15 +165,6 @@ def _h5_layout_of(f) -> str | None:
   if "layer_names" in root.attrs:
     return "keras_h5"
   return "keras3_h5" if "layers" in f else None
-
-
-def _keras_archive_member(path: str) -> str | None:
-  """The weights member of a Keras 3 `.keras` archive (a zip), or None for other zips."""
-  try:
-    with zipfile.ZipFile(path) as archive:
-      return _KERAS_ARCHIVE_WEIGHTS if _KERAS_ARCHIVE_WEIGHTS in archive.namelist() else None
-  except zipfile.BadZipFile:
-    return None
 
 
 @contextlib.contextmanager
@@ -269,11 +299,42 @@ def _open_safetensors(path: str):
                      layers=_guard_reads(by_prefix(tensors), path))
 
 
-def by_prefix(tensors: dict[str, Tensor]) -> dict[str, list[Tensor]]:
-  """Groups state-dict keys `features.0.weight` by module prefix `features.0`, keeping order."""
+@contextlib.contextmanager
+def _open_npz(path: str):
+  """An `.npz`'s arrays; shapes from each member's `.npy` header, data only when read."""
+  try:
+    npz = np.load(path, allow_pickle=False)
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise UserError(f"cannot read {path}: truncated or corrupt .npz file ({_first_line(e)})") \
+        from None
+  with npz:
+    try:
+      tensors = {k: Tensor(k, _npy_shape(npz.zip, k + _NPY), lambda k=k: npz[k])
+                 for k in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+      raise UserError(f"cannot read {path}: truncated or corrupt .npz file "
+                       f"({_first_line(e)})") from None
+    yield WeightFile(path=path, format="npz",
+                     layers=_guard_reads(by_prefix(tensors, "/"), path))
+
+
+def _npy_shape(archive: zipfile.ZipFile, member: str) -> tuple[int, ...]:
+  """The shape in an `.npy` member's header, without reading its data."""
+  with archive.open(member) as f:
+    version = np.lib.format.read_magic(f)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    shape, _, _ = read_header(f)
+  return tuple(shape)
+
+
+def by_prefix(tensors: dict[str, Tensor], sep: str = ".") -> dict[str, list[Tensor]]:
+  """Groups keys by the part before their last `sep`, keeping order: a state dict's
+  `features.0.weight` under `features.0`, an `.npz`'s `Transformer/encoder_norm/scale` under
+  `Transformer/encoder_norm`."""
   layers: dict[str, list[Tensor]] = {}
   for key, tensor in tensors.items():
-    layers.setdefault(key.rsplit(".", 1)[0] if "." in key else key, []).append(tensor)
+    layers.setdefault(key.rsplit(sep, 1)[0] if sep in key else key, []).append(tensor)
   return layers
 
 
