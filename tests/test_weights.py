@@ -21,6 +21,8 @@ from transfer.weights import export, port, sources
 pytestmark = pytest.mark.usefixtures("home")
 
 TINY = "vgg16_tiny"
+# The convolutional networks' records (the Vision Transformers' are tested in test_vit_sources.py).
+CNN_FAMILIES = ("vgg", "resnet", "inception")
 
 
 def random_params(arch, image_size=224, seed=0, **kw):
@@ -202,7 +204,7 @@ def test_not_a_weight_file(tmp_path):
 
 
 @pytest.mark.parametrize("source, pattern", [
-    ("keras:vgg17", "unknown weights id 'keras:vgg17'; valid ids: keras:"),
+    ("keras:vgg17", "unknown weights id 'keras:vgg17'; valid ids: augreg:"),
     ("no/such/file.h5", "no weight file no/such/file.h5"),
 ])
 def test_unknown_source(source, pattern):
@@ -249,7 +251,7 @@ def test_registry_records_official_files():
   tv = entries["torchvision:vgg19"]
   assert tv.url == "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
   assert (tv.hash_kind, tv.hash, tv.include_top) == ("sha256_prefix", "dcbb9e9d", True)
-  for entry in entries.values():
+  for entry in (e for e in entries.values() if e.arch.startswith(CNN_FAMILIES)):
     assert entry.preprocess == ("tf" if entry.arch == "inception_v3" else  # [-1, 1], both
                                 "caffe" if entry.id.startswith("keras") else "torch")
     # Keras squashes; torchvision resizes the short side, then center-crops 224.
@@ -443,10 +445,14 @@ def test_torch_export_of_batch_norm_needs_the_statistics():
 # read from our registry: keras.applications' `preprocess_input` (vgg16/resnet: caffe; inception_v3:
 # tf), torchvision's `ImageClassification` (mean/std; its InceptionV3 transform too, but the
 # Google port sets `transform_input` to map mean/std input back to [-1, 1]), timm's cfg mean/std.
+# ViTs: torchvision's mean/std (SWAG too); timm's AugReg and Google's own files 0.5/0.5 ([-1, 1]);
+# DINOv2 mean/std, from timm or its own files.
 PUBLISHED_MODE = {("keras", "vgg"): "caffe", ("keras", "resnet"): "caffe",
                   ("keras", "inception"): "tf", ("torchvision", "vgg"): "torch",
                   ("torchvision", "resnet"): "torch", ("torchvision", "inception"): "tf",
-                  ("timm", "resnet"): "torch"}
+                  ("timm", "resnet"): "torch", ("torchvision", "vit"): "torch",
+                  ("timm", "vit"): "tf", ("augreg", "vit"): "tf", ("timm", "dinov2"): "torch",
+                  ("dinov2", "vit"): "torch"}
 # Which form each publisher's ResNet and InceptionV3 are: Keras v1, torchvision/timm v1.5; Keras'
 # scale-less InceptionV3, torchvision's with scale.
 PUBLISHED_VARIANT = {"keras": "keras", "torchvision": "torchvision", "timm": "torchvision"}
@@ -455,11 +461,12 @@ PUBLISHED_VARIANT = {"keras": "keras", "torchvision": "torchvision", "timm": "to
 @pytest.mark.parametrize("source_id", sources.ids())
 def test_mode_and_variant_of_every_registry_id_are_its_publishers(source_id):
   framework, name = source_id.split(":")
-  family = next(f for f in ("vgg", "resnet", "inception") if name.startswith(f))
+  family = "dinov2" if "dinov2" in name else next(
+      f for f in ("vgg", "resnet", "inception", "vit") if name.startswith(f))
   arch = sources.get(source_id).arch
   assert weights.mode_for(source_id) == PUBLISHED_MODE[framework, family]
   assert weights.mode_for(source_id + "?") == PUBLISHED_MODE[framework, family]
-  want = None if family == "vgg" else PUBLISHED_VARIANT[framework]
+  want = PUBLISHED_VARIANT[framework] if family in ("resnet", "inception") else None
   assert weights.variant_for(source_id, arch) == want
   # The mode is what the pipeline applies: the same pixels through each publisher's formula.
   x = np.arange(2 * 3 * 3 * 3, dtype=np.float32).reshape(2, 3, 3, 3) * 2.5

@@ -9,8 +9,10 @@ download, inspect, export.
     source = transfer.weights.sources.resolve("my_inception.h5")   # parsed once: arch, tf, 299
 
 Modules: `sources` (the registry: ids, URLs, hashes, cache paths; `resolve`, a config's
-`weights` parsed once into a `ParsedSource`), `downloader` (verified, all-or-nothing fetch),
-`formats` (reading .h5 / .weights.h5 / .pth / .safetensors), `port` (names, layouts, strict merge),
+`weights` parsed once into a `ParsedSource`; its records `record.WeightSource`, the Vision
+Transformers' in `vit_sources`), `downloader` (verified, all-or-nothing fetch; the sha256 of a
+file without a published hash recorded beside it), `formats` (reading .h5 / .weights.h5 / .pth /
+.safetensors / .npz), `port` (names, layouts, strict merge),
 `pretrained` (the public calls), `preprocess` (per-source input normalisation and eval geometry:
 `transform`, `resolve_data_config`), `cli`.
 """

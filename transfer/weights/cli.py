@@ -42,8 +42,12 @@ def format_info(meta: dict) -> str:
 
 
 def format_list() -> str:
-  """Registry ids with what they hold, their URL and whether they are cached (and, for timm, the
-  Hugging Face Hub file timm itself loads, which no published hash verifies)."""
+  """Registry ids with what they hold, their URL and whether they are cached (and, for timm's
+  ResNets, the Hugging Face Hub file timm itself loads, which no published hash verifies).
+
+  A file whose publisher gives no hash says so: it is checked by its size, and its sha256,
+  recorded at download, is what later uses are checked against.
+  """
   lines = []
   for source_id in sources.ids():
     entry = sources.get(source_id)
@@ -51,6 +55,8 @@ def format_list() -> str:
     state = f"cached at {path}" if os.path.isfile(path) else "not cached"
     top = "with top" if entry.include_top else "no top"
     hub = f"  (publisher's hub copy, unverified: {entry.hub_url})" if entry.hub_url else ""
+    unverified = ("  (no published hash: size checked, sha256 recorded at download)"
+                  if not entry.published_hash else "")
     lines.append(f"{source_id:<24} {entry.arch:<9} {top:<8} preprocess={entry.preprocess:<6} "
-                 f"{sources.url_for(entry)}  [{state}]{hub}")
+                 f"{sources.url_for(entry)}  [{state}]{unverified}{hub}")
   return "\n".join(lines)

@@ -292,6 +292,8 @@ def resolve(source: str, cache_dir: str | os.PathLike | None = None,
   entry = sources.get(source)
   path = sources.cached_path(entry, cache_dir)
   if os.path.isfile(path):
+    if not entry.published_hash:  # Only its recorded sha256 vouches for it: checked every use.
+      check_cached(entry, path)
     return path, entry
   if sources.parse(source)[1]:
     return None, entry

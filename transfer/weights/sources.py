@@ -9,9 +9,14 @@ A config's `weights` string is parsed once, by `resolve`, into a `ParsedSource` 
 framework, architecture, variant, preprocessing, eval geometry, the record when there is one),
 which a run or command passes down instead of the string.
 
+The records themselves: the CNNs' below, the Vision Transformers' in
+`transfer.weights.vit_sources`; the record type is `transfer.weights.record.WeightSource`.
+
 Downloads go to a cache, `$TRANSFER_HOME/weights/<filename>` (default `~/.cache/transfer`). Setting
 `TRANSFER_WEIGHTS_URL_BASE` replaces the directory part of every URL (a mirror, or a local server
-in tests); the file names stay the official ones.
+in tests), which serves each file under its cached name: the official one, except for the
+Hugging Face Hub's files, all called `model.safetensors`, cached (and mirrored) as
+`<tag>.safetensors`.
 """
 
 from __future__ import annotations
@@ -22,60 +27,14 @@ import os
 
 from transfer import home
 from transfer.errors import UserError
+from transfer.weights import vit_sources
+from transfer.weights.record import TORCHVISION_URL, WeightSource
 
 URL_BASE_ENV = "TRANSFER_WEIGHTS_URL_BASE"
 OPTIONAL_SUFFIX = "?"
 
 _KERAS = "https://storage.googleapis.com/tensorflow/keras-applications"
-_TORCHVISION = "https://download.pytorch.org/models"
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightSource:
-  """One published weight file.
-
-  Attributes:
-    id: registry id, `<framework>:<name>` (`keras:vgg16_notop`).
-    arch: the `transfer.models` name the file fits.
-    url: official download URL; its last part is the cached file name.
-    hash_kind: `"md5"` (Keras publishes full md5 digests) or `"sha256_prefix"` (torchvision puts
-      the first hex digits of the sha256 in the file name).
-    hash: the expected digest (or digest prefix).
-    format: `"keras_h5"` or `"torch_pth"`, the reader `transfer.weights.formats` uses.
-    include_top: whether the file holds the ImageNet top (fc1, fc2, predictions).
-    preprocess: the `transfer.weights.preprocess` mode the weights expect.
-    variant: the `transfer.models` variant the file fits (ResNet: `keras` or `torchvision`), or
-      None for architectures with one form.
-    resize_size: the eval geometry the weights were validated with. None: squash the whole image
-      to the input size (Keras' loaders); a number: resize the short side to it, then center-crop
-      `input_size` (torchvision's `ImageClassification`: 256, or 232 for the V2 ResNets; timm's
-      `floor(test_input_size / test_crop_pct)`). See `transfer.weights.preprocess.eval_geometry`.
-    input_size: the input side that geometry crops (224; 299 for InceptionV3; timm's
-      `test_input_size`, e.g. 288).
-    interpolation: the resize filter of that geometry, `"bilinear"` or `"bicubic"` (timm's
-      recipes).
-    hub_url: where the publisher's own library loads the weights from today, when that is
-      another file than `url` (timm: the Hugging Face Hub `model.safetensors`, the same tensors
-      as `url`'s `.pth`). Shown for reference, never downloaded: no published hash verifies it.
-  """
-
-  id: str
-  arch: str
-  url: str
-  hash_kind: str
-  hash: str
-  format: str
-  include_top: bool
-  preprocess: str
-  variant: str | None = None
-  resize_size: int | None = None
-  input_size: int = 224
-  interpolation: str = "bilinear"
-  hub_url: str | None = None
-
-  @property
-  def filename(self) -> str:
-    return self.url.rsplit("/", 1)[-1]
+_TORCHVISION = TORCHVISION_URL
 
 
 def _keras(name: str, arch: str, include_top: bool, md5: str, folder: str | None = None,
@@ -187,6 +146,9 @@ _SOURCES.update({s.id: s for s in (
 )})
 
 
+_SOURCES.update({s.id: s for s in vit_sources.SOURCES})
+
+
 def ids() -> list[str]:
   """Registered weight ids, sorted."""
   return sorted(_SOURCES)
@@ -223,7 +185,7 @@ def get(source_id: str) -> WeightSource:
     return _SOURCES[key]
   except KeyError:
     raise UserError(f"unknown weights id {key!r}; valid ids: {', '.join(ids())} "
-                     f"(or a path to a .h5/.pth/.safetensors file)") from None
+                     f"(or a path to a .h5/.pth/.safetensors/.npz file)") from None
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> str:
@@ -250,12 +212,14 @@ def url_for(entry: WeightSource, url_base: str | None = None) -> str:
 
 # Who wrote a file of each format, and the registry prefixes of that framework's own files
 # (timm's recipes are not what an arbitrary torch file was made for).
+# A `.npz` is a JAX/Flax program's checkpoint (Google's vision_transformer, big_vision).
 FRAMEWORKS = {"keras_h5": "keras", "keras3_h5": "keras", "torch_pth": "torch",
-              "safetensors": "torch"}
-_FRAMEWORK_IDS = {"keras": "keras", "torch": "torchvision"}
+              "safetensors": "torch", "npz": "jax"}
+_FRAMEWORK_IDS = {"keras": ("keras",), "torch": ("torchvision", "dinov2"), "jax": ("augreg",)}
 # A framework's defaults when no record of the architecture says more: Keras' caffe scaling,
-# squashed; torchvision's mean/std, short side 256 then the center 224.
-_FRAMEWORK_DEFAULTS = {"keras": ("caffe", None), "torch": ("torch", 256)}
+# squashed; torchvision's mean/std, short side 256 then the center 224; Google's ViT pipeline's
+# [-1, 1], squashed.
+_FRAMEWORK_DEFAULTS = {"keras": ("caffe", None), "torch": ("torch", 256), "jax": ("tf", None)}
 # Test-sized models (`inception_v3_tiny`) have their full model's layers at a fraction of the
 # width: their files take that model's preprocessing.
 _TINY = "_tiny"
@@ -276,7 +240,8 @@ class ParsedSource:
     preprocess: the `transfer.weights.preprocess` mode (`unit` for random initialisation).
     entry: the registry record: of an id, or of a file given by its official file name.
     format: the file format (`transfer.weights.formats.FORMATS`); None for random init.
-    framework: `keras` or `torch`, who wrote the weights; None for random init.
+    framework: `keras`, `torch` or `jax` (a `.npz`), who wrote the weights; None for random
+      init.
     arch: the architecture (the record's, or recognised in the file); None when unknown.
     variant: the variant of `arch` the weights need (ResNet, InceptionV3), else None.
     resize_size, input_size, interpolation: the eval geometry, as in `WeightSource`.
@@ -348,8 +313,11 @@ def for_file(path: str, fmt: str, arch: str | None, variant: str | None, *,
 
   An official file name is its record. Otherwise the preprocessing and geometry are those of
   the framework's own published files of the architecture (a torch InceptionV3 file: `tf` at
-  342/299, as `torchvision:inception_v3`), where they agree (torchvision's ResNets: 232 or 256),
-  else the framework's defaults (Keras: caffe, squashed to 224; torch: mean/std, 256/224).
+  342/299, as `torchvision:inception_v3`; a torch DINOv2 file: DINOv2's 256/224 bicubic), where
+  they agree (torchvision's ResNets: 232 or 256), else the framework's defaults (Keras: caffe,
+  squashed to 224; torch: mean/std, 256/224; jax: [-1, 1], squashed to 224). timm's recipes are
+  not what an arbitrary torch file was made for: a timm AugReg file of another name gets
+  torch's defaults, so use its id or its registry file name.
   """
   entry = official_file(path)
   if entry is not None:
@@ -370,7 +338,13 @@ def for_file(path: str, fmt: str, arch: str | None, variant: str | None, *,
 
 
 def official_file(path: str) -> WeightSource | None:
-  """The registry record whose official file name `path` has (a file downloaded by hand)."""
+  """The registry record whose official file name `path` has (a file downloaded by hand).
+
+  A name shared by several records is one file listed under several ids (timm's
+  `resnet50.tv2_in1k` is torchvision's `resnet50-11ad3fa6.pth`); the Hugging Face Hub's
+  `model.safetensors`, every timm tag's, is no record's name (they are `<tag>.safetensors`), so
+  such a file is recognised by its contents.
+  """
   name = os.path.basename(path)
   return next((s for s in _SOURCES.values() if s.filename == name), None)
 
@@ -381,5 +355,5 @@ def _framework_records(arch: str | None, framework: str) -> list[WeightSource]:
     return []
   if arch.endswith(_TINY) and not any(s.arch == arch for s in _SOURCES.values()):
     arch = arch[:-len(_TINY)]
-  prefix = _FRAMEWORK_IDS[framework] + ":"
-  return [s for s in _SOURCES.values() if s.arch == arch and s.id.startswith(prefix)]
+  prefixes = tuple(f"{p}:" for p in _FRAMEWORK_IDS[framework])
+  return [s for s in _SOURCES.values() if s.arch == arch and s.id.startswith(prefixes)]
