@@ -10,10 +10,8 @@ short side `floor(size / crop_pct)`, center crop, the cfg's interpolation.
 import dataclasses
 import hashlib
 import importlib
-import http.server
 import math
 import os
-import threading
 
 import jax
 import numpy as np
@@ -83,32 +81,6 @@ def test_timm_tv2_is_torchvisions_v2_file_and_eval_geometry():
 # --- a generated timm-style file served over HTTP ---------------------------------------------
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-  def do_GET(self):
-    body = self.server.files.get(self.path)
-    if body is None:
-      self.send_error(404)
-      return
-    self.send_response(200)
-    self.send_header("Content-Length", str(len(body)))
-    self.end_headers()
-    self.wfile.write(body)
-
-  def log_message(self, *args):
-    pass
-
-
-@pytest.fixture
-def server():
-  httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-  httpd.files = {}
-  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-  thread.start()
-  yield httpd
-  httpd.shutdown()
-  httpd.server_close()
-
-
 def random_variables(arch, image_size=64, seed=0):
   """Random params and non-trivial running statistics for the torchvision variant of `arch`."""
   shapes = port.variable_shapes(models.get(arch, include_top=True, variant="torchvision"),
@@ -129,13 +101,13 @@ def timm_pth(path, arch, variables):
   return path
 
 
-def test_timm_id_downloads_checks_its_hash_prefix_and_loads(server, tmp_path, monkeypatch):
+def test_timm_id_downloads_checks_its_hash_prefix_and_loads(weight_server, tmp_path, monkeypatch):
+  server = weight_server
   real = sources.get(A1)
   variables = random_variables("resnet50")
   data = timm_pth(tmp_path / "served.pth", "resnet50", variables).read_bytes()
-  server.files[f"/mirror/{real.filename}"] = data
-  monkeypatch.setenv("TRANSFER_WEIGHTS_URL_BASE",
-                     f"http://127.0.0.1:{server.server_address[1]}/mirror")
+  server.files[f"/mirror/{real.filename}"] = (data, len(data))
+  monkeypatch.setenv("TRANSFER_WEIGHTS_URL_BASE", server.url("/mirror"))
   cached = sources.cached_path(real)
 
   # The published prefix is checked: our generated file is not the real one.
