@@ -375,3 +375,35 @@ def test_an_npz_file_takes_googles_recipe(tmp_path):
   parsed = sources.resolve(write_npz(tmp_path / "mine.bin"))
   assert (parsed.format, parsed.framework, parsed.preprocess) == ("npz", "jax", "tf")
   assert (parsed.arch, parsed.resize_size, parsed.input_size) == (None, None, 224)
+
+
+def test_a_hashless_id_downloads_records_and_loads_into_its_model(weight_server, monkeypatch,
+                                                                   timm, tmp_path):
+  """The user's path end to end: `weights.load` of an id with no published hash downloads the
+  file (size checked), records it, loads it strictly; once changed, the next load refuses it."""
+  import torch
+  from safetensors.torch import save_file
+  torch.manual_seed(0)
+  net = timm.models.vision_transformer.VisionTransformer(
+      img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=1000)
+  save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "served")
+  data = (tmp_path / "served").read_bytes()
+  tag = "vit_tiny.test"
+  entry = sources.WeightSource(
+      id=f"timm:{tag}", arch="vit_tiny", url=f"https://huggingface.co/timm/{tag}/resolve/main/"
+      "model.safetensors", hash_kind="none", hash="", format="safetensors", include_top=True,
+      preprocess="tf", resize_size=248, interpolation="bicubic", file=f"{tag}.safetensors")
+  monkeypatch.setitem(sources._SOURCES, entry.id, entry)
+  weight_server.files[f"/mirror/{tag}.safetensors"] = (data, len(data))
+  monkeypatch.setenv("TRANSFER_WEIGHTS_URL_BASE", weight_server.url("/mirror"))
+  model = models.get("vit_tiny", include_top=True)
+  params, report = weights.load(entry.id, model, image_size=32, return_report=True)
+  path = sources.cached_path(entry)
+  assert report.path == path and report.loaded and not report.fresh
+  assert open(path + ".sha256").read().split()[0] == sha256(data)
+  np.testing.assert_allclose(np.asarray(params["predictions"]["bias"]),
+                             net.state_dict()["head.bias"].numpy())
+  change_one_byte(path)
+  with pytest.raises(UserError) as e:
+    weights.load(entry.id, model, image_size=32)
+  assert one_line_error(e).startswith(f"cached file {path} differs from the sha256 recorded")
