@@ -88,10 +88,10 @@ def test_auto_takes_cudnn_only_on_a_gpu_in_half_precision(platform, dtype, want)
 
 def test_the_model_holds_the_resolved_choice_and_refuses_an_unknown_one():
   for dtype in ("float32", "bfloat16"):
-    net = models.get("vit_tiny", num_classes=3, head="gap", dtype=dtype)
+    net = models.get("vit_b16_tiny", num_classes=3, head="gap", dtype=dtype)
     assert net.attention == resolve_attention("auto", jnp.dtype(dtype))
     assert net.attention == ("cudnn" if ON_GPU and dtype == "bfloat16" else "xla")
-  net = models.get("vit_tiny", num_classes=3, head="gap", attention="flash")
+  net = models.get("vit_b16_tiny", num_classes=3, head="gap", attention="flash")
   with pytest.raises(UserError) as e:
     models.init_params(net, 32)
   assert one_line_error(e) == "unknown attention 'flash'; valid: xla, cudnn"
@@ -123,7 +123,7 @@ def test_cudnn_fused_attention_agrees_with_xla(dtype):
 
 
 def _vit(dtype, attention="xla"):
-  return models.get("vit_tiny", head="imagenet", num_classes=10, dtype=dtype,
+  return models.get("vit_b16_tiny", head="imagenet", num_classes=10, dtype=dtype,
                     attention=attention)
 
 

@@ -388,15 +388,15 @@ def test_a_hashless_id_downloads_records_and_loads_into_its_model(weight_server,
       img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=1000)
   save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "served")
   data = (tmp_path / "served").read_bytes()
-  tag = "vit_tiny.test"
+  tag = "vit_b16_tiny.test"
   entry = sources.WeightSource(
-      id=f"timm:{tag}", arch="vit_tiny", url=f"https://huggingface.co/timm/{tag}/resolve/main/"
+      id=f"timm:{tag}", arch="vit_b16_tiny", url=f"https://huggingface.co/timm/{tag}/resolve/main/"
       "model.safetensors", hash_kind="none", hash="", format="safetensors", include_top=True,
       preprocess="tf", resize_size=248, interpolation="bicubic", file=f"{tag}.safetensors")
   monkeypatch.setitem(sources._SOURCES, entry.id, entry)
   weight_server.files[f"/mirror/{tag}.safetensors"] = (data, len(data))
   monkeypatch.setenv("TRANSFER_WEIGHTS_URL_BASE", weight_server.url("/mirror"))
-  model = models.get("vit_tiny", include_top=True)
+  model = models.get("vit_b16_tiny", include_top=True)
   params, report = weights.load(entry.id, model, image_size=32, return_report=True)
   path = sources.cached_path(entry)
   assert report.path == path and report.loaded and not report.fresh

@@ -10,8 +10,8 @@ must give the framework's probabilities, with the framework's own eval transform
 at another resolution are resampled as each framework does it (AugReg at 384, torchvision at
 384, DINOv2 at 224 from its 518 grid).
 
-The models are the registered tiny variants (`vit_tiny`: B/16's layout at width 32 with 2 blocks;
-`dinov2_tiny(_reg4)`), built on the reference side with the same hyper-parameters.
+The models are the registered tiny variants (`vit_b16_tiny`: B/16's layout at width 32 with 2 blocks;
+`dinov2_s14_tiny`, `dinov2_s14_reg4_tiny`), built on the reference side with the same hyper-parameters.
 """
 
 import numpy as np
@@ -100,7 +100,7 @@ def test_timm_augreg_file_predicts_as_timm(timm, tmp_path, photo_path, capsys, s
   net = randomize(timm.create_model("vit_base_patch16_224.augreg2_in21k_ft_in1k",
                                     pretrained=False, **TINY))
   path = save(net.state_dict(), tmp_path / f"augreg{suffix}")
-  ours = cli_probabilities(["predict", "--model", "vit_tiny", "--weights", path, photo_path],
+  ours = cli_probabilities(["predict", "--model", "vit_b16_tiny", "--weights", path, photo_path],
                            capsys)
   np.testing.assert_allclose(ours, timm_probabilities(timm, net, photo_path), atol=1e-4)
 
@@ -109,14 +109,14 @@ def test_timm_features_and_resampling_to_384(timm, tmp_path):
   net = randomize(timm.create_model("vit_base_patch16_224", pretrained=False, **TINY))
   path = save(net.state_dict(), tmp_path / "augreg.safetensors")
   x = torch.randn(2, 3, 224, 224)
-  np.testing.assert_allclose(features("vit_tiny", path, x), timm_features(net, x),
+  np.testing.assert_allclose(features("vit_b16_tiny", path, x), timm_features(net, x),
                              rtol=1e-4, atol=1e-5)
   # timm at 384 loads the 224 file through its own filter (resample_abs_pos_embed).
   big = timm.create_model("vit_base_patch16_384", pretrained=False, num_classes=1000, **TINY)
   big.load_state_dict(timm.models.vision_transformer.checkpoint_filter_fn(
       dict(net.state_dict()), big))
   x = torch.randn(2, 3, 384, 384)
-  np.testing.assert_allclose(features("vit_tiny", path, x, image_size=384),
+  np.testing.assert_allclose(features("vit_b16_tiny", path, x, image_size=384),
                              timm_features(big.eval(), x), rtol=1e-4, atol=1e-5)
 
 
@@ -133,7 +133,7 @@ def test_torchvision_file_predicts_as_torchvision(tmp_path, photo_path, capsys):
   tv, net = _torchvision_vit()
   net = randomize(net)
   path = save(net.state_dict(), tmp_path / "vit.pth")
-  ours = cli_probabilities(["predict", "--model", "vit_tiny", "--weights", path, photo_path],
+  ours = cli_probabilities(["predict", "--model", "vit_b16_tiny", "--weights", path, photo_path],
                            capsys)
   # torchvision's own transform of its IMAGENET1K_V1 ViT weights: resize 256, crop 224, bilinear.
   transform = tv.models.ViT_B_16_Weights.IMAGENET1K_V1.transforms()
@@ -156,7 +156,7 @@ def test_torchvision_features_and_interpolate_embeddings_to_384(tmp_path):
     with torch.no_grad():  # torchvision's classifier input: the final-normed class token
       tokens = ref.encoder(torch.cat([ref.class_token.expand(2, -1, -1),
                                       ref._process_input(x)], dim=1))
-    np.testing.assert_allclose(features("vit_tiny", path, x, image_size=size),
+    np.testing.assert_allclose(features("vit_b16_tiny", path, x, image_size=size),
                                tokens[:, 0].numpy(), rtol=1e-4, atol=1e-5)
 
 
@@ -196,15 +196,15 @@ def test_augreg_npz_matches_timms_npz_loader(timm, tmp_path, photo_path, capsys)
   timm.models.vision_transformer._load_weights(net, path)
   net.eval()
   x = torch.randn(2, 3, 224, 224)
-  np.testing.assert_allclose(features("vit_tiny", path, x), timm_features(net, x),
+  np.testing.assert_allclose(features("vit_b16_tiny", path, x), timm_features(net, x),
                              rtol=1e-4, atol=1e-5)
   # Recognised by structure under any name, with AugReg's [-1, 1] input.
   renamed = tmp_path / "weights.bin"
   renamed.write_bytes(open(path, "rb").read())
-  ours = cli_probabilities(["predict", "--model", "vit_tiny", "--weights", str(renamed),
+  ours = cli_probabilities(["predict", "--model", "vit_b16_tiny", "--weights", str(renamed),
                             photo_path], capsys)
   source = transfer.weights.sources.resolve(str(renamed))
-  assert source.arch == "vit_tiny" and source.preprocess == "tf"
+  assert source.arch == "vit_b16_tiny" and source.preprocess == "tf"
   from transfer.weights import preprocess
   pixels = preprocess.eval_image(Image.open(photo_path), source.input_size, source.resize_size,
                                  source.interpolation)
@@ -261,10 +261,10 @@ def test_dinov2_file_at_224_matches_dinov2(timm, tmp_path, registers):
   ref.load_state_dict(timm.models.vision_transformer.checkpoint_filter_fn(ref_state, ref))
   ref.eval()
   x = torch.randn(2, 3, 224, 224)
-  ours = features("dinov2_tiny_reg4" if registers else "dinov2_tiny", path, x)
+  ours = features("dinov2_s14_reg4_tiny" if registers else "dinov2_s14_tiny", path, x)
   np.testing.assert_allclose(ours, timm_features(ref, x), rtol=1e-4, atol=1e-5)
   # DINOv2's linear-probe input: the class token and the mean of the patch tokens.
-  model, variables = transfer.create_model("dinov2_tiny_reg4" if registers else "dinov2_tiny",
+  model, variables = transfer.create_model("dinov2_s14_reg4_tiny" if registers else "dinov2_s14_tiny",
                                            weights=path, num_classes=0)
   probe = model.clone(token_pool="tok_gap").apply(variables, nhwc(x))
   with torch.no_grad():
@@ -274,7 +274,7 @@ def test_dinov2_file_at_224_matches_dinov2(timm, tmp_path, registers):
 
 
 def test_dinov2_files_are_recognised_by_structure(timm, tmp_path):
-  for registers, arch in ((False, "dinov2_tiny"), (True, "dinov2_tiny_reg4")):
+  for registers, arch in ((False, "dinov2_s14_tiny"), (True, "dinov2_s14_reg4_tiny")):
     path = save(dinov2_state(timm, registers), tmp_path / f"r{registers}.bin")
     source = transfer.weights.sources.resolve(path)
     assert source.arch == arch and source.preprocess == "torch" and source.input_size == 224

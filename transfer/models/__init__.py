@@ -114,7 +114,7 @@ _SPECS = {
     "vit_b32": _vit_spec("vit_b32", 32, 768, 12, 12),
     "vit_l16": _vit_spec("vit_l16", 16, 1024, 24, 16),
     # A ViT's layers and names at width 32, 2 blocks: for tests.
-    "vit_tiny": _vit_spec("vit_tiny", 16, 32, 2, 2),
+    "vit_b16_tiny": _vit_spec("vit_b16_tiny", 16, 32, 2, 2),
     "dinov2_s14": _dinov2_spec("dinov2_s14", 384, 12, 6),
     "dinov2_b14": _dinov2_spec("dinov2_b14", 768, 12, 12),
     "dinov2_l14": _dinov2_spec("dinov2_l14", 1024, 24, 16),
@@ -122,8 +122,8 @@ _SPECS = {
     "dinov2_b14_reg4": _dinov2_spec("dinov2_b14_reg4", 768, 12, 12, registers=4),
     "dinov2_l14_reg4": _dinov2_spec("dinov2_l14_reg4", 1024, 24, 16, registers=4),
     # DINOv2's layers (LayerScale; with and without registers) at width 32, 2 blocks: for tests.
-    "dinov2_tiny": _dinov2_spec("dinov2_tiny", 32, 2, 2),
-    "dinov2_tiny_reg4": _dinov2_spec("dinov2_tiny_reg4", 32, 2, 2, registers=4),
+    "dinov2_s14_tiny": _dinov2_spec("dinov2_s14_tiny", 32, 2, 2),
+    "dinov2_s14_reg4_tiny": _dinov2_spec("dinov2_s14_reg4_tiny", 32, 2, 2, registers=4),
 }
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
