@@ -13,6 +13,13 @@ global-average-pool head (Dense 1 sigmoid): `transfer` runs the torchvision (v1.
 its `keras.applications.ResNet50` (v1: stride on the first 1x1 convolution), torch a v1.5 ResNet50
 built here from torch.nn.
 
+`--model vit_b16`: ViT-B/16 with a new 2-class head (softmax cross-entropy, Adam) against timm's
+`vit_base_patch16_224` in PyTorch, in three jobs (`--jobs`, `peer_steps.JOBS`): the backbone
+frozen (`trainable=["^head/"]`; timm: `requires_grad_(False)` on all but the head), full
+fine-tuning, and the forward pass, timed in the same rounds as the frozen step for the
+train/forward ratio. Set-up time (compilation, `torch.compile`'s included, and warm-up) is
+reported apart and never timed. The steps themselves are built in `scripts/peer_steps.py`.
+
 The end-to-end job (`--e2e`): the blog recipe's head training on the same generated JPEGs, wall
 time of `transfer train` with `cache_features=True` (the backbone runs once) against Keras `fit`
 with frozen layers (the backbone runs every epoch, validation included).
@@ -22,6 +29,7 @@ with frozen layers (the backbone runs every epoch, validation included).
     python scripts/bench_peers.py --only jax-fp32,torch-eager-fp32 --batch_sizes 16 --no-e2e
     python scripts/bench_peers.py --model resnet50 --batch_sizes 16 --no-e2e \
         --only jax-fp32,jax-fp32-xlaconv,keras-tf-fp32,torch-eager-fp32
+    python scripts/bench_peers.py --model vit_b16 --batch_sizes 16 --no-e2e   # ~25 min
 
 Each timed step ends synchronously (`block_until_ready`, `train_on_batch`'s returned loss, eager
 torch), after untimed warm-up steps that include compilation.
@@ -42,6 +50,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from transfer.platform import hugepages  # noqa: E402  (imports nothing heavy)
+import peer_steps  # noqa: E402  (scripts/, beside this file; imports nothing heavy)
 
 # name -> (framework, dtype, options). The first entry is the reference for the ratios.
 CONTESTANTS = {
@@ -66,146 +75,26 @@ CONTESTANTS = {
     "torch-compile-bf16": ("torch", "bfloat16", {"compile": True}),
 }
 REFERENCE = "jax-fp32"
-MODELS = ("vgg16", "resnet50")
-DEFAULT = [n for n in CONTESTANTS if not n.startswith("jax-fp32-")]
+MODELS = ("vgg16", "resnet50", "vit_b16")
+# Per model: the default contestants and job groups (`--jobs`; `peer_steps.JOBS`).
+DEFAULT = {"vgg16": [n for n in CONTESTANTS if not n.startswith("jax-fp32-")],
+           "vit_b16": ["jax-fp32", "torch-eager-fp32", "torch-compile-fp32", "jax-bf16",
+                       "torch-eager-bf16", "torch-compile-bf16"]}
+DEFAULT_JOBS = {"vit_b16": "frozen+forward,full"}
 
 
 # ----------------------------------------------------------------------------- workers
-# A worker builds one contestant's step per batch size on request and times it. It speaks JSON
-# lines on the stdout it was started with; everything the libraries print goes to stderr.
-
-
-def _keras_step(model_name: str, dtype: str, batch: int, size: int, options: dict):
-  import keras
-  import numpy as np
-  if dtype == "bfloat16":
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-  if model_name == "resnet50":  # frozen: Keras runs its BatchNorm layers in inference mode
-    base = keras.applications.ResNet50(weights=None, include_top=False, pooling="avg",
-                                       input_shape=(size, size, 3))
-    head = []
-  else:
-    base = keras.applications.VGG16(weights=None, include_top=False, input_shape=(size, size, 3))
-    head = [keras.layers.Flatten(), keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dropout(0.6)]
-  base.trainable = False
-  model = keras.Sequential([keras.Input((size, size, 3)), base, *head,
-                            keras.layers.Dense(1, activation="sigmoid", dtype="float32")])
-  model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="binary_crossentropy",
-                jit_compile=options.get("jit_compile", "auto"))
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
-  y = rng.integers(0, 2, (batch, 1)).astype(np.float32)
-  step = lambda: float(model.train_on_batch(x, y))
-  info = {"jit_compile": str(getattr(model, "jit_compile", "?")), "keras": keras.__version__,
-          "backend": keras.backend.backend()}
-  return step, info
-
-
-def _torch_vgg16_blog(size: int):
-  """VGG16's conv base (13 convs, 5 max pools) and the blog head, built from the layer list."""
-  import torch.nn as tnn
-  layers, channels = [], 3
-  for width, convs in ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3)):
-    for _ in range(convs):
-      layers += [tnn.Conv2d(channels, width, 3, padding=1), tnn.ReLU(inplace=True)]
-      channels = width
-    layers.append(tnn.MaxPool2d(2, 2))
-  features = tnn.Sequential(*layers)
-  head = tnn.Sequential(tnn.Flatten(), tnn.Linear(512 * (size // 32) ** 2, 256), tnn.ReLU(inplace=True),
-                        tnn.Dropout(0.6), tnn.Linear(256, 1))
-  return features, head
-
-
-def _torch_resnet50():
-  """torchvision's ResNet50 (v1.5: stride on the 3x3 convolution) and a GAP -> Linear(1) head."""
-  import torch.nn as tnn
-
-  def conv_bn(cin, cout, k, stride=1, relu=True):
-    layers = [tnn.Conv2d(cin, cout, k, stride, k // 2, bias=False), tnn.BatchNorm2d(cout)]
-    return tnn.Sequential(*layers, *([tnn.ReLU(inplace=True)] if relu else []))
-
-  class Bottleneck(tnn.Module):
-    def __init__(self, cin, inner, stride):
-      super().__init__()
-      self.body = tnn.Sequential(conv_bn(cin, inner, 1), conv_bn(inner, inner, 3, stride),
-                                 conv_bn(inner, 4 * inner, 1, relu=False))
-      self.shortcut = (conv_bn(cin, 4 * inner, 1, stride, relu=False)
-                       if stride != 1 or cin != 4 * inner else tnn.Identity())
-
-    def forward(self, x):
-      return (self.body(x) + self.shortcut(x)).relu_()
-
-  layers, cin = [conv_bn(3, 64, 7, 2), tnn.MaxPool2d(3, 2, 1)], 64
-  for s, blocks in enumerate((3, 4, 6, 3)):
-    for b in range(blocks):
-      layers.append(Bottleneck(cin, 64 * 2 ** s, 2 if s > 0 and b == 0 else 1))
-      cin = 4 * 64 * 2 ** s
-  head = tnn.Sequential(tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(cin, 1))
-  return tnn.Sequential(*layers), head
-
-
-def _torch_step(model_name: str, dtype: str, batch: int, size: int, options: dict):
-  import torch
-  import torch.nn.functional as F
-  features, head = _torch_resnet50() if model_name == "resnet50" else _torch_vgg16_blog(size)
-  for p in features.parameters():
-    p.requires_grad_(False)
-  model = torch.nn.Sequential(features, head).to(memory_format=torch.channels_last)
-  features.eval()  # frozen: ResNet's BatchNorm in inference mode (the head keeps its dropout)
-  opt = torch.optim.Adam(head.parameters(), lr=1e-4)
-  forward = torch.compile(model) if options.get("compile") else model
-  gen = torch.Generator().manual_seed(0)
-  x = torch.randn(batch, 3, size, size, generator=gen).to(memory_format=torch.channels_last)
-  y = torch.randint(0, 2, (batch,), generator=gen).float()
-  bf16 = dtype == "bfloat16"
-
-  def step():
-    opt.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-      logits = forward(x)
-    loss = F.binary_cross_entropy_with_logits(logits.float().squeeze(1), y)
-    loss.backward()
-    opt.step()
-    return float(loss)
-
-  return step, {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                "compile": bool(options.get("compile")), "memory_format": "channels_last"}
-
-
-def _transfer_step(model_name: str, dtype: str, batch: int, size: int, options: dict):
-  import transfer.platform
-  transfer.platform.setup()  # as every `transfer` command does, before JAX has a backend
-  import jax
-  from transfer import bench, configs
-  config = configs.load("bench")
-  config.batch_size, config.image_size, config.dtype = batch, size, dtype
-  config.conv = options.get("conv", config.conv)
-  if model_name == "resnet50":  # the frozen backbone's BatchNorm layers run in inference mode
-    config.model, config.variant, config.head, config.head_dropout = (
-        "resnet50", options.get("variant", "torchvision"), "gap", 0.0)
-  setup = bench.Setup(config, dtype)
-  step = setup.run.train_step(setup.parts)
-  batch_arrays = {"image": setup.images(), "label": setup.labels_batch()}
-  holder = {"state": setup.state()}
-  step = step.lower(holder["state"], batch_arrays).compile()
-
-  def run():
-    holder["state"], metrics = step(holder["state"], batch_arrays)
-    return float(jax.block_until_ready(metrics)["loss"])
-
-  return run, {"jax": jax.__version__, "devices": f"{jax.device_count()} x "
-                                                   f"{jax.devices()[0].device_kind}",
-               "xla_flags": os.environ.get("XLA_FLAGS", ""), "conv": setup.model.conv,
-               "hugepages": hugepages.active()}
-
-
-_BUILDERS = {"keras-tensorflow": _keras_step, "keras-jax": _keras_step, "torch": _torch_step,
-             "transfer": _transfer_step}
+# A worker builds one contestant's steps (`peer_steps.build`) on request and times them. It speaks
+# JSON lines on the stdout it was started with; everything the libraries print goes to stderr.
 
 
 def worker(name: str) -> None:
-  """Serves `setup` and `time` requests for contestant `name` over stdin/stdout."""
+  """Serves `setup` and `time` requests for contestant `name` over stdin/stdout.
+
+  `setup` builds and warms up one step per job of a group (dropping the previous group's, so a
+  worker holds one group in memory); `time` runs a job's step a few times.
+  """
+  import gc
   out = os.fdopen(os.dup(1), "w", buffering=1)
   os.dup2(2, 1)  # Library chatter goes to stderr; the protocol keeps the real stdout.
   framework, dtype, options = CONTESTANTS[name]
@@ -213,15 +102,19 @@ def worker(name: str) -> None:
   for line in sys.stdin:
     request = json.loads(line)
     if request["cmd"] == "setup":
-      start = time.perf_counter()
-      step, info = _BUILDERS[framework](request["model"], dtype, request["batch"],
-                                        request["size"], options)
-      for _ in range(request["warmup"]):
-        step()
-      steps[request["batch"]] = step
-      out.write(json.dumps({"setup_s": time.perf_counter() - start, "info": info}) + "\n")
+      steps.clear()
+      gc.collect()
+      setup_s, infos = {}, {}
+      for job in request["jobs"]:
+        start = time.perf_counter()
+        step, infos[job] = peer_steps.build(framework, request["model"], job, dtype,
+                                            request["batch"], request["size"], options)
+        for _ in range(request["warmup"]):
+          step()
+        steps[job], setup_s[job] = step, time.perf_counter() - start
+      out.write(json.dumps({"setup_s": setup_s, "info": infos}) + "\n")
     elif request["cmd"] == "time":
-      step, durations = steps[request["batch"]], []
+      step, durations = steps[request["job"]], []
       for _ in range(request["steps"]):
         start = time.perf_counter()
         step()
@@ -270,43 +163,61 @@ class Worker:
 
 
 def step_benchmark(names, batch_sizes, size, steps, repeats, warmup, log,
-                   save=lambda rows: None, model: str = "vgg16") -> list[dict]:
-  """Interleaved step timings: for each batch size, every contestant, round after round.
+                   save=lambda rows: None, model: str = "vgg16",
+                   groups=(("frozen",),)) -> list[dict]:
+  """Interleaved step timings: for each batch size and group of jobs, every contestant's step
+  for every job of the group, round after round (the order reversed every other round).
 
-  `save(rows)` is called after each batch size, so a long run that is stopped keeps its results.
+  Jobs timed in one group share their rounds, so their ratio (a frozen train step over the
+  forward pass) sees the same load. `save(rows)` is called after each group, so a long run that
+  is stopped keeps its results.
   """
   workers = {name: Worker(name, None) for name in names}
   rows = []
   try:
     for batch in batch_sizes:
-      infos, durations = {}, {name: [] for name in names}
-      for name in names:
-        reply = workers[name].ask(cmd="setup", model=model, batch=batch, size=size,
-                                  warmup=warmup)
-        infos[name] = reply
-        log(f"batch {batch}: {name} ready in {reply['setup_s']:.1f}s {reply['info']}")
-      for r in range(repeats):
-        order = names if r % 2 == 0 else list(reversed(names))  # no one always goes first
-        for name in order:
-          durations[name] += workers[name].ask(cmd="time", batch=batch, steps=steps)["durations"]
-        log(f"batch {batch}: round {r + 1}/{repeats} done")
-      for name in names:
-        median = statistics.median(durations[name])
-        framework, dtype, options = CONTESTANTS[name]
-        rows.append({"name": name, "model": model, "framework": framework, "dtype": dtype,
-                     "batch": batch,
-                     "step_s_median": median, "images_per_sec": batch / median,
-                     "step_s_all": durations[name], "setup_s": infos[name]["setup_s"],
-                     "info": infos[name]["info"]})
-        log(f"batch {batch}: {name} {batch / median:.2f} images/s (median step {median:.2f}s)")
-      save(rows)
+      for jobs in groups:
+        infos = {}
+        for name in names:
+          infos[name] = workers[name].ask(cmd="setup", model=model, jobs=list(jobs),
+                                          batch=batch, size=size, warmup=warmup)
+          log(f"batch {batch}: {name} ready: set-up {infos[name]['setup_s']} s, "
+              f"{infos[name]['info']}")
+        pairs = [(name, job) for name in names for job in jobs]
+        durations = {pair: [] for pair in pairs}
+        for r in range(repeats):
+          for name, job in (pairs if r % 2 == 0 else reversed(pairs)):  # no one always first
+            durations[name, job] += workers[name].ask(cmd="time", job=job,
+                                                      steps=steps)["durations"]
+          log(f"batch {batch} {'+'.join(jobs)}: round {r + 1}/{repeats} done")
+        for name, job in pairs:
+          median = statistics.median(durations[name, job])
+          framework, dtype, options = CONTESTANTS[name]
+          rows.append({"name": name, "model": model, "job": job, "framework": framework,
+                       "dtype": dtype, "batch": batch,
+                       "step_s_median": median, "images_per_sec": batch / median,
+                       "step_s_all": durations[name, job],
+                       "setup_s": infos[name]["setup_s"][job], "info": infos[name]["info"][job]})
+          log(f"batch {batch}: {name} {job} {batch / median:.2f} images/s "
+              f"(median step {median:.2f}s)")
+        save(rows)
   finally:
     for w in workers.values():
       w.close()
-  for row in rows:
-    ref = [r for r in rows if r["name"] == REFERENCE and r["batch"] == row["batch"]]
-    row["vs_jax_fp32"] = row["images_per_sec"] / ref[0]["images_per_sec"] if ref else None
+  add_ratios(rows)
   return rows
+
+
+def add_ratios(rows) -> None:
+  """`vs_jax_fp32`: images/s over `transfer` float32's on the same job and batch;
+  `train_forward`: a frozen step's time over the same contestant's forward pass."""
+  find = lambda name, job, batch: next((r for r in rows if (r["name"], r["job"], r["batch"])
+                                        == (name, job, batch)), None)
+  for row in rows:
+    ref = find(REFERENCE, row["job"], row["batch"])
+    row["vs_jax_fp32"] = row["images_per_sec"] / ref["images_per_sec"] if ref else None
+    forward = find(row["name"], "forward", row["batch"]) if row["job"] == "frozen" else None
+    row["train_forward"] = row["step_s_median"] / forward["step_s_median"] if forward else None
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -412,21 +323,33 @@ def machine() -> str:
   return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
-def markdown(rows, e2e, args, elapsed_s: float) -> str:
-  """The tables for docs/BENCHMARKS.md."""
+def markdown(rows, e2e, args, elapsed_s: float, load: str = "") -> str:
+  """The tables for docs/BENCHMARKS.md: one row per contestant (and job, when several ran)."""
+  jobs = len({r["job"] for r in rows}) > 1
   lines = [f"Model: {args.model}. Machine: {machine()}; Python {platform.python_version()}. "
            f"{args.steps} timed steps x {args.repeats} interleaved rounds per contestant after "
-           f"{args.warmup} warm-up step(s); whole run {elapsed_s / 60:.1f} min.", "",
-           "| contestant | dtype | batch | median step (s) | images/s | vs jax-fp32 | notes |",
-           "|---|---|---|---|---|---|---|"]
+           f"{args.warmup} warm-up step(s); whole run {elapsed_s / 60:.1f} min.{load}", ""]
+  if jobs:
+    lines += ["| contestant | job | dtype | batch | median step (s) | images/s | vs jax-fp32 | "
+              "train / forward | set-up (s) | notes |", "|---|---|---|---|---|---|---|---|---|---|"]
+  else:
+    lines += ["| contestant | dtype | batch | median step (s) | images/s | vs jax-fp32 | notes |",
+              "|---|---|---|---|---|---|---|"]
   for r in rows:
     info = r["info"]
     note = ", ".join(f"{k}={v}" for k, v in info.items()
-                     if k in ("jit_compile", "compile", "threads", "xla_flags", "conv", "hugepages")
+                     if k in ("jit_compile", "compile", "threads", "xla_flags", "conv", "hugepages",
+                              "attention")
                      and v)
     ratio = f"{r['vs_jax_fp32']:.2f}" if r["vs_jax_fp32"] else ""
-    lines.append(f"| {r['name']} | {r['dtype']} | {r['batch']} | {r['step_s_median']:.2f} | "
-                 f"{r['images_per_sec']:.2f} | {ratio} | {note} |")
+    if jobs:
+      tf = f"{r['train_forward']:.2f}" if r.get("train_forward") else ""
+      lines.append(f"| {r['name']} | {r['job']} | {r['dtype']} | {r['batch']} | "
+                   f"{r['step_s_median']:.2f} | {r['images_per_sec']:.2f} | {ratio} | {tf} | "
+                   f"{r['setup_s']:.0f} | {note} |")
+    else:
+      lines.append(f"| {r['name']} | {r['dtype']} | {r['batch']} | {r['step_s_median']:.2f} | "
+                   f"{r['images_per_sec']:.2f} | {ratio} | {note} |")
   if e2e:
     lines += ["", f"End to end: {e2e['train']} train / {e2e['val']} val JPEGs at {e2e['size']}, "
                   f"batch {e2e['batch']}, {e2e['epochs']} epochs of head training "
@@ -461,11 +384,15 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   parser.add_argument("--keras_fit", nargs=4, help=argparse.SUPPRESS)
-  parser.add_argument("--only", default=",".join(DEFAULT),
-                      help=f"contestants (default: all but the jax-fp32-* ablations): "
-                           f"{','.join(CONTESTANTS)}")
+  parser.add_argument("--only", help=f"contestants (default: all but the jax-fp32-* ablations "
+                                     f"for vgg16; transfer and torch for vit_b16): "
+                                     f"{','.join(CONTESTANTS)}")
   parser.add_argument("--model", choices=MODELS, default="vgg16",
-                      help="the frozen backbone: VGG16 + blog head, or ResNet50 + GAP head")
+                      help="VGG16 + blog head or ResNet50 + GAP head (frozen backbone), or "
+                           "ViT-B/16 + a 2-class head (transfer against timm)")
+  parser.add_argument("--jobs", help="job groups: groups split by ',', jobs within one (timed in "
+                                     "the same rounds) by '+'; jobs: frozen, full, forward "
+                                     "(default: frozen+forward,full for vit_b16, else frozen)")
   parser.add_argument("--batch_sizes", default="16,32")
   parser.add_argument("--image_size", type=int, default=224)
   parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
@@ -487,23 +414,30 @@ def main() -> None:
     return _keras_fit_job(root, int(size), int(batch), int(epochs))
 
   log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-  names = [n for n in args.only.split(",") if n]
+  names = [n for n in (args.only or ",".join(DEFAULT.get(args.model, DEFAULT["vgg16"])))
+           .split(",") if n]
+  groups = [tuple(g.split("+")) for g in
+            (args.jobs or DEFAULT_JOBS.get(args.model, "frozen")).split(",") if g]
+  if any(job not in peer_steps.JOBS for g in groups for job in g):
+    raise SystemExit(f"unknown job in --jobs {args.jobs}; valid: {', '.join(peer_steps.JOBS)}")
   unknown = [n for n in names if n not in CONTESTANTS]
   if unknown:
     raise SystemExit(f"unknown contestants {unknown}; valid: {', '.join(CONTESTANTS)}")
   if args.e2e and args.model != "vgg16":
     raise SystemExit("--e2e runs the VGG16 blog job only; add --no-e2e")
-  start = time.perf_counter()
+  start, load_before = time.perf_counter(), os.getloadavg()
   def save(rows, e2e=None):
     if args.json:
       with open(args.json, "w") as f:
         json.dump({"rows": rows, "e2e": e2e, "machine": machine()}, f, indent=1)
 
   rows = step_benchmark(names, [int(b) for b in args.batch_sizes.split(",")], args.image_size,
-                        args.steps, args.repeats, args.warmup, log, save, args.model)
+                        args.steps, args.repeats, args.warmup, log, save, args.model, groups)
   e2e = (e2e_benchmark(args.e2e_images, args.image_size, 16, args.e2e_epochs,
                        args.e2e_keras_epochs, log) if args.e2e else None)
-  text = markdown(rows, e2e, args, time.perf_counter() - start)
+  load = (f" Load average (1, 5, 15 min) at the start {', '.join(f'{v:.1f}' for v in load_before)}"
+          f", at the end {', '.join(f'{v:.1f}' for v in os.getloadavg())}.")
+  text = markdown(rows, e2e, args, time.perf_counter() - start, load)
   print(text)
   save(rows, e2e)
   if args.write:
