@@ -13,6 +13,11 @@ the version this package uses (0.13 and later require orbax-checkpoint<0.11.37):
     becomes a 4-D MaxPool, which onnxruntime refuses ("Unsupported pooling size"). While
     replaying the jaxpr we compute each NHWC spatial max pool on an (N*C, H, W) view instead,
     the same maximum over the same windows, which lowers to a 3-D MaxPool onnxruntime runs.
+  * it lowers a reduction over no axes (`reduce_sum` with `axes=()`, which a global average
+    pool gives on features that are one vector already, as a ViT's class token) to a ReduceSum
+    with an empty axes list, which ONNX reads as "reduce every axis": the checker refuses the
+    shapes, and a runtime would return a scalar. Over no axes a reduction is its operand, so
+    the replay passes it through.
 """
 
 from __future__ import annotations
@@ -113,6 +118,7 @@ def _replay(closed, *args):
   from jax.extend import core
 
   env = {}
+  reductions = _reductions()
 
   def read(v):
     return v.val if isinstance(v, core.Literal) else env[v]
@@ -123,12 +129,21 @@ def _replay(closed, *args):
     ins = [read(v) for v in eqn.invars]
     if eqn.primitive is jax.lax.reduce_window_max_p and _is_spatial_pool(eqn.params):
       outs = [_max_pool_channels_first(ins[0], eqn.params)]
+    elif eqn.primitive in reductions and not eqn.params["axes"]:
+      outs = [ins[0]]  # over no axes: the operand itself (see the module docstring)
     else:
       with eqn.ctx.manager:
         outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
       outs = outs if eqn.primitive.multiple_results else [outs]
     env.update(zip(eqn.outvars, outs))
   return read(closed.jaxpr.outvars[0])
+
+
+def _reductions():
+  """The primitives that reduce over `axes` (a `reduce_*` over none of them is the identity)."""
+  import jax
+  return tuple(getattr(jax.lax, f"reduce_{op}_p") for op in
+               ("sum", "max", "min", "prod", "and", "or", "xor"))
 
 
 def _is_spatial_pool(params) -> bool:
