@@ -450,8 +450,8 @@ def _random_model(name, head, outputs, variant=None, size=32):
     ("resnet50_tiny", "torchvision", "imagenet", 3),
     ("resnet50_tiny", "keras", "flatten_dense", 1),
     ("vgg16_tiny", None, "gap", 4),
-    ("vit_tiny", None, "gap", 3),  # pooled features: a mean over no axes (ONNX: see to_onnx)
-    ("vit_tiny", None, "imagenet", 3),
+    ("vit_b16_tiny", None, "gap", 3),  # pooled features: a mean over no axes (ONNX: see to_onnx)
+    ("vit_b16_tiny", None, "imagenet", 3),
 ])
 def test_every_head_and_variant_converts_to_onnx_and_stablehlo(name, variant, head, outputs,
                                                                tmp_path):
