@@ -97,6 +97,46 @@ def test_analytic_flops_count_only_the_trainable_backward():
   assert train(["^head/", "^block5"]) == pytest.approx(forward + 5 * block5_conv + 2 * head)
 
 
+
+def test_analytic_flops_of_vit_count_tokens_and_attention():
+  """ViT-B/16 at 224 (17.56 GMACs, timm's published 17.6): the patch embedding on 196 patches,
+  every block's dense layers on 197 tokens and attention's two products of activations (scores
+  and weighted values, 197 x 197 x 768 MACs each), the head once per image."""
+  model = models.get("vit_b16", head="gap", num_classes=2)
+  params = jax.eval_shape(lambda: models.init_params(model, 224))
+  tokens, width = 197, 768
+  dense = tokens * width * (3 * width + width + 2 * 4 * width)  # qkv, proj, fc1, fc2
+  attention = 2 * tokens * tokens * width
+  macs = 196 * 16 * 16 * 3 * width + 12 * (dense + attention) + width * 2
+  forward = bench.analytic_flops(params, "vit_b16", 224, 2, model=model)
+  assert forward == pytest.approx(2 * 2 * macs, rel=1e-9)
+
+  def train(patterns):
+    return bench.analytic_flops(params, "vit_b16", 224, 2, optim.param_labels(params, patterns),
+                                model=model)
+
+  head = 2 * 2 * width * 2
+  assert train(["^head/"]) == pytest.approx(forward + head)  # the head's weight gradient only
+  # block11 and the head: block11's qkv weight grad, its proj, fc1, fc2 and the head input and
+  # weight grads, both operands of both attention products.
+  block11 = (2 * 2 * tokens * width * (3 * width + 2 * (width + 8 * width))
+             + 2 * 2 * 2 * attention + 2 * head)
+  assert train(["^head/", "^block11_"]) == pytest.approx(forward + block11)
+
+
+def test_cli_benchmarks_a_vit(capsys):
+  """`transfer bench --config.model=vit_b16_tiny`: the frozen backbone's step counts the head's
+  backward only, full fine-tuning the whole backward (XLA's count and the analytic one)."""
+  vit = ["--config.model=vit_b16_tiny", "--config.head=gap", "--config.head_dropout=0",
+         "--config.image_size=32", "--config.batch_size=8", "--steps=1", "--warmup=0", "--json"]
+  assert cli.run(["bench"] + vit) == 0
+  frozen = _json_line(capsys)
+  assert cli.run(["bench", "--config.trainable=."] + vit) == 0
+  full = _json_line(capsys)
+  assert frozen["model"] == "vit_b16_tiny" and frozen["flops_source"] == "xla"
+  assert frozen["flops_ratio_train_forward"] < 1.1 < 2 < full["flops_ratio_train_forward"]
+  assert 2.5 < full["flops_per_step_analytic"] / frozen["flops_per_step_analytic"] < 3
+
 def test_cached_feature_epoch(capsys):
   result = bench.main(bench_config(cache_features=True), mode="train", steps=2, warmup=1,
                       as_json=True)
