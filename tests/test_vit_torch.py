@@ -205,9 +205,9 @@ def test_augreg_npz_matches_timms_npz_loader(timm, tmp_path, photo_path, capsys)
                             photo_path], capsys)
   source = transfer.weights.sources.resolve(str(renamed))
   assert source.arch == "vit_b16_tiny" and source.preprocess == "tf"
-  from transfer.weights import preprocess
-  pixels = preprocess.eval_image(Image.open(photo_path), source.input_size, source.resize_size,
-                                 source.interpolation)
+  # Google's eval: the whole image squashed to the file's 224 (bilinear), then [-1, 1].
+  assert (source.resize_size, source.input_size) == (None, 224)
+  pixels = Image.open(photo_path).convert("RGB").resize((224, 224), Image.BILINEAR)
   x = torch.from_numpy(np.asarray(pixels, np.float32).transpose(2, 0, 1)[None] / 127.5 - 1)
   with torch.no_grad():
     ref = torch.softmax(net(x), dim=-1).numpy()
@@ -278,3 +278,23 @@ def test_dinov2_files_are_recognised_by_structure(timm, tmp_path):
     path = save(dinov2_state(timm, registers), tmp_path / f"r{registers}.bin")
     source = transfer.weights.sources.resolve(path)
     assert source.arch == arch and source.preprocess == "torch" and source.input_size == 224
+
+
+@pytest.mark.parametrize("arch,name", [("vit_b16_tiny", "vit_base_patch16_224"),
+                                       ("dinov2_s14_reg4_tiny", "vit_small_patch14_reg4_dinov2")])
+def test_export_writes_a_state_dict_timm_loads_strictly(timm, arch, name):
+  from transfer import models
+  from transfer.weights import export
+  model, variables = transfer.create_model(arch, include_top=True)
+  net = timm.create_model(name, pretrained=False, img_size=224, num_classes=1000, **TINY).eval()
+  state = export.torch_state_dict(variables["params"], models.spec(arch))
+  if "reg4" in arch:  # timm's DINOv2 with registers folds the class token's position row in
+    state["cls_token"] = state["cls_token"] + state["pos_embed"][:, :1]
+    state["pos_embed"] = state["pos_embed"][:, 1:]
+  net.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()},
+                      strict=True)
+  x = torch.randn(2, 3, 224, 224)
+  with torch.no_grad():
+    ref = net(x).numpy()
+  np.testing.assert_allclose(np.asarray(model.apply(variables, nhwc(x))), ref,
+                             rtol=1e-4, atol=1e-5)

@@ -85,7 +85,7 @@ def _vit_spec(name: str, patch: int, width: int, depth: int, num_heads: int,
       name=name, build=build, family="dinov2" if layer_scale else "vit",
       conv_layers=vit.layer_names(depth, registers, layer_scale), top_layers=("predictions",),
       layer_kinds=vit.layer_kinds(depth, registers, layer_scale),
-      port=vit.porting(depth, registers, layer_scale), top_image_size=top_image_size,
+      port=vit.porting(depth, registers, layer_scale, patch), top_image_size=top_image_size,
       min_image_size=patch, feature_stride=patch, top_fixed_size=False,
       options=("token_pool", "drop_path_rate", "attention"), size_multiple=patch)
 

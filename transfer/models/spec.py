@@ -52,7 +52,13 @@ class Porting:
       name their files differently (a ViT: torchvision's, DINOv2's, Google's `.npz`, renamed to
       timm's); None: torch files are read as they are, other formats are not converted.
     dialect: `(format, keys)` -> who wrote the file (`"timm"`, `"torchvision"`, ...), for
-      `resample`; None when the family's resampling does not depend on it.
+      `resample` and for the publisher's preprocessing of a file given by path; None when
+      the family has one publisher's layout.
+    trained_size: a file's view under our names -> the input side it was trained at (a ViT's
+      position grid times its patch), or None; None: the file does not say.
+    torch_params: our `embedding` layer -> the torch parameter name under its module prefix
+      (a ViT's layer scale `block0_ls1` -> `gamma`: `blocks.0.ls1.gamma`), for writing torch
+      state dicts; an embedding layer not listed is a bare tensor (`cls_token`).
   """
 
   torch_names: Mapping[str, str]
@@ -63,6 +69,8 @@ class Porting:
   resample: Callable[[str, str, tuple, tuple, str | None], Callable | None] | None = None
   convert: Callable[[str, Mapping[str, Any]], dict[str, Any]] | None = None
   dialect: Callable[[str, Sequence[str]], str | None] | None = None
+  trained_size: Callable[[Mapping[str, Any]], int | None] | None = None
+  torch_params: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

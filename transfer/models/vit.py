@@ -100,7 +100,8 @@ def torch_names(depth: int, registers: int = 0, layer_scale: bool = False) -> di
   return out
 
 
-def porting(depth: int, registers: int = 0, layer_scale: bool = False) -> Porting:
+def porting(depth: int, registers: int = 0, layer_scale: bool = False,
+            patch: int = 16) -> Porting:
   """The ViT family's adapter: timm's names, the other publishers' files renamed to them
   (`transfer.models.vit_port`), and the position embeddings resampled to the model's grid as
   the file's own framework does it."""
@@ -108,7 +109,10 @@ def porting(depth: int, registers: int = 0, layer_scale: bool = False) -> Portin
   return Porting(torch_names=torch_names(depth, registers, layer_scale),
                  torch_ignored=vit_port.IGNORED, convert=vit_port.to_timm_names,
                  dialect=vit_port.dialect, resample=vit_port.resample,
-                 unsupported=vit_port.unsupported_structure)
+                 unsupported=vit_port.unsupported_structure,
+                 trained_size=lambda view: vit_port.trained_size(view, patch),
+                 torch_params={f"block{i}_{ls}": "gamma" for i in range(depth)
+                               for ls in ("ls1", "ls2") if layer_scale})
 
 
 class Learned(nn.Module):

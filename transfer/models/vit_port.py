@@ -193,6 +193,16 @@ def resample(layer: str, param: str, file_shape: tuple, model_shape: tuple,
   return convert
 
 
+def trained_size(view, patch: int) -> int | None:
+  """The input side a file was trained at: its position grid (with or without the class
+  token's row) times the patch; None without position embeddings."""
+  pos = view.get("pos_embedding", {}).get("embedding")
+  if pos is None or len(pos.shape) != 3:
+    return None
+  grid = _square(pos.shape[1]) or _square(pos.shape[1] - 1)
+  return grid * patch if grid else None
+
+
 def _square(rows: int) -> int | None:
   side = math.isqrt(rows) if rows > 0 else 0
   return side if side and side * side == rows else None

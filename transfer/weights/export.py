@@ -104,6 +104,8 @@ def torch_state_dict(params: Mapping, spec: models.ModelSpec,
                      batch_stats: Mapping | None = None) -> dict[str, np.ndarray]:
   """Our params as a torchvision-keyed state dict of numpy arrays (OIHW, (out, in), C,H,W rows).
 
+  A LayerNorm becomes `weight` and `bias`, a learned tensor (a ViT's class token, position
+  embeddings, layer scale) its bare key or its module's parameter (`spec.port.torch_params`).
   A BatchNorm layer becomes torch's `BatchNorm2d` entries: `weight` (our scale), `bias`,
   `running_mean`, `running_var` (from `batch_stats`) and `num_batches_tracked` (0: we do not
   count steps, and torch reads the counter only with `momentum=None`). Convolutions without a
@@ -132,6 +134,15 @@ def torch_state_dict(params: Mapping, spec: models.ModelSpec,
                             ("running_mean", stats["mean"]), ("running_var", stats["var"])):
         state[f"{prefix}.{theirs}"] = np.asarray(value, np.float32)
       state[f"{prefix}.num_batches_tracked"] = np.asarray(0, np.int64)
+      continue
+    if spec.kind(layer) == models.LAYER_NORM:
+      state[f"{prefix}.weight"] = np.asarray(params[layer]["scale"], np.float32)
+      state[f"{prefix}.bias"] = np.asarray(params[layer]["bias"], np.float32)
+      continue
+    if spec.kind(layer) == models.EMBEDDING:  # a bare tensor, or a module's one parameter
+      name = spec.port.torch_params.get(layer)
+      state[f"{prefix}.{name}" if name else prefix] = np.asarray(
+          params[layer]["embedding"], np.float32)
       continue
     kernel = np.asarray(params[layer]["kernel"], np.float32)
     if kernel.ndim == 4:

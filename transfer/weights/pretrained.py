@@ -211,33 +211,52 @@ def variant_for(source, arch: str) -> str | None:
   return port.file_variant(parsed.format, spec)
 
 
-def recognise(path: str) -> tuple[str, str | None, str | None, bool | None]:
-  """A weight file's format, architecture, variant and whether it holds the ImageNet top, from
-  its contents (shapes only).
+@dataclasses.dataclass(frozen=True)
+class Recognised:
+  """What a weight file's contents say it is (shapes and names only, no arrays read).
+
+  Attributes:
+    format: the file format (`formats.FORMATS`).
+    arch: the registered architecture whose backbone the file matches, or None.
+    variant: the form of `arch` the file needs (None for single-form models).
+    include_top: whether it holds that architecture's top layers (None without an arch).
+    publisher: who wrote it, where a family's files say so by their names (a ViT: `timm`,
+      `torchvision`, `dinov2`, `dinov2_reg`, `big_vision`; `spec.port.dialect`), else None.
+    trained_size: the input side it was trained at, where its arrays say so (a ViT's
+      position grid), else None.
+  """
+
+  format: str
+  arch: str | None = None
+  variant: str | None = None
+  include_top: bool | None = None
+  publisher: str | None = None
+  trained_size: int | None = None
+
+
+def recognise(path: str) -> Recognised:
+  """A weight file's format, architecture, variant, top, publisher and trained size, from its
+  contents (shapes only).
 
   The one recognition `info` shows and `sources.resolve` decides preprocessing by.
-
-  Returns:
-    `(format, arch, variant, include_top)`: arch is the registered architecture whose backbone
-    the file matches (None if none), variant the form of it the file needs (None for
-    single-form models), include_top whether it has that architecture's top layers (None
-    when no architecture is recognised).
 
   Raises:
     UserError: no such file, or not a readable weight file.
   """
   path, _ = resolve(path)
   with formats.open_weights(path) as wf:
-    return (wf.format, *_recognised(wf))
+    return _recognised(wf)
 
 
-def _recognised(wf: formats.WeightFile) -> tuple[str | None, str | None, bool | None]:
+def _recognised(wf: formats.WeightFile) -> Recognised:
   arch = port.guess_arch(lambda s: port.model_view(wf, s))
   if arch is None:
-    return None, None, None
+    return Recognised(wf.format)
   spec = models.spec(arch)
-  has_top = set(spec.top_layers) <= set(port.model_view(wf, spec))
-  return arch, port.file_variant(wf.format, spec), has_top
+  view = port.model_view(wf, spec)
+  size = spec.port.trained_size(view) if spec.port.trained_size else None
+  return Recognised(wf.format, arch, port.file_variant(wf.format, spec),
+                    set(spec.top_layers) <= set(view), port.dialect(wf, spec), size)
 
 
 def fresh_layers(model, shapes: dict[str, Any], image_size: int, rng: jax.Array | int,
@@ -349,7 +368,8 @@ def info(source: str, cache_dir: str | os.PathLike | None = None) -> dict[str, A
       check_cached(sources.get(name), cached)
   path, entry = resolve(name, cache_dir)
   with formats.open_weights(path) as wf:
-    arch, file_variant, include_top = _recognised(wf)
+    found = _recognised(wf)
+    arch, file_variant = found.arch, found.variant
     names = port.model_names(wf, models.spec(arch)) if arch else {}
     layers = [{"name": layer, "model_name": names.get(layer, layer),
                "weights": [{"name": t.name, "shape": list(t.shape)} for t in tensors]}
@@ -361,7 +381,7 @@ def info(source: str, cache_dir: str | os.PathLike | None = None) -> dict[str, A
     fmt = wf.format
   num_params = sum(_size(w["shape"]) for layer in layers for w in layer["weights"])
   parsed = (sources.from_entry(entry) if entry
-            else sources.for_file(path, fmt, arch, file_variant, include_top=include_top))
+            else sources.for_file(path, found))
   variant = parsed.variant
   if variant is None and arch:
     variant = file_variant

@@ -290,9 +290,7 @@ def resolve(weights: str | None) -> ParsedSource:
   if entry is not None:
     return from_entry(entry, weights=given, source=source, optional=optional)
   from transfer.weights import pretrained  # Deferred: recognising a file needs the models.
-  fmt, arch, variant, include_top = pretrained.recognise(source)
-  return for_file(source, fmt, arch, variant, weights=given, optional=optional,
-                  include_top=include_top)
+  return for_file(source, pretrained.recognise(source), weights=given, optional=optional)
 
 
 def from_entry(entry: WeightSource, *, weights: str | None = None, source: str | None = None,
@@ -306,35 +304,37 @@ def from_entry(entry: WeightSource, *, weights: str | None = None, source: str |
                       include_top=entry.include_top)
 
 
-def for_file(path: str, fmt: str, arch: str | None, variant: str | None, *,
-             weights: str | None = None, optional: bool = False,
-             include_top: bool | None = None) -> ParsedSource:
-  """The `ParsedSource` of a weight file whose format, architecture and variant are known.
+def for_file(path: str, found, *, weights: str | None = None,
+             optional: bool = False) -> ParsedSource:
+  """The `ParsedSource` of a weight file whose contents were recognised (`found`: a
+  `pretrained.Recognised`: format, architecture, variant, top, publisher, trained size).
 
   An official file name is its record. Otherwise the preprocessing and geometry are those of
-  the framework's own published files of the architecture (a torch InceptionV3 file: `tf` at
-  342/299, as `torchvision:inception_v3`; a torch DINOv2 file: DINOv2's 256/224 bicubic), where
-  they agree (torchvision's ResNets: 232 or 256), else the framework's defaults (Keras: caffe,
-  squashed to 224; torch: mean/std, 256/224; jax: [-1, 1], squashed to 224). timm's recipes are
-  not what an arbitrary torch file was made for: a timm AugReg file of another name gets
-  torch's defaults, so use its id or its registry file name.
+  the publisher's own published files of the architecture, where they agree: the publisher a
+  file's names reveal (a ViT written by timm, torchvision, DINOv2 or Google: timm's AugReg
+  [-1, 1] at 248/224 bicubic, torchvision's mean/std), else the framework's (a torch
+  InceptionV3 file: `tf` at 342/299, as `torchvision:inception_v3`). Records of the size the
+  file was trained at (a ViT's position grid) decide first (an AugReg file at 384 evaluates as
+  timm's 384 tags). Where they disagree, the framework's defaults (Keras: caffe, squashed to
+  224; torch: mean/std, 256/224; jax: [-1, 1], squashed), at the trained size when known.
   """
   entry = official_file(path)
   if entry is not None:
     return from_entry(entry, weights=weights or path, source=path, optional=optional)
-  framework = FRAMEWORKS[fmt]
+  framework = FRAMEWORKS[found.format]
   mode, resize = _FRAMEWORK_DEFAULTS[framework]
-  size, interpolation = 224, "bilinear"
-  own = _framework_records(arch, framework)
+  size, interpolation = found.trained_size or 224, "bilinear"
+  own = _publisher_records(found.arch, framework, found.publisher)
   if len({e.preprocess for e in own}) == 1:
     mode = own[0].preprocess
-  geometries = {(e.resize_size, e.input_size, e.interpolation) for e in own}
+  at_size = [e for e in own if e.input_size == found.trained_size] or own
+  geometries = {(e.resize_size, e.input_size, e.interpolation) for e in at_size}
   if len(geometries) == 1:
     resize, size, interpolation = geometries.pop()
   return ParsedSource(weights=weights or path, source=path, optional=optional, preprocess=mode,
-                      format=fmt, framework=framework, arch=arch, variant=variant,
-                      resize_size=resize, input_size=size, interpolation=interpolation,
-                      include_top=include_top)
+                      format=found.format, framework=framework, arch=found.arch,
+                      variant=found.variant, resize_size=resize, input_size=size,
+                      interpolation=interpolation, include_top=found.include_top)
 
 
 def official_file(path: str) -> WeightSource | None:
@@ -349,11 +349,19 @@ def official_file(path: str) -> WeightSource | None:
   return next((s for s in _SOURCES.values() if s.filename == name), None)
 
 
-def _framework_records(arch: str | None, framework: str) -> list[WeightSource]:
-  """The registry records of `arch` (or the full model of a tiny one) from `framework`."""
+# A family's publisher, as its files' names reveal it (`pretrained.Recognised.publisher`), ->
+# the registry ids of that publisher's own files.
+_PUBLISHER_IDS = {"timm": ("timm",), "torchvision": ("torchvision",), "dinov2": ("dinov2",),
+                  "dinov2_reg": ("dinov2",), "big_vision": ("augreg",)}
+
+
+def _publisher_records(arch: str | None, framework: str,
+                       publisher: str | None = None) -> list[WeightSource]:
+  """The registry records of `arch` (or the full model of a tiny one) from `publisher`, or,
+  where the file does not say, from `framework`'s publishers."""
   if arch is None:
     return []
   if arch.endswith(_TINY) and not any(s.arch == arch for s in _SOURCES.values()):
     arch = arch[:-len(_TINY)]
-  prefixes = tuple(f"{p}:" for p in _FRAMEWORK_IDS[framework])
+  prefixes = tuple(f"{p}:" for p in _PUBLISHER_IDS.get(publisher) or _FRAMEWORK_IDS[framework])
   return [s for s in _SOURCES.values() if s.arch == arch and s.id.startswith(prefixes)]
