@@ -233,13 +233,15 @@ class ViT(Classifier):
     return self._dense(self.width, f"{name}_attn_proj")(y.reshape(n, t, self.width))
 
   def _pool(self, x):
-    prefix = 1 + self.registers
+    # The patch tokens' mean is taken in float32 (a bfloat16 sum of 256 tokens loses digits).
+    patches = lambda: jnp.mean(x[:, 1 + self.registers:].astype(jnp.float32), axis=1).astype(
+        self.dtype)
     if self.token_pool == "tok":
       return x[:, 0]
     if self.token_pool == "gap":
-      return jnp.mean(x[:, prefix:], axis=1)
+      return patches()
     if self.token_pool == "tok_gap":
-      return jnp.concatenate([x[:, 0], jnp.mean(x[:, prefix:], axis=1)], axis=-1)
+      return jnp.concatenate([x[:, 0], patches()], axis=-1)
     return x
 
   def imagenet_top(self, x):
