@@ -298,3 +298,20 @@ def test_export_writes_a_state_dict_timm_loads_strictly(timm, arch, name):
     ref = net(x).numpy()
   np.testing.assert_allclose(np.asarray(model.apply(variables, nhwc(x))), ref,
                              rtol=1e-4, atol=1e-5)
+
+
+def test_weights_info_names_our_layer_for_each_of_the_files(tmp_path, capsys):
+  """`transfer weights info` on another publisher's file: each of its layers beside ours."""
+  from transfer import main as cli
+  _, net = _torchvision_vit()
+  paths = {"torchvision": save(net.state_dict(), tmp_path / "vit.pth"),
+           "npz": augreg_npz(tmp_path / "augreg.npz")}
+  for kind, path in paths.items():
+    capsys.readouterr()
+    assert cli.run(["weights", "info", path]) == 0
+    out = capsys.readouterr().out
+    assert "arch: vit_b16_tiny" in out
+    qkv = ("encoder.layers.encoder_layer_1.self_attention (block1_attn_qkv)"
+           if kind == "torchvision" else
+           "Transformer/encoderblock_1/MultiHeadDotProductAttention_1/key (block1_attn_qkv)")
+    assert qkv in out, out

@@ -95,8 +95,18 @@ def to_timm_names(fmt: str, tensors: Mapping[str, "Tensor"]) -> dict[str, "Tenso
   return _from_big_vision(tensors)
 
 
+def _derived(parts, name: str, shape=None, read=None):
+  """A tensor made from the file's tensor(s) `parts` (renamed by default), remembering the file
+  keys it came from (`Tensor.sources`)."""
+  parts = parts if isinstance(parts, (list, tuple)) else [parts]
+  first = parts[0]
+  sources = tuple(k for p in parts for k in (p.sources or (p.name,)))
+  return type(first)(name, first.shape if shape is None else tuple(shape),
+                     first.read if read is None else read, sources)
+
+
 def _named(t, name: str):
-  return type(t)(name, t.shape, t.read)
+  return _derived(t, name)
 
 
 def _from_big_vision(tensors: Mapping[str, "Tensor"]) -> dict[str, "Tensor"]:
@@ -136,12 +146,13 @@ def _torch_layout(t, name: str, attn_out: bool = False):
   output's (heads, head_dim, width) kernel flattened to (width, heads x head_dim) first."""
   if attn_out and len(t.shape) == 3:
     h, d, c = t.shape
-    return type(t)(name, (c, h * d), lambda: np.ascontiguousarray(t.read().reshape(h * d, c).T))
+    return _derived(t, name, (c, h * d),
+                    lambda: np.ascontiguousarray(t.read().reshape(h * d, c).T))
   if len(t.shape) == 4:
-    return type(t)(name, (t.shape[3], t.shape[2], t.shape[0], t.shape[1]),
-                   lambda: np.ascontiguousarray(np.transpose(t.read(), (3, 2, 0, 1))))
+    return _derived(t, name, (t.shape[3], t.shape[2], t.shape[0], t.shape[1]),
+                    lambda: np.ascontiguousarray(np.transpose(t.read(), (3, 2, 0, 1))))
   if len(t.shape) == 2:
-    return type(t)(name, t.shape[::-1], lambda: np.ascontiguousarray(t.read().T))
+    return _derived(t, name, t.shape[::-1], lambda: np.ascontiguousarray(t.read().T))
   return _named(t, name)
 
 
@@ -155,10 +166,10 @@ def _stacked_qkv(parts: Mapping[str, "Tensor"], name: str):
   if len(q.shape) == 3:
     c, h, d = q.shape
     read = lambda: np.concatenate([p.read().reshape(c, h * d).T for p in (q, k, v)], axis=0)
-    return type(q)(name, (3 * h * d, c), read)
+    return _derived([q, k, v], name, (3 * h * d, c), read)
   h, d = q.shape
-  return type(q)(name, (3 * h * d,), lambda: np.concatenate([p.read().reshape(-1)
-                                                               for p in (q, k, v)]))
+  return _derived([q, k, v], name, (3 * h * d,),
+                  lambda: np.concatenate([p.read().reshape(-1) for p in (q, k, v)]))
 
 
 def resample(layer: str, param: str, file_shape: tuple, model_shape: tuple,

@@ -55,11 +55,17 @@ _ZIP_HEADER = 30
 
 @dataclasses.dataclass(frozen=True)
 class Tensor:
-  """One stored array: its name in the file, its shape, and a loader for its data."""
+  """One stored array: its name in the file, its shape, and a loader for its data.
+
+  A tensor a family's adapter derives from the file's (renamed, relaid out, or stacked from
+  several: a ViT's query, key and value) carries the file keys it came from in `sources`, so
+  `transfer weights info` can say which of our layers each of the file's layers fills.
+  """
 
   name: str
   shape: tuple[int, ...]
   read: Callable[[], np.ndarray]
+  sources: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

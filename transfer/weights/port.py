@@ -102,7 +102,13 @@ def model_names(wf: WeightFile, spec: models.ModelSpec) -> dict[str, str]:
   """File layer -> our layer name under `spec` (a layer it does not rename keeps its name)."""
   if wf.format in _TORCH_FORMATS + _CONVERTED_FORMATS:
     ours = {prefix: name for name, prefix in spec.port.torch_names.items()}
-    return {layer: ours.get(layer, layer) for layer in torch_layers(wf, spec)}
+    file_layer = {t.name: layer for layer, tensors in wf.layers.items() for t in tensors}
+    names = {}
+    for prefix, tensors in torch_layers(wf, spec).items():
+      for t in tensors:  # a converted tensor names the file keys it came from
+        for key in t.sources or (t.name,):
+          names.setdefault(file_layer.get(key, key), ours.get(prefix, prefix))
+    return {layer: names.get(layer, layer) for layer in wf.layers}
   names = {}
   if spec.port.keras_order is not None:
     view = {layer: _keras_params(tensors) for layer, tensors in wf.layers.items()}
