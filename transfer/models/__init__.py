@@ -12,6 +12,7 @@ framework names; a new family adds its module and its lines in `_SPECS` below
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -87,7 +88,8 @@ def _vit_spec(name: str, patch: int, width: int, depth: int, num_heads: int,
       layer_kinds=vit.layer_kinds(depth, registers, layer_scale),
       port=vit.porting(depth, registers, layer_scale, patch), top_image_size=top_image_size,
       min_image_size=patch, feature_stride=patch, top_fixed_size=False,
-      options=("token_pool", "drop_path_rate", "attention"), size_multiple=patch)
+      options=("token_pool", "drop_path_rate", "attention"), size_multiple=patch,
+      layer_depth=functools.partial(vit.block_of, depth=depth))
 
 
 def _dinov2_spec(name: str, width: int, depth: int, num_heads: int, registers: int = 0):

@@ -100,6 +100,10 @@ class ModelSpec:
     options: the family's own build options `transfer.models.get` passes on (a ViT's
       `token_pool`, `drop_path_rate`, `attention`); empty for the CNNs.
     size_multiple: the input side must be a multiple of it (a ViT's patch); 1: any side.
+    layer_depth: layer name -> the depth it sits at, for layer-wise learning-rate decay
+      (`transfer.optim`, `layer_decay`): 0 the embeddings, i + 1 block i, the largest value
+      the top (any other name, e.g. the new `head`, gets that largest value too); None for a
+      model without such a depth (the CNNs).
   """
 
   name: str
@@ -118,6 +122,7 @@ class ModelSpec:
   variant_traits: Mapping[str, str] = dataclasses.field(default_factory=dict)
   options: tuple[str, ...] = ()
   size_multiple: int = 1
+  layer_depth: Callable[[str], int] | None = None
 
   def __post_init__(self):
     undeclared = [n for n in self.conv_layers + self.top_layers if n not in self.layer_kinds]

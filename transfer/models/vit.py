@@ -77,13 +77,15 @@ def layer_kinds(depth: int, registers: int = 0, layer_scale: bool = False) -> di
 
 
 def block_of(layer: str, depth: int) -> int:
-  """The depth a layer sits at, for layer-wise learning-rate decay: 0 for the embeddings
-  (patch, tokens, positions), i + 1 for `block{i}_*`, depth + 1 for `final_norm` and the top."""
+  """The depth a layer sits at, for layer-wise learning-rate decay, as timm groups a ViT
+  (`group_matcher`): 0 for the embeddings (patch, tokens, positions), i + 1 for `block{i}_*`,
+  depth for `final_norm` (timm's `^norm` joins the last block), depth + 1 for the top and
+  any other layer (the new `head`)."""
   if layer.startswith("block") and "_" in layer:
     return int(layer[len("block"):layer.index("_")]) + 1
   if layer in ("patch_embed", "cls_token", "reg_token", "pos_embedding"):
     return 0
-  return depth + 1
+  return depth if layer == "final_norm" else depth + 1
 
 
 def torch_names(depth: int, registers: int = 0, layer_scale: bool = False) -> dict[str, str]:
