@@ -174,6 +174,10 @@ def test_name_lists_match_the_code_that_consumes_them():
   assert _schema.CHOICES["labels_from"] == tuple(sources.LABELS_FROM)
   for dtype in _schema.CHOICES["dtype"]:
     models.as_dtype(dtype)
+  from transfer.models import vit
+  assert _schema.CHOICES["token_pool"] == ("auto", *vit.TOKEN_POOLS)
+  assert _schema.CHOICES["attention"] == ("auto", *vit.ATTENTIONS)
+  assert {o for n in models.names() for o in models.spec(n).options} == set(_schema.MODEL_OPTIONS)
 
 
 @pytest.mark.parametrize("optimizer", _schema.CHOICES["optimizer"])

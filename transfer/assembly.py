@@ -169,10 +169,10 @@ class Run:
     return data_lib.create(parts.config, preprocess_source=self.weights_source)
 
   def stage_metadata(self, parts: StageParts) -> dict[str, Any]:
-    """The run metadata of a checkpoint in a stage: its optimizer and trainable set."""
+    """The run metadata of a checkpoint in a stage: its optimizer, trainable set and rates."""
     c = parts.config
     return dict(self.metadata, optimizer=c.optimizer, trainable=list(c.trainable),
-                lr_mults=dict(c.lr_mults))
+                lr_mults=dict(c.lr_mults), layer_decay=c.layer_decay)
 
   def check_checkpoint(self, meta: dict[str, Any], workdir: str) -> None:
     """Refuses a checkpoint of `workdir` written by a different run (model, data, stages)."""
@@ -267,7 +267,8 @@ def build(config, devices=None, *, dtype: str | None = None) -> Run:
   num_classes = check_num_classes(config, ds)
   model, outputs = runs.build_model(config, num_classes, dtype=dtype, source=source)
   metadata = runs.run_metadata(config, ds.class_names, outputs, ds.identity(), conv=model.conv,
-                               variant=getattr(model, "variant", None), source=source)
+                               variant=getattr(model, "variant", None), source=source,
+                               model=model)
   steps_per_epoch = ds.steps_per_epoch
   plan = stages_lib.plan(config, steps_per_epoch) if steps_per_epoch > 0 else []
   if (stages_lib.total_steps(plan) <= 0 or steps_per_epoch <= 0

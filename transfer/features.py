@@ -24,6 +24,8 @@ def cache_features_reason(config, param_labels) -> str | None:
     return f"augment={config.augment!r} changes the backbone's input every epoch"
   if config.mixup_alpha > 0 or config.cutmix_alpha > 0:
     return "mixup/cutmix mix the backbone's input images"
+  if config.drop_path_rate > 0:  # frozen blocks drop branches in training too, as in timm
+    return f"drop_path_rate={config.drop_path_rate} drops the backbone's branches at random"
   spec = models.spec(config.model)
   paths = optim.param_paths(param_labels)
   trained_backbone = [p for p, l in zip(paths, jax.tree_util.tree_leaves(param_labels))

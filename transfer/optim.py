@@ -2,9 +2,10 @@
 
 Frozen parameters get `optax.set_to_zero()`, which keeps no state, so a frozen VGG16 conv base
 costs no optimizer memory. Trainable parameters are grouped by learning-rate multiplier
-(`config.lr_mults`), one optimizer per group, so discriminative learning rates are also just
-labels. Every parameter gets exactly one label; a pattern that matches nothing is an error, since a
-typo in a freeze pattern would otherwise silently train (or freeze) the wrong layers.
+(`config.lr_mults`, and a ViT's layer-wise decay `config.layer_decay`), one optimizer per
+group, so discriminative learning rates are also just labels. Every parameter gets exactly one
+label; a pattern that matches nothing is an error, since a typo in a freeze pattern would
+otherwise silently train (or freeze) the wrong layers.
 """
 
 from __future__ import annotations
@@ -36,10 +37,47 @@ def param_paths(params) -> list[str]:
 
 
 def _group_label(mult: float) -> str:
-  return TRAINABLE if mult == 1.0 else f"{TRAINABLE}_x{mult:g}"
+  """`trainable_x<mult>`, exact: `:g` where that reads back as the same float (0.1, and the
+  labels of runs written before layer decay), else the float's full repr (0.75 ** 13)."""
+  if mult == 1.0:
+    return TRAINABLE
+  short = f"{mult:g}"
+  return f"{TRAINABLE}_x{short if float(short) == mult else repr(mult)}"
 
 
-def param_labels(params, trainable: Sequence[str], lr_mults: Mapping[str, float] | None = None):
+def multiplier(label: str) -> float:
+  """The learning-rate multiple of a label: 0 for `frozen`, 1 for `trainable`, else `<mult>`."""
+  if label == FROZEN:
+    return 0.0
+  return 1.0 if label == TRAINABLE else float(label[len(TRAINABLE) + 2:])
+
+
+def layer_decay_scales(layers: Sequence[str], layer_depth, decay: float) -> dict[str, float]:
+  """Each layer's learning-rate scale under layer-wise decay, as BEiT, MAE and timm
+  (`param_groups_layer_decay`) compute it: `decay ** (max_depth - depth(layer))`.
+
+  `layer_depth` is the model's (`ModelSpec.layer_depth`): 0 for the embeddings, i + 1 for block
+  i, the last block's for the final norm (timm's grouping), depth + 1 (the largest) for the
+  ImageNet top and the new `head`, so the head trains at the full rate, the final norm with the
+  last block at `decay` and the patch embedding at `decay ** (depth + 1)`. Norms and biases
+  inside a block share its scale (timm groups by block, not by kind), and weight decay is
+  untouched (`weight_decay` as without layer decay).
+
+  Args:
+    layers: top-level layer names (`patch_embed`, `block3_attn_qkv`, `head`, ...).
+    layer_depth: layer name -> its depth.
+    decay: in (0, 1]; 1 scales nothing.
+
+  Returns:
+    `{layer: scale}`.
+  """
+  depths = {layer: layer_depth(layer) for layer in layers}
+  top = max(max(depths.values(), default=0), layer_depth("head"))
+  return {layer: decay ** (top - d) for layer, d in depths.items()}
+
+
+def param_labels(params, trainable: Sequence[str], lr_mults: Mapping[str, float] | None = None,
+                 layer_scales: Mapping[str, float] | None = None):
   """Labels every parameter `frozen`, `trainable` or `trainable_x<mult>`.
 
   Args:
@@ -47,6 +85,8 @@ def param_labels(params, trainable: Sequence[str], lr_mults: Mapping[str, float]
     trainable: regexes (`re.search`) over paths like `block5_conv1/kernel`; a parameter matching
       any of them is trained, every other one is frozen.
     lr_mults: `{regex: multiplier}` for trainable parameters; at most one may match a parameter.
+    layer_scales: `{top-level layer: scale}` (`layer_decay_scales`), multiplied into each
+      trainable parameter's `lr_mults` multiple; a frozen parameter stays frozen.
 
   Returns:
     A tree of label strings with the structure of `params`.
@@ -69,7 +109,10 @@ def param_labels(params, trainable: Sequence[str], lr_mults: Mapping[str, float]
     if len(mults) > 1:
       raise UserError(f"parameter {path} matches several lr_mults patterns "
                       f"{[p for p, _ in mults]}; make them exclusive")
-    labels.append(_group_label(mults[0][1]) if mults else TRAINABLE)
+    mult = mults[0][1] if mults else 1.0
+    if layer_scales:
+      mult *= layer_scales[path.split("/", 1)[0]]
+    labels.append(_group_label(mult))
   for pattern in lr_mults:
     if all(label == FROZEN for path, label in zip(paths, labels) if re.search(pattern, path)):
       raise UserError(f"lr_mults pattern {pattern!r} matches only frozen parameters; "
@@ -164,7 +207,7 @@ def _base_optimizer(config, learning_rate, momentum=None) -> optax.GradientTrans
 # default config's value (`transfer/configs/default.py`) as its default.
 OPTIONS = ("optimizer", "learning_rate", "schedule", "warmup_steps", "momentum", "weight_decay",
            "grad_clip_norm", "trainable", "lr_mults", "train_bn", "pct_start", "div_factor",
-           "final_div_factor", "cycle_momentum", "max_momentum", "base_momentum")
+           "final_div_factor", "cycle_momentum", "max_momentum", "base_momentum", "layer_decay")
 
 
 class Optimizer(NamedTuple):
@@ -180,6 +223,12 @@ class Optimizer(NamedTuple):
 
   tx: optax.GradientTransformation
   labels: Any
+
+  @property
+  def multipliers(self) -> Any:
+    """The params' structure with each one's learning-rate multiple (`lr_mults` times the
+    layer decay's scale; 0 for frozen)."""
+    return jax.tree_util.tree_map(multiplier, self.labels)
 
   @property
   def frozen_batch_norm(self) -> frozenset[str]:
@@ -211,9 +260,13 @@ def make_optimizer(params, config=None, total_steps: int | None = None, *,
       rmsprop), `learning_rate`, `warmup_steps`, `momentum`, `weight_decay`,
       `grad_clip_norm`, `trainable` (regexes over paths like `block5_conv1/kernel`; the rest is
       frozen), `lr_mults` (`{regex: multiplier}`), `train_bn` (BatchNorm layers train inside
-      frozen blocks, fastai's `train_bn`) and the one-cycle keys (`pct_start`, `div_factor`,
-      `final_div_factor`, `cycle_momentum`, `max_momentum`, `base_momentum`). Defaults and
-      allowed values are the config's (`transfer/configs/default.py`, checked as a config is).
+      frozen blocks, fastai's `train_bn`), the one-cycle keys (`pct_start`, `div_factor`,
+      `final_div_factor`, `cycle_momentum`, `max_momentum`, `base_momentum`) and
+      `layer_decay` (a ViT's layer-wise rate decay, `layer_decay_scales`; it multiplies any
+      `lr_mults` multiple of the same parameter, as timm's `lr_scale` multiplies a group's
+      rate; without `config` the architecture is the registered one whose layers `params`
+      holds). Defaults and allowed values are the config's (`transfer/configs/default.py`,
+      checked as a config is).
 
   Returns:
     An `Optimizer`: `(tx, labels)`.
@@ -224,8 +277,12 @@ def make_optimizer(params, config=None, total_steps: int | None = None, *,
   """
   if isinstance(schedule, str):  # the config key, not a schedule function
     options, schedule = {**options, "schedule": schedule}, None
-  kinds = models.spec(config.model).layer_kinds if config is not None else None
-  config = _optimizer_config(config, options)
+  model = models.spec(config.model) if config is not None else _registered_model(params)
+  kinds = model.layer_kinds if model is not None else None
+  if config is None and model is None and options.get("layer_decay", 1.0) != 1.0:
+    raise UserError(f"layer_decay={options['layer_decay']} scales each transformer block's "
+                    f"rate, but these params are no registered model's; pass the run's config")
+  config = _optimizer_config(config, options, model.name if model is not None else None)
   if total_steps is None:
     if schedule is None and config.schedule != "constant":
       raise UserError(f"schedule {config.schedule!r} decays over the run: pass total_steps= "
@@ -235,20 +292,43 @@ def make_optimizer(params, config=None, total_steps: int | None = None, *,
   trainable = list(config.trainable)
   if config.train_bn:  # fastai's train_bn: BatchNorm keeps training in frozen blocks
     trainable += [f"^{name}/" for name in batch_norm_layers(params, kinds)]
-  labels = param_labels(params, trainable, lr_mults)
+  scales = None
+  if config.layer_decay != 1.0:
+    depth = _layer_depth(model, config.layer_decay)
+    scales = layer_decay_scales(list(params), depth, config.layer_decay)
+  labels = param_labels(params, trainable, lr_mults, scales)
   schedule = make_schedule(config, total_steps) if schedule is None else schedule
   momentum = make_momentum_schedule(config, total_steps)
   transforms: dict[str, Any] = {FROZEN: optax.set_to_zero()}
-  for mult in {1.0, *lr_mults.values()}:
+  for label in sorted(set(jax.tree_util.tree_leaves(labels)) - {FROZEN}):
+    mult = multiplier(label)
     scaled = schedule if mult == 1.0 else (lambda s, m=mult: m * schedule(s))
-    transforms[_group_label(mult)] = _base_optimizer(config, scaled, momentum)
-  used = set(jax.tree_util.tree_leaves(labels))
-  transforms = {k: v for k, v in transforms.items() if k in used or k == FROZEN}
+    transforms[label] = _base_optimizer(config, scaled, momentum)
   return Optimizer(optax.partition(transforms, labels), labels)
 
 
-def _optimizer_config(config, options: dict[str, Any]):
-  """`config` with `options` set (validated as a config is), or the default config with them."""
+def _layer_depth(model, decay: float):
+  """The layer depths `layer_decay` needs: the model's (`ModelSpec.layer_depth`)."""
+  if model.layer_depth is None:
+    raise UserError(f"layer_decay={decay} scales each transformer block's rate; {model.name} "
+                    f"has no blocks of that kind: drop it (1.0), or give blocks their own rates "
+                    f"with lr_mults")
+  return model.layer_depth
+
+
+def _registered_model(params):
+  """The registered architecture whose backbone layers are exactly those of `params` (besides
+  the new `head`), for `make_optimizer` called without a config; None when there is none."""
+  layers = set(params) - {"head"}
+  for spec in map(models.spec, models.names()):
+    if layers - set(spec.top_layers) == set(spec.conv_layers):
+      return spec
+  return None
+
+
+def _optimizer_config(config, options: dict[str, Any], model: str | None = None):
+  """`config` with `options` set (validated as a config is), or the default config with them
+  (and `model`, the architecture the params are, when known)."""
   unknown = sorted(set(options) - set(OPTIONS))
   if unknown:
     raise UserError(f"make_optimizer got unknown option(s) {', '.join(unknown)}; valid: "
@@ -260,6 +340,8 @@ def _optimizer_config(config, options: dict[str, Any]):
   base = ml_collections.ConfigDict() if config is None else ml_collections.ConfigDict(
       config.to_dict())
   with base.unlocked():
+    if config is None and model is not None:
+      base.model = model
     for key, value in options.items():
       base[key] = list(value) if key == "trainable" and not isinstance(value, str) else value
   return configs.validate(base)

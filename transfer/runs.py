@@ -129,11 +129,23 @@ def _recorded_run(workdir: str) -> dict[str, Any]:
     checkpointer.close()
 
 
+def model_options(config) -> dict[str, Any]:
+  """The family's own build options a config sets (`ModelSpec.options`: a ViT's `token_pool`,
+  `drop_path_rate`, `attention`), as `models.get` keywords; `{}` for a model without them.
+  `token_pool="auto"` is left to the model's own default. The config check
+  (`configs._schema.check_model_options`) has already refused one set on a model without it."""
+  options = models.spec(config.model).options
+  chosen = {"token_pool": None if config.token_pool == "auto" else config.token_pool,
+            "drop_path_rate": config.drop_path_rate, "attention": config.attention}
+  return {k: v for k, v in chosen.items() if k in options}
+
+
 def build_model(config, num_classes: int, dtype: str | None = None, source=None):
   """The run's model for a dataset of `num_classes` classes.
 
   Args:
-    config: the run config (model, head, head_hidden, head_dropout, image_size, dtype, conv).
+    config: the run config (model, head, head_hidden, head_dropout, image_size, dtype, conv, and
+      a ViT's token_pool, drop_path_rate, attention).
     num_classes: classes in the data.
     dtype: compute dtype override (default: `config.dtype`, resolved for this backend).
     source: the run's parsed weights (`weights_source`), which pick the variant.
@@ -146,7 +158,7 @@ def build_model(config, num_classes: int, dtype: str | None = None, source=None)
   model = models.get(config.model, head=config.head, num_classes=outputs,
                      head_hidden=config.head_hidden, head_dropout=config.head_dropout,
                      dtype=dtype or models.resolve_dtype(config.dtype), conv=config.conv,
-                     variant=model_variant(config, source))
+                     variant=model_variant(config, source), **model_options(config))
   return model, outputs
 
 
@@ -241,7 +253,7 @@ has_ema = ema.has_ema
 
 def run_metadata(config, class_names: list[str], outputs: int,
                  data: dict[str, Any] | None = None, *, conv: str,
-                 variant: str | None = None, source=None) -> dict[str, Any]:
+                 variant: str | None = None, source=None, model=None) -> dict[str, Any]:
   """The JSON metadata, stored with every checkpoint, that rebuilds the model without the config.
 
   `data` is the dataset's identity (`Dataset.identity()`: absolute root and split fingerprint),
@@ -252,7 +264,8 @@ def run_metadata(config, class_names: list[str], outputs: int,
   given): eval, predict and export read it from here, never from `weights` again; `source` the
   whole parsed source (`source_record`), which an `init_from` run inherits. `platform` is what
   else the compiled programs depended on (`transfer.platform.facts`: the XLA flags in effect,
-  huge pages), on record only.
+  huge pages), on record only. `model` (from `build_model`) gives the family options the module
+  was built with (`recorded_options`), so `model_from_meta` builds the same one.
   """
   from transfer import platform
   source = source or run_source(config)
@@ -265,19 +278,43 @@ def run_metadata(config, class_names: list[str], outputs: int,
           "dataset": config.dataset, "optimizer": config.optimizer,
           # The optimizer's state structure follows these, so resuming needs them unchanged.
           "trainable": list(config.trainable), "lr_mults": dict(config.lr_mults),
+          "layer_decay": config.layer_decay, **recorded_options(config, model),
           "data": data, "platform": platform.facts()}
 
 
-def model_from_meta(meta: dict[str, Any], dtype: str | None = None, conv: str = "auto"):
+def recorded_options(config, model=None) -> dict[str, Any]:
+  """The model options a run records (`run_metadata`): `token_pool` as built (the model's own
+  default in place of `auto`, so a later default cannot change a trained run's features),
+  `drop_path_rate`, and `attention` as resolved, on record only (like `conv`). None for a model
+  without them."""
+  options = models.spec(config.model).options
+  record = {"token_pool": config.token_pool, "drop_path_rate": config.drop_path_rate,
+            "attention": config.attention}
+  if model is not None:
+    record.update({k: getattr(model, k) for k in record if k in options})
+  return {k: (v if k in options else None) for k, v in record.items()}
+
+
+def model_from_meta(meta: dict[str, Any], dtype: str | None = None, conv: str = "auto",
+                    attention: str = "auto"):
   """Rebuilds the trained model from checkpoint metadata (`run_metadata`).
 
-  The conv choice is resolved again (`auto`) for this machine unless `conv` names one (export
-  asks for `xla`: an artifact runs on machines we do not know): it changes speed and float32
-  rounding, not the params.
+  The conv and attention choices are resolved again (`auto`) for this machine unless `conv` /
+  `attention` name one (export asks for `xla`: an artifact runs on machines we do not know):
+  they change speed and float32 rounding, not the params. A ViT's recorded `token_pool` and
+  `drop_path_rate` are rebuilt as trained; runs recorded before they were (and models without
+  them) get the model's defaults.
   """
+  options = models.spec(meta["model"]).options
+  recorded = {k: meta.get(k) for k in ("token_pool", "drop_path_rate") if k in options}
+  if "token_pool" in recorded and recorded["token_pool"] == "auto":
+    recorded["token_pool"] = None
+  if "attention" in options:
+    recorded["attention"] = attention
   return models.get(meta["model"], head=meta["head"], num_classes=meta["outputs"],
                     head_hidden=meta["head_hidden"], head_dropout=meta["head_dropout"],
-                    dtype=dtype or meta["dtype"], variant=meta.get("variant"), conv=conv)
+                    dtype=dtype or meta["dtype"], variant=meta.get("variant"), conv=conv,
+                    **recorded)
 
 
 def check_same_run(saved: dict[str, Any], current: dict[str, Any], workdir: str) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 STAGE_KEYS = ("name", "epochs", "steps", "trainable", "lr_mults", "learning_rate", "optimizer",
               "schedule", "warmup_steps", "momentum", "weight_decay", "grad_clip_norm",
               "train_bn", "augment", "pct_start", "div_factor", "final_div_factor",
-              "cycle_momentum", "max_momentum", "base_momentum")
+              "cycle_momentum", "max_momentum", "base_momentum", "layer_decay")
 _LENGTH = {"epochs": "num_epochs", "steps": "num_steps"}
 
 

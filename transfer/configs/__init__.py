@@ -164,6 +164,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _schema.check_one_cycle(config)
   _schema.check_warmup(config)
   _schema.check_labels_from(config)
+  _schema.check_model_options(config)
   _schema.check_stages(config, validate)
   return config
 

@@ -110,6 +110,8 @@ RANGES: dict[str, Range] = {
     "ema_decay": FRACTION,             # 0 = no EMA
     "randaugment_n": AT_LEAST_ONE,
     "randaugment_m": Range(low=0, high=10),  # timm's magnitude scale (_LEVEL_DENOM = 10)
+    "drop_path_rate": FRACTION,
+    "layer_decay": CROP,               # 1.0 = off (timm's layer_decay=None)
 }
 
 # Keys with a fixed set of names.
@@ -125,7 +127,38 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data_worker_kind": ("thread", "process"),                  # data.workers.KINDS
     "labels_from": ("folders", "filename"),
     "variant": ("auto", "keras", "torchvision"),                # resnet, inception .VARIANTS
+    "token_pool": ("auto", "tok", "gap", "tok_gap", "none"),    # auto + models.vit.TOKEN_POOLS
+    "attention": ("auto", "xla", "cudnn"),                      # auto + models.vit.ATTENTIONS
 }
+
+# A family's own build options (`ModelSpec.options`: a ViT's), each a config key of that name.
+# Set to anything but its default on a model without it, it is refused (`check_model_options`),
+# never silently ignored.
+MODEL_OPTIONS = ("token_pool", "drop_path_rate", "attention")
+
+
+def check_model_options(config) -> None:
+  """Refuses a model option (`MODEL_OPTIONS`) or `layer_decay` the chosen model does not have:
+  `token_pool` on a ResNet, `layer_decay` on a network without transformer blocks. Left at
+  their defaults they are nothing to refuse, and `transfer.models` is not imported."""
+  from transfer.configs import default
+  from transfer.errors import UserError
+  defaults = default.get_config()
+  changed = [k for k in MODEL_OPTIONS if config[k] != defaults[k]]
+  decay = config.layer_decay != defaults.layer_decay
+  if not changed and not decay:
+    return
+  from transfer import models
+  spec = models.spec(config.model)
+  for key in changed:
+    if key not in spec.options:
+      raise UserError(f"{key}={config[key]!r} is an option of the transformer models; "
+                      f"{config.model} has no {key}: drop it (leave it at "
+                      f"{defaults[key]!r})")
+  if decay and spec.layer_depth is None:
+    raise UserError(f"layer_decay={config.layer_decay!r} scales each transformer block's rate; "
+                    f"{config.model} has no blocks of that kind: drop it (1.0), or give blocks "
+                    f"their own rates with lr_mults")
 
 
 def check_stages(config, check) -> None:
@@ -220,6 +253,9 @@ ROLES: dict[str, str] = {
     # Model.
     "model": STATE, "variant": STATE, "weights": IDENTITY, "head": STATE, "head_hidden": STATE,
     "head_dropout": IDENTITY, "num_classes": IDENTITY, "binary_sigmoid": IDENTITY,
+    # token_pool sets the head's input (its shape with tok_gap); drop_path_rate only the math of
+    # a training step; attention, like conv, the kernel (speed and rounding, not the math).
+    "token_pool": STATE, "drop_path_rate": IDENTITY, "attention": BOOKKEEPING,
     # Only read when a run starts from step 0; a resumed run's params come from its checkpoint.
     "init_from": BOOKKEEPING,
     # Data.
@@ -240,6 +276,7 @@ ROLES: dict[str, str] = {
     # Regularisation and what trains.
     "label_smoothing": IDENTITY, "mixup_alpha": IDENTITY, "cutmix_alpha": IDENTITY,
     "ema_decay": IDENTITY, "train_bn": IDENTITY, "trainable": STATE, "lr_mults": STATE,
+    "layer_decay": STATE,  # like lr_mults, it groups the params, so the optimizer state's shape
     "stages": IDENTITY,
     # Execution.
     "dtype": IDENTITY, "conv": BOOKKEEPING, "parallel": BOOKKEEPING,

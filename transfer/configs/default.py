@@ -21,6 +21,9 @@ def get_config():
   c.head_hidden = 256
   c.head_dropout = 0.6
   c.num_classes = -1                # -1: the dataset's class count (2 classes -> 1 sigmoid logit)
+  c.token_pool = "auto"             # ViT features: auto (the model's: tok) | tok | gap | tok_gap | none
+  c.drop_path_rate = 0.0            # ViT stochastic depth: the last block's rate, linear over depth
+  c.attention = "auto"              # ViT attention: auto (cuDNN on NVIDIA in half, else XLA) | xla | cudnn
   c.binary_sigmoid = True           # two classes train one sigmoid logit with binary cross-entropy
   c.init_from = ""                  # another run's workdir: start from its params, fresh optimizer
   # Data.
@@ -68,6 +71,7 @@ def get_config():
   c.train_bn = False                # BatchNorm layers train (batch statistics) even inside frozen blocks
   c.trainable = ["^head/"]          # regexes over param paths ("block5_conv1/kernel"); rest frozen
   c.lr_mults = ml_collections.ConfigDict()  # {"pattern": multiplier}, e.g. {"^block5": 0.1}
+  c.layer_decay = 1.0               # ViT layer-wise lr decay: x decay^(depth+1-layer); 1.0 = off
   # Stages, each a fresh optimizer over its own trainable set, run one after the other: a list of
   # dicts with any of transfer.stages.STAGE_KEYS (epochs or steps, trainable, learning_rate,
   # lr_mults, schedule, train_bn, augment, ...); keys a stage omits are the ones above.

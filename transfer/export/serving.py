@@ -95,15 +95,16 @@ def load_serving_model(workdir: str, checkpoint: str | int | None = "latest",
 def serving_function(run: dict[str, Any], dtype: str = "float32") -> Callable:
   """`(variables, images) -> probabilities` for the model described by run metadata.
 
-  The convolutions are XLA's own (`conv="xla"`), not the CPU Winograd rewrite: the artifact
-  runs on machines and runtimes this process knows nothing about.
+  The convolutions are XLA's own (`conv="xla"`), not the CPU Winograd rewrite, and so is a
+  ViT's attention (not cuDNN's fused kernel): the artifact runs on machines and runtimes this
+  process knows nothing about.
   """
   import jax.numpy as jnp
 
   from transfer import runs
   from transfer import weights as weights_lib
 
-  net = runs.model_from_meta(run, dtype=dtype, conv="xla")
+  net = runs.model_from_meta(run, dtype=dtype, conv="xla", attention="xla")
   mode = run["preprocessing"]
 
   def apply(variables, images):
