@@ -16,7 +16,10 @@ from transfer.weights import export
 
 # The tiny stand-in of each model, and the input size it is run at.
 TINY = {"vgg16": ("vgg16_tiny", 32), "resnet50": ("resnet50_tiny", 32),
-        "inception_v3": ("inception_v3_tiny", 75)}
+        "inception_v3": ("inception_v3_tiny", 75), "vit_b16": ("vit_b16_tiny", 32),
+        "dinov2_s14": ("dinov2_s14_tiny", 28)}
+# Freeze patterns naming blocks the 2-block tiny ViTs lack, and the tiny model's own top block.
+TINY_PATTERNS = {"^block(9|10|11)_": "^block1_"}
 # config -> (the run it continues, or None; preprocessing and variant its record must show).
 SHIPPED = {
     "default": (None, "caffe", None),
@@ -28,6 +31,10 @@ SHIPPED = {
     "resnet50_fine_tune_conv5": ("resnet50_cats_vs_dogs", "torch", "torchvision"),
     "inception_v3_cats_vs_dogs": (None, "tf", "keras"),
     "inception_v3_fine_tune_mixed9": ("inception_v3_cats_vs_dogs", "tf", "keras"),
+    # A timm ViT file by path is taken as AugReg's ([-1, 1]), a DINOv2 one as DINOv2's; the
+    # registry ids' geometry: test_the_vit_configs_take_their_weights_preprocessing_and_geometry.
+    "vit_b16_cats_vs_dogs": (None, "tf", None),
+    "dinov2_linear_probe": (None, "torch", None),
 }
 
 
@@ -35,12 +42,39 @@ def test_every_shipped_config_is_covered():
   assert set(configs.shipped()) == set(SHIPPED) | {"bench"}
 
 
+def vit_weight_file(directory, config) -> str:
+  """A random timm ViT of the tiny model's shape, written by timm itself: a `.safetensors` in
+  timm's layout for `timm:` ids, a `.pth` in DINOv2's own (`mask_token`, at its 518 grid) for
+  `dinov2:` ids."""
+  import torch
+  from torch_models import import_torchvision
+  import_torchvision()  # timm imports torchvision
+  import timm
+  framework = config.weights.split(":")[0]
+  tiny, size = TINY[config.model]
+  shape = dict(embed_dim=32, depth=2, num_heads=2)
+  if framework == "timm":
+    net = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=size, **shape)
+    path = os.path.join(directory, f"{tiny}.safetensors")
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+  else:
+    net = timm.create_model("vit_small_patch14_dinov2", pretrained=False, **shape)
+    state = dict(net.state_dict(), mask_token=torch.zeros(1, 32))
+    path = os.path.join(directory, f"{tiny}.pth")
+    torch.save(state, path)
+  return path
+
+
 def weight_file(directory, config) -> str:
   """A generated file in the format of `config.weights` for the tiny model: a Keras notop
-  `.h5` for `keras:` ids, a torchvision-keyed `.pth` for `torchvision:` ids."""
+  `.h5` for `keras:` ids, a torchvision-keyed `.pth` for `torchvision:` ids, timm's and DINOv2's
+  own files for theirs (`vit_weight_file`)."""
   import torch
   tiny, size = TINY[config.model]
   framework = config.weights.split(":")[0]
+  if framework in ("timm", "dinov2"):
+    return vit_weight_file(directory, config)
   variant = {"keras": "keras", "torchvision": "torchvision"}[framework]
   spec = models.spec(tiny)
   net = models.get(tiny, include_top=False,
@@ -64,11 +98,17 @@ def tiny_flags(config, size) -> list[str]:
            "--config.batch_size=4", "--config.synthetic.train_size=8",
            "--config.synthetic.val_size=4", f"--config.synthetic.base_size={size + 8}",
            "--config.num_steps=2", "--config.log_every_steps=1"]
-  if config.stages:  # each stage one step, its other keys as shipped
-    stages = [{**{k: v for k, v in dict(s).items() if k not in ("epochs", "steps")}, "steps": 1}
+  if config.stages:  # each stage one step, its other keys as shipped (blocks: the tiny's)
+    stages = [{**{k: v for k, v in dict(s).items() if k not in ("epochs", "steps")}, "steps": 1,
+               **({"trainable": tiny_patterns(s["trainable"])} if "trainable" in s else {})}
               for s in config.stages]
     flags.append(f"--config.stages={stages!r}")
   return flags
+
+
+def tiny_patterns(patterns) -> list[str]:
+  """Freeze patterns with the full model's block numbers replaced by the tiny model's."""
+  return [TINY_PATTERNS.get(p, p) for p in patterns]
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +146,11 @@ def test_a_shipped_config_trains_two_steps_through_the_cli(name, runs, capsys):
   assert recorded["model"] == TINY[config.model][0] and recorded["head"] == config.head
   assert recorded["preprocessing"] == preprocessing and recorded["variant"] == variant
   assert recorded["eval_crop"] == pytest.approx(config.eval_crop)
-  assert recorded["trainable"] == list((config.stages[-1].get("trainable") if config.stages
-                                        else config.trainable))
+  assert recorded["trainable"] == tiny_patterns(config.stages[-1].get("trainable")
+                                                if config.stages else config.trainable)
+  pool = {"auto": "tok"}.get(config.token_pool, config.token_pool)  # a ViT's own default: tok
+  assert recorded["token_pool"] == (pool if "token_pool" in models.spec(recorded["model"]).options
+                                    else None)
   if SHIPPED[name][0]:  # continued: the first run's frozen layers unchanged
     first, _ = checkpoint.load_trained_variables(runs[SHIPPED[name][0]], "latest")
     frozen = next(k for k in first["params"]
@@ -132,3 +175,17 @@ def test_resnet50_cats_vs_dogs_validates_on_torchvision_crop_fraction():
   from transfer.data import images
   config = configs.load("resnet50_cats_vs_dogs")
   assert images.stored_size(config.image_size, config.eval_crop) == 232
+
+
+@pytest.mark.parametrize("name, preprocess, resize", [("vit_b16_cats_vs_dogs", "tf", 248),
+                                                      ("dinov2_linear_probe", "torch", 256)])
+def test_the_vit_configs_take_their_weights_preprocessing_and_geometry(name, preprocess, resize):
+  """Their docstrings: AugReg's [-1, 1] with the centre 224 of 248 (timm's crop_pct 0.9),
+  DINOv2's ImageNet mean/std with the centre 224 of 256 (its linear evaluation)."""
+  from transfer.data import images
+  from transfer.weights import sources
+  config = configs.load(name)
+  source = sources.resolve(config.weights)
+  assert (source.preprocess, source.input_size, source.resize_size) == (
+      preprocess, config.image_size, resize)
+  assert images.stored_size(config.image_size, config.eval_crop) == resize
