@@ -196,6 +196,26 @@ def test_every_export_format_gives_predicts_probabilities(ema_run, images, fmt, 
                                atol=ATOL)
 
 
+def test_a_bfloat16_export_made_on_a_gpu_runs_anywhere(ema_run, images, tmp_path, monkeypatch,
+                                                      capsys):
+  """On an NVIDIA GPU a bfloat16 ViT attends with cuDNN's fused kernel (`attention="auto"`);
+  its artifact must not, or it runs nowhere else. Here the choice is made as on a GPU, and the
+  bfloat16 StableHLO still exports and runs on this CPU (without the fix: "cuDNN is not
+  detected")."""
+  from transfer import models
+  from transfer.platform import attention
+  monkeypatch.setattr(models, "resolve_attention", lambda choice, dtype, platform=None:
+                      attention.resolve_attention(choice, dtype, "gpu"))
+  assert models.get(MODEL, head="gap", num_classes=3, dtype="bfloat16").attention == "cudnn"
+  paths, pixels = images
+  want = _predict(ema_run, paths, capsys)
+  out = str(tmp_path / "m.stablehlo")
+  assert main.run(["export", "--workdir", ema_run, "--format", "stablehlo", "--dtype",
+                   "bfloat16", "--out", out]) == 0
+  got = np.asarray(export.get_writer("stablehlo").run(out, pixels))
+  np.testing.assert_allclose(got, want, rtol=0, atol=3e-2)  # bfloat16 (tests/test_export.py)
+
+
 # --- lr_find, and the same parameters on any device count ----------------------------------------
 
 
