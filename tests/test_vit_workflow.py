@@ -1,7 +1,8 @@
 """Everything the CNNs have, on a Vision Transformer, through the user's path: the frozen
 backbone's cached features, stages (the head, then the top block), lr_find, EMA, TTA in eval,
 export to every format (each artifact gives `transfer predict`'s probabilities) and the same
-parameters on any device count. vit_b16_tiny (2 blocks of width 32) on 32 px synthetic data."""
+parameters on any device count. vit_b16_tiny (2 blocks of width 32) on 32 px synthetic data,
+and DINOv2's linear probe (tok_gap features, with and without registers) at 28 px."""
 
 import contextlib
 import io
@@ -23,12 +24,14 @@ MODEL = "vit_b16_tiny"
 HEAD = ["^head/"]
 TOP_BLOCK = ["^head/", "^block1_"]  # vit_b16_tiny's blocks are block0 and block1
 BATCH, TOKENS = 8, 1 + (32 // 16) ** 2  # 8 images of 4 patches and the class token
+# DINOv2's linear probe (tok_gap) at 28 px, 2 x 2 patches of 14, without and with registers.
+PROBE_MODELS = ["dinov2_s14_tiny", "dinov2_s14_reg4_tiny"]
 ATOL = 1e-4  # float32: an artifact against `transfer predict --json` (as tests/test_export.py)
 
 
 def vit_config(**overrides):
   """vit_b16_tiny with the linear head (`gap` on the class token) on 3-class synthetic data."""
-  config = tiny_config(model=MODEL, head="gap", augment="none", **overrides)
+  config = tiny_config(**{"model": MODEL, "head": "gap", "augment": "none", **overrides})
   config.synthetic.num_classes = 3
   return config
 
@@ -91,6 +94,32 @@ def test_cached_features_train_the_head_as_the_full_forward_does(head_runs):
     assert _moved(got, fresh) == {p for p in fresh if p.startswith("head/")}
 
 
+@pytest.fixture(scope="module")
+def probe_runs(tmp_path_factory):
+  """DINOv2's linear probe: one Dense layer on the frozen backbone's class token and mean patch
+  token (`token_pool="tok_gap"`), 3 steps at 28 px, with and without cached features."""
+  root = tmp_path_factory.mktemp("probe")
+  out, logs = {}, {}
+  for model in PROBE_MODELS:
+    for cache in (True, False):
+      out[model, cache] = str(root / f"{model}_{cache}")
+      logs[model, cache] = _train(vit_config(
+          model=model, image_size=28, token_pool="tok_gap", cache_features=cache, num_steps=3,
+          trainable=HEAD), out[model, cache])
+  return out, logs
+
+
+@pytest.mark.parametrize("model", PROBE_MODELS)
+def test_a_linear_probe_on_cached_tok_gap_features(probe_runs, model):
+  runs, logs = probe_runs
+  assert "cache_features: running the frozen backbone once" in logs[model, True]
+  cached, plain = _params(runs[model, True]), _params(runs[model, False])
+  assert cached["head"]["logits"]["kernel"].shape == (2 * 32, 3)  # class token ++ patch mean
+  _assert_params_close(cached, plain)
+  meta = checkpoint.load_trained(runs[model, True])[1]
+  assert meta["run"]["token_pool"] == "tok_gap"
+
+
 def test_two_stages_equal_the_two_command_version(head_runs):
   runs, logs = head_runs
   staged, second, first = (_params(runs[k]) for k in ("staged", "second", "cached"))
@@ -118,18 +147,31 @@ def ema_run(tmp_path_factory):
   return workdir
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-  """Four 32 x 32 PNGs: `transfer predict` classifies their pixels as they are (no resize)."""
-  folder = tmp_path_factory.mktemp("vit_images")
+def _pngs(folder, size):
+  """Four `size` x `size` PNGs of noise at four brightnesses, and their pixels: at the run's
+  input size, `transfer predict` classifies the pixels as they are (no resize, no crop)."""
   rng = np.random.default_rng(5)
   paths, pixels = [], []
   for i in range(4):
-    x = np.clip(rng.normal(128 + 40 * (i - 1.5), 50, (32, 32, 3)), 0, 255).astype(np.uint8)
+    x = np.clip(rng.normal(128 + 40 * (i - 1.5), 50, (size, size, 3)), 0, 255).astype(np.uint8)
     paths.append(str(folder / f"{i}.png"))
     Image.fromarray(x).save(paths[-1])
     pixels.append(x)
   return paths, np.stack(pixels)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+  return _pngs(tmp_path_factory.mktemp("vit_images"), 32)
+
+
+@pytest.fixture(scope="module")
+def served(ema_run, probe_runs, images, tmp_path_factory):
+  """The runs exported below, each with images at its input size: the ViT with an EMA, and
+  the DINOv2 linear probe with registers and tok_gap features."""
+  return {"vit": (ema_run, images),
+          "dinov2_probe": (probe_runs[0]["dinov2_s14_reg4_tiny", True],
+                           _pngs(tmp_path_factory.mktemp("probe_images"), 28))}
 
 
 def _predict(workdir, paths, capsys):
@@ -181,13 +223,13 @@ def test_eval_tta_averages_the_image_and_its_mirror(ema_run, capsys):
 
 
 @pytest.mark.parametrize("fmt", export.FORMATS)
-def test_every_export_format_gives_predicts_probabilities(ema_run, images, fmt, tmp_path,
-                                                          capsys):
-  paths, pixels = images
-  want = _predict(ema_run, paths, capsys)
+@pytest.mark.parametrize("run", ["vit", "dinov2_probe"])
+def test_every_export_format_gives_predicts_probabilities(served, run, fmt, tmp_path, capsys):
+  workdir, (paths, pixels) = served[run]
+  want = _predict(workdir, paths, capsys)
   assert np.ptp(want, axis=0).max() > 1e-3 and want.max() < 0.999  # informative
   out = str(tmp_path / {"stablehlo": "m.stablehlo", "onnx": "m.onnx"}.get(fmt, "saved_model"))
-  assert main.run(["export", "--workdir", ema_run, "--format", fmt, "--out", out]) == 0
+  assert main.run(["export", "--workdir", workdir, "--format", fmt, "--out", out]) == 0
   writer = export.get_writer(fmt)
   assert writer.read_metadata(out)["class_names"] == ["class_0", "class_1", "class_2"]
   for batch in (pixels[:3], pixels[3:]):  # one artifact, two batch sizes
