@@ -13,15 +13,16 @@ Modules: `sources` (the registry: ids, URLs, hashes, cache paths; `resolve`, a c
 Transformers' in `vit_sources`), `downloader` (verified, all-or-nothing fetch; the sha256 of a
 file without a published hash recorded beside it), `formats` (reading .h5 / .weights.h5 / .pth /
 .safetensors / .npz), `port` (names, layouts, strict merge),
-`pretrained` (the public calls), `preprocess` (per-source input normalisation and eval geometry:
+`pretrained` (the public calls), `recognition` (what a file is, from its contents; `info`), `preprocess` (per-source input normalisation and eval geometry:
 `transform`, `resolve_data_config`), `cli`.
 """
 
 from transfer.weights.cli import cli
 from transfer.weights.preprocess import (DataConfig, Transform, mode_for, preprocess,
                                          resolve_data_config, transform)
-from transfer.weights.pretrained import (LoadReport, download, info, load, load_variables, resolve,
+from transfer.weights.pretrained import (LoadReport, download, load, load_variables, resolve,
                                         variant_for)
+from transfer.weights.recognition import info
 from transfer.weights.sources import ParsedSource, WeightSource, ids
 
 

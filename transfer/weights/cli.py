@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from transfer.weights import pretrained, sources
+from transfer.weights import pretrained, recognition, sources
 
 
 def cli(action: str, args) -> None:
@@ -15,7 +15,7 @@ def cli(action: str, args) -> None:
     args: the parsed namespace (`args.source` for info, `args.id` for download).
   """
   if action == "info":
-    print(format_info(pretrained.info(args.source)))
+    print(format_info(recognition.info(args.source)))
   elif action == "download":
     path = pretrained.download(args.id)
     print(path)

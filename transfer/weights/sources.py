@@ -270,7 +270,7 @@ def resolve(weights: str | None) -> ParsedSource:
   A registry id (with or without `?`) is its record; nothing is downloaded or read. A path
   whose file name is an official one (`resnet50-11ad3fa6.pth`) is that record too. Any other
   path is opened (shapes only, no arrays) and its architecture recognised by structure, as
-  `transfer weights info` shows it (`pretrained.recognise`); its framework comes from the
+  `transfer weights info` shows it (`recognition.recognise`); its framework comes from the
   file's format (Keras HDF5 or a torch state dict).
 
   Args:
@@ -289,8 +289,8 @@ def resolve(weights: str | None) -> ParsedSource:
   entry = get(source) if is_id(source) else official_file(source)
   if entry is not None:
     return from_entry(entry, weights=given, source=source, optional=optional)
-  from transfer.weights import pretrained  # Deferred: recognising a file needs the models.
-  return for_file(source, pretrained.recognise(source), weights=given, optional=optional)
+  from transfer.weights import recognition  # Deferred: recognising a file needs the models.
+  return for_file(source, recognition.recognise(source), weights=given, optional=optional)
 
 
 def from_entry(entry: WeightSource, *, weights: str | None = None, source: str | None = None,
@@ -307,7 +307,7 @@ def from_entry(entry: WeightSource, *, weights: str | None = None, source: str |
 def for_file(path: str, found, *, weights: str | None = None,
              optional: bool = False) -> ParsedSource:
   """The `ParsedSource` of a weight file whose contents were recognised (`found`: a
-  `pretrained.Recognised`: format, architecture, variant, top, publisher, trained size).
+  `recognition.Recognised`: format, architecture, variant, top, publisher, trained size).
 
   An official file name is its record. Otherwise the preprocessing and geometry are those of
   the publisher's own published files of the architecture, where they agree: the publisher a
@@ -349,7 +349,7 @@ def official_file(path: str) -> WeightSource | None:
   return next((s for s in _SOURCES.values() if s.filename == name), None)
 
 
-# A family's publisher, as its files' names reveal it (`pretrained.Recognised.publisher`), ->
+# A family's publisher, as its files' names reveal it (`recognition.Recognised.publisher`), ->
 # the registry ids of that publisher's own files.
 _PUBLISHER_IDS = {"timm": ("timm",), "torchvision": ("torchvision",), "dinov2": ("dinov2",),
                   "dinov2_reg": ("dinov2",), "big_vision": ("augreg",)}
