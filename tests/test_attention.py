@@ -16,8 +16,10 @@ from helpers import assert_close, one_line_error
 # A ViT-B/16 layer at 224 px in miniature: 196 patches + the class token, 3 heads of width 64.
 BATCH, TOKENS, HEADS, HEAD_DIM = 2, 197, 3, 64
 
+# conftest.py defaults JAX_PLATFORMS to cpu: on a GPU machine run `JAX_PLATFORMS= pytest ...`.
 ON_GPU = jax.devices()[0].platform == "gpu"
-needs_gpu = pytest.mark.skipif(not ON_GPU, reason="cuDNN's fused attention needs an NVIDIA GPU")
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="cuDNN's fused attention needs an NVIDIA GPU "
+                               "(there, run with JAX_PLATFORMS= or cuda; conftest defaults to cpu)")
 
 
 def reference_attention(q, k, v, softmax_dtype=jnp.float32, **_):
@@ -175,3 +177,11 @@ def test_bfloat16_vit_tracks_the_float32_one(vit_params, monkeypatch):
   assert np.abs(bf16 - f32).max() > 1e-4  # it did compute in bfloat16
   # ... with the attention of the reference that takes its softmax in float32.
   assert_close(bf16, _forward(net, vit_params, x, monkeypatch, reference_attention), rtol=1e-2)
+
+
+@needs_gpu
+def test_cudnn_vit_tracks_the_xla_one(vit_params):
+  """The whole bfloat16 ViT on cuDNN's kernel against the same net on XLA's attention."""
+  x = _images()
+  fused, xla = (_forward(_vit("bfloat16", impl), vit_params, x) for impl in ("cudnn", "xla"))
+  assert_close(fused, xla, rtol=2e-2)
