@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -74,8 +74,9 @@ def dialect(fmt: str, keys: Sequence[str]) -> str:
   return "timm"
 
 
-def to_timm_names(fmt: str, tensors: Mapping[str, "Tensor"]) -> dict[str, "Tensor"]:
-  """A file's tensors (full key -> `Tensor`) under timm's names, in torch's layouts."""
+def to_timm_names(fmt: str, tensors: Mapping[str, Any]) -> dict[str, Any]:
+  """A file's tensors (full key -> `transfer.weights.formats.Tensor`; the models package
+  does not import the weights package) under timm's names, in torch's layouts."""
   kind = dialect(fmt, list(tensors))
   if kind == "timm":
     return dict(tensors)
@@ -109,7 +110,7 @@ def _named(t, name: str):
   return _derived(t, name)
 
 
-def _from_big_vision(tensors: Mapping[str, "Tensor"]) -> dict[str, "Tensor"]:
+def _from_big_vision(tensors: Mapping[str, Any]) -> dict[str, Any]:
   """Google's AugReg `.npz` (vision_transformer / big_vision Flax paths) -> timm's names and
   torch's layouts: conv HWIO -> OIHW, dense (in, out) -> (out, in), the attention's separate
   query/key/value kernels (in, heads, head_dim) stacked into one `qkv` (3 x width, in)."""
@@ -156,7 +157,7 @@ def _torch_layout(t, name: str, attn_out: bool = False):
   return _named(t, name)
 
 
-def _stacked_qkv(parts: Mapping[str, "Tensor"], name: str):
+def _stacked_qkv(parts: Mapping[str, Any], name: str):
   """Query, key and value kernels (in, heads, head_dim) or biases (heads, head_dim) -> timm's
   `qkv` weight (3 x width, in) or bias (3 x width)."""
   if set(parts) != {"query", "key", "value"}:

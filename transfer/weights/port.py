@@ -26,7 +26,7 @@ kind (`spec.layer_kinds`: a torch `weight` is a conv or dense `kernel`, a BatchN
 `scale`, an embedding's table) and the family's porting adapter (`spec.port`: torch names, parts
 the model leaves out, the layer a C,H,W flatten feeds, and for Keras files with generated names
 (InceptionV3: `conv2d_17`, numbered per process) the order Keras lists the layers in, matched by
-kind and position as Keras itself loads the official files; `order_problem` names the first
+kind and position as Keras itself loads the official files; `keras_order.order_problem` names the first
 block that does not fit). Nothing here names a model or a family.
 """
 
@@ -40,7 +40,7 @@ import numpy as np
 
 from transfer import models
 from transfer.errors import UserError
-from transfer.weights import formats
+from transfer.weights import formats, keras_order
 from transfer.weights.formats import Tensor, WeightFile
 # The merge is its own module; its names stay importable from here, where callers found them.
 from transfer.weights.merge import (Plan, by_collection, by_layer, fit_view,  # noqa: F401
@@ -94,7 +94,7 @@ def model_view(wf: WeightFile, spec: models.ModelSpec) -> dict[str, dict[str, Te
   view = {layer: _keras_params(tensors) for layer, tensors in wf.layers.items()}
   if spec.port.keras_order is None:
     return view
-  names = _keras_names_by_order(view, spec)
+  names = keras_order.names_by_order(view, spec)
   return {names.get(layer, layer): params for layer, params in view.items()}
 
 
@@ -112,92 +112,8 @@ def model_names(wf: WeightFile, spec: models.ModelSpec) -> dict[str, str]:
   names = {}
   if spec.port.keras_order is not None:
     view = {layer: _keras_params(tensors) for layer, tensors in wf.layers.items()}
-    names = _keras_names_by_order(view, spec)
+    names = keras_order.names_by_order(view, spec)
   return {layer: names.get(layer, layer) for layer in wf.layers}
-
-
-# The kinds a Keras file's layers are matched by, in order, where Keras generates their names.
-_ORDERED_KINDS = (models.CONV, models.BATCH_NORM)
-
-
-def _keras_file_kind(params: dict[str, Any]) -> str | None:
-  """The kind of a Keras file's layer, from what the file says: a BatchNormalization's arrays
-  carry their names (`moving_mean`, ..., read into `mean`, `var` by `_keras_params`), a Conv2D
-  holds a 4-D kernel. The model's side of the match reads its declared kinds instead."""
-  if params.keys() & {"mean", "var"}:
-    return models.BATCH_NORM
-  kernel = params.get("kernel")
-  return models.CONV if kernel is not None and len(kernel.shape) == 4 else None
-
-
-def _by_kind(layers, kind_of: Callable[[str], str | None]) -> dict[str, list[str]]:
-  """`layers` in their order, grouped by the kinds matched by position."""
-  kinds: dict[str, list[str]] = {k: [] for k in _ORDERED_KINDS}
-  for layer in layers:
-    kind = kind_of(layer)
-    if kind in kinds:
-      kinds[kind].append(layer)
-  return kinds
-
-
-def _keras_names_by_order(view: dict[str, dict[str, Tensor]],
-                          spec: models.ModelSpec) -> dict[str, str]:
-  """File layer -> our layer for a model whose Keras layer names are generated.
-
-  The file's conv layers, in the file's order (`formats` keeps Keras' `model.layers` order),
-  are the model's conv layers in `spec.port.keras_order`, one for one; its BatchNorm layers
-  likewise (the model's kinds as declared, the file's as its arrays say).
-  Names play no part: `conv2d_1` in a Keras 2 file and `conv2d` in a Keras 3 one are the same
-  layer when they stand in the same place. Surplus layers keep their file names (unexpected);
-  shapes are checked by the merge, and `order_problem` says which block is out of place.
-  """
-  ours = _by_kind(spec.port.keras_order, spec.kind)
-  theirs = _by_kind(view, lambda layer: _keras_file_kind(view[layer]))
-  return {file_layer: our_layer for kind in ours
-          for file_layer, our_layer in zip(theirs[kind], ours[kind])}
-
-
-def order_problem(view_for: Callable[[models.ModelSpec], dict[str, dict[str, Tensor]]],
-                  spec: models.ModelSpec) -> str | None:
-  """For a model matched by order (`spec.port.keras_order`), the first block whose layers the file
-  holds in another order, number or shape, as `"mixed3: ..."`; None when every block fits.
-
-  Blocks are taken in forward order; layers after the first misfit have shifted, so only that
-  block is named.
-  """
-  if spec.port.keras_order is None or not spec.blocks:
-    return None
-  shapes = _backbone_layers(spec.name)
-  view = view_for(spec)
-  for block in spec.blocks:
-    for kind in _ORDERED_KINDS:
-      layers = [n for n in spec.port.keras_order if _block(n, spec.blocks) == block
-                and spec.kind(n) == kind]
-      got = [_signature(view.get(n), kind) for n in layers]
-      want = [_signature(shapes[n], kind) for n in layers]
-      if got != want:
-        what = {models.CONV: "convolution", models.BATCH_NORM: "BatchNorm"}[kind]
-        return (f"{block}: the file's {what} layers in that place do not fit the model's "
-                f"(file {_shape_list(got)}, model {_shape_list(want)}); Keras generates these "
-                f"layers' names, so they are matched by kind and order: is the file for "
-                f"another architecture, or written with its layers in another order?")
-  return None
-
-
-def _block(layer: str, blocks: tuple[str, ...]) -> str | None:
-  return next((b for b in blocks if layer.startswith(f"{b}_")), None)
-
-
-def _signature(params: dict[str, Any] | None, kind: str) -> tuple[int, ...] | None:
-  """The shape that identifies a layer of `kind`: a conv's kernel, a BatchNorm's mean."""
-  if params is None:
-    return None
-  t = params.get("kernel" if kind == models.CONV else "mean")
-  return None if t is None else tuple(t.shape)
-
-
-def _shape_list(shapes: list[tuple[int, ...] | None]) -> str:
-  return "[" + ", ".join("none" if s is None else "x".join(map(str, s)) for s in shapes) + "]"
 
 
 def ignored_parts(view: dict[str, dict[str, Tensor]], spec: models.ModelSpec) -> tuple[str, ...]:
@@ -354,7 +270,8 @@ def likely_cause(view_for: Callable[[models.ModelSpec], dict[str, dict[str, Tens
   guess = guess_arch(view_for)
   if guess and guess != spec.name:
     return f"this is a {guess} file, model is {spec.name}"
-  misplaced = order_problem(view_for, spec) if fmt not in _TORCH_FORMATS else None
+  misplaced = (keras_order.order_problem(view_for, spec, _backbone_layers)
+               if fmt not in _TORCH_FORMATS else None)
   if misplaced:
     return misplaced
   view = view_for(spec)
