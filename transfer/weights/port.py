@@ -26,8 +26,8 @@ kind (`spec.layer_kinds`: a torch `weight` is a conv or dense `kernel`, a BatchN
 `scale`, an embedding's table) and the family's porting adapter (`spec.port`: torch names, parts
 the model leaves out, the layer a C,H,W flatten feeds, and for Keras files with generated names
 (InceptionV3: `conv2d_17`, numbered per process) the order Keras lists the layers in, matched by
-kind and position as Keras itself loads the official files; `keras_order.order_problem` names the first
-block that does not fit). Nothing here names a model or a family.
+kind and position as Keras itself loads the official files (`keras_order`, whose `order_problem`
+names the first block that does not fit). Nothing here names a model or a family.
 """
 
 from __future__ import annotations
